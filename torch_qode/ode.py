@@ -1,0 +1,342 @@
+"""Polynomial difference equations, the object the quantum solver linearises.
+
+The gradient-descent map of a Taylor-expanded loss is (Eq. II.1, V.5; DESIGN.md step 4)
+
+    u(t+1) = u(t) + f(u(t), t),      f(u, t) = F0(t) + F1 u + F2 u⊗u + … + Fq u^{⊗q},
+
+with ``Fk`` of shape ``(n, n**k)`` acting on the row-major Kronecker power ``u^{⊗k}`` and ``F0``
+either a constant vector or a callable ``t -> (n,)`` (the stochastic-gradient noise of each batch).
+
+Every coefficient ``Fk`` (k ≥ 1) is held as a *term* with one operation, ``matmat(Y)`` mapping a
+``(n**k, m)`` block of columns to ``(n, m)``.  A term is either *explicit* (a dense or
+scipy.sparse array, which can also be handed out as a scipy matrix) or *matrix-free*
+(:class:`MatrixFreeTerm`, e.g. Hessian-vector and third-derivative products from autograd).
+Everything downstream (Carleman step, window solve) only ever calls ``matmat``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+__all__ = ["PolynomialODE", "MatrixFreeTerm", "ExplicitTerm", "NonFiniteError", "as_tensor", "like"]
+
+ArrayLike = Union[np.ndarray, torch.Tensor, sp.spmatrix, sp.sparray, Sequence[float]]
+
+
+class NonFiniteError(ValueError):
+    """A coefficient, noise vector or state holds NaN or ±inf."""
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def as_tensor(x, dtype: torch.dtype = torch.float64, device=None, name: str = "array") -> torch.Tensor:
+    """Convert numpy / torch / sequence input to a torch tensor of ``dtype`` on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(dtype=dtype, device=device if device is not None else x.device)
+    if sp.issparse(x):
+        raise TypeError(f"{name}: a sparse matrix is not accepted here, pass a dense vector")
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}") from exc
+    return torch.as_tensor(arr, dtype=dtype, device=device)
+
+
+def like(result: torch.Tensor, reference):
+    """Return ``result`` as numpy if ``reference`` was not a torch tensor (arrays in, arrays out)."""
+    if isinstance(reference, torch.Tensor):
+        return result
+    return result.detach().cpu().numpy()
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{name} contains non-finite entries (NaN or inf)")
+
+
+# ------------------------------------------------------------------------------------------- terms
+class ExplicitTerm:
+    """An explicit coefficient ``Fk`` of shape ``(n, n**k)``: dense or scipy.sparse."""
+
+    explicit = True
+
+    def __init__(self, value, n: int, k: int, dtype: torch.dtype, device, name: str):
+        self.n, self.k = n, k
+        expected = (n, n**k)
+        if sp.issparse(value):
+            csr = sp.csr_matrix(value, dtype=np.float64)
+            if csr.shape != expected:
+                raise ValueError(f"{name} must have shape {expected} (n, n**{k}); got {csr.shape}")
+            if not np.all(np.isfinite(csr.data)):
+                raise NonFiniteError(f"{name} contains non-finite entries (NaN or inf)")
+            csr.eliminate_zeros()
+            self._scipy = csr
+            self._torch = torch.sparse_csr_tensor(
+                torch.as_tensor(csr.indptr, dtype=torch.int64),
+                torch.as_tensor(csr.indices, dtype=torch.int64),
+                torch.as_tensor(csr.data, dtype=dtype),
+                size=expected, device=device)
+            self.nnz = int(csr.nnz)
+            self.row_nnz = np.diff(csr.indptr)
+        else:
+            dense = as_tensor(value, dtype, device, name)
+            if tuple(dense.shape) != expected:
+                raise ValueError(f"{name} must have shape {expected} (n, n**{k}); got {tuple(dense.shape)}")
+            _check_finite(dense, name)
+            self._torch = dense
+            self._scipy = None
+            nz = dense != 0
+            self.nnz = int(nz.sum())
+            self.row_nnz = nz.sum(dim=1).cpu().numpy()
+
+    def matmat(self, Y: torch.Tensor) -> torch.Tensor:
+        """``Fk @ Y`` for ``Y`` of shape ``(n**k, m)``."""
+        return self._torch @ Y
+
+    def scipy(self) -> sp.csr_matrix:
+        """The coefficient as a scipy CSR matrix (float64)."""
+        if self._scipy is None:
+            self._scipy = sp.csr_matrix(self._torch.detach().cpu().numpy())
+        return self._scipy
+
+    def dense(self) -> torch.Tensor:
+        return self._torch.to_dense() if self._torch.layout != torch.strided else self._torch
+
+    def norm(self) -> float:
+        """Operator 2-norm ``||Fk||`` (largest singular value)."""
+        if self.nnz == 0:
+            return 0.0
+        if self.n * self.n**self.k <= 4_000_000:
+            return float(torch.linalg.matrix_norm(self.dense().double(), ord=2))
+        from scipy.sparse.linalg import svds
+
+        return float(svds(self.scipy(), k=1, return_singular_vectors=False)[0])
+
+
+class MatrixFreeTerm:
+    """A coefficient ``Fk`` known only by its action.
+
+    Parameters
+    ----------
+    n, k:
+        The term maps ``(n**k, m)`` column blocks to ``(n, m)``.
+    matmat:
+        ``Y -> Fk @ Y`` on torch tensors.
+    norm:
+        ``||Fk||`` if known (used by the error bounds); otherwise :meth:`norm` estimates it by
+        power iteration when ``rmatmat`` (``W -> Fk.T @ W``) is given, or for ``k == 1`` when
+        ``symmetric`` is true (a Hessian).
+    power:
+        Optional fast path ``u -> Fk u^{⊗k}`` (e.g. one third-order directional derivative) that
+        avoids forming ``u^{⊗k}``.
+    """
+
+    explicit = False
+
+    def __init__(self, n: int, k: int, matmat: Callable[[torch.Tensor], torch.Tensor], *,
+                 rmatmat: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 symmetric: bool = False, norm: Optional[float] = None,
+                 power: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 row_nnz: Optional[np.ndarray] = None):
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if not (isinstance(k, int) and k >= 1):
+            raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
+        if not callable(matmat):
+            raise TypeError("matmat must be callable: Y (n**k, m) -> (n, m)")
+        self.n, self.k = n, k
+        self._matmat, self._rmatmat, self._power = matmat, rmatmat, power
+        self.symmetric = symmetric and k == 1
+        self._norm = norm
+        self.row_nnz = row_nnz
+        self.nnz = None if row_nnz is None else int(np.sum(row_nnz))
+
+    def matmat(self, Y: torch.Tensor) -> torch.Tensor:
+        out = self._matmat(Y)
+        if tuple(out.shape) != (self.n, Y.shape[1]):
+            raise ValueError(f"matmat of the degree-{self.k} term returned shape {tuple(out.shape)}, "
+                             f"expected {(self.n, Y.shape[1])}")
+        return out
+
+    def power(self, u: torch.Tensor) -> torch.Tensor:
+        if self._power is not None:
+            return self._power(u)
+        return self.matmat(_kron_power(u, self.k)[:, None])[:, 0]
+
+    def scipy(self):
+        raise TypeError(f"the degree-{self.k} term is matrix-free: it has no explicit matrix; "
+                        "use the matrix-free CarlemanSystem.step/simulate instead")
+
+    def norm(self, iters: int = 50, seed: int = 0) -> float:
+        if self._norm is not None:
+            return float(self._norm)
+        if self._rmatmat is None and not self.symmetric:
+            raise ValueError(f"||F{self.k}|| of a matrix-free term needs norm= or rmatmat=")
+        rmat = self._rmatmat if self._rmatmat is not None else self._matmat
+        g = torch.Generator().manual_seed(seed)
+        probe = self._matmat(torch.zeros(self.n**self.k, 1, dtype=torch.float64))
+        x = torch.randn(self.n**self.k, 1, generator=g, dtype=probe.dtype).to(probe.device)
+        x /= x.norm()
+        sigma = 0.0
+        for _ in range(iters):  # power iteration on Fk^T Fk
+            y = self._matmat(x)
+            sigma = float(y.norm())
+            if sigma == 0.0:
+                break
+            x = rmat(y)
+            x /= x.norm()
+        self._norm = sigma
+        return sigma
+
+
+def _kron_power(u: torch.Tensor, k: int) -> torch.Tensor:
+    """Row-major Kronecker power ``u^{⊗k}`` (length ``n**k``); ``u^{⊗0} = [1]``."""
+    out = torch.ones(1, dtype=u.dtype, device=u.device)
+    for _ in range(k):
+        out = torch.outer(out, u).reshape(-1)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- ODE
+class PolynomialODE:
+    """``u(t+1) = u(t) + F0(t) + Σ_{k=1}^q Fk u^{⊗k}`` (Eq. II.1, V.5).
+
+    Parameters
+    ----------
+    coefficients:
+        ``[F0, F1, …, Fq]`` with ``q ≥ 1``.  ``F0``: ``(n,)`` array, callable ``t -> (n,)`` or
+        ``None`` (zero).  ``Fk`` (k ≥ 1): ``(n, n**k)`` numpy / torch / scipy.sparse array, a
+        :class:`MatrixFreeTerm`, or ``None`` (zero).  The top-degree term may not be ``None``.
+    dtype, device:
+        Where the math runs (float64 on the CPU by default).
+    """
+
+    def __init__(self, coefficients: Sequence, *, dtype: torch.dtype = torch.float64, device=None):
+        if isinstance(coefficients, (np.ndarray, torch.Tensor)) or not isinstance(coefficients, Sequence):
+            raise TypeError("coefficients must be a list [F0, F1, ..., Fq]")
+        coefficients = list(coefficients)
+        if len(coefficients) < 2:
+            raise ValueError("coefficients must hold at least [F0, F1]: a degree q = 0 ODE "
+                             f"(only F0) has nothing to linearise; got {len(coefficients)} entries")
+        if coefficients[-1] is None:
+            raise ValueError(f"the top-degree coefficient F{len(coefficients) - 1} may not be None")
+        if device is None:
+            device = next((c.device for c in coefficients if isinstance(c, torch.Tensor)), torch.device("cpu"))
+        self.dtype, self.device = dtype, torch.device(device)
+        self.n = self._infer_n(coefficients)
+        self.degree = len(coefficients) - 1
+        self.terms: list = [None]
+        for k, c in enumerate(coefficients[1:], start=1):
+            name = f"F{k}"
+            if c is None:
+                self.terms.append(None)
+            elif isinstance(c, MatrixFreeTerm):
+                if (c.n, c.k) != (self.n, k):
+                    raise ValueError(f"{name} is a matrix-free term for (n, k) = {(c.n, c.k)}, "
+                                     f"expected {(self.n, k)}")
+                self.terms.append(c)
+            else:
+                self.terms.append(ExplicitTerm(c, self.n, k, dtype, self.device, name))
+        self._F0 = coefficients[0]
+        self.time_dependent = callable(self._F0)
+        if not self.time_dependent:
+            self._F0_const = self._coerce_F0(self._F0, "F0")
+
+    # -- construction helpers
+    @staticmethod
+    def _infer_n(coefficients) -> int:
+        for k, c in enumerate(coefficients[1:], start=1):
+            if c is None:
+                continue
+            if isinstance(c, MatrixFreeTerm):
+                return c.n
+            shape = c.shape if hasattr(c, "shape") else np.shape(c)
+            if len(shape) != 2:
+                raise ValueError(f"F{k} must be 2-D of shape (n, n**{k}); got shape {tuple(shape)}")
+            return int(shape[0])
+        c0 = coefficients[0]
+        if c0 is not None and not callable(c0):
+            return int(np.shape(c0)[0])
+        raise ValueError("cannot infer n: all of F1..Fq are None and F0 is not an array")
+
+    def _coerce_F0(self, value, name: str) -> torch.Tensor:
+        if value is None:
+            return torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        v = as_tensor(value, self.dtype, self.device, name)
+        if tuple(v.shape) != (self.n,):
+            raise ValueError(f"{name} must have shape ({self.n},); got {tuple(v.shape)}")
+        _check_finite(v, name)
+        return v
+
+    # -- the ODE
+    @property
+    def explicit(self) -> bool:
+        """True when every Fk (k ≥ 1) is an explicit array."""
+        return all(t is None or t.explicit for t in self.terms[1:])
+
+    def F0(self, t: int = 0) -> torch.Tensor:
+        """The constant term at step ``t`` as a torch tensor ``(n,)``."""
+        if self.time_dependent:
+            return self._coerce_F0(self._F0(t), f"F0({t})")
+        return self._F0_const
+
+    def term(self, k: int):
+        """The degree-``k`` term (``None`` when zero)."""
+        if not 1 <= k <= self.degree:
+            raise ValueError(f"k must be in 1..{self.degree}, got {k}")
+        return self.terms[k]
+
+    def f(self, u, t: int = 0):
+        """``f(u, t) = F0(t) + Σ_k Fk u^{⊗k}`` (arrays in, arrays out)."""
+        x = self._vec(u, "u")
+        out = self.F0(t).clone()
+        for k in range(1, self.degree + 1):
+            term = self.terms[k]
+            if term is None:
+                continue
+            if isinstance(term, MatrixFreeTerm):
+                out += term.power(x)
+            else:
+                out += term.matmat(_kron_power(x, k)[:, None])[:, 0]
+        return like(out, u)
+
+    def iterate(self, u0, T: int):
+        """The exact nonlinear trajectory ``u(0..T)`` of the map ``u ↦ u + f(u, t)``: ``(T+1, n)``."""
+        T = _check_T(T)
+        u = self._vec(u0, "u0")
+        traj = torch.empty(T + 1, self.n, dtype=self.dtype, device=self.device)
+        traj[0] = u
+        for t in range(T):
+            u = u + self.f(u, t)
+            traj[t + 1] = u
+        return like(traj, u0)
+
+    def norms(self) -> list[float]:
+        """Operator 2-norms ``[||F0||, ||F1||, …, ||Fq||]`` used by the error bounds (Eq. II.69–II.76).
+
+        For a time-dependent F0 the norm at t = 0 is reported.
+        """
+        out = [float(self.F0(0).norm())]
+        for term in self.terms[1:]:
+            out.append(0.0 if term is None else term.norm())
+        return out
+
+    def _vec(self, u, name: str) -> torch.Tensor:
+        x = as_tensor(u, self.dtype, self.device, name)
+        if tuple(x.shape) != (self.n,):
+            raise ValueError(f"{name} must have shape ({self.n},); got {tuple(x.shape)}")
+        return x
+
+    def __repr__(self) -> str:
+        kinds = ["explicit" if t is not None and t.explicit else ("0" if t is None else "matrix-free")
+                 for t in self.terms[1:]]
+        return (f"PolynomialODE(n={self.n}, degree={self.degree}, F0={'callable' if self.time_dependent else 'constant'}, "
+                f"terms={kinds})")
+
+
+def _check_T(T) -> int:
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 0:
+        raise ValueError(f"T must be a non-negative integer number of steps, got {T!r}")
+    return int(T)
