@@ -1,0 +1,69 @@
+"""scikit-learn's bundled handwritten digits (1,797 images of 8×8 pixels, labels 0–9): real data
+that needs no network, for CPU runs and ``make demo``.
+
+The split is stratified per class and depends only on ``seed`` and ``test_fraction`` (a numpy
+``default_rng`` permutation, not scikit-learn's splitter). Pixels (0–16) are scaled to [0, 1] and
+then standardised with the mean and standard deviation of the *training* split, so the test split
+never leaks into the normalisation.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+__all__ = ["digits", "digits_tensors", "DIGITS_CLASSES"]
+
+DIGITS_CLASSES = 10
+
+
+def _split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in range(DIGITS_CLASSES):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(test_fraction * len(idx)))
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def digits_tensors(split: str = "train", test_fraction: float = 0.2, seed: int = 0, image: bool = True,
+                   dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(X, y)`` tensors of a split, for full-batch use.
+
+    ``X``: ``(N, 1, 8, 8)`` if ``image`` else ``(N, 64)``, standardised with train-split statistics;
+    ``y``: ``(N,)`` int64 labels 0–9. ``split`` is ``"train"``, ``"test"`` or ``"all"`` (every image,
+    still with train-split statistics).
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
+            or not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if not isinstance(image, bool):
+        raise TypeError(f"image must be a bool, got {type(image).__name__}")
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = np.asarray(bunch.data, dtype=np.float64) / 16.0
+    y = np.asarray(bunch.target, dtype=np.int64)
+    train_idx, test_idx = _split_indices(y, float(test_fraction), int(seed))
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    x = (x - mean) / std
+    idx = {"train": train_idx, "test": test_idx, "all": np.arange(len(y))}[split]
+    X = torch.as_tensor(x[idx], dtype=dtype)
+    if image:
+        X = X.reshape(-1, 1, 8, 8)
+    return X, torch.as_tensor(y[idx])
+
+
+def digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0, image: bool = True,
+           dtype: torch.dtype = torch.float32) -> TensorDataset:
+    """The digits split as a ``TensorDataset`` of (image ``1×8×8`` or vector ``64``, label); see
+    :func:`digits_tensors`."""
+    return TensorDataset(*digits_tensors(split, test_fraction, seed, image, dtype))
