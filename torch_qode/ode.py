@@ -15,6 +15,8 @@ Everything downstream (Carleman step, window solve) only ever calls ``matmat``.
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -73,11 +75,13 @@ class ExplicitTerm:
                 raise NonFiniteError(f"{name} contains non-finite entries (NaN or inf)")
             csr.eliminate_zeros()
             self._scipy = csr
-            self._torch = torch.sparse_csr_tensor(
-                torch.as_tensor(csr.indptr, dtype=torch.int64),
-                torch.as_tensor(csr.indices, dtype=torch.int64),
-                torch.as_tensor(csr.data, dtype=dtype),
-                size=expected, device=device)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": we only use CSR @ dense
+                warnings.simplefilter("ignore", UserWarning)
+                self._torch = torch.sparse_csr_tensor(
+                    torch.as_tensor(csr.indptr, dtype=torch.int64),
+                    torch.as_tensor(csr.indices, dtype=torch.int64),
+                    torch.as_tensor(csr.data, dtype=dtype),
+                    size=expected, device=device, check_invariants=True)
             self.nnz = int(csr.nnz)
             self.row_nnz = np.diff(csr.indptr)
         else:

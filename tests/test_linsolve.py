@@ -1,0 +1,147 @@
+"""The window system M X = B (Eq. II.102) and its three solvers, against dense references."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from reference import carleman_dense, lift_dense, random_coefficients
+from torch_qode import MatrixFreeTerm, PolynomialODE
+from torch_qode.carleman import carleman
+from torch_qode.linsolve import condition_number, kappa_bound, solve_window, window_system
+
+
+def _system(seed, n=3, q=2, N=2, form="discrete", timedep=True, T=8):
+    rng = np.random.default_rng(seed)
+    coeffs = random_coefficients(rng, n, q)
+    coeffs[1] -= 0.3 * np.eye(n)
+    table = rng.normal(size=(T + 1, n)) * 0.05
+    f0 = (lambda t: table[t]) if timedep else coeffs[0]
+    f0_at = (lambda t: table[t]) if timedep else (lambda t: coeffs[0])
+    return carleman(PolynomialODE([f0] + coeffs[1:]), N, form), coeffs, f0_at, rng.normal(size=n) * 0.3
+
+
+def dense_window(coeffs, f0_at, N, form, u0, T):
+    """Brute-force M and B of Eq. (II.102) from dense blocks."""
+    D = sum(coeffs[1].shape[0] ** j for j in range(1, N + 1))
+    M = np.eye((T + 1) * D)
+    B = [lift_dense(u0, N)]
+    for t in range(T):
+        A, b = carleman_dense(coeffs, f0_at(t), N, form)
+        M[(t + 1) * D:(t + 2) * D, t * D:(t + 1) * D] = -(np.eye(D) + A)
+        B.append(b)
+    return M, np.concatenate(B)
+
+
+@pytest.mark.parametrize("form", ["discrete", "continuous"])
+@pytest.mark.parametrize("timedep", [False, True])
+def test_window_system_matches_dense(form, timedep):
+    T = 6
+    s, coeffs, f0_at, u0 = _system(1, form=form, timedep=timedep, T=T)
+    M, B = window_system(s, u0, T)
+    M_ref, B_ref = dense_window(coeffs, f0_at, 2, form, u0, T)
+    assert sp.issparse(M)
+    np.testing.assert_allclose(M.toarray(), M_ref, atol=1e-12)
+    np.testing.assert_allclose(B, B_ref, atol=1e-12)
+    Mop, B2 = window_system(s, u0, T, explicit=False)
+    x = np.random.default_rng(0).normal(size=B.size)
+    np.testing.assert_allclose(Mop @ x, M_ref @ x, atol=1e-11)
+    np.testing.assert_allclose(B2, B_ref)
+
+
+@pytest.mark.parametrize("form", ["discrete", "continuous"])
+@pytest.mark.parametrize("N", [1, 2, 3])
+def test_forward_direct_filtered_agree(form, N):
+    T = 7
+    s, coeffs, f0_at, u0 = _system(2 + N, N=N, form=form, T=T)
+    fw = solve_window(s, u0, T, "forward")
+    di = solve_window(s, u0, T, "direct")
+    fi = solve_window(s, u0, T, "filtered", kappa_a=1e12)
+    M_ref, B_ref = dense_window(coeffs, f0_at, N, form, u0, T)
+    X_ref = np.linalg.solve(M_ref, B_ref).reshape(T + 1, -1)
+    for sol in (fw, di, fi):
+        assert sol.X.shape == (T + 1, s.dim)
+        np.testing.assert_allclose(sol.X, X_ref, atol=1e-9)
+    np.testing.assert_allclose(fw.trajectory, s.simulate(u0, T), atol=1e-12)
+    np.testing.assert_allclose(fw.final, X_ref[-1, :3], atol=1e-9)
+    assert fi.fidelity == pytest.approx(1.0) and fi.dropped == 0
+    assert fw.kappa == pytest.approx(np.linalg.cond(M_ref), rel=1e-9) and fw.kappa_exact
+
+
+def test_filtered_small_kappa_matches_dense_svd_reference():
+    T = 8
+    s, coeffs, f0_at, u0 = _system(5, N=2, T=T)
+    M_ref, B_ref = dense_window(coeffs, f0_at, 2, "discrete", u0, T)
+    U, sig, Vt = np.linalg.svd(M_ref)
+    kappa = sig[0] / sig[-1]
+    kappa_a = kappa / 3
+    keep = sig >= sig[0] / kappa_a
+    assert 0 < (~keep).sum() < keep.size
+    beta = U.T @ B_ref
+    x_ref = Vt[keep].T @ (beta[keep] / sig[keep])
+    a_kept = np.sum((beta[keep] / sig[keep]) ** 2)
+    a_all = np.sum((beta / sig) ** 2)
+    ill = np.sum(beta[~keep] ** 2)
+    fid_ref = a_kept / np.sqrt(a_all * (a_kept + ill))   # Eq. (II.110)
+    sol = solve_window(s, u0, T, "filtered", kappa_a=kappa_a)
+    np.testing.assert_allclose(sol.X.reshape(-1), x_ref, atol=1e-10)
+    assert 0 < sol.fidelity < 1 and sol.fidelity == pytest.approx(fid_ref, rel=1e-10)
+    assert sol.dropped == int((~keep).sum())
+    assert sol.success_probability == pytest.approx(a_kept / (a_kept + ill))
+    # the large-system path (shift-invert Lanczos on the small singular values) agrees
+    sparse = solve_window(s, u0, T, "filtered", kappa_a=kappa_a, dense_limit=0)
+    np.testing.assert_allclose(sparse.X, sol.X, atol=1e-8)
+    assert sparse.fidelity == pytest.approx(sol.fidelity, rel=1e-8)
+    assert sparse.kappa == pytest.approx(kappa, rel=1e-6) and not sparse.kappa_exact
+    # fidelity falls as more is filtered
+    f = [solve_window(s, u0, T, "filtered", kappa_a=k).fidelity for k in (kappa * 2, kappa / 2, kappa / 6)]
+    assert f[0] == pytest.approx(1.0) and f[0] > f[1] > f[2]
+
+
+def test_condition_number_estimate_and_bound():
+    T = 20
+    n = 4
+    rng = np.random.default_rng(9)
+    F1 = -0.5 * np.eye(n) + 0.05 * rng.normal(size=(n, n))
+    s = carleman(PolynomialODE([rng.normal(size=n), F1]), 1)
+    assert np.linalg.norm(np.eye(n) + F1, 2) <= 1
+    M, _ = window_system(s, np.zeros(n), T)
+    exact, is_exact = condition_number(M)
+    est, est_exact = condition_number(M, dense_limit=0)
+    assert is_exact and not est_exact
+    assert est == pytest.approx(exact, rel=1e-6)
+    assert exact <= kappa_bound(T) == 2 * (T + 1)
+
+
+def test_torch_in_torch_out_and_matrix_free_forward():
+    n = 3
+    rng = np.random.default_rng(4)
+    F1 = torch.as_tensor(-0.2 * np.eye(n) + 0.05 * rng.normal(size=(n, n)))
+    ode = PolynomialODE([None, MatrixFreeTerm(n, 1, lambda Y: F1 @ Y), torch.zeros(n, n * n)])
+    s = carleman(ode, 2)
+    u0 = torch.as_tensor(rng.normal(size=n))
+    sol = solve_window(s, u0, 5)
+    assert isinstance(sol.X, torch.Tensor) and sol.kappa is None and sol.notes
+    with pytest.raises(TypeError, match="forward"):
+        solve_window(s, u0, 5, "direct")
+    ode_ex = PolynomialODE([None, F1, torch.zeros(n, n * n)])
+    di = solve_window(carleman(ode_ex, 2), u0, 5, "direct")
+    assert isinstance(di.X, torch.Tensor)
+    torch.testing.assert_close(di.X, sol.X, atol=1e-12, rtol=0)
+
+
+def test_bad_arguments():
+    s, _, _, u0 = _system(0)
+    with pytest.raises(ValueError, match="method"):
+        solve_window(s, u0, 3, "hhl")
+    with pytest.raises(ValueError, match="kappa_a"):
+        solve_window(s, u0, 3, "filtered")
+    with pytest.raises(ValueError, match="kappa_a"):
+        solve_window(s, u0, 3, "filtered", kappa_a=0.5)
+    with pytest.raises(ValueError, match="kappa_a"):
+        solve_window(s, u0, 3, "forward", kappa_a=10)
+    with pytest.raises(ValueError, match="T must be"):
+        solve_window(s, u0, -2)
+    with pytest.raises(TypeError, match="CarlemanSystem"):
+        solve_window("not a system", u0, 3)
+    with pytest.raises(ValueError, match="T must be"):
+        kappa_bound(-1)
