@@ -56,12 +56,13 @@ def test_exact_readout_with_given_norm_and_top_r():
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 300), r_frac=st.floats(0.01, 1.0), shots=st.integers(3, 10**7),
        seed=st.integers(0, 2**32 - 1), top=st.one_of(st.none(), st.integers(1, 20)),
-       norm=st.sampled_from([None, "exact", 2.5]))
-def test_properties(n, r_frac, shots, seed, top, norm):
+       norm=st.sampled_from([None, "exact", 2.5]), method=st.sampled_from(["pairs", "hadamard"]))
+def test_properties(n, r_frac, shots, seed, top, norm, method):
     r = max(1, int(r_frac * n))
     v = sparse_vector(n, r, seed, low=1e-3)
     top = None if top is None else min(top, n)
-    res = tomography(v, shots, seed=seed, top_r=top, norm=norm)
+    res = tomography(v, shots, seed=seed, top_r=top, norm=norm, sign_method=method)
+    assert res.sign_method == method and (res.reference is None) == (method == "hadamard")
     truth = set(np.flatnonzero(v))
     # never a component outside the true support; zero off the support
     assert set(res.support.tolist()) <= truth
@@ -94,7 +95,8 @@ def test_seeded_runs_are_reproducible():
     assert not np.array_equal(a.estimate, tomography(v, 5000, seed=8).estimate)
 
 
-def test_relative_error_falls_like_inverse_sqrt_shots():
+@pytest.mark.parametrize("method", ["pairs", "hadamard"])
+def test_relative_error_falls_like_inverse_sqrt_shots(method):
     # r = 8 comparable components: already at 10^3 shots every component is seen
     # (P(miss) < e^-13) and every sign right (pair SNR ≥ 3.3); the error is then the shot noise
     # of the magnitudes and of the norm, both ∝ shots^-1/2.  Median over 24 seeds at 4 decades:
@@ -102,17 +104,30 @@ def test_relative_error_falls_like_inverse_sqrt_shots():
     # the ±0.08 tolerance is 4 standard errors.
     v = sparse_vector(64, 8, 3, low=0.8, high=1.2)
     levels = np.array([10**3, 10**4, 10**5, 10**6])
-    med = [np.median([tomography(v, int(s), seed=k).relative_error for k in range(24)]) for s in levels]
+    med = [np.median([tomography(v, int(s), seed=k, sign_method=method).relative_error
+                      for k in range(24)]) for s in levels]
     slope = np.polyfit(np.log(levels), np.log(med), 1)[0]
     assert slope == pytest.approx(-0.5, abs=0.08), (slope, med)
 
 
-def test_sign_errors_vanish_with_shots():
+@pytest.mark.parametrize("method, few_shots, many_shots", [("pairs", 10**4, 10**9),
+                                                         ("hadamard", 300, 10**6)])
+def test_sign_errors_vanish_with_shots(method, few_shots, many_shots):
     v = sparse_vector(500, 50, 4, low=0.1, high=1.0)
-    few = [tomography(v, 10**4, seed=k).sign_errors for k in range(5)]
-    many = [tomography(v, 10**9, seed=k).sign_errors for k in range(5)]
+    few = [tomography(v, few_shots, seed=k, sign_method=method).sign_errors for k in range(5)]
+    many = [tomography(v, many_shots, seed=k, sign_method=method) for k in range(5)]
     assert sum(few) > 0
-    assert many == [0] * 5
+    assert [m.sign_errors for m in many] == [0] * 5
+    assert all(m.relative_error < 0.05 for m in many)
+
+
+def test_hadamard_signs_need_fewer_shots_than_pairs():
+    # pairs: a component of weight p_a needs ~1/p_a pair shots of its own (O(r²) in all);
+    # hadamard: one hit on a settles its sign (O(r log r), like the support)
+    v = sparse_vector(2000, 200, 12)
+    pairs = sum(tomography(v, 10**5, seed=k).sign_errors for k in range(3))
+    had = sum(tomography(v, 10**5, seed=k, sign_method="hadamard").sign_errors for k in range(3))
+    assert had < pairs / 5, (had, pairs)
 
 
 def test_missed_components_read_zero_and_mass_is_reported():
@@ -260,6 +275,7 @@ V = np.array([0.0, 1.0, -2.0, 0.5])
     (dict(shots=100, split={"tails": 1.0}), ValueError, "split"),
     (dict(shots=100, split={"signs": -1.0}), ValueError, "split"),
     (dict(shots=100, split=[0.5, 0.5]), TypeError, "split"),
+    (dict(shots=100, sign_method="shadow"), ValueError, "sign_method"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -36,10 +36,12 @@ import scipy.special
 import torch
 
 __all__ = ["tomography", "TomographyResult", "coupon_collector_expected_draws", "coupon_cost",
-           "shadow_cost", "DEFAULT_SPLIT"]
+           "shadow_cost", "DEFAULT_SPLIT", "SIGN_METHODS"]
 
 #: Default share of a shot budget per stage (renormalised over the stages that actually run).
 DEFAULT_SPLIT = {"support": 0.5, "signs": 0.4, "norm": 0.1}
+#: Sign-stage circuits of :func:`tomography`.
+SIGN_METHODS = ("pairs", "hadamard")
 _STAGES = ("support", "signs", "norm")
 
 
@@ -140,7 +142,8 @@ class TomographyResult:
     sign_errors:
         Components of ``support`` whose estimated sign differs from the truth.
     reference:
-        Index of the reference component of the sign stage (``None`` for exact readout).
+        Index of the reference component of the ``"pairs"`` sign stage (the most-observed kept
+        one; ``None`` for exact readout and for ``"hadamard"``).
     n, r, m:
         Dimension, true number of non-zeros, qubits ``max(1, ceil(log2 n))``.
     coupon_cost:
@@ -153,6 +156,10 @@ class TomographyResult:
         achieved ``relative_error`` (``"achieved"``; ``shadow_cost = inf`` when it is 0).  The
         paper's ε is a 1-norm error, ours a relative 2-norm error: an order-of-magnitude
         comparison only.
+    split:
+        The shares of ``shots`` actually used per stage.
+    sign_method:
+        ``"pairs"`` or ``"hadamard"`` (``None`` for exact readout).
     """
 
     estimate: Union[np.ndarray, torch.Tensor]
@@ -173,6 +180,7 @@ class TomographyResult:
     shadow_eps: float
     eps_source: str
     split: dict = field(default_factory=dict)
+    sign_method: Optional[str] = None
 
     def as_dict(self, arrays: bool = True) -> dict:
         """All fields as a dict (``arrays=False`` leaves out ``estimate`` and ``support`` and adds
@@ -195,8 +203,8 @@ class TomographyResult:
 # ----------------------------------------------------------------------------------- tomography
 def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, float] = None,
                norm_scale: Optional[float] = None, top_r: Optional[int] = None,
-               eps: Optional[float] = None,
-               split: Optional[Mapping[str, float]] = None) -> TomographyResult:
+               eps: Optional[float] = None, split: Optional[Mapping[str, float]] = None,
+               sign_method: str = "pairs") -> TomographyResult:
     """Read back a real vector ``v`` from the simulated state ``|v>/||v||`` with finite shots.
 
     Parameters
@@ -230,9 +238,12 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
         Shares of ``shots`` for ``"support"``, ``"signs"``, ``"norm"`` (default
         :data:`DEFAULT_SPLIT`, partial dicts update it); renormalised over the stages that run
         (no ``"norm"`` stage when the norm is given).  Each running stage gets ≥ 1 shot.
+    sign_method:
+        ``"pairs"`` (default; interference of each component with a reference component) or
+        ``"hadamard"`` (interference with a reference state); see below.
 
-    Sign circuits
-    -------------
+    Sign circuits, ``sign_method="pairs"``
+    --------------------------------------
     The reference ``ref`` is the most-observed kept component (ties to the lower index).
     *Relative sign of* ``a``: a two-level Hadamard on ``span{|a>, |ref>}`` (``|a> -> (|a>+|ref>)/√2``,
     ``|ref> -> (|a>−|ref>)/√2``; CNOTs that make the two bit strings differ in one qubit, then a
@@ -246,6 +257,20 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
     Since ``<ŵ|v>/||v|| ≈ ±1`` a few shots settle it.  The sign shots are split evenly over the
     ``k`` circuits (1 global test + ``k − 1`` pairs), the remainder first to the global test,
     then to the pairs in decreasing count order; a pair with 0 shots reads ``+``.
+    A pair shot is informative only when it lands on ``|a>`` or ``|ref>``, so a component of
+    weight ``p_a`` needs ``≳ 1/p_a`` shots of its own: ``O(r²)`` sign shots in all.
+
+    Sign circuits, ``sign_method="hadamard"``
+    -----------------------------------------
+    One Hadamard test of the state against the classically prepared reference state
+    ``|φ> = Σ_{a kept} φ_a |a>``, ``φ_a = sqrt(c_a / Σ c)`` the measured magnitudes (positive,
+    ``O(r m)`` gates): ancilla ``|+>``, prepare ``|v>/||v||`` controlled on ``0`` and ``|φ>`` on
+    ``1`` (controlled access to the solver), H on the ancilla, then measure ancilla and system.
+    Outcomes, one multinomial: ``(a, 0)`` with ``(v_a/||v|| + φ_a)²/4``, ``(a, 1)`` with
+    ``(v_a/||v|| − φ_a)²/4`` for each kept ``a``, or "elsewhere" (a component that is not kept).
+    ``sign(v_a) = +`` iff ``n_{a,0} ≥ n_{a,1}``: signs are absolute (no global-sign test), and
+    since ``φ_a ≈ |v_a|/||v||`` one hit on ``a`` nearly settles its sign — ``O(r log r)`` shots,
+    like the support.
     """
     rng = np.random.default_rng(seed)
     values, kind = _as_vector(v)
@@ -274,6 +299,8 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
                              "success probability (||v||/norm_scale)² would exceed 1")
     if eps is not None:
         eps = _check_positive(eps, "eps")
+    if sign_method not in SIGN_METHODS:
+        raise ValueError(f"sign_method must be one of {SIGN_METHODS}, got {sign_method!r}")
     fractions = _check_split(split)
     p = (vals / true_norm) ** 2
     p /= p.sum()
@@ -305,7 +332,10 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
         # 2. magnitudes (unit norm) from the same counts
         mags = np.sqrt(c / budget["support"])
         # 3. signs
-        signs = _measure_signs(rng, vals[kept] / true_norm, mags, budget["signs"])
+        if sign_method == "pairs":
+            signs = _pair_signs(rng, vals[kept] / true_norm, mags, budget["signs"])
+        else:
+            signs = _hadamard_signs(rng, vals[kept] / true_norm, mags, budget["signs"])
         # 4. norm
         if norm_source == "measured":
             alpha = norm_scale if norm_scale is not None else _pow2_ceil(true_norm)
@@ -334,13 +364,26 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
         estimate=estimate, support=support, shots=budget, norm=float(used_norm),
         norm_source=norm_source, missed_mass=float(p[missed].sum()),
         pruned_mass=float(p[dropped].sum()), relative_error=rel_err, sign_errors=sign_errors,
-        reference=None if shots is None else int(nz[ref]), n=n, r=r, m=_qubits(n),
+        reference=int(nz[ref]) if shots is not None and sign_method == "pairs" else None, n=n, r=r, m=_qubits(n),
         coupon_cost=coupon_cost(r_cost), shadow_cost=shadow_cost(r_cost, n, shadow_eps),
-        shadow_eps=float(shadow_eps), eps_source=eps_source, split=used_split)
+        shadow_eps=float(shadow_eps), eps_source=eps_source, split=used_split,
+        sign_method=None if shots is None else sign_method)
 
 
 # ------------------------------------------------------------------------------------ internals
-def _measure_signs(rng: np.random.Generator, w: np.ndarray, mags: np.ndarray, shots: int) -> np.ndarray:
+def _hadamard_signs(rng: np.random.Generator, w: np.ndarray, mags: np.ndarray, shots: int) -> np.ndarray:
+    """Signs from one Hadamard test against ``|φ>`` (``w = v_kept/||v||``, ``φ = mags`` normalised)."""
+    phi = mags / np.linalg.norm(mags)
+    p0 = (w + phi) ** 2 / 4
+    p1 = (w - phi) ** 2 / 4
+    p_else = max(0.0, 1.0 - float(p0.sum() + p1.sum()))
+    pv = np.concatenate([p0, p1, [p_else]])
+    counts = rng.multinomial(shots, pv / pv.sum())
+    k = w.size
+    return np.where(counts[:k] >= counts[k:2 * k], 1.0, -1.0)
+
+
+def _pair_signs(rng: np.random.Generator, w: np.ndarray, mags: np.ndarray, shots: int) -> np.ndarray:
     """Signs of the kept components (``w = v_kept / ||v||``, ``w[0]`` the reference)."""
     k = w.size
     per = np.full(k, shots // k, dtype=np.int64)
