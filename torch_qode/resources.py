@@ -88,7 +88,8 @@ class Resources:
     success_probability, success_source:
         Probability of post-selecting the final time slice ``t = T`` of ``|X>``:
         ``"solution"`` = ``||X_T||² / ||X||²`` of a solved window, ``"uniform"`` = ``1/(T+1)``
-        (the Haar / equal-weight estimate, cf. Eq. II.111–II.115), or ``"given"``.
+        (the Haar / equal-weight estimate, cf. Eq. II.111–II.115), or ``"given"``.  No padding
+        of the window with idle copies of ``y(T)`` (the usual remedy for a small value) is assumed.
     level1_fraction:
         ``||y_1(T)||² / ||y(T)||²``, the further post-selection of the level-1 block that
         tomography reads: from the solution, or ``u²/Σ_{j≤N} u^{2j}`` from ``u_norm``; else ``None``.

@@ -364,7 +364,8 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
         estimate=estimate, support=support, shots=budget, norm=float(used_norm),
         norm_source=norm_source, missed_mass=float(p[missed].sum()),
         pruned_mass=float(p[dropped].sum()), relative_error=rel_err, sign_errors=sign_errors,
-        reference=int(nz[ref]) if shots is not None and sign_method == "pairs" else None, n=n, r=r, m=_qubits(n),
+        reference=int(nz[ref]) if shots is not None and sign_method == "pairs" else None,
+        n=n, r=r, m=_qubits(n),
         coupon_cost=coupon_cost(r_cost), shadow_cost=shadow_cost(r_cost, n, shadow_eps),
         shadow_eps=float(shadow_eps), eps_source=eps_source, split=used_split,
         sign_method=None if shots is None else sign_method)
