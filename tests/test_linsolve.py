@@ -86,7 +86,7 @@ def test_filtered_small_kappa_matches_dense_svd_reference():
     np.testing.assert_allclose(sol.X.reshape(-1), x_ref, atol=1e-10)
     assert 0 < sol.fidelity < 1 and sol.fidelity == pytest.approx(fid_ref, rel=1e-10)
     assert sol.dropped == int((~keep).sum())
-    assert sol.success_probability == pytest.approx(a_kept / (a_kept + ill))
+    assert sol.well_probability == pytest.approx(a_kept / (a_kept + ill))
     # the large-system path (shift-invert Lanczos on the small singular values) agrees
     sparse = solve_window(s, u0, T, "filtered", kappa_a=kappa_a, dense_limit=0)
     np.testing.assert_allclose(sparse.X, sol.X, atol=1e-8)

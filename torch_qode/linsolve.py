@@ -140,7 +140,7 @@ class WindowSolution:
     fidelity: float = 1.0               # Eq. (II.110) of the returned vs the full solution
     kappa_a: Optional[float] = None
     dropped: int = 0                    # singular values filtered out (σ < σ_max/κ_a)
-    success_probability: float = 1.0    # post-selecting |well⟩ in Eq. (II.109)
+    well_probability: float = 1.0       # post-selecting |well⟩ in Eq. (II.109)
     notes: list = field(default_factory=list)
 
     @property
@@ -156,7 +156,7 @@ class WindowSolution:
     def as_dict(self) -> dict:
         return {"method": self.method, "kappa": self.kappa, "kappa_exact": self.kappa_exact,
                 "fidelity": self.fidelity, "kappa_a": self.kappa_a, "dropped": self.dropped,
-                "success_probability": self.success_probability, "notes": list(self.notes)}
+                "well_probability": self.well_probability, "notes": list(self.notes)}
 
 
 def solve_window(system: CarlemanSystem, u0, T: int, method: str = "forward", *,
@@ -224,7 +224,7 @@ def solve_window(system: CarlemanSystem, u0, T: int, method: str = "forward", *,
     fid, p_well = filtered_fidelity(s_kept, s_all, d_ill)
     return WindowSolution(X=_out(x.reshape(T + 1, D), u0), method=method, n=system.n, kappa=kap,
                           kappa_exact=exact, fidelity=fid, kappa_a=kappa_a, dropped=dropped,
-                          success_probability=p_well)
+                          well_probability=p_well)
 
 
 def filtered_fidelity(s_kept: float, s_all: float, d_ill: float) -> tuple[float, float]:

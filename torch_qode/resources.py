@@ -309,7 +309,7 @@ def estimate_resources(system: CarlemanSystem, T: int, kappa_a: Optional[float] 
         if last_sq > 0:
             level1 = float(np.sum(X[-1, :n] ** 2)) / last_sq
         if getattr(solution, "method", None) == "filtered":
-            p_well = float(solution.success_probability)
+            p_well = float(solution.well_probability)
         if u_norm is None:
             u_norm = float(np.max(np.linalg.norm(X[:, :n], axis=1)))
     elif u_norm is not None:
