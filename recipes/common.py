@@ -1,0 +1,369 @@
+"""Shared plumbing of the recipes: command line, config, output folder, JSON-lines log, progress, seeds.
+
+Every recipe is a module with a ``DEFAULTS`` dict (the complete, typed schema of its config) and a
+``main(argv=None)`` that starts with :func:`setup` and runs inside the returned :class:`Run`::
+
+    DEFAULTS = {"seed": 0, "device": "auto", "n": 8, "model": {"depth": 8}}
+
+    def main(argv=None):
+        with common.setup("my_recipe", DEFAULTS, argv, description=__doc__) as run:
+            run.log.write("step", step=0, loss=1.0)
+            for t in run.progress(range(10), desc="steps"):
+                ...
+            return {"out": str(run.out)}
+
+Command line (``python -m recipes.NAME --config configs/NAME.yaml [key=value ...]``):
+
+``--config PATH``
+    YAML file, read with ``yaml.safe_load`` only; its keys must exist in ``DEFAULTS``.
+``key=value`` (any number, after the options)
+    Dotted overrides (``model.depth=8``, ``lr=0.01``, ``flag=true``, ``fs=[1, 0.5]``); values are
+    parsed with ``yaml.safe_load``. Unknown keys are an error naming the key and the allowed ones.
+``--out DIR``
+    Output folder (default ``runs/NAME/<YYYYmmdd-HHMMSS>``); receives ``config.yaml`` (the merged,
+    validated config), ``log.jsonl`` and the figures.
+``--seed N``, ``--device {auto,cpu,cuda,cuda:1,...}``
+    Shortcuts for the ``seed`` / ``device`` keys; ``auto`` is CUDA when available, else CPU.
+``--data-root DIR``, ``--download``
+    Only for recipes built with ``data=True``: shortcuts for ``data.root`` / ``data.download``.
+``--no-progress``
+    No tqdm bars (they are also off when stderr is not a terminal).
+
+Precedence: ``DEFAULTS`` < ``--config`` file < ``key=value`` overrides < dedicated flags.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["ConfigError", "Run", "JsonlLogger", "setup", "build_parser", "load_config", "merge",
+           "apply_overrides", "validate", "seed_everything", "resolve_device", "to_jsonable",
+           "progress", "format_table", "default_out"]
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed, names an unknown key or has the wrong type."""
+
+
+# ------------------------------------------------------------------------------------------ config
+def _flat_keys(d: Mapping, prefix: str = "") -> list:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, Mapping):
+            out.extend(_flat_keys(v, key + "."))
+    return out
+
+
+def _unknown(key: str, schema: Mapping) -> ConfigError:
+    allowed = ", ".join(sorted(_flat_keys(schema)))
+    return ConfigError(f"unknown config key {key!r}; allowed keys: {allowed}")
+
+
+def load_config(path) -> dict:
+    """Read a YAML mapping with ``yaml.safe_load`` (an empty file is ``{}``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def merge(schema: Mapping, base: Mapping, update: Mapping, prefix: str = "",
+          root: Optional[Mapping] = None) -> dict:
+    """``base`` updated recursively by ``update``; every key of ``update`` must exist in ``schema``
+    (``root``: the top-level schema, listed in the error message)."""
+    root = schema if root is None else root
+    out = copy.deepcopy(dict(base))
+    for k, v in update.items():
+        key = f"{prefix}{k}"
+        if k not in schema:
+            raise _unknown(key, root)
+        if isinstance(schema[k], Mapping):
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"config key {key!r} must be a mapping (sub-keys: "
+                                  f"{', '.join(schema[k])}), got {v!r}")
+            out[k] = merge(schema[k], out.get(k, {}), v, key + ".", root)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def apply_overrides(cfg: dict, overrides: Sequence[str], schema: Mapping) -> dict:
+    """Apply ``key=value`` strings (dotted keys, values through ``yaml.safe_load``)."""
+    import yaml
+
+    out = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value "
+                              f"(e.g. n=8, model.depth=8, fs=[1, 0.5])")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        parts = key.split(".")
+        node_schema, node = schema, out
+        for i, part in enumerate(parts):
+            if not isinstance(node_schema, Mapping) or part not in node_schema:
+                raise _unknown(key, schema)
+            if i == len(parts) - 1:
+                if isinstance(node_schema[part], Mapping) and not isinstance(value, Mapping):
+                    raise ConfigError(f"config key {key!r} is a section; set its sub-keys "
+                                      f"({', '.join(f'{key}.{s}' for s in node_schema[part])})")
+                node[part] = merge(node_schema[part], node[part], value, key + ".", schema) \
+                    if isinstance(node_schema[part], Mapping) else value
+            else:
+                node_schema, node = node_schema[part], node[part]
+    return out
+
+
+def _type_ok(default, value) -> bool:
+    if default is None or value is None:
+        return True  # None in DEFAULTS means "any type"; None as a value means "unset"
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, list):
+        return isinstance(value, list)
+    return True
+
+
+def validate(cfg: Mapping, schema: Mapping, prefix: str = "", root: Optional[Mapping] = None) -> None:
+    """Check that ``cfg`` has exactly the keys of ``schema`` with compatible types."""
+    root = schema if root is None else root
+    for k, default in schema.items():
+        key = f"{prefix}{k}"
+        if k not in cfg:
+            raise ConfigError(f"config key {key!r} is missing")
+        if isinstance(default, Mapping):
+            validate(cfg[k], default, key + ".", root)
+        elif not _type_ok(default, cfg[k]):
+            raise ConfigError(f"config key {key!r} must be of type {type(default).__name__} "
+                              f"(default {default!r}), got {cfg[k]!r}")
+    for k in cfg:
+        if k not in schema:
+            raise _unknown(f"{prefix}{k}", root)
+
+
+# ------------------------------------------------------------------------------------ environment
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global RNG and torch (CPU and CUDA)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``"auto"`` → ``cuda`` if available else ``cpu``; anything else must be a valid, present device."""
+    if spec in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} requested but CUDA is not available; use device=cpu or auto")
+    return dev
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy/torch scalars and arrays → numbers/lists, Path → str, dataclass-like
+    objects with ``as_dict()`` → dict; non-finite floats → ``None`` (strict JSON has no NaN/inf)."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu()
+        return to_jsonable(obj.item() if obj.dim() == 0 else obj.tolist())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.device):
+        return str(obj)
+    if hasattr(obj, "as_dict"):
+        return to_jsonable(obj.as_dict())
+    return str(obj)
+
+
+class JsonlLogger:
+    """One JSON object per line, flushed after every record: ``{"event": ..., "elapsed_s": ..., **fields}``."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self._t0 = time.perf_counter()
+
+    def write(self, event: str, **fields) -> dict:
+        rec = {"event": event, "elapsed_s": round(time.perf_counter() - self._t0, 4)}
+        rec.update(to_jsonable(fields))
+        self._fh.write(json.dumps(rec, allow_nan=False) + "\n")
+        self._fh.flush()
+        return rec
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+def progress(iterable: Optional[Iterable] = None, enabled: bool = True, **kwargs):
+    """A tqdm bar, disabled when ``enabled`` is false or stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    disable = (not enabled) or not sys.stderr.isatty()
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def format_table(rows: Sequence[Mapping], columns: Optional[Sequence[str]] = None, floatfmt: str = ".3g") -> str:
+    """A plain-text table of ``rows`` (dicts); floats formatted with ``floatfmt``, ``None`` as ``-``."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, bool):
+            return str(v)
+        if isinstance(v, (float, np.floating)):
+            return format(float(v), floatfmt)
+        return str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.rjust(w) for c, w in zip(columns, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
+    return "\n".join([line, sep, *body])
+
+
+# ---------------------------------------------------------------------------------------- the run
+def default_out(name: str) -> Path:
+    """``runs/NAME/<YYYYmmdd-HHMMSS>`` (with a numeric suffix if it already exists)."""
+    base = Path("runs") / name / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, i = base, 1
+    while out.exists():
+        out, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return out
+
+
+def build_parser(name: str, description: Optional[str] = None, data: bool = False) -> argparse.ArgumentParser:
+    """The common command line (see the module docstring)."""
+    p = argparse.ArgumentParser(prog=f"python -m recipes.{name}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (read with yaml.safe_load); default: built-in defaults")
+    p.add_argument("--out", help=f"output folder (default runs/{name}/<timestamp>)")
+    p.add_argument("--seed", type=int, help="random seed (overrides the config's seed)")
+    p.add_argument("--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
+    if data:
+        p.add_argument("--data-root", help="folder holding an existing dataset copy (sets data.root)")
+        p.add_argument("--download", action="store_true",
+                       help="download the dataset where a network exists (sets data.download=true)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides with dotted keys, values parsed as YAML (model.depth=8, fs=[1,0.5])")
+    return p
+
+
+class Run:
+    """One recipe run: the merged ``cfg``, the output folder ``out``, the JSON-lines ``log``, the
+    torch ``device`` and a ``progress`` factory. Use as a context manager (closes the log)."""
+
+    def __init__(self, name: str, cfg: dict, out: Path, device: torch.device, show_progress: bool):
+        self.name, self.cfg, self.out, self.device = name, cfg, Path(out), device
+        self.show_progress = show_progress
+        self.log = JsonlLogger(self.out / "log.jsonl")
+
+    def path(self, filename: str) -> Path:
+        """A file in the output folder."""
+        return self.out / filename
+
+    def progress(self, iterable: Optional[Iterable] = None, **kwargs):
+        return progress(iterable, self.show_progress, **kwargs)
+
+    def close(self) -> None:
+        self.log.close()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.log.write("error", type=exc_type.__name__, message=str(exc))
+        self.close()
+
+
+def setup(name: str, defaults: Mapping, argv: Optional[Sequence[str]] = None,
+          description: Optional[str] = None, data: bool = False) -> Run:
+    """Parse ``argv``, build and validate the config, create the output folder, save ``config.yaml``,
+    seed everything, resolve the device and open the log. ``defaults`` must hold ``seed`` and
+    ``device``, and ``data.root`` / ``data.download`` when ``data`` is true."""
+    import yaml
+
+    parser = build_parser(name, description, data)
+    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    cfg = copy.deepcopy(dict(defaults))
+    if args.config:
+        cfg = merge(defaults, cfg, load_config(args.config))
+    cfg = apply_overrides(cfg, args.overrides, defaults)
+    if args.seed is not None:
+        cfg["seed"] = args.seed
+    if args.device is not None:
+        cfg["device"] = args.device
+    if data:
+        if args.data_root is not None:
+            cfg["data"]["root"] = args.data_root
+        if args.download:
+            cfg["data"]["download"] = True
+    validate(cfg, defaults)
+    device = resolve_device(cfg["device"])
+    seed_everything(cfg["seed"])
+    out = Path(args.out) if args.out else default_out(name)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "config.yaml", "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_jsonable(cfg), fh, sort_keys=False)
+    run = Run(name, cfg, out, device, show_progress=not args.no_progress)
+    run.log.write("start", recipe=name, config=cfg, config_file=args.config, device=str(device),
+                  argv=list(argv) if argv is not None else sys.argv[1:],
+                  torch=torch.__version__, out=str(out))
+    return run
