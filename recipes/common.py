@@ -26,10 +26,17 @@ Command line (``python -m recipes.NAME --config configs/NAME.yaml [key=value ...
     Shortcuts for the ``seed`` / ``device`` keys; ``auto`` is CUDA when available, else CPU.
 ``--data-root DIR``, ``--download``
     Only for recipes built with ``data=True``: shortcuts for ``data.root`` / ``data.download``.
+``--threads N``
+    ``torch.set_num_threads(N)`` for the run (restored afterwards); 1 is fastest on a busy machine.
 ``--no-progress``
     No tqdm bars (they are also off when stderr is not a terminal).
 
 Precedence: ``DEFAULTS`` < ``--config`` file < ``key=value`` overrides < dedicated flags.
+
+For recipes that train classifiers there are small shared helpers below: :data:`DATA_DEFAULTS`
+(the ``data`` config section), :func:`classification_data` (digits or CIFAR-100),
+:func:`fixed_batch`, :func:`evaluate`, :func:`train_classifier` (plain SGD pre-training) and
+:func:`load_checkpoint` (``torch.load(..., weights_only=True)``).
 """
 from __future__ import annotations
 
@@ -49,8 +56,9 @@ import numpy as np
 import torch
 
 __all__ = ["ConfigError", "Run", "JsonlLogger", "setup", "build_parser", "load_config", "merge",
-           "apply_overrides", "validate", "seed_everything", "resolve_device", "to_jsonable",
-           "progress", "format_table", "default_out"]
+           "apply_overrides", "coerce_floats", "validate", "seed_everything", "resolve_device", "to_jsonable",
+           "progress", "format_table", "default_out", "DATA_DEFAULTS", "classification_data", "fixed_batch",
+           "evaluate", "train_classifier", "load_checkpoint"]
 
 
 class ConfigError(ValueError):
@@ -155,6 +163,22 @@ def _type_ok(default, value) -> bool:
     if isinstance(default, list):
         return isinstance(value, list)
     return True
+
+
+def coerce_floats(cfg: dict, schema: Mapping) -> dict:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: turn such strings into floats where the schema's
+    default is a float (in place; returns ``cfg``)."""
+    for k, default in schema.items():
+        if k not in cfg:
+            continue
+        if isinstance(default, Mapping) and isinstance(cfg[k], dict):
+            coerce_floats(cfg[k], default)
+        elif isinstance(default, float) and isinstance(cfg[k], str):
+            try:
+                cfg[k] = float(cfg[k])
+            except ValueError:
+                pass  # validate() reports it
+    return cfg
 
 
 def validate(cfg: Mapping, schema: Mapping, prefix: str = "", root: Optional[Mapping] = None) -> None:
@@ -295,6 +319,8 @@ def build_parser(name: str, description: Optional[str] = None, data: bool = Fals
     p.add_argument("--out", help=f"output folder (default runs/{name}/<timestamp>)")
     p.add_argument("--seed", type=int, help="random seed (overrides the config's seed)")
     p.add_argument("--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, help="torch CPU threads for this run (torch.set_num_threads); "
+                   "1 is fastest on a busy machine")
     p.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
     if data:
         p.add_argument("--data-root", help="folder holding an existing dataset copy (sets data.root)")
@@ -309,9 +335,16 @@ class Run:
     """One recipe run: the merged ``cfg``, the output folder ``out``, the JSON-lines ``log``, the
     torch ``device`` and a ``progress`` factory. Use as a context manager (closes the log)."""
 
-    def __init__(self, name: str, cfg: dict, out: Path, device: torch.device, show_progress: bool):
+    def __init__(self, name: str, cfg: dict, out: Path, device: torch.device, show_progress: bool,
+                 threads: Optional[int] = None):
         self.name, self.cfg, self.out, self.device = name, cfg, Path(out), device
         self.show_progress = show_progress
+        self._threads_before = None
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError(f"--threads must be >= 1, got {threads}")
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(threads)
         self.log = JsonlLogger(self.out / "log.jsonl")
 
     def path(self, filename: str) -> Path:
@@ -322,7 +355,11 @@ class Run:
         return progress(iterable, self.show_progress, **kwargs)
 
     def close(self) -> None:
+        """Close the log and restore the torch thread count changed by ``--threads``."""
         self.log.close()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     def __enter__(self) -> "Run":
         return self
@@ -355,15 +392,138 @@ def setup(name: str, defaults: Mapping, argv: Optional[Sequence[str]] = None,
             cfg["data"]["root"] = args.data_root
         if args.download:
             cfg["data"]["download"] = True
-    validate(cfg, defaults)
+    validate(coerce_floats(cfg, defaults), defaults)
     device = resolve_device(cfg["device"])
     seed_everything(cfg["seed"])
     out = Path(args.out) if args.out else default_out(name)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "config.yaml", "w", encoding="utf-8") as fh:
         yaml.safe_dump(to_jsonable(cfg), fh, sort_keys=False)
-    run = Run(name, cfg, out, device, show_progress=not args.no_progress)
+    run = Run(name, cfg, out, device, show_progress=not args.no_progress, threads=args.threads)
     run.log.write("start", recipe=name, config=cfg, config_file=args.config, device=str(device),
                   argv=list(argv) if argv is not None else sys.argv[1:],
                   torch=torch.__version__, out=str(out))
     return run
+
+
+# ------------------------------------------------------------------ classification: data, training
+#: The ``data`` section shared by recipes that train classifiers (``setup(..., data=True)``).
+DATA_DEFAULTS = {
+    "name": "digits",       # "digits" (scikit-learn, offline) or "cifar100" (torchvision; --data-root/--download)
+    "root": None,           # CIFAR-100: folder holding cifar-100-python/ (a fixture folder works too)
+    "download": False,
+    "test_fraction": 0.2,   # digits only
+    "num_workers": 0,
+}
+
+
+def classification_data(data: Mapping, seed: int = 0) -> dict:
+    """``{"train", "test", "plain_train", "in_channels", "num_classes"}`` for ``data`` (see
+    :data:`DATA_DEFAULTS`); ``plain_train`` is the training split without augmentation (for Hessians).
+    CIFAR-100 errors name both remedies (``--data-root``, ``--download``)."""
+    name = data["name"]
+    if name == "digits":
+        from torch.utils.data import TensorDataset
+
+        from torch_qode.data import DIGITS_CLASSES, digits_tensors
+
+        tr = TensorDataset(*digits_tensors("train", data["test_fraction"], seed))
+        te = TensorDataset(*digits_tensors("test", data["test_fraction"], seed))
+        return {"train": tr, "test": te, "plain_train": tr, "in_channels": 1, "num_classes": DIGITS_CLASSES}
+    if name == "cifar100":
+        from torch_qode.data import cifar100
+
+        if data["root"] is None:
+            raise ConfigError("data.name=cifar100 needs --data-root (a folder holding cifar-100-python/), "
+                              "plus --download where a network exists")
+        kw = dict(download=bool(data["download"]))
+        return {"train": cifar100(data["root"], train=True, **kw),
+                "test": cifar100(data["root"], train=False),
+                "plain_train": cifar100(data["root"], train=True, augment=False),
+                "in_channels": 3, "num_classes": 100}
+    raise ConfigError(f"data.name must be 'digits' or 'cifar100', got {name!r}")
+
+
+def fixed_batch(dataset, size: int, seed: int = 0, device=None) -> tuple:
+    """``(inputs, targets)``: ``size`` samples drawn without replacement with ``seed`` (all if fewer)."""
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(len(dataset), generator=g)[: min(int(size), len(dataset))].tolist()
+    xs, ys = zip(*(dataset[i] for i in idx))
+    return torch.stack(xs).to(device), torch.as_tensor(ys).to(device)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device) -> dict:
+    """``{"acc", "loss"}`` of a classifier over ``loader`` (cross-entropy), in eval mode; the model's
+    mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    correct, total, loss = 0, 0, 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        total += int(y.numel())
+    model.train(was_training)
+    return {"acc": correct / max(total, 1), "loss": loss / max(total, 1)}
+
+
+def train_classifier(model: torch.nn.Module, loader, device, *, epochs: int, lr: float, momentum: float = 0.9,
+                     weight_decay: float = 0.0, schedule: str = "cosine", run: Optional["Run"] = None,
+                     test_loader=None, tag: str = "pretrain") -> list:
+    """Plain SGD (momentum, weight decay, ``cosine`` or ``constant`` lr) for ``epochs`` epochs with
+    cross-entropy; logs one ``tag`` record per epoch to ``run.log`` (train loss, test accuracy).
+    Returns the per-epoch records."""
+    if schedule not in ("cosine", "constant"):
+        raise ConfigError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    total = max(epochs * len(loader), 1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if schedule == "cosine" else None
+    records = []
+    bar = progress(total=epochs * len(loader), enabled=run.show_progress if run else False, desc=tag)
+    model.train()
+    for epoch in range(epochs):
+        seen, loss_sum = 0, 0.0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{tag}: non-finite loss at epoch {epoch}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            seen += int(y.numel())
+            loss_sum += float(loss.detach()) * int(y.numel())
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "lr": opt.param_groups[0]["lr"]}
+        if test_loader is not None:
+            rec["test_acc"] = evaluate(model, test_loader, device)["acc"]
+        records.append(rec)
+        if run is not None:
+            run.log.write(tag, **rec)
+    bar.close()
+    return records
+
+
+def load_checkpoint(model: torch.nn.Module, path, device=None) -> dict:
+    """Load weights with ``torch.load(..., weights_only=True)`` (no arbitrary code is unpickled).
+    Accepts a bare ``state_dict`` or a dict holding one under ``"model"`` or ``"state_dict"``.
+    Returns the (possibly outer) dict that was read."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} not found")
+    obj = torch.load(path, map_location=device or "cpu", weights_only=True)
+    state = obj
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                state = obj[key]
+                break
+    if not isinstance(state, dict):
+        raise ConfigError(f"checkpoint {str(path)!r} holds no state_dict (got {type(state).__name__})")
+    model.load_state_dict(state)
+    return obj

@@ -133,40 +133,54 @@ def plot_ode_order(rows: Sequence[Mapping], path, *, differences: Sequence[Mappi
 # ------------------------------------------------------------------------------ Hessian density
 def plot_density(grid, density, path, *, lr: Optional[float] = None, cutoff: Optional[float] = None,
                  eigenvalues=None, title: str = "Hessian eigenvalue density", note: Optional[str] = None,
-                 logy: bool = True) -> Path:
+                 logy: bool = True, label: Optional[str] = None, reference: Optional[Mapping] = None,
+                 dynamic_range: float = 1e-8) -> Path:
     """The Hessian eigenvalue density ``density`` over ``grid`` (eigenvalues λ), Fig. 3 style.
 
     Positive λ (dissipative modes of ``u ↦ u − ηHu``) are shaded blue, negative λ (divergent) red.
     With ``lr`` and ``cutoff``, dotted lines mark ``|η λ| = cutoff``, the band the error proxy of
     Eq. (III.14) ignores.  ``eigenvalues`` (e.g. the top Lanczos eigenvalues) are drawn as ticks.
+    ``reference`` (``{"grid", "density", "label"}``, e.g. the density before pruning) is overlaid
+    as a dashed line.  On the log axis the view spans ``dynamic_range`` below the peak.
     """
     grid = np.asarray(grid, dtype=float)
     density = np.asarray(density, dtype=float)
     fig, (ax,) = new_figure(1, 1, width=6.0)
     y = _positive(density) if logy else density
-    ax.plot(grid, y, "k-", lw=1.0)
+    ax.plot(grid, y, "k-", lw=1.0, label=label)
+    if reference is not None:
+        ry = np.asarray(reference["density"], dtype=float)
+        ax.plot(np.asarray(reference["grid"], dtype=float), _positive(ry) if logy else ry, "--", color="C1",
+                lw=1.0, label=reference.get("label", "reference"))
     pos, neg = grid >= 0, grid <= 0
-    floor = np.nanmin(y[np.isfinite(y)]) if logy and np.isfinite(y).any() else 0.0
-    ax.fill_between(grid, floor, np.where(pos, np.nan_to_num(y, nan=floor), floor), color="C0", alpha=0.35,
-                    label="λ > 0 (dissipative)")
-    ax.fill_between(grid, floor, np.where(neg, np.nan_to_num(y, nan=floor), floor), color="C3", alpha=0.35,
-                    label="λ < 0 (divergent)")
+    floor = 0.0
+    if logy:
+        peak = float(np.nanmax(y)) if np.isfinite(y).any() else 1.0
+        if reference is not None:
+            ref_peak = np.nanmax(_positive(reference["density"]))
+            peak = max(peak, float(ref_peak)) if np.isfinite(ref_peak) else peak
+        floor = peak * dynamic_range  # Gaussian tails would otherwise run down to 1e-300
+        ax.set_yscale("log")
+        ax.set_ylim(floor, peak * 5)
+    yf = np.nan_to_num(np.maximum(y, floor) if logy else y, nan=floor)
+    ax.fill_between(grid, floor, np.where(pos, yf, floor), color="C0", alpha=0.35, label="λ > 0 (dissipative)")
+    ax.fill_between(grid, floor, np.where(neg, yf, floor), color="C3", alpha=0.35, label="λ < 0 (divergent)")
     if lr is not None and cutoff is not None and lr > 0:
         for x in (-cutoff / lr, cutoff / lr):
             if grid.min() <= x <= grid.max():
                 ax.axvline(x, color="gray", ls=":", lw=0.8)
     if eigenvalues is not None:
         ev = np.asarray(eigenvalues, dtype=float)
-        ax.plot(ev, np.full_like(ev, floor), "|", color="C2", ms=12, label="top eigenvalues")
-    if logy:
-        ax.set_yscale("log")
+        ax.plot(ev, np.full_like(ev, floor if logy else 0.0), "|", color="C2", ms=14, mew=2,
+                label="top eigenvalues", clip_on=False)
     ax.set_xlabel("Hessian eigenvalue λ")
     ax.set_ylabel("density")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
     if note:
-        ax.text(0.02, 0.98, note, transform=ax.transAxes, fontsize=8, va="top", family="monospace")
+        ax.text(0.02, 0.02, note, transform=ax.transAxes, fontsize=7, va="bottom", family="monospace",
+                bbox=dict(boxstyle="round", facecolor="white", alpha=0.85, lw=0.5))
     return save(fig, path)
 
 
@@ -192,6 +206,10 @@ def _spectra_panel(ax, recs, title):
         c = cmap(0.0 if hi == lo else (r["step"] - lo) / (hi - lo))
         ax.plot(grid, _positive(dens), color=c, lw=1.0, label=f"step {r['step']}" if len(recs) <= 8 else None)
     ax.set_yscale("log")
+    peaks = [np.nanmax(_positive(_spectrum_of(r)[1])) for r in recs]
+    peaks = [p for p in peaks if np.isfinite(p)]
+    if peaks:
+        ax.set_ylim(max(peaks) * 1e-8, max(peaks) * 5)
     ax.set_xlabel("Hessian eigenvalue λ")
     ax.set_ylabel("density")
     ax.set_title(title)
