@@ -1,0 +1,102 @@
+"""recipes.hessian_after_pruning (Fig. 3): CPU config on digits, the CIFAR-100 path on the fixture,
+checkpoint loading, and the GPU config's validity."""
+import json
+
+import numpy as np
+import pytest
+
+from recipes import common, hessian_after_pruning as rh
+from torch_qode.data import DatasetNotFoundError, write_cifar100_fixture
+from torch_qode.models import cifar_resnet_num_params
+
+CPU = "configs/hessian_after_pruning_cpu.yaml"
+GPU = "configs/hessian_after_pruning.yaml"
+TINY = ["pretrain.epochs=2", "hessian.batch_size=64", "hessian.steps=10", "hessian.runs=1",
+        "hessian.trace_samples=2", "hessian.top_k=1", "proxy.T=20", "proxy.report_times=[1, 10, 20]",
+        "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hessian_after_pruning")
+    return rh.main(["--config", CPU, "--out", str(out)] + TINY)
+
+
+def test_log_figures_and_checkpoint(result):
+    out = result["out"]
+    recs = [json.loads(line) for line in open(out / "log.jsonl", encoding="utf-8")]
+    events = [r["event"] for r in recs]
+    assert events[:2] == ["start", "model"] and events.count("pretrain") == 2 and events[-1] == "summary"
+    assert [r["stage"] for r in recs if r["event"] == "spectrum"] == ["dense", "pruned"]
+    spec = next(r for r in recs if r["event"] == "spectrum" and r["stage"] == "pruned")
+    assert len(spec["density"]["grid"]) == 256 and len(spec["proxy"]) == 21
+    for name in ("density", "proxy"):
+        p = result["figures"][name]
+        assert p.is_file() and p.stat().st_size > 10_000
+    assert (out / "pretrained.pt").is_file()
+
+
+def test_pruning_and_spectrum_numbers(result):
+    sp = result["sparsity"]
+    assert sp["global_sparsity"] == pytest.approx(0.9, abs=1e-4)
+    st = result["pruned"]
+    assert st["positive_mass"] + st["negative_mass"] == pytest.approx(1.0, abs=1e-9)
+    assert st["proxy"][0] == 1.0 and np.all(np.isfinite(st["proxy"]) | np.isinf(st["proxy"]))
+    assert st["top_eigenvalues"][0] >= st["lambda_max"] - 1e-6 * abs(st["lambda_max"])
+    assert 0.0 <= st["positive_fraction"] <= 1.0 and set(st["positive_share_by_band"]) == {"0.001", "0.01", "0.1"}
+    # pruning a trained net broadens the spectrum (Fig. 2b/3): the top eigenvalue grows
+    assert st["top_eigenvalues"][0] > result["dense"]["top_eigenvalues"][0]
+    acc = result["accuracy"]
+    assert acc["dense"]["acc"] > 0.3          # 2 epochs on digits already learn something
+
+
+def test_checkpoint_is_loaded_instead_of_pretraining(result, tmp_path):
+    ckpt = result["out"] / "pretrained.pt"
+    res = rh.main(["--config", CPU, "--out", str(tmp_path), f"checkpoint={ckpt}", "pretrain.epochs=0",
+                   "hessian.before_pruning=false"] + TINY)
+    assert res["accuracy"]["dense"]["acc"] == pytest.approx(result["accuracy"]["dense"]["acc"], abs=1e-12)
+    assert res["dense"] is None
+    recs = [json.loads(line) for line in open(tmp_path / "log.jsonl", encoding="utf-8")]
+    assert any(r["event"] == "checkpoint" for r in recs) and not any(r["event"] == "pretrain" for r in recs)
+
+
+def test_cifar100_path_on_the_fixture(tmp_path):
+    write_cifar100_fixture(tmp_path / "data", n_train=64, n_test=32)
+    res = rh.main(["--config", CPU, "--out", str(tmp_path / "out"), "--data-root", str(tmp_path / "data"),
+                   "data.name=cifar100", "pretrain.epochs=1", "pretrain.batch_size=32", "hessian.batch_size=16",
+                   "hessian.steps=6", "hessian.runs=1", "hessian.trace_samples=2", "hessian.top_k=1",
+                   "hessian.before_pruning=false", "hessian.support=kept", "proxy.T=5",
+                   "proxy.report_times=[1]", "--no-progress", "--threads", "1"])
+    assert res["sparsity"]["global_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert res["pruned"]["n"] < 0.2 * cifar_resnet_num_params(8, 1, 100, 3)   # the kept support only
+
+
+def test_missing_dataset_names_both_remedies(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=r"--data-root.*--download"):
+        rh.main(["--config", CPU, "--out", str(tmp_path / "o"), "--data-root", str(tmp_path / "empty"),
+                 "data.name=cifar100"] + TINY)
+    with pytest.raises(common.ConfigError, match="--data-root"):
+        rh.main(["--config", CPU, "--out", str(tmp_path / "o2"), "data.name=cifar100"] + TINY)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("hessian.lanczos=3", r"unknown config key 'hessian\.lanczos'; allowed keys: .*hessian\.steps"),
+    ("hessian.mode=test", r"hessian\.mode must be"),
+    ("prune.sparsity=1.0", r"prune\.sparsity must lie"),
+    ("data.name=mnist", r"data\.name must be"),
+])
+def test_bad_config_raises(tmp_path, override, match):
+    with pytest.raises(common.ConfigError, match=match):
+        rh.main(["--config", CPU, "--out", str(tmp_path), override] + TINY)
+
+
+def test_gpu_config_is_valid_and_marked():
+    cfg = common.merge(rh.DEFAULTS, rh.DEFAULTS, common.load_config(GPU))
+    common.validate(common.coerce_floats(cfg, rh.DEFAULTS), rh.DEFAULTS)
+    rh._check(cfg)
+    assert cfg["gpu"] is True and "GPU-SIZED" in open(GPU, encoding="utf-8").read()
+    assert cfg["data"]["name"] == "cifar100" and cfg["prune"]["sparsity"] == 0.9
+    assert cifar_resnet_num_params(cfg["model"]["depth"], cfg["model"]["widen"], 100) == 103_024_340
+    cpu = common.merge(rh.DEFAULTS, rh.DEFAULTS, common.load_config(CPU))
+    common.validate(cpu, rh.DEFAULTS)
+    assert cpu["gpu"] is False
