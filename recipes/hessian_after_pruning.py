@@ -185,7 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         t = np.arange(px["T"] + 1)
         figs["proxy"] = plot_curves(
             [{"title": f"error proxy (Eq. III.14), η={px['lr']}, c={px['cutoff']}",
-              "curves": [{"label": stage, "x": t, "y": st["proxy"]} for stage, (_, st) in results.items()]}],
+              "curves": [{"label": stage if st["kept_mass_Nc"] > 0 else f"{stage} (no |ηλ| ≥ c: ≡ 1)",
+                          "x": t, "y": st["proxy"]} for stage, (_, st) in results.items()]}],
             run.path("error_proxy.png"), ylabel="error proxy", xlabel="t (steps)")
         rows = []
         for stage, (_, st) in results.items():

@@ -23,13 +23,14 @@ bounds: the top homogeneous part of ``z^(L)`` is ``c_s^{…} W^(L) (W^(L−1)(�
 not vanish.  (``L = 1`` is linear regression: ``q = 1`` whatever ``s_p``, since σ is never applied.)
 
 **The paper's expression** (Eq. III.11; the OCR loses the typesetting, our reading):
-``q = O( s_p(s_p^{L−1} − 1)/(s_p − 1) + 1 + (L − 1) + Σ_{ℓ=1}^{L−1} (s_p^ℓ − 1) )``.  The first two terms
-are ``deg z^(L) = D_L`` (the residual in Eq. III.7), the last two are the degree of ``dz^(L)/dθ`` from
-the chain rule Eq. III.9 (``L − 1`` weight matrices plus the factors ``σ'(z^(ℓ))`` of degree
-``(s_p − 1) D_ℓ = s_p^ℓ − 1``), which add up to ``D_L − 1``; the sum is ``2 D_L − 1``, our ``q``.  A
-second reading of the garbled sum term, ``(s_p^ℓ − 1)/(s_p − 1)`` (= ``D_ℓ``), gives
-``D_L + (L − 1) + Σ_{ℓ<L} D_ℓ``, which is *below* the measured degree for ``s_p ≥ 3, L ≥ 3`` (20 < 25
-at ``L = 3, s_p = 3``) and so cannot be what the theorem meant; both are printed.
+``q = O( s_p(s_p^{L−1} − 1)/(s_p − 1) + 1 + (L − 1) + Σ_{ℓ=1}^{L−1} (s_p^ℓ − 1) )``.
+The first two terms are ``deg z^(L) = D_L`` (the residual in Eq. III.7), the last two the degree of
+``dz^(L)/dθ`` from the chain rule Eq. III.9 (``L − 1`` weight matrices plus the factors ``σ'(z^(ℓ))``
+of degree ``(s_p − 1) D_ℓ = s_p^ℓ − 1``), which add up to ``D_L − 1``; the sum is ``2 D_L − 1``, our
+``q``.  A second reading of the garbled sum term, ``(s_p^ℓ − 1)/(s_p − 1)`` (= ``D_ℓ``), gives
+``D_L + (L − 1) + Σ_{ℓ<L} D_ℓ``: equal to ours for ``s_p = 2``, larger for ``s_p = 1`` and *below* the
+measured degree for ``s_p ≥ 3, L ≥ 2`` (6 < 7 at ``L = 2``, 20 < 25 at ``L = 3``), so it cannot be
+what the theorem, a bound, meant; both readings are printed.
 
 **Numerical check, independent of autograd.**  The gradient is computed by a hand-written float64
 numpy forward/backward pass (:func:`numpy_loss_grad`, cross-checked against autograd once per

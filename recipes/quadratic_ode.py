@@ -213,7 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         panels_a = [{"title": f"{form} form, f = 1",
                      "curves": [{"label": f"N = {N}", "x": t_axis, "y": med[(1.0, N, form)]}
                                 for N in cfg["orders"]]} for form in forms]
-        figs["fig4a"] = plot_curves(panels_a, run.path("fig4a_error_vs_order.png"), ylabel="|error| of one coordinate", sharey=False,
+        figs["fig4a"] = plot_curves(panels_a, run.path("fig4a_error_vs_order.png"),
+                                    ylabel="|error| of one coordinate", sharey=False,
                                     suptitle=f"Fig. 4(a): n={n}, median of {cfg['trials']} systems")
         panels_b = [{"title": f"{form} form, N = {cfg['order_b']}",
                      "curves": [{"label": f"f = {f:g}", "x": t_axis, "y": med[(float(f), cfg["order_b"], form)]}

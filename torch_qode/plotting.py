@@ -187,9 +187,15 @@ def plot_density(grid, density, path, *, lr: Optional[float] = None, cutoff: Opt
 # ------------------------------------------------------------------------ Fig. 2 training panels
 def _spectrum_of(rec: Mapping):
     spec = rec.get("spectrum")
-    if not spec:
+    if spec is None:
         return None
-    grid, dens = spec.get("grid"), spec.get("density")
+    if hasattr(spec, "density") and hasattr(spec.density, "grid"):   # dissipation.Spectrum
+        spec = spec.density
+    if hasattr(spec, "grid") and hasattr(spec, "values"):             # dissipation.Density
+        return np.asarray(spec.grid, dtype=float), np.asarray(spec.values, dtype=float)
+    if not isinstance(spec, Mapping):
+        return None
+    grid, dens = spec.get("grid"), spec.get("density", spec.get("values"))
     if grid is None or dens is None:
         return None
     return np.asarray(grid, dtype=float), np.asarray(dens, dtype=float)
@@ -230,8 +236,9 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
     ``step`` (int)
         Training step.
     ``spectrum`` (``{"grid": [λ...], "density": [p...]}``)
-        Hessian eigenvalue density at this step (e.g. ``dissipation.hessian_spectrum``'s grid and
-        density).  Panel (a) draws those with ``step <= early_steps``; panel (b) those with
+        Hessian eigenvalue density at this step; a ``dissipation.Density`` or ``Spectrum`` is
+        accepted too (its ``grid``/``values`` are used).  Panel (a) draws those with
+        ``step <= early_steps``; panel (b) those with
         ``step % every == 0`` or ``download`` true.
     ``download`` (bool)
         True right after a prune/download (marked in panels (c) and (d) by dotted lines).
