@@ -355,9 +355,8 @@ class CarlemanSystem:
         ``u + f(u)``): at most ``Σ_{k1+…+kJ ≤ N} Π_j max_i S'^{(kj)}_i`` with ``S'^{(1)} = S^{(1)} + 1``.
         """
         n, q, N = self.n, self.degree, self.order
-        rows = []
-        f0 = self.ode.F0(0).detach().cpu().numpy()
-        rows.append(np.ones(n) if self.ode.time_dependent else (f0 != 0).astype(float))
+        rows = [np.ones(n) if self.ode.time_dependent
+                else (self.ode.F0(0).detach().cpu().numpy() != 0).astype(float)]
         for k in range(1, q + 1):
             term = self.ode.terms[k]
             if term is None:
@@ -373,7 +372,7 @@ class CarlemanSystem:
                 ks = [k for k in range(0, q + 1) if 1 <= J + k - 1 <= N and not (k == 0 and J == 1)]
                 if ks:
                     best = max(best, J * float(S[ks].sum(axis=0).max()))
-            return int(best)
+            return int(min(best, self.dim))
         smax = S.max(axis=1)
         smax[1] = (S[1] + 1).max()
         for J in range(1, N + 1):
@@ -383,7 +382,7 @@ class CarlemanSystem:
                     continue
                 total += float(np.prod([smax[k] for k in comp]))
             best = max(best, total)
-        return int(best)
+        return int(min(best, self.dim))       # a row has at most Δ entries
 
     def __repr__(self) -> str:
         return f"CarlemanSystem(n={self.n}, order={self.order}, form={self.form!r}, dim={self.dim})"

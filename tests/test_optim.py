@@ -1,0 +1,371 @@
+"""QODE: the contract of the training cycle, against independent references."""
+import io
+import math
+import weakref
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from torch_qode import PolynomialODE
+from torch_qode.carleman import carleman
+from torch_qode.optim import QODE
+
+
+def tiny_mlp(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+
+
+def micro_mlp(seed=0, dtype=torch.float64):
+    """13 parameters: small enough for the explicit third derivative of N ≥ 2 windows."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).to(dtype)
+
+
+def batches(n_steps, seed=1, dtype=torch.float64, size=16, dims=(3, 2)):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, dims[0], generator=g, dtype=dtype), torch.randn(size, dims[1], generator=g, dtype=dtype))
+            for _ in range(n_steps)]
+
+
+def closure_for(model, opt, X, Y):
+    def closure():
+        opt.zero_grad()
+        loss = ((model(X) - Y) ** 2).mean()
+        loss.backward()
+        return loss
+    return closure
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def flat_loss(model, X, Y):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def f(theta):
+        parts = dict(zip(names, (c.view(s) for c, s in zip(theta.split(sizes), shapes))))
+        return ((functional_call(model, parts, (X,)) - Y) ** 2).mean()
+    return f
+
+
+def run(model, opt, data):
+    for X, Y in data:
+        opt.step(closure_for(model, opt, X, Y))
+
+
+# ----------------------------------------------------------------------------- classical == SGD
+@pytest.mark.parametrize("momentum,wd,nesterov,dampening", [(0.0, 0.0, False, 0.0), (0.9, 1e-3, False, 0.1),
+                                                            (0.9, 5e-4, True, 0.0)])
+def test_classical_mode_is_bit_identical_to_sgd(momentum, wd, nesterov, dampening):
+    data = batches(60, dtype=torch.float32)
+    m1, m2 = tiny_mlp(dtype=torch.float32), tiny_mlp(dtype=torch.float32)
+    sgd = torch.optim.SGD(m1.parameters(), lr=0.05, momentum=momentum, weight_decay=wd, nesterov=nesterov,
+                          dampening=dampening)
+    q = QODE(m2.parameters(), lr=0.05, momentum=momentum, weight_decay=wd, nesterov=nesterov, dampening=dampening,
+             mode="classical", sparsity=0.0, cycle=7, classical_steps=2)
+    for X, Y in data:
+        sgd.step(closure_for(m1, sgd, X, Y))
+        q.step(closure_for(m2, q, X, Y))
+        for a, b in zip(m1.parameters(), m2.parameters()):
+            assert torch.equal(a, b)
+    assert len(q.reports) == math.ceil(60 / 7) and all(r.mode == "classical" for r in q.reports)
+
+
+def test_lr_scheduler_and_step_hooks_keep_working():
+    data = batches(30, dtype=torch.float32)
+    m1, m2 = tiny_mlp(dtype=torch.float32), tiny_mlp(dtype=torch.float32)
+    sgd = torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.5)
+    q = QODE(m2.parameters(), lr=0.1, momentum=0.5, mode="classical", sparsity=0.0, cycle=10, classical_steps=1)
+    s1 = torch.optim.lr_scheduler.StepLR(sgd, step_size=4, gamma=0.5)
+    s2 = torch.optim.lr_scheduler.StepLR(q, step_size=4, gamma=0.5)
+    calls = []
+    q.register_step_post_hook(lambda opt, args, kwargs: calls.append(opt.step_count))
+    for X, Y in data:
+        sgd.step(closure_for(m1, sgd, X, Y))
+        q.step(closure_for(m2, q, X, Y))
+        s1.step()
+        s2.step()
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert calls == list(range(1, 31))
+    assert q.param_groups[0]["lr"] == sgd.param_groups[0]["lr"] < 0.1
+
+
+# ---------------------------------------------------------------------- the quantum window, exact
+def independent_taylor_ode(model, X, Y, lr, theta0, f0=None):
+    """F0..F2 of the gradient-descent map from torch.autograd.functional (the test's own reference)."""
+    f = flat_loss(model, X, Y)
+    n = theta0.numel()
+    g = torch.autograd.functional.jacobian(f, theta0)
+    H = torch.autograd.functional.hessian(f, theta0)
+    T3 = torch.autograd.functional.jacobian(lambda th: torch.autograd.functional.hessian(f, th, create_graph=True),
+                                            theta0)
+    F0 = -lr * g if f0 is None else f0
+    return PolynomialODE([F0, -lr * H, -(lr / 2) * T3.reshape(n, n * n)])
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_frozen_window_equals_carleman_of_independent_taylor_model(order):
+    model = micro_mlp()
+    lr, cycle, cs = 0.2, 7, 2
+    data = batches(cycle, dims=(2, 1))
+    opt = QODE(model.parameters(), lr=lr, mode="quantum", cycle=cycle, classical_steps=cs, sparsity=0.0,
+               carleman_order=order, taylor_degree=2, noise="frozen", shots=None)
+    for k, (X, Y) in enumerate(data):
+        if k == cs:
+            theta0 = flat(model).clone()
+            ode = independent_taylor_ode(model, X, Y, lr, theta0)
+        opt.step(closure_for(model, opt, X, Y))
+        if cs <= k < cycle - 1:
+            assert torch.equal(flat(model), theta0)          # the model holds θ0 during the window
+    T = cycle - cs
+    u_T = carleman(ode, order, "discrete").simulate(torch.zeros(theta0.numel(), dtype=torch.float64), T)[-1]
+    torch.testing.assert_close(flat(model), theta0 + u_T, atol=1e-8, rtol=0)
+    rep = opt.reports[0]
+    assert rep.mode == "quantum" and rep.carleman["order"] == order and rep.carleman["explicit"]
+    assert rep.tomography["relative_error"] == 0.0 and rep.tomography["shots"]["total"] == 0
+
+
+def test_stream_noise_uses_each_batch_gradient_at_theta0():
+    model = micro_mlp(3)
+    lr, cycle, cs = 0.1, 6, 1
+    data = batches(cycle, seed=5, dims=(2, 1))
+    opt = QODE(model.parameters(), lr=lr, mode="quantum", cycle=cycle, classical_steps=cs, sparsity=0.0,
+               carleman_order=2, noise="stream", shots=None)
+    f0s = []
+    for k, (X, Y) in enumerate(data):
+        if k == cs:
+            theta0 = flat(model).clone()
+            ode_up = independent_taylor_ode(model, X, Y, lr, theta0)
+        if k >= cs:
+            f0s.append(-lr * torch.autograd.functional.jacobian(flat_loss(model, X, Y), theta0))
+        opt.step(closure_for(model, opt, X, Y))
+    ode = PolynomialODE([lambda t: f0s[t], ode_up.term(1).dense(), ode_up.term(2).dense()])
+    u_T = carleman(ode, 2).simulate(torch.zeros(theta0.numel(), dtype=torch.float64), cycle - cs)[-1]
+    torch.testing.assert_close(flat(model), theta0 + u_T, atol=1e-9, rtol=0)
+
+
+def test_quadratic_loss_window_reproduces_sgd_exactly():
+    """A linear model with MSE on one fixed batch: the Taylor model is exact, so N = 1 is SGD."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    X, Y = torch.randn(32, 5, dtype=torch.float64), torch.randn(32, 3, dtype=torch.float64)
+    opt = QODE(model.parameters(), lr=0.1, mode="quantum", cycle=20, classical_steps=3, sparsity=0.0,
+               carleman_order=1, track_sgd=True, weight_decay=1e-2)
+    run(model, opt, [(X, Y)] * 20)
+    d = opt.reports[0].drift
+    assert d["l2"] < 1e-12 and d["sgd_displacement"] > 1e-2
+    assert d["loss_qode"] == pytest.approx(d["loss_sgd"], abs=1e-12)
+
+
+def test_matrix_free_window_equals_explicit():
+    outs = []
+    for explicit in (True, False):
+        model = micro_mlp(7)
+        opt = QODE(model.parameters(), lr=0.1, mode="quantum", cycle=6, classical_steps=1, sparsity=0.0,
+                   carleman_order=2, explicit=explicit)
+        run(model, opt, batches(6, seed=9, dims=(2, 1)))
+        assert opt.reports[0].carleman["explicit"] is explicit
+        outs.append(flat(model))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("solver,kw", [("direct", {}), ("filtered", {"kappa_a": 1e12})])
+def test_direct_and_filtered_solvers_match_forward(solver, kw):
+    outs = {}
+    for s, k in (("forward", {}), (solver, kw)):
+        model = tiny_mlp(2)
+        opt = QODE(model.parameters(), lr=0.1, mode="quantum", cycle=5, classical_steps=1, sparsity=0.0,
+                   carleman_order=1, solver=s, **k)
+        run(model, opt, batches(5, seed=4))
+        outs[s] = (flat(model), opt.reports[0].solver)
+    torch.testing.assert_close(outs[solver][0], outs["forward"][0], atol=1e-9, rtol=0)
+    info = outs[solver][1]
+    assert info["method"] == solver and info["fidelity"] == pytest.approx(1.0)
+    assert info["kappa"] is not None and info["max_abs_diff_vs_forward"] < 1e-9
+
+
+def test_filtered_solver_with_small_kappa_reports_fidelity():
+    model = tiny_mlp(2)
+    opt = QODE(model.parameters(), lr=0.5, mode="quantum", cycle=8, classical_steps=1, sparsity=0.0,
+               carleman_order=1, solver="filtered", kappa_a=2.0)
+    run(model, opt, batches(8, seed=4))
+    info = opt.reports[0].solver
+    assert info["dropped"] > 0 and 0 < info["fidelity"] < 1
+
+
+# ---------------------------------------------------------------------------- sparsity & readout
+def test_sparse_upload_leaves_pruned_weights_at_zero():
+    model = tiny_mlp(1)
+    opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=6, classical_steps=2, sparsity=0.5,
+               upload="sparse")
+    data = batches(6, seed=2)
+    for k, (X, Y) in enumerate(data):
+        opt.step(closure_for(model, opt, X, Y))
+        if k == 2:
+            outside = [~m for m in opt.pruner.masks]
+            n_out = sum(int(m.sum()) for m in outside)
+            assert n_out == opt.pruner.n_pruned_target() > 0
+        if k >= 2:
+            assert all(bool((p[m] == 0).all()) for p, m in zip(model.parameters(), outside))
+    assert opt.reports[0].support_size == sum(p.numel() for p in model.parameters()) - n_out
+
+
+def test_top_r_readout_gives_exact_sparsity():
+    model = tiny_mlp(4)
+    opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=5, classical_steps=2, sparsity=0.5,
+               upload="dense", shots=None)
+    run(model, opt, batches(5, seed=3))
+    r = int(opt.pruner.support().numel())
+    assert int((flat(model) != 0).sum()) == r
+    assert opt.reports[0].support_size == flat(model).numel()
+
+
+def test_shots_make_the_readout_noisy_but_bounded():
+    model = tiny_mlp(4)
+    opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=5, classical_steps=1, sparsity=0.0,
+               shots=20_000, seed=3)
+    run(model, opt, batches(5, seed=3))
+    tomo = opt.reports[0].tomography
+    assert tomo["shots"]["total"] == 20_000 and 0 < tomo["relative_error"] < 0.5
+    assert opt.reports[0].resources["qubits"] > 0
+
+
+# ------------------------------------------------------------------------------------- faults
+def test_nan_mid_window_restores_theta0_and_trains_classically():
+    model = tiny_mlp(5)
+    opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=8, classical_steps=1, sparsity=0.0)
+    data = batches(8, seed=6)
+    for k, (X, Y) in enumerate(data):
+        if k == 1:
+            theta0 = flat(model).clone()
+        if k == 4:
+            X = X.clone()
+            X[0, 0] = float("nan")
+        opt.step(closure_for(model, opt, X, Y))
+        assert bool(torch.isfinite(flat(model)).all())
+        if k == 4:
+            assert torch.equal(flat(model), theta0) and not opt.in_quantum_window
+    rep = opt.reports[0]
+    assert rep.mode == "classical" and "aborted at t=3" in rep.reason and rep.faults
+    assert not torch.equal(flat(model), theta0)        # the rest of the window trained classically
+
+
+def test_nonfinite_classical_step_is_skipped():
+    model = tiny_mlp(5)
+    opt = QODE(model.parameters(), lr=0.05, mode="classical", sparsity=0.0)
+    before = flat(model).clone()
+    X, Y = batches(1)[0]
+    opt.step(closure_for(model, opt, X * float("inf"), Y))
+    assert torch.equal(flat(model), before) and opt.reports[0].skipped_steps == 1
+
+
+class _Verdict:
+    def __init__(self, passed):
+        self.passed, self.reason = passed, "stub says " + ("yes" if passed else "no")
+
+    def as_dict(self):
+        return {"passed": self.passed, "reason": self.reason}
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_auto_mode_follows_the_dissipation_verdict(passed):
+    seen = []
+
+    def check(hvp, n, *, lr, T, dtype, device):
+        v = torch.ones(n, dtype=torch.float64)
+        seen.append((n, T, float(hvp(v).norm())))
+        return _Verdict(passed)
+
+    model, ref = tiny_mlp(6), tiny_mlp(6)
+    opt = QODE(model.parameters(), lr=0.05, mode="auto", cycle=5, classical_steps=2, sparsity=0.0, dissipation=check)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for X, Y in batches(5, seed=8):
+        opt.step(closure_for(model, opt, X, Y))
+        sgd.step(closure_for(ref, sgd, X, Y))
+    rep = opt.reports[0]
+    assert seen and seen[0][0] == 26 and seen[0][1] == 3 and seen[0][2] > 0
+    assert rep.mode == ("quantum" if passed else "classical") and "stub says" in rep.reason
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters())) is (not passed)
+
+
+def test_invalid_arguments_name_the_argument():
+    ps = list(tiny_mlp().parameters())
+    bad = [dict(lr=-1), dict(momentum=-0.1), dict(weight_decay=float("nan")), dict(sparsity=1.0),
+           dict(sparsity=-0.1), dict(carleman_order=0), dict(classical_steps=10, cycle=10), dict(cycle=0),
+           dict(mode="hybrid"), dict(form="euler"), dict(solver="hhl"), dict(noise="white"), dict(upload="qram"),
+           dict(solver="filtered"), dict(kappa_a=5.0), dict(shots=0), dict(taylor_degree=0), dict(eps=2.0),
+           dict(explicit="yes"), dict(nesterov=True)]
+    names = ["lr", "momentum", "weight_decay", "sparsity", "sparsity", "carleman_order", "classical_steps", "cycle",
+             "mode", "form", "solver", "noise", "upload", "kappa_a", "kappa_a", "shots", "taylor_degree", "eps",
+             "explicit", "nesterov"]
+    for kwargs, name in zip(bad, names):
+        with pytest.raises(ValueError, match=name):
+            QODE(ps, **kwargs)
+    with pytest.raises(TypeError, match="track_sgd"):
+        QODE(ps, track_sgd="yes")
+    with pytest.raises(ValueError, match="single parameter group"):
+        QODE([{"params": ps[:2]}, {"params": ps[2:]}])
+    opt = QODE(ps)
+    with pytest.raises(TypeError, match="closure"):
+        opt.step()
+    with pytest.raises(TypeError, match="closure"):
+        opt.step(None)
+
+
+# ------------------------------------------------------------------------------- state dict
+def _untimed(d):
+    """A report without its wall-clock fields (everything else must match exactly)."""
+    if isinstance(d, dict):
+        return {k: _untimed(v) for k, v in d.items() if k != "seconds"}
+    if isinstance(d, list):
+        return [_untimed(v) for v in d]
+    return d
+
+
+@pytest.mark.parametrize("stop,order", [(3, 1), (5, 1), (9, 1), (4, 2)])
+def test_resume_mid_window_is_bit_identical(stop, order):
+    """Stops: inside the first window, at its last step, inside the second cycle's classical steps."""
+    make = tiny_mlp if order == 1 else micro_mlp
+    data = batches(14, seed=11, dims=(3, 2) if order == 1 else (2, 1))
+    kwargs = dict(lr=0.05, momentum=0.9, mode="auto" if order == 1 else "quantum", cycle=7, classical_steps=2, sparsity=0.3,
+                  carleman_order=order, shots=5000, seed=4, track_sgd=True)
+    m_ref = make(8)
+    o_ref = QODE(m_ref.parameters(), **kwargs)
+    run(m_ref, o_ref, data)
+    assert [r.mode for r in o_ref.reports] == ["quantum", "quantum"]
+
+    m1 = make(8)
+    o1 = QODE(m1.parameters(), **kwargs)
+    run(m1, o1, data[:stop])
+    buf = io.BytesIO()
+    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    m2 = make(99)
+    m2.load_state_dict(ckpt["model"])
+    o2 = QODE(m2.parameters(), **kwargs)
+    o2.load_state_dict(ckpt["opt"])
+    run(m2, o2, data[stop:])
+    for a, b in zip(m_ref.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert [_untimed(r.as_dict()) for r in o_ref.reports] == [_untimed(r.as_dict()) for r in o2.reports]
+
+
+def test_window_releases_its_graph():
+    model = tiny_mlp(1)
+    opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=4, classical_steps=1, sparsity=0.0)
+    data = batches(4)
+    run(model, opt, data[:2])
+    ref = weakref.ref(opt._expansion)
+    assert ref() is not None
+    run(model, opt, data[2:])
+    import gc
+    gc.collect()
+    assert ref() is None and opt._system is None and not opt.in_quantum_window

@@ -1,0 +1,686 @@
+"""QODE: train a PyTorch model the way the quantum ODE algorithm would (DESIGN.md, "one cycle").
+
+Step ``k`` sits at position ``c = k mod cycle`` of a cycle (paper's Algorithm 1 and Sec. III B):
+
+* ``c = 0`` — **download**: global magnitude pruning to ``sparsity`` (tomography reads the largest
+  components; at the first cycle this prunes the incoming model).
+* ``0 ≤ c < classical_steps`` — plain SGD steps on all weights (pruned ones may regrow).
+* ``c = classical_steps`` — **upload**: the Taylor expansion of this step's loss at ``θ0`` on the
+  support ``S`` (all weights for ``upload="dense"``; for ``"sparse"`` the model is pruned again to
+  ``sparsity`` and ``S`` is what survives, so the uploaded state is ``r``-sparse as Theorem I.1
+  assumes); in ``mode="auto"`` the Hessian dissipation check (Eq. III.12–III.15) decides between a
+  quantum and a classical window.
+* **quantum window**, ``T = cycle − classical_steps`` steps: the model holds ``θ0`` (the weights live
+  on the "quantum device"); each closure supplies ``F0(t) = −η ∇L_t(θ0)`` (``noise="stream"``); the
+  Carleman state advances one step; after the last step the window system (Eq. II.102) is solved
+  with ``solver``, the weight vector ``θ0 + u(T)`` on ``S`` is read back by tomography (``shots``;
+  the ``r`` largest for a dense upload with ``sparsity > 0``) and written to the model.
+
+Classical steps — every step of ``mode="classical"`` and of a classical window — are bit-identical to
+``torch.optim.SGD`` (same ``lr``, ``momentum``, ``dampening``, ``nesterov``, ``weight_decay``).
+A quantum window runs plain gradient descent (the paper's Eq. I.3) on ``L + (wd/2)||θ||²``; momentum
+applies to classical steps only and its buffers restart after a quantum window.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.optim import Optimizer
+from torch.optim.sgd import sgd as _sgd
+
+from . import _flat
+from .carleman import FORMS, carleman
+from .dissipation import DissipationCheck
+from .linsolve import METHODS, kappa_bound, solve_window
+from .ode import NonFiniteError, PolynomialODE
+from .pruning import MagnitudePruner
+from .resources import estimate_resources
+from .taylor import TaylorExpansion, UnsupportedGraphError
+from .tomography import tomography
+
+__all__ = ["QODE", "CycleReport", "MODES", "UPLOADS", "NOISES"]
+
+MODES = ("auto", "quantum", "classical")
+UPLOADS = ("dense", "sparse")
+NOISES = ("stream", "frozen")
+#: ``explicit=None`` builds explicit Taylor terms up to this support size (cheap to build, exact to
+#: resume); beyond it the terms are Hessian-vector / third-derivative products (matrix-free).
+EXPLICIT_MAX_SUPPORT = 128
+#: κ(M) is computed for the report when the window system has at most this many unknowns.
+KAPPA_MAX_UNKNOWNS = 5_000
+
+
+# ------------------------------------------------------------------------------------------ report
+@dataclass
+class CycleReport:
+    """What one cycle did (plain data; ``as_dict()`` for logging).  Never prints by itself."""
+
+    cycle: int
+    start_step: int
+    mode: str = "classical"          # "quantum" or "classical" — what the window actually was
+    reason: str = ""                 # why (dissipation verdict, mode, fault, …)
+    window: int = 0                  # T, steps in the window
+    download: Optional[dict] = None  # pruning at c = 0: kept, total, sparsity
+    support_size: Optional[int] = None
+    dissipation: Optional[dict] = None
+    carleman: Optional[dict] = None
+    solver: Optional[dict] = None
+    tomography: Optional[dict] = None
+    resources: Optional[dict] = None
+    drift: Optional[dict] = None     # track_sgd: ||θ_qode − θ_sgd||, relative, losses
+    faults: list = field(default_factory=list)
+    skipped_steps: int = 0           # steps whose update was skipped for a non-finite loss/gradient
+    loss_first: Optional[float] = None
+    loss_last: Optional[float] = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------- graph capture
+@contextlib.contextmanager
+def _capture_backward():
+    """Keep the graph of the loss that the closure backwards (``retain_graph=True``).
+
+    QODE needs second and third derivatives of the upload step's loss; a standard closure calls
+    ``loss.backward()``, which would free the graph.  Inside this context ``Tensor.backward`` still
+    fills ``.grad`` exactly as usual but retains the graph and records the loss.
+    """
+    captured: dict = {}
+    original = torch.Tensor.backward
+
+    def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+        captured["loss"] = self
+        return original(self, gradient, retain_graph=True, create_graph=create_graph, inputs=inputs)
+
+    torch.Tensor.backward = backward
+    try:
+        yield captured
+    finally:
+        torch.Tensor.backward = original
+
+
+class _NoiseTape:
+    """``F0(t)`` of the window: recorded step by step (kept whole only when a solver needs it)."""
+
+    def __init__(self, keep: bool):
+        self.keep = keep
+        self.rows: dict = {}
+
+    def record(self, t: int, f0: torch.Tensor) -> None:
+        if not self.keep:
+            self.rows.clear()
+        self.rows[t] = f0
+
+    def __call__(self, t: int) -> torch.Tensor:
+        try:
+            return self.rows[t]
+        except KeyError:
+            raise RuntimeError(f"F0({t}) was not recorded in this window") from None
+
+
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    return int(value)
+
+
+def _check_choice(value, name: str, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------- QODE
+class QODE(Optimizer):
+    """Sparse training through a simulated quantum ODE solver (see the module docstring).
+
+    Args:
+        params: iterable of parameters (one parameter group, like ``torch.optim.LBFGS``).
+        lr, momentum, weight_decay, dampening, nesterov: as ``torch.optim.SGD``.
+        mode: ``"auto"`` (the dissipation check decides), ``"quantum"`` (always), ``"classical"``.
+        cycle: steps per cycle (download every ``cycle`` steps).
+        classical_steps: plain SGD steps after each download (``0 ≤ classical_steps < cycle``).
+        sparsity: pruning ratio in ``[0, 1)`` at each download (0 disables pruning).
+        upload: ``"dense"`` (QRAM: ``S`` = all weights) or ``"sparse"`` (``S`` = the surviving ones).
+        carleman_order: Carleman truncation order ``N ≥ 1``.
+        taylor_degree: degree ``q`` of the Taylor model (terms above degree ``N`` are not computed:
+            with ``N = 1`` only ``F0`` and ``F1`` enter the linear system).
+        form: ``"discrete"`` (the paper's Sec. V B) or ``"continuous"`` Carleman form.
+        solver: ``"forward"``, ``"direct"`` or ``"filtered"`` (Theorem II.4, needs ``kappa_a``).
+        kappa_a: effective condition number of the filtered solver.
+        shots: tomography shot budget per readout (``None`` = exact readout).
+        noise: ``"stream"`` (``F0(t)`` from each step's batch) or ``"frozen"`` (the upload batch's).
+        dissipation: a :class:`~torch_qode.dissipation.DissipationCheck` (default: its defaults).
+        track_sgd: also run SGD from ``θ0`` on the same batches in every quantum window and report
+            the drift ``||θ_qode − θ_sgd||`` (two extra closure calls per window step).
+        seed: seeds the tomography sampler and the dissipation check.
+        explicit: ``None`` (explicit Taylor terms when ``|S| ≤ 128`` or the solver needs them),
+            ``True`` or ``False`` (matrix-free Hessian-vector / third-derivative products).
+        prunable: which tensors the download prunes (default: ``p.dim() > 1``); see ``MagnitudePruner``.
+        names: parameter names for per-layer pruning reports.
+        monitor: an object with ``on_upload(step, verdict)`` / ``on_window_end(step, report)``
+            (e.g. :class:`~torch_qode.callbacks.DissipationMonitor`).
+        eps: target error used in the resource ledger.
+    """
+
+    def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, *,
+                 dampening: float = 0.0, nesterov: bool = False, mode: str = "auto", cycle: int = 100,
+                 classical_steps: int = 10, sparsity: float = 0.9, upload: str = "dense",
+                 carleman_order: int = 1, taylor_degree: int = 2, form: str = "discrete",
+                 solver: str = "forward", kappa_a: Optional[float] = None, shots: Optional[int] = None,
+                 noise: str = "stream", dissipation: Optional[DissipationCheck] = None,
+                 track_sgd: bool = False, seed: int = 0, explicit: Optional[bool] = None,
+                 prunable=None, names=None, monitor=None, eps: float = 1e-2):
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (lr >= 0) or not math.isfinite(lr):
+            raise ValueError(f"lr must be a finite number ≥ 0, got {lr!r}")
+        for value, name in ((momentum, "momentum"), (weight_decay, "weight_decay"), (dampening, "dampening")):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value >= 0) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+        _check_choice(mode, "mode", MODES)
+        cycle = _check_int(cycle, "cycle", 1)
+        classical_steps = _check_int(classical_steps, "classical_steps", 0)
+        if classical_steps >= cycle:
+            raise ValueError(f"classical_steps must be < cycle (leaving a window of ≥ 1 step); got "
+                             f"classical_steps={classical_steps}, cycle={cycle}")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0 <= sparsity < 1):
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        _check_choice(upload, "upload", UPLOADS)
+        carleman_order = _check_int(carleman_order, "carleman_order", 1)
+        taylor_degree = _check_int(taylor_degree, "taylor_degree", 1)
+        _check_choice(form, "form", FORMS)
+        _check_choice(solver, "solver", METHODS)
+        if solver == "filtered":
+            if kappa_a is None or isinstance(kappa_a, bool) or not (float(kappa_a) >= 1) \
+                    or not math.isfinite(float(kappa_a)):
+                raise ValueError(f"kappa_a must be a finite number ≥ 1 with solver='filtered', got {kappa_a!r}")
+        elif kappa_a is not None:
+            raise ValueError(f"kappa_a applies only to solver='filtered' (solver={solver!r})")
+        if shots is not None:
+            shots = _check_int(shots, "shots", 1)
+        _check_choice(noise, "noise", NOISES)
+        if dissipation is not None and not callable(dissipation):
+            raise TypeError("dissipation must be a DissipationCheck (callable hvp, n, lr=, T=) or None")
+        if not isinstance(track_sgd, bool):
+            raise TypeError(f"track_sgd must be a bool, got {track_sgd!r}")
+        seed = _check_int(seed, "seed", 0)
+        _check_choice(explicit, "explicit", (None, True, False))
+        if not (isinstance(eps, (int, float)) and 0 < eps < 1):
+            raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+        if solver != "forward" and explicit is False:
+            raise ValueError(f"solver={solver!r} builds the explicit window matrix: it needs explicit=None or True")
+
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=False, foreach=None, fused=None, differentiable=False)
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError("QODE supports a single parameter group (like LBFGS): the window's ODE "
+                             "uses one learning rate for all of S")
+        self._params = self.param_groups[0]["params"]
+        if any(p.is_sparse for p in self._params):
+            raise ValueError("QODE does not support sparse gradients")
+        self.mode, self.cycle, self.classical_steps = mode, cycle, classical_steps
+        self.sparsity, self.upload, self.form = float(sparsity), upload, form
+        self.carleman_order, self.taylor_degree = carleman_order, taylor_degree
+        self.solver, self.kappa_a, self.shots, self.noise = solver, kappa_a, shots, noise
+        self.dissipation = dissipation if dissipation is not None else DissipationCheck(seed=seed)
+        self.track_sgd, self.seed, self.explicit, self.monitor, self.eps = track_sgd, seed, explicit, monitor, eps
+        self.window_length = cycle - classical_steps
+        self.pruner = MagnitudePruner(self._params, self.sparsity, names=names, prunable=prunable) \
+            if self.sparsity > 0 else None
+        self._n_total = _flat.numel(self._params)
+        self._rng = np.random.default_rng(seed)
+        self.reports: list[CycleReport] = []
+        self._k = 0
+        self._win: Optional[dict] = None      # the live quantum window (see _start_window)
+        self._classical_window = False        # the rest of this cycle trains classically
+        self._expansion: Optional[TaylorExpansion] = None
+        self._system = None
+        self._closure = None
+        self._shadow, self._shadow_buf = None, None
+
+    # ------------------------------------------------------------------------------ utilities
+    @property
+    def step_count(self) -> int:
+        """Steps taken so far (``k``)."""
+        return self._k
+
+    @property
+    def in_quantum_window(self) -> bool:
+        return self._win is not None
+
+    def _flat_params(self) -> torch.Tensor:
+        return _flat.flatten([p.detach() for p in self._params])
+
+    @torch.no_grad()
+    def _write_params(self, flat: torch.Tensor) -> None:
+        for p, v in zip(self._params, _flat.unflatten(flat, self._params)):
+            p.copy_(v)
+
+    def _flat_grads(self) -> torch.Tensor:
+        return _flat.flatten([p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+                              for p in self._params])
+
+    def _finite(self, loss) -> bool:
+        if loss is not None and isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            return False
+        if loss is not None and not isinstance(loss, torch.Tensor) and not math.isfinite(float(loss)):
+            return False
+        return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self._params)
+
+    def _sgd(self, params: list, grads: list, buffers: list) -> list:
+        """One ``torch.optim.SGD`` update through the same functional call (hence bit-identical).
+
+        Entries with a ``None`` gradient are skipped, as SGD does; returns the new momentum buffers.
+        """
+        group = self.param_groups[0]
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        bufs = [buffers[i] for i in idx]
+        _sgd([params[i] for i in idx], [grads[i] for i in idx], bufs, weight_decay=group["weight_decay"],
+             momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+             nesterov=group["nesterov"], maximize=False, has_sparse_grad=False, foreach=group["foreach"],
+             fused=group["fused"])
+        out = list(buffers)
+        for j, i in enumerate(idx):
+            out[i] = bufs[j]
+        return out
+
+    def _sgd_update(self) -> None:
+        """An SGD step of the model's parameters with the gradients the closure left in ``.grad``."""
+        bufs = self._sgd(self._params, [p.grad for p in self._params],
+                         [self.state[p].get("momentum_buffer") for p in self._params])
+        if self.param_groups[0]["momentum"] != 0:
+            for p, b in zip(self._params, bufs):
+                if p.grad is not None:
+                    self.state[p]["momentum_buffer"] = b
+
+    def _report(self) -> CycleReport:
+        return self.reports[-1]
+
+    def _fault(self, message: str) -> None:
+        self._report().faults.append(f"step {self._k}: {message}")
+
+    # ----------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor]):  # type: ignore[override]
+        """One training step; ``closure`` re-evaluates the loss and calls ``backward()`` (as for LBFGS)."""
+        if closure is None or not callable(closure):
+            raise TypeError("QODE.step needs a closure that re-evaluates the loss and calls loss.backward() "
+                            "(as torch.optim.LBFGS does): the quantum window re-evaluates gradients at θ0")
+        c = self._k % self.cycle
+        if c == 0:
+            self._download()
+        t0 = time.perf_counter()
+        self._closure = closure
+        try:
+            if c < self.classical_steps:
+                loss = self._classical_step(closure)
+            elif c == self.classical_steps:
+                loss = self._upload(closure)
+            elif self._win is not None:
+                loss = self._window_step(closure)
+            else:
+                loss = self._classical_step(closure)
+        finally:
+            self._closure = None
+        rep = self._report()
+        rep.seconds += time.perf_counter() - t0
+        if loss is not None:
+            value = float(loss)
+            rep.loss_first = value if rep.loss_first is None else rep.loss_first
+            rep.loss_last = value
+        self._k += 1
+        return loss
+
+    def _download(self) -> None:
+        """c = 0: prune (the tomographic download) and open the cycle's report."""
+        rep = CycleReport(cycle=self._k // self.cycle, start_step=self._k, window=self.window_length)
+        self.reports.append(rep)
+        self._classical_window = False
+        if self.pruner is not None:
+            self.pruner.prune()
+            r = self.pruner.report()
+            rep.download = {"kept": int(self.pruner.support().numel()), "total": int(r.n_total),
+                            "sparsity": float(r.mask_sparsity), "total_sparsity": float(r.total_sparsity)}
+
+    def _classical_step(self, closure) -> torch.Tensor:
+        with torch.enable_grad():
+            loss = closure()
+        if not self._finite(loss):
+            self._report().skipped_steps += 1
+            self._fault("non-finite loss or gradient: update skipped")
+            return loss
+        self._sgd_update()
+        return loss
+
+    # --------------------------------------------------------------------------------- upload
+    def _upload(self, closure) -> torch.Tensor:
+        rep = self._report()
+        if self.mode == "classical":
+            rep.mode, rep.reason = "classical", "mode='classical'"
+            return self._classical_step(closure)
+        support = None
+        if self.upload == "sparse" and self.pruner is not None:
+            self.pruner.prune()                      # the uploaded state must be r-sparse
+            support = self.pruner.support()
+        with torch.enable_grad(), _capture_backward() as cap:
+            loss = closure()
+        if not self._finite(loss):
+            return self._go_classical(closure, "non-finite loss or gradient at upload", loss, update=False)
+        graph = cap.get("loss")
+        if graph is None:
+            raise RuntimeError("QODE: the closure did not call loss.backward(); the upload step needs the "
+                               "loss graph for the Taylor expansion")
+        group = self.param_groups[0]
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        degree = min(self.taylor_degree, self.carleman_order)
+        try:
+            with torch.enable_grad():                # step() runs under no_grad; derivatives need a graph
+                exp = TaylorExpansion.from_loss(graph, self._params, lr=lr, support=support, degree=degree,
+                                                weight_decay=wd)
+        except (UnsupportedGraphError, NonFiniteError) as exc:
+            del graph, cap
+            return self._go_classical(closure, f"Taylor expansion failed: {exc}", loss, update=True)
+        del graph, cap
+        n = exp.n
+        rep.support_size = n
+        if self.mode == "auto":
+            with torch.enable_grad():
+                verdict = self.dissipation(exp.hvp, n, lr=lr, T=self.window_length, dtype=torch.float64,
+                                           device=self._params[0].device)
+            rep.dissipation = verdict.as_dict()
+            if self.monitor is not None and hasattr(self.monitor, "on_upload"):
+                self.monitor.on_upload(self._k, verdict)
+            if not verdict.passed:
+                exp.release()
+                return self._go_classical(closure, f"dissipation check {verdict.reason}", loss,
+                                          update=True)
+            rep.reason = f"dissipation check {verdict.reason}"
+        else:
+            rep.reason = "mode='quantum'"
+        rep.mode = "quantum"
+        self._start_window(exp, support)
+        self._advance(self._flat_grads())
+        return loss
+
+    def _go_classical(self, closure, reason: str, loss, update: bool) -> torch.Tensor:
+        rep = self._report()
+        rep.mode, rep.reason = "classical", reason
+        self._classical_window = True
+        if update and self._finite(loss):
+            self._sgd_update()
+        else:
+            rep.skipped_steps += 1
+        return loss
+
+    # ---------------------------------------------------------------------------------- window
+    def _use_explicit(self, n: int) -> bool:
+        if self.explicit is not None:
+            return self.explicit
+        return self.solver != "forward" or n <= EXPLICIT_MAX_SUPPORT
+
+    def _start_window(self, exp: TaylorExpansion, support) -> None:
+        """Build the window's Carleman system at θ0 (the model keeps holding θ0 until the end)."""
+        theta0 = self._flat_params().clone()
+        explicit = self._use_explicit(exp.n)
+        self._win = {   # an explicit window keeps all of F0(0..T-1): the window system is rebuilt at the end
+            "t": 0, "lr": exp.lr, "wd": float(self.param_groups[0]["weight_decay"]), "theta0": theta0,
+            "support": support, "tape": _NoiseTape(keep=explicit),
+            "frozen": (-exp.lr * exp.gradient()).to(torch.float64) if self.noise == "frozen" else None,
+            "explicit": explicit,
+        }
+        self._build_system(exp)
+        self._win["y"] = torch.zeros(self._system.dim, dtype=torch.float64, device=theta0.device)
+        rep = self._report()
+        rep.carleman = {"n": exp.n, "order": self.carleman_order, "form": self.form, "dim": self._system.dim,
+                        "degree": self._system.degree, "explicit": self._win["explicit"], "noise": self.noise}
+        if self.track_sgd:
+            self._shadow = [p.detach().clone() for p in self._params]
+            self._shadow_buf = [self.state[p]["momentum_buffer"].clone() if "momentum_buffer" in self.state[p]
+                                else None for p in self._params]
+
+    def _f0_source(self):
+        w = self._win
+        frozen = w["frozen"]
+        return (lambda t: frozen) if frozen is not None else w["tape"]
+
+    def _build_system(self, exp: TaylorExpansion) -> None:
+        """The window's ODE (Taylor terms of ``exp``, F0 from the tape) and its Carleman system."""
+        ode = exp.ode(F0=self._f0_source(), explicit=self._win["explicit"], dtype=torch.float64)
+        self._expansion = exp
+        self._system = carleman(ode, self.carleman_order, self.form)
+
+    def _f0_from_grads(self, grads_flat: torch.Tensor) -> torch.Tensor:
+        w = self._win
+        S = w["support"]
+        g = grads_flat if S is None else grads_flat[S]
+        th = w["theta0"] if S is None else w["theta0"][S]
+        return (-w["lr"] * (g.to(torch.float64) + w["wd"] * th.to(torch.float64)))
+
+    def _advance(self, grads_flat: torch.Tensor) -> None:
+        """Window step t: record F0(t), advance the Carleman state, shadow SGD; finish at t = T."""
+        w = self._win
+        t = w["t"]
+        if w["frozen"] is None:
+            w["tape"].record(t, self._f0_from_grads(grads_flat))
+        try:
+            with torch.enable_grad():
+                w["y"] = self._system.step(w["y"], t)
+        except NonFiniteError as exc:
+            self._abort_window(f"{exc}")
+            return
+        if self.track_sgd:
+            self._shadow_step(grads_flat if t == 0 else None)
+        w["t"] = t + 1
+        if w["t"] == self.window_length:
+            self._finish_window()
+
+    def _window_step(self, closure) -> torch.Tensor:
+        resumed = self._system is None            # a matrix-free window restored by load_state_dict
+        with torch.enable_grad(), (_capture_backward() if resumed else contextlib.nullcontext({})) as cap:
+            loss = closure()                      # the model holds θ0: ∇L_t(θ0)
+        if not self._finite(loss):
+            self._report().skipped_steps += 1
+            self._abort_window("non-finite loss or gradient inside the quantum window")
+            return loss
+        if resumed:
+            w = self._win
+            try:
+                with torch.enable_grad():
+                    exp = TaylorExpansion.from_loss(cap["loss"], self._params, lr=w["lr"], support=w["support"],
+                                                    degree=min(self.taylor_degree, self.carleman_order),
+                                                    weight_decay=w["wd"])
+            except (KeyError, UnsupportedGraphError, NonFiniteError) as exc:
+                self._abort_window(f"re-expansion after resume failed: {exc!r}")
+                return loss
+            self._build_system(exp)
+            self._report().faults.append(
+                f"step {self._k}: resumed a matrix-free window: F1..Fq re-expanded at θ0 on this step's "
+                "batch (the upload batch's autograd graph cannot be saved)")
+        self._advance(self._flat_grads())
+        return loss
+
+    def _shadow_step(self, grads_flat: Optional[torch.Tensor]) -> None:
+        """SGD from θ0 on the same batch (track_sgd): swap the shadow in, evaluate, update, swap back."""
+        if grads_flat is not None:                # upload step: the gradient at θ0 is already known
+            grads = _flat.unflatten(grads_flat, self._params)
+        else:
+            saved = [p.grad for p in self._params]
+            self._write_params(_flat.flatten(self._shadow))
+            with torch.enable_grad():
+                self._closure()
+            grads = [None if p.grad is None else p.grad.detach().clone() for p in self._params]
+            self._write_params(self._win["theta0"])
+            for p, g in zip(self._params, saved):
+                p.grad = g
+        self._shadow_buf = self._sgd(self._shadow, grads, self._shadow_buf)
+
+    def _abort_window(self, why: str) -> None:
+        """A fault ends the window: θ0 back in the model, the rest of the window trains classically."""
+        w = self._win
+        self._write_params(w["theta0"])
+        self._release()
+        rep = self._report()
+        rep.mode = "classical"
+        rep.reason = f"quantum window aborted at t={w['t']}: {why}; parameters restored to θ0"
+        self._fault(why)
+        self._classical_window = True
+
+    def _release(self) -> None:
+        if self._expansion is not None:
+            self._expansion.release()
+        self._expansion, self._system, self._win = None, None, None
+        self._shadow, self._shadow_buf = None, None
+
+    @torch.enable_grad()
+    def _finish_window(self) -> None:
+        """Solve (Eq. II.102), read θ0 + u(T) on S back by tomography, write it to the model."""
+        w, sys_, T = self._win, self._system, self.window_length
+        rep = self._report()
+        n = sys_.n
+        u_forward = w["y"][:n]
+        sol = None
+        solver_info = {"method": self.solver, "kappa": None, "kappa_bound": kappa_bound(T), "fidelity": 1.0}
+        try:
+            if self.solver != "forward" or (w["explicit"] and (T + 1) * sys_.dim <= KAPPA_MAX_UNKNOWNS):
+                sol = solve_window(sys_, torch.zeros(n, dtype=torch.float64), T, method=self.solver,
+                                   kappa_a=self.kappa_a if self.solver == "filtered" else None)
+                solver_info.update(sol.as_dict())
+                solver_info["kappa_bound"] = kappa_bound(T)
+                u_T = torch.as_tensor(sol.final).to(u_forward)
+                solver_info["max_abs_diff_vs_forward"] = float((u_T - u_forward).abs().max())
+                if self.solver == "forward":
+                    u_T = u_forward
+            else:
+                u_T = u_forward
+        except (ValueError, MemoryError) as exc:
+            self._abort_window(f"window solve failed: {exc}")
+            return
+        rep.solver = solver_info
+        S = w["support"]
+        theta0_S = (w["theta0"] if S is None else w["theta0"][S]).to(torch.float64)
+        target = theta0_S + u_T
+        if not bool(torch.isfinite(target).all()):
+            self._abort_window("the solved weights are not finite")
+            return
+        top_r = None
+        if self.upload == "dense" and self.pruner is not None:
+            top_r = int(self.pruner.support().numel())
+        if not bool(target.any()):
+            self._abort_window("the solved weight vector is zero: nothing to read out")
+            return
+        res = tomography(target, self.shots, seed=self._rng, top_r=top_r, norm=None if self.shots else "exact",
+                         eps=self.eps)
+        rep.tomography = res.as_dict(arrays=False)
+        est = torch.as_tensor(res.estimate).to(device=target.device, dtype=torch.float64)
+        new = w["theta0"].clone()
+        if S is None:
+            new.copy_(est.to(new.dtype))
+        else:
+            new[S] = est.to(new.dtype)
+        try:
+            rep.resources = estimate_resources(sys_, T, kappa_a=self.kappa_a, eps=self.eps,
+                                               r=top_r if top_r is not None else n, solution=sol).as_dict()
+        except (ValueError, TypeError, MemoryError) as exc:  # the ledger must never stop training
+            rep.resources = {"error": str(exc)}
+        self._write_params(new)
+        if self.track_sgd:
+            self._record_drift(new, theta0_S.numel())
+        for p in self._params:                   # momentum restarts after a quantum window
+            self.state[p].pop("momentum_buffer", None)
+        if self.monitor is not None and hasattr(self.monitor, "on_window_end"):
+            self.monitor.on_window_end(self._k, rep)
+        self._release()
+
+    def _record_drift(self, theta_q: torch.Tensor, n: int) -> None:
+        w = self._win
+        theta_s = _flat.flatten(self._shadow)
+        d = float((theta_q - theta_s).norm())
+        moved = float((theta_s - w["theta0"]).norm())
+        info = {"l2": d, "relative": d / moved if moved > 0 else float("inf") if d > 0 else 0.0,
+                "sgd_displacement": moved, "loss_qode": None, "loss_sgd": None}
+        closure = self._closure
+        if closure is not None:
+            saved = [p.grad for p in self._params]
+            for name, theta in (("loss_sgd", theta_s), ("loss_qode", theta_q)):
+                self._write_params(theta)
+                with torch.enable_grad():
+                    info[name] = float(closure().detach())
+            for p, g in zip(self._params, saved):
+                p.grad = g
+        self._report().drift = info
+
+    # ----------------------------------------------------------------------------- state dict
+    def state_dict(self) -> dict:
+        """Everything needed to resume bit-for-bit, also inside a window (see ``load_state_dict``)."""
+        sd = super().state_dict()
+        q: dict = {"k": self._k, "rng": self._rng.bit_generator.state,
+                   "reports": [r.as_dict() for r in self.reports], "classical_window": self._classical_window,
+                   "pruner": self.pruner.state_dict() if self.pruner is not None else None, "window": None}
+        if self._win is not None:
+            w = self._win
+            win = {k: w[k] for k in ("t", "lr", "wd", "explicit")}
+            win["theta0"] = w["theta0"].clone()
+            win["support"] = None if w["support"] is None else w["support"].clone()
+            win["y"] = w["y"].clone()
+            win["frozen"] = None if w["frozen"] is None else w["frozen"].clone()
+            win["tape"] = {int(t): v.clone() for t, v in w["tape"].rows.items()}
+            win["terms"] = ([self._system.ode.terms[k].dense().clone() for k in range(1, self._system.degree + 1)]
+                            if w["explicit"] else None)
+            if self.track_sgd:
+                win["shadow"] = [s.clone() for s in self._shadow]
+                win["shadow_buf"] = [None if b is None else b.clone() for b in self._shadow_buf]
+            q["window"] = win
+        sd["qode"] = q
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a ``state_dict``.  Inside a window with explicit Taylor terms the resume is exact.
+
+        A matrix-free window cannot be serialised (its Hessian-vector products live in the upload
+        batch's autograd graph): after loading, the next step re-expands at θ0 on *its* batch and
+        the report notes it.
+        """
+        state_dict = dict(state_dict)
+        q = state_dict.pop("qode", None)
+        if q is None:
+            raise ValueError("state_dict: not a QODE state_dict (missing the 'qode' entry)")
+        super().load_state_dict(state_dict)
+        self._release()
+        self._k = int(q["k"])
+        self._rng = np.random.default_rng()
+        self._rng.bit_generator.state = q["rng"]
+        self.reports = [CycleReport(**r) for r in q["reports"]]
+        self._classical_window = bool(q["classical_window"])
+        if self.pruner is not None and q["pruner"] is not None:
+            self.pruner.load_state_dict(q["pruner"])
+        win = q["window"]
+        if win is None:
+            return
+        device = self._params[0].device
+        tape = _NoiseTape(keep=bool(win["explicit"]))
+        tape.rows = {int(t): v.to(device) for t, v in win["tape"].items()}
+        frozen = None if win["frozen"] is None else win["frozen"].to(device)
+        self._win = {"t": int(win["t"]), "lr": float(win["lr"]), "wd": float(win["wd"]),
+                     "theta0": win["theta0"].to(device),
+                     "support": None if win["support"] is None else win["support"].to(device),
+                     "y": win["y"].to(device), "tape": tape, "frozen": frozen, "explicit": bool(win["explicit"])}
+        if win["terms"] is not None:
+            ode = PolynomialODE([self._f0_source()] + [T.to(device) for T in win["terms"]],
+                                dtype=torch.float64, device=device)
+            self._system = carleman(ode, self.carleman_order, self.form)
+        else:
+            self._system = None                   # rebuilt by the next step's closure (see docstring)
+        if self.track_sgd and "shadow" in win:
+            self._shadow = [s.to(device) for s in win["shadow"]]
+            self._shadow_buf = [None if b is None else b.to(device) for b in win["shadow_buf"]]
