@@ -11,38 +11,15 @@ Inputs are plain Python/numpy data (lists of dicts), so a figure can be redrawn 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from ._figure import new_figure, positive as _positive, save
+from .callbacks import plot_training_panels
+
 __all__ = ["new_figure", "save", "plot_curves", "plot_ode_order", "plot_density", "plot_training_panels"]
-
-
-def new_figure(nrows: int = 1, ncols: int = 1, width: float = 5.0, height: float = 3.8):
-    """``(fig, axes)`` on the Agg canvas; ``axes`` is always a flat list."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, [ax for row in axes for ax in row]
-
-
-def save(fig, path, dpi: int = 120) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(os.fspath(path), dpi=dpi)
-    return path
-
-
-def _positive(y) -> np.ndarray:
-    """Values for a log axis: non-finite and non-positive entries become NaN (gaps, not clamps)."""
-    y = np.asarray(y, dtype=float).copy()
-    y[~np.isfinite(y) | (y <= 0)] = np.nan
-    return y
 
 
 # ------------------------------------------------------------------------------- generic curves
@@ -181,113 +158,4 @@ def plot_density(grid, density, path, *, lr: Optional[float] = None, cutoff: Opt
     if note:
         ax.text(0.02, 0.02, note, transform=ax.transAxes, fontsize=7, va="bottom", family="monospace",
                 bbox=dict(boxstyle="round", facecolor="white", alpha=0.85, lw=0.5))
-    return save(fig, path)
-
-
-# ------------------------------------------------------------------------ Fig. 2 training panels
-def _spectrum_of(rec: Mapping):
-    spec = rec.get("spectrum")
-    if spec is None:
-        return None
-    if hasattr(spec, "density") and hasattr(spec.density, "grid"):   # dissipation.Spectrum
-        spec = spec.density
-    if hasattr(spec, "grid") and hasattr(spec, "values"):             # dissipation.Density
-        return np.asarray(spec.grid, dtype=float), np.asarray(spec.values, dtype=float)
-    if not isinstance(spec, Mapping):
-        return None
-    grid, dens = spec.get("grid"), spec.get("density", spec.get("values"))
-    if grid is None or dens is None:
-        return None
-    return np.asarray(grid, dtype=float), np.asarray(dens, dtype=float)
-
-
-def _spectra_panel(ax, recs, title):
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis"]
-    steps = [r["step"] for r in recs]
-    lo, hi = (min(steps), max(steps)) if steps else (0, 1)
-    for r in recs:
-        grid, dens = _spectrum_of(r)
-        c = cmap(0.0 if hi == lo else (r["step"] - lo) / (hi - lo))
-        ax.plot(grid, _positive(dens), color=c, lw=1.0, label=f"step {r['step']}" if len(recs) <= 8 else None)
-    ax.set_yscale("log")
-    peaks = [np.nanmax(_positive(_spectrum_of(r)[1])) for r in recs]
-    peaks = [p for p in peaks if np.isfinite(p)]
-    if peaks:
-        ax.set_ylim(max(peaks) * 1e-8, max(peaks) * 5)
-    ax.set_xlabel("Hessian eigenvalue λ")
-    ax.set_ylabel("density")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if recs and len(recs) <= 8:
-        ax.legend(fontsize=7)
-    elif recs:
-        ax.text(0.98, 0.98, f"steps {lo}–{hi} (dark→light)", transform=ax.transAxes, ha="right", va="top",
-                fontsize=7)
-
-
-def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int = 200, every: int = 100,
-                         title: Optional[str] = None) -> Path:
-    """The paper's Fig. 2 as four panels, from a list of plain dicts (one per logged step).
-
-    Keys of each record (all but ``step`` optional; a panel without data says so):
-
-    ``step`` (int)
-        Training step.
-    ``spectrum`` (``{"grid": [λ...], "density": [p...]}``)
-        Hessian eigenvalue density at this step; a ``dissipation.Density`` or ``Spectrum`` is
-        accepted too (its ``grid``/``values`` are used).  Panel (a) draws those with
-        ``step <= early_steps``; panel (b) those with
-        ``step % every == 0`` or ``download`` true.
-    ``download`` (bool)
-        True right after a prune/download (marked in panels (c) and (d) by dotted lines).
-    ``error_proxy`` (float)
-        Eq. (III.14) proxy for this step; 1 for classical steps.  Panel (c), log axis.
-    ``drift`` (float)
-        Optional measured ``||θ_QODE − θ_SGD|| / ||θ_SGD − θ0||`` (track_sgd); drawn beside the proxy.
-    ``test_acc`` / ``test_acc_sgd`` (float in [0, 1] or percent)
-        Test accuracy of the trained model / of the SGD reference.  Panel (d).
-    """
-    records = sorted((dict(r) for r in records), key=lambda r: r["step"])
-    fig, axes = new_figure(2, 2)
-    early = [r for r in records if r["step"] <= early_steps and _spectrum_of(r) is not None]
-    late = [r for r in records if _spectrum_of(r) is not None and (r["step"] % every == 0 or r.get("download"))]
-    _spectra_panel(axes[0], early, f"(a) spectra, first {early_steps} steps")
-    _spectra_panel(axes[1], late, f"(b) spectra every {every} steps / at downloads")
-    downloads = [r["step"] for r in records if r.get("download")]
-
-    ax = axes[2]
-    pr = [(r["step"], r["error_proxy"]) for r in records if r.get("error_proxy") is not None]
-    if pr:
-        ax.semilogy(*zip(*[(s, v) for s, v in pr]), "-", color="C0", lw=1.2, label="error proxy")
-    dr = [(r["step"], r["drift"]) for r in records if r.get("drift") is not None]
-    if dr:
-        ax.semilogy(*zip(*dr), "-", color="C1", lw=1.0, label="drift vs SGD")
-    ax.axhline(1.0, color="gray", lw=0.6)
-    ax.set_title("(c) error proxy")
-    ax.set_xlabel("step")
-    if pr or dr:
-        ax.legend(fontsize=7)
-
-    ax = axes[3]
-    any_acc = False
-    for key, label, color in (("test_acc", "QODE", "C0"), ("test_acc_sgd", "SGD", "C1")):
-        acc = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if acc:
-            any_acc = True
-            ax.plot(*zip(*acc), "o-", ms=3, color=color, label=label)
-    ax.set_title("(d) test accuracy")
-    ax.set_xlabel("step")
-    if any_acc:
-        ax.legend(fontsize=7)
-    for ax in axes[2:]:
-        ax.grid(True, alpha=0.3)
-        for s in downloads:
-            ax.axvline(s, color="gray", ls=":", lw=0.6)
-    for ax, has in zip(axes, (early, late, pr or dr, any_acc)):
-        if not has:
-            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
-    if title:
-        fig.suptitle(title)
     return save(fig, path)

@@ -1,0 +1,308 @@
+"""DissipationMonitor: Hessian spectra and error proxy over training (paper Fig. 2, Sec. III B).
+
+Usable two ways:
+
+* **attached to QODE** (``QODE(..., monitor=m)``): QODE calls :meth:`DissipationMonitor.on_upload`
+  with the dissipation verdict of every upload and :meth:`DissipationMonitor.on_window_end` with
+  the cycle report, so the error proxy of every quantum window is recorded as it was predicted;
+* **standalone** in any training loop: ``monitor.step(step)`` (alias ``on_train_batch_end``)
+  records the Hessian spectrum of a fixed probe batch on a schedule — by default the paper's:
+  every 10 steps for the first 200, then every 100.
+
+Records are plain dicts, appended to :attr:`DissipationMonitor.records` and, with ``log_path``,
+written as JSON lines.  :meth:`DissipationMonitor.plot` draws the Fig. 2-style panels (needs
+matplotlib).  The monitor leaves the model exactly as it found it: parameters, ``.grad``, training
+modes and BatchNorm buffers (the spectrum is taken by :func:`~torch_qode.dissipation.hessian_spectrum`,
+which restores all of them, and a ``metric`` runs with modes restored afterwards).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ._figure import new_figure, positive as _positive, save
+from .dissipation import error_proxy, hessian_spectrum, positive_fraction
+
+__all__ = ["DissipationMonitor", "paper_schedule", "plot_training_panels"]
+
+
+def paper_schedule(step: int) -> bool:
+    """The paper's Fig. 2 schedule: every 10 steps for the first 200, then every 100."""
+    return step % 10 == 0 if step < 200 else step % 100 == 0
+
+
+def _jsonable(x):
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.detach().cpu().tolist())
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    return x
+
+
+class DissipationMonitor:
+    """Record Hessian spectra, error-proxy curves and a test metric over training.
+
+    Args:
+        model, loss_fn, probe_batch: the spectrum is that of ``loss_fn(model(inputs), targets)`` on
+            the fixed ``probe_batch = (inputs, targets)``.
+        lr: learning rate η of the proxy's ``a = −ηλ`` (Eq. III.12).
+        window: horizon ``T`` of the predicted proxy curve ``proxy(0..T)``.
+        schedule: ``"paper"`` (:func:`paper_schedule`), a callable ``step -> bool`` or an iterable
+            of steps.
+        backend, steps, runs, grid, support, params, seed: passed to
+            :func:`~torch_qode.dissipation.hessian_spectrum` (SLQ with ``steps`` Lanczos steps; the
+            paper's code used 256 steps and 256 grid points).
+        cutoff: ``c`` of Eq. (III.14).
+        metric: optional ``model -> float`` (e.g. test accuracy) evaluated at scheduled steps.
+        log_path: JSON-lines file (appended to).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, probe_batch, *, lr: float, window: int = 90,
+                 schedule: Union[str, Callable[[int], bool], Iterable[int]] = "paper", backend: str = "torch",
+                 steps: int = 64, runs: int = 1, grid: int = 256, cutoff: float = 0.4, support=None,
+                 params=None, metric: Optional[Callable[[nn.Module], float]] = None,
+                 log_path=None, seed: int = 0):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable: (outputs, targets) -> scalar loss")
+        if not (isinstance(probe_batch, (tuple, list)) and len(probe_batch) == 2):
+            raise TypeError("probe_batch must be a pair (inputs, targets)")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be a non-negative integer, got {window!r}")
+        if schedule == "paper":
+            self._scheduled = paper_schedule
+        elif callable(schedule):
+            self._scheduled = schedule
+        elif isinstance(schedule, str):
+            raise ValueError(f"schedule must be 'paper', a callable step -> bool or an iterable of steps, "
+                             f"got {schedule!r}")
+        else:
+            steps_set = {int(s) for s in schedule}
+            self._scheduled = steps_set.__contains__
+        if backend not in ("torch", "pyhessian"):
+            raise ValueError(f"backend must be 'torch' or 'pyhessian', got {backend!r}")
+        if metric is not None and not callable(metric):
+            raise TypeError("metric must be callable: model -> float")
+        self.model, self.loss_fn, self.probe_batch = model, loss_fn, tuple(probe_batch)
+        self.lr, self.window, self.cutoff = float(lr), window, float(cutoff)
+        self.backend, self.metric, self.seed = backend, metric, seed
+        self._spectrum_kw = dict(backend=backend, steps=steps, runs=runs, grid=grid, support=support,
+                                 params=params, seed=seed, trace=False)
+        self.records: list[dict] = []
+        self.log_path = None if log_path is None else Path(log_path)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------------------- recording
+    def scheduled(self, step: int) -> bool:
+        return bool(self._scheduled(int(step)))
+
+    def step(self, step: int, force: bool = False, **extra) -> Optional[dict]:
+        """At a scheduled ``step`` (or with ``force``), take the probe spectrum and record it."""
+        if not (force or self.scheduled(step)):
+            return None
+        spec = hessian_spectrum(self.model, self.loss_fn, self.probe_batch, **self._spectrum_kw)
+        dens = spec.density
+        curve = np.atleast_1d(error_proxy(dens, self.lr, np.arange(self.window + 1), self.cutoff))
+        rec = {"step": int(step), "event": "spectrum", "top_eigenvalue": float(spec.top_eigenvalues[0]),
+               "positive_fraction": positive_fraction(dens), "proxy_T": float(curve[-1]),
+               "proxy_curve": curve, "spectrum": {"grid": dens.grid, "density": dens.values},
+               "seconds": float(sum(spec.seconds.values()))}
+        if self.metric is not None:
+            rec["test_acc"] = self._metric()
+        rec.update(extra)
+        return self.record(rec)
+
+    on_train_batch_end = step
+
+    def record(self, rec: dict) -> dict:
+        """Append a record (any JSON-able dict with a ``step``) and write it to the log."""
+        if "step" not in rec:
+            raise ValueError("a record needs a 'step'")
+        rec = _jsonable(rec)
+        self.records.append(rec)
+        if self.log_path is not None:
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        return rec
+
+    def _metric(self) -> float:
+        modes = [m.training for m in self.model.modules()]
+        try:
+            with torch.no_grad():
+                return float(self.metric(self.model))
+        finally:
+            for m, mode in zip(self.model.modules(), modes):
+                m.training = mode
+
+    # ------------------------------------------------------------------------- QODE hooks
+    def on_upload(self, step: int, verdict) -> dict:
+        """QODE's upload: the verdict's predicted proxy curve over the coming window."""
+        rec = {"step": int(step), "event": "upload", "passed": bool(verdict.passed), "reason": verdict.reason,
+               "top_eigenvalue": verdict.top_eigenvalue, "positive_fraction": verdict.positive_fraction,
+               "proxy_curve": verdict.proxy, "proxy_T": float(np.asarray(verdict.proxy)[-1])}
+        dens = getattr(verdict, "density", None)
+        if dens is not None:
+            rec["spectrum"] = {"grid": dens.grid, "density": dens.values}
+        return self.record(rec)
+
+    def on_window_end(self, step: int, report) -> dict:
+        """QODE's window end: mode, drift vs SGD (track_sgd), readout numbers."""
+        drift = (report.drift or {}).get("relative")
+        tomo = report.tomography or {}
+        rec = {"step": int(step), "event": "window_end", "mode": report.mode, "drift": drift,
+               "loss_qode": (report.drift or {}).get("loss_qode"), "loss_sgd": (report.drift or {}).get("loss_sgd"),
+               "tomography_error": tomo.get("relative_error"), "missed_mass": tomo.get("missed_mass")}
+        if self.metric is not None:
+            rec["test_acc"] = self._metric()
+        return self.record(rec)
+
+    # ------------------------------------------------------------------------------- figure
+    def panel_records(self) -> list[dict]:
+        """The records in :func:`plot_training_panels`' format, with the per-step error proxy.
+
+        An upload at step ``s`` contributes ``proxy(t)`` at steps ``s + t`` of its window (the
+        prediction the check made from the upload spectrum, as in the paper's Fig. 2c).
+        """
+        out = []
+        for r in self.records:
+            row = {k: r[k] for k in ("step", "spectrum", "test_acc", "test_acc_sgd", "drift", "download")
+                   if r.get(k) is not None}
+            out.append(row)
+            if r.get("event") == "upload" and r.get("passed"):
+                for t, p in enumerate(r["proxy_curve"]):
+                    out.append({"step": r["step"] + t, "error_proxy": p})
+        return out
+
+    def plot(self, path, **kwargs) -> Path:
+        """Fig. 2-style panels (spectra early / every 100 steps, error proxy, accuracy) to ``path``."""
+        return plot_training_panels(self.panel_records(), path, **kwargs)
+
+
+# ------------------------------------------------------------------------ Fig. 2 training panels
+def _spectrum_of(rec: Mapping):
+    spec = rec.get("spectrum")
+    if spec is None:
+        return None
+    if hasattr(spec, "density") and hasattr(spec.density, "grid"):   # dissipation.Spectrum
+        spec = spec.density
+    if hasattr(spec, "grid") and hasattr(spec, "values"):             # dissipation.Density
+        return np.asarray(spec.grid, dtype=float), np.asarray(spec.values, dtype=float)
+    if not isinstance(spec, Mapping):
+        return None
+    grid, dens = spec.get("grid"), spec.get("density", spec.get("values"))
+    if grid is None or dens is None:
+        return None
+    return np.asarray(grid, dtype=float), np.asarray(dens, dtype=float)
+
+
+def _spectra_panel(ax, recs, title):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    steps = [r["step"] for r in recs]
+    lo, hi = (min(steps), max(steps)) if steps else (0, 1)
+    for r in recs:
+        grid, dens = _spectrum_of(r)
+        c = cmap(0.0 if hi == lo else (r["step"] - lo) / (hi - lo))
+        ax.plot(grid, _positive(dens), color=c, lw=1.0, label=f"step {r['step']}" if len(recs) <= 8 else None)
+    ax.set_yscale("log")
+    peaks = [np.nanmax(_positive(_spectrum_of(r)[1])) for r in recs]
+    peaks = [p for p in peaks if np.isfinite(p)]
+    if peaks:
+        ax.set_ylim(max(peaks) * 1e-8, max(peaks) * 5)
+    ax.set_xlabel("Hessian eigenvalue λ")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if recs and len(recs) <= 8:
+        ax.legend(fontsize=7)
+    elif recs:
+        ax.text(0.98, 0.98, f"steps {lo}–{hi} (dark→light)", transform=ax.transAxes, ha="right", va="top",
+                fontsize=7)
+
+
+def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int = 200, every: int = 100,
+                         title: Optional[str] = None) -> Path:
+    """The paper's Fig. 2 as four panels, from a list of plain dicts (one per logged step).
+
+    Keys of each record (all but ``step`` optional; a panel without data says so):
+
+    ``step`` (int)
+        Training step.
+    ``spectrum`` (``{"grid": [λ...], "density": [p...]}``)
+        Hessian eigenvalue density at this step; a ``dissipation.Density`` or ``Spectrum`` is
+        accepted too (its ``grid``/``values`` are used).  Panel (a) draws those with
+        ``step <= early_steps``; panel (b) those with
+        ``step % every == 0`` or ``download`` true.
+    ``download`` (bool)
+        True right after a prune/download (marked in panels (c) and (d) by dotted lines).
+    ``error_proxy`` (float)
+        Eq. (III.14) proxy for this step; 1 for classical steps.  Panel (c), log axis.
+    ``drift`` (float)
+        Optional measured ``||θ_QODE − θ_SGD|| / ||θ_SGD − θ0||`` (track_sgd); drawn beside the proxy.
+    ``test_acc`` / ``test_acc_sgd`` (float in [0, 1] or percent)
+        Test accuracy of the trained model / of the SGD reference.  Panel (d).
+    """
+    records = sorted((dict(r) for r in records), key=lambda r: r["step"])
+    fig, axes = new_figure(2, 2)
+    early = [r for r in records if r["step"] <= early_steps and _spectrum_of(r) is not None]
+    late = [r for r in records if _spectrum_of(r) is not None and (r["step"] % every == 0 or r.get("download"))]
+    _spectra_panel(axes[0], early, f"(a) spectra, first {early_steps} steps")
+    _spectra_panel(axes[1], late, f"(b) spectra every {every} steps / at downloads")
+    downloads = [r["step"] for r in records if r.get("download")]
+
+    ax = axes[2]
+    pr = [(r["step"], r["error_proxy"]) for r in records if r.get("error_proxy") is not None]
+    if pr:
+        ax.semilogy(*zip(*[(s, v) for s, v in pr]), "-", color="C0", lw=1.2, label="error proxy")
+    dr = [(r["step"], r["drift"]) for r in records if r.get("drift") is not None]
+    if dr:
+        ax.semilogy(*zip(*dr), "-", color="C1", lw=1.0, label="drift vs SGD")
+    ax.axhline(1.0, color="gray", lw=0.6)
+    ax.set_title("(c) error proxy")
+    ax.set_xlabel("step")
+    if pr or dr:
+        ax.legend(fontsize=7)
+
+    ax = axes[3]
+    any_acc = False
+    for key, label, color in (("test_acc", "QODE", "C0"), ("test_acc_sgd", "SGD", "C1")):
+        acc = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if acc:
+            any_acc = True
+            ax.plot(*zip(*acc), "o-", ms=3, color=color, label=label)
+    ax.set_title("(d) test accuracy")
+    ax.set_xlabel("step")
+    if any_acc:
+        ax.legend(fontsize=7)
+    for ax in axes[2:]:
+        ax.grid(True, alpha=0.3)
+        for s in downloads:
+            ax.axvline(s, color="gray", ls=":", lw=0.6)
+    for ax, has in zip(axes, (early, late, pr or dr, any_acc)):
+        if not has:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
+    if title:
+        fig.suptitle(title)
+    return save(fig, path)
