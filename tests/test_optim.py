@@ -164,16 +164,21 @@ def test_quadratic_loss_window_reproduces_sgd_exactly():
     assert d["loss_qode"] == pytest.approx(d["loss_sgd"], abs=1e-12)
 
 
-def test_matrix_free_window_equals_explicit():
+@pytest.mark.parametrize("track_sgd", [False, True])
+def test_matrix_free_window_equals_explicit(track_sgd):
+    """Also with track_sgd: evaluating the SGD shadow must not invalidate the upload graph."""
     outs = []
     for explicit in (True, False):
         model = micro_mlp(7)
         opt = QODE(model.parameters(), lr=0.1, mode="quantum", cycle=6, classical_steps=1, sparsity=0.0,
-                   carleman_order=2, explicit=explicit)
+                   carleman_order=2, explicit=explicit, track_sgd=track_sgd)
         run(model, opt, batches(6, seed=9, dims=(2, 1)))
         assert opt.reports[0].carleman["explicit"] is explicit
-        outs.append(flat(model))
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=0)
+        outs.append((flat(model), opt.reports[0].drift))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-10, rtol=0)
+    if track_sgd:
+        assert outs[0][1]["l2"] == pytest.approx(outs[1][1]["l2"], rel=1e-8)
+        assert outs[0][1]["loss_sgd"] == pytest.approx(outs[1][1]["loss_sgd"], rel=1e-12)
 
 
 @pytest.mark.parametrize("solver,kw", [("direct", {}), ("filtered", {"kappa_a": 1e12})])

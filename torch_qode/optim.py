@@ -169,6 +169,8 @@ class QODE(Optimizer):
         monitor: an object with ``on_upload(step, verdict)`` / ``on_window_end(step, report)``
             (e.g. :class:`~torch_qode.callbacks.DissipationMonitor`).
         eps: target error used in the resource ledger.
+        tomography_kwargs: extra keyword arguments of :func:`~torch_qode.tomography.tomography`
+            (``sign_method``, ``split``, ``norm_scale``, …).
     """
 
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, *,
@@ -178,7 +180,8 @@ class QODE(Optimizer):
                  solver: str = "forward", kappa_a: Optional[float] = None, shots: Optional[int] = None,
                  noise: str = "stream", dissipation: Optional[DissipationCheck] = None,
                  track_sgd: bool = False, seed: int = 0, explicit: Optional[bool] = None,
-                 prunable=None, names=None, monitor=None, eps: float = 1e-2):
+                 prunable=None, names=None, monitor=None, eps: float = 1e-2,
+                 tomography_kwargs: Optional[dict] = None):
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (lr >= 0) or not math.isfinite(lr):
             raise ValueError(f"lr must be a finite number ≥ 0, got {lr!r}")
         for value, name in ((momentum, "momentum"), (weight_decay, "weight_decay"), (dampening, "dampening")):
@@ -217,6 +220,11 @@ class QODE(Optimizer):
         _check_choice(explicit, "explicit", (None, True, False))
         if not (isinstance(eps, (int, float)) and 0 < eps < 1):
             raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+        if tomography_kwargs is not None and not isinstance(tomography_kwargs, dict):
+            raise TypeError(f"tomography_kwargs must be a dict or None, got {type(tomography_kwargs).__name__}")
+        reserved = {"v", "shots", "seed", "top_r", "eps"} & set(tomography_kwargs or {})
+        if reserved:
+            raise ValueError(f"tomography_kwargs may not set {sorted(reserved)}: QODE sets them")
         if solver != "forward" and explicit is False:
             raise ValueError(f"solver={solver!r} builds the explicit window matrix: it needs explicit=None or True")
 
@@ -235,6 +243,7 @@ class QODE(Optimizer):
         self.solver, self.kappa_a, self.shots, self.noise = solver, kappa_a, shots, noise
         self.dissipation = dissipation if dissipation is not None else DissipationCheck(seed=seed)
         self.track_sgd, self.seed, self.explicit, self.monitor, self.eps = track_sgd, seed, explicit, monitor, eps
+        self.tomography_kwargs = dict(tomography_kwargs or {})
         self.window_length = cycle - classical_steps
         self.pruner = MagnitudePruner(self._params, self.sparsity, names=names, prunable=prunable) \
             if self.sparsity > 0 else None
@@ -266,6 +275,23 @@ class QODE(Optimizer):
     def _write_params(self, flat: torch.Tensor) -> None:
         for p, v in zip(self._params, _flat.unflatten(flat, self._params)):
             p.copy_(v)
+
+    @contextlib.contextmanager
+    def _holding(self, tensors):
+        """Let the model hold ``tensors`` for a moment without an in-place write.
+
+        During a window the upload batch's autograd graph holds the parameters; writing them in place
+        would bump their version counters and invalidate every later Hessian-vector product.  Swapping
+        ``.data`` leaves the version counters alone, and the original storage comes back afterwards.
+        """
+        saved = [p.data for p in self._params]
+        for p, t in zip(self._params, tensors):
+            p.data = t
+        try:
+            yield
+        finally:
+            for p, d in zip(self._params, saved):
+                p.data = d
 
     def _flat_grads(self) -> torch.Tensor:
         return _flat.flatten([p.grad.detach() if p.grad is not None else torch.zeros_like(p)
@@ -516,11 +542,9 @@ class QODE(Optimizer):
             grads = _flat.unflatten(grads_flat, self._params)
         else:
             saved = [p.grad for p in self._params]
-            self._write_params(_flat.flatten(self._shadow))
-            with torch.enable_grad():
+            with self._holding(self._shadow), torch.enable_grad():
                 self._closure()
             grads = [None if p.grad is None else p.grad.detach().clone() for p in self._params]
-            self._write_params(self._win["theta0"])
             for p, g in zip(self._params, saved):
                 p.grad = g
         self._shadow_buf = self._sgd(self._shadow, grads, self._shadow_buf)
@@ -579,8 +603,8 @@ class QODE(Optimizer):
         if not bool(target.any()):
             self._abort_window("the solved weight vector is zero: nothing to read out")
             return
-        res = tomography(target, self.shots, seed=self._rng, top_r=top_r, norm=None if self.shots else "exact",
-                         eps=self.eps)
+        kw = {"norm": None if self.shots else "exact", **self.tomography_kwargs}
+        res = tomography(target, self.shots, seed=self._rng, top_r=top_r, eps=self.eps, **kw)
         rep.tomography = res.as_dict(arrays=False)
         est = torch.as_tensor(res.estimate).to(device=target.device, dtype=torch.float64)
         new = w["theta0"].clone()
@@ -613,8 +637,7 @@ class QODE(Optimizer):
         if closure is not None:
             saved = [p.grad for p in self._params]
             for name, theta in (("loss_sgd", theta_s), ("loss_qode", theta_q)):
-                self._write_params(theta)
-                with torch.enable_grad():
+                with self._holding(_flat.unflatten(theta, self._params)), torch.enable_grad():
                     info[name] = float(closure().detach())
             for p, g in zip(self._params, saved):
                 p.grad = g
