@@ -161,6 +161,7 @@ def test_quadratic_loss_window_reproduces_sgd_exactly():
     run(model, opt, [(X, Y)] * 20)
     d = opt.reports[0].drift
     assert d["l2"] < 1e-12 and d["sgd_displacement"] > 1e-2
+    assert d["linearization"] < 1e-12 and d["readout"] == 0.0
     assert d["loss_qode"] == pytest.approx(d["loss_sgd"], abs=1e-12)
 
 
@@ -235,10 +236,16 @@ def test_top_r_readout_gives_exact_sparsity():
 def test_shots_make_the_readout_noisy_but_bounded():
     model = tiny_mlp(4)
     opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=5, classical_steps=1, sparsity=0.0,
-               shots=20_000, seed=3)
+               shots=20_000, seed=3, track_sgd=True)
     run(model, opt, batches(5, seed=3))
-    tomo = opt.reports[0].tomography
+    tomo, d = opt.reports[0].tomography, opt.reports[0].drift
     assert tomo["shots"]["total"] == 20_000 and 0 < tomo["relative_error"] < 0.5
+    # the readout part of the drift is exactly the tomography error of the weight vector
+    # (readout = rel_err · ||θ_lin||, and ||θ_lin|| is within ``readout`` of ||θ̂|| by the triangle inequality)
+    theta_lin_norm = d["readout"] / tomo["relative_error"]
+    assert abs(theta_lin_norm - float(flat(model).norm())) <= d["readout"] * (1 + 1e-9)
+    assert d["readout"] > 10 * d["linearization"]          # 20k shots swamp the N = 1 error here
+    assert d["l2"] <= d["readout"] + d["linearization"] + 1e-12
     assert opt.reports[0].resources["qubits"] > 0
 
 
