@@ -244,7 +244,7 @@ def test_shots_make_the_readout_noisy_but_bounded():
     # (readout = rel_err · ||θ_lin||, and ||θ_lin|| is within ``readout`` of ||θ̂|| by the triangle inequality)
     theta_lin_norm = d["readout"] / tomo["relative_error"]
     assert abs(theta_lin_norm - float(flat(model).norm())) <= d["readout"] * (1 + 1e-9)
-    assert d["readout"] > 10 * d["linearization"]          # 20k shots swamp the N = 1 error here
+    assert d["readout"] > 3 * d["linearization"]          # 20k shots dominate the N = 1 error here
     assert d["l2"] <= d["readout"] + d["linearization"] + 1e-12
     assert opt.reports[0].resources["qubits"] > 0
 
