@@ -1,0 +1,603 @@
+"""Taylor expansion of a real loss: the polynomial ODE of gradient descent on a support (DESIGN.md step 4).
+
+Around the upload point θ0, with u = θ − θ0 restricted to the support S (all other entries fixed at
+θ0), gradient descent with step η is the polynomial difference equation (Eq. II.1, V.5; Sec. II B,
+Eq. II.83: spec(F1) = −η spec(H))
+
+    u(t+1) = u(t) + F0 + F1 u + F2 u⊗u + … + Fq u^{⊗q},
+    F0 = −η ∇L(θ0),  F1 = −η H,  F2 = −(η/2) ∇³L,  …,  Fk = −(η/k!) ∇^{k+1}L,
+
+each ``Fk`` reshaped to ``(n, n**k)`` with row-major Kronecker column order.  Weight decay ``wd``
+(PyTorch's SGD convention, ``grad += wd·θ``) is the loss ``L + (wd/2)||θ||²``: it adds ``wd·θ0`` to
+the gradient and ``wd·I`` to the Hessian and nothing to higher derivatives.
+
+Two ways to differentiate (``backend``):
+
+- ``"double_backward"``: one ``autograd.grad(loss, params, create_graph=True)``; Hessian-vector
+  products are a second backward through that graph, third-order products a third one; columns are
+  batched with ``is_grads_batched``.  :meth:`TaylorExpansion.from_loss` always uses it (the loss graph
+  is all it has).
+- ``"jvp"``: torch.func forward-over-reverse ``jvp(grad(L))`` (third order: forward-over-forward-over-
+  reverse), columns batched with ``vmap``.  Needs a pure function of the flat parameter vector
+  (:meth:`TaylorExpansion.from_function`, :func:`make_loss_fn`).
+
+``backend="auto"`` picks ``"double_backward"``, the faster of the two in ``benchmarks/taylor.py``
+on every model measured (CPU: MLP 1.7–2.4x, small CNN with BatchNorm 1.4–1.6x for HVPs; see the
+README table).  The graph is built once per window and each product then only runs backward passes,
+whereas ``jvp(grad)`` re-runs the forward and the backward for every product.
+
+Normalisation layers: PyTorch's fused batch / layer / instance norm kernels have correct first and
+second derivatives but refuse (double backward) or silently corrupt (forward mode) the third
+(pytorch/pytorch#186256, #175754).  :func:`make_loss_fn` therefore runs them decomposed
+(:func:`decomposed_norms`), and :meth:`TaylorExpansion.from_loss` with ``degree >= 2`` refuses a graph
+that holds a fused training-mode norm (:class:`UnsupportedGraphError`) — compute that loss inside
+``with decomposed_norms(model):`` instead.
+
+BatchNorm choice: the expansion sees the loss as in training — a BatchNorm in training mode
+normalises with the statistics of the expansion batch — and the expansion never modifies the running
+buffers (``from_loss`` only runs backward passes; ``make_loss_fn`` disables the update; the
+forward that built the ``from_loss`` graph is the caller's training forward).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import _flat
+from ._flat import decomposed_norms, make_loss_fn
+from .ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
+
+__all__ = ["TaylorExpansion", "UnsupportedGraphError", "make_loss_fn", "decomposed_norms",
+           "EXPLICIT_BUDGET_BYTES", "AUTO_BACKEND"]
+
+#: ``ode(explicit=None)`` builds explicit (dense) coefficients when F1..Fq, held in float64, need at
+#: most this many bytes (32 MiB: n ≤ 2048 for degree 1, n ≤ 161 for degree 2, n ≤ 45 for degree 3).
+EXPLICIT_BUDGET_BYTES = 32 * 2**20
+
+#: What ``backend="auto"`` resolves to (measured in benchmarks/taylor.py; see the module docstring).
+AUTO_BACKEND = "double_backward"
+
+#: Columns pushed through one batched backward / vmap (bounds the memory of batched products).
+DEFAULT_CHUNK = 32
+
+_BACKENDS = ("auto", "jvp", "double_backward")
+
+
+class UnsupportedGraphError(ValueError):
+    """The loss graph holds an op whose third derivatives PyTorch cannot compute correctly."""
+
+
+# ======================================================================================= engines
+class _GraphEngine:
+    """Derivatives by repeated backward through ``g = autograd.grad(loss, leaves, create_graph=True)``."""
+
+    def __init__(self, leaves: list[torch.Tensor], g_flat: torch.Tensor, chunk: int):
+        self.leaves, self.g, self.chunk = leaves, g_flat, chunk
+        self.N = g_flat.numel()
+
+    def _vjp(self, out: torch.Tensor, W: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+        """Rows ``W_i^T ∂out/∂θ`` for ``W (m, *out.shape)``: ``(m, N)``."""
+        m = W.shape[0]
+        if not out.requires_grad:
+            return W.new_zeros(m, self.N)
+        rows = []
+        for s in range(0, m, self.chunk):
+            Wc = W[s:s + self.chunk]
+            batched = Wc.shape[0] > 1
+            gs = torch.autograd.grad(out, self.leaves, grad_outputs=Wc if batched else Wc[0],
+                                     retain_graph=True, create_graph=create_graph, allow_unused=True,
+                                     materialize_grads=True, is_grads_batched=batched)
+            m_c = Wc.shape[0]
+            # materialize_grads gives unbatched zeros for leaves outside the graph: broadcast them
+            rows.append(torch.cat([(t if not batched or t.dim() == lf.dim() + 1
+                                    else t.expand(m_c, *lf.shape)).reshape(m_c, -1)
+                                   for t, lf in zip(gs, self.leaves)], dim=1))
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    def hvp(self, V: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+        return self._vjp(self.g, V, create_graph)
+
+    def third(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Rows ``∇³L[a_i, b_i]``: per pair one HVP with graph and one backward of ``a_i·H(θ)b_i``.
+
+        Pairs are *not* batched: a batched backward through a batched HVP graph costs (batch)² —
+        54 s instead of 1.4 s for 8 pairs on the benchmark ResNet.
+        """
+        out = []
+        for i in range(A.shape[0]):
+            h = self.hvp(B[i:i + 1], create_graph=True)[0]
+            out.append(self._vjp((h * A[i]).sum(), A.new_ones(1))[0])
+        return torch.stack(out)
+
+    def sym_sum(self, V: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """``Σ_r lam_r ∇³L[v_r, v_r]`` as ``(N,)``: one backward of ``Σ_r lam_r v_r·H(θ)v_r``."""
+        total = V.new_zeros(self.N)
+        for s in range(0, V.shape[0], self.chunk):
+            Vc = V[s:s + self.chunk]
+            h = self.hvp(Vc, create_graph=True)
+            val = ((h * Vc).sum(dim=1) * lam[s:s + self.chunk]).sum()
+            total += self._vjp(val, val.new_ones(1))[0]
+        return total
+
+    def jacobian_rows(self, out: torch.Tensor, support, create_graph: bool) -> torch.Tensor:
+        """``∂ out / ∂θ_S`` for a vector ``out`` (with graph) as ``(out.numel(), n)``."""
+        flat = out.reshape(-1)
+        eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
+        J = self._vjp(flat, eye, create_graph)
+        return J if support is None else J[:, support]
+
+    def derivative(self, k: int, support, n: int) -> torch.Tensor:
+        """Dense ``∇^k L`` on S, ``(n,)*k``.  The last index is one batched Jacobian of a vector
+        with its own small graph; the leading k−2 indices loop over rows, each differentiated on a
+        separate single-vector graph (differentiating rows of one batched graph would cost n times
+        more)."""
+        g = self.g if support is None else self.g[support]
+        E = torch.eye(n, dtype=g.dtype, device=g.device)
+
+        def rec(vec, level):
+            if level == k - 1:
+                return self.jacobian_rows(vec, support, create_graph=False)
+            out = []
+            for a in range(n):
+                nxt = self._vjp(vec, E[a:a + 1], create_graph=True)[0]
+                out.append(rec(nxt if support is None else nxt[support], level + 1))
+            return torch.stack(out)
+
+        return rec(g, 1)
+
+    def release(self):
+        self.leaves = self.g = None
+
+
+class _FuncEngine:
+    """Derivatives with torch.func: ``jvp(grad(L))`` (and one more ``jvp`` for third order)."""
+
+    def __init__(self, loss_fn: Callable, theta0: torch.Tensor, chunk: int):
+        self.f, self.theta0, self.chunk = loss_fn, theta0, chunk
+        self.grad_f = torch.func.grad(loss_fn)
+        self.N = theta0.numel()
+
+    def _hvp_at(self, theta, v):
+        return torch.func.jvp(self.grad_f, (theta,), (v,))[1]
+
+    def hvp(self, V: torch.Tensor) -> torch.Tensor:
+        fn = torch.func.vmap(lambda v: self._hvp_at(self.theta0, v), randomness="same", chunk_size=self.chunk)
+        return fn(V)
+
+    def third(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        def one(a, b):
+            return torch.func.jvp(lambda t: self._hvp_at(t, b), (self.theta0,), (a,))[1]
+
+        return torch.func.vmap(one, randomness="same", chunk_size=self.chunk)(A, B)
+
+    def sym_sum(self, V: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return lam @ self.third(V, V)
+
+    def derivative_fn(self, k: int, support, n: int) -> torch.Tensor:
+        """Dense ``∇^k L`` on S, ``(n,)*k``, by nested torch.func transforms (chunked outer vmap)."""
+        theta0 = self.theta0
+
+        def lift(u):  # flat tangent on S -> full tangent
+            if support is None:
+                return u
+            return torch.zeros_like(theta0).index_put((support,), u)
+
+        def restrict(x):
+            return x if support is None else x[..., support]
+
+        E = torch.eye(n, dtype=theta0.dtype, device=theta0.device)
+
+        def D(j):
+            if j == 1:
+                return lambda th: restrict(self.grad_f(th))
+            inner = D(j - 1)
+            chunk = max(1, (self.chunk * 8) // max(1, n ** (j - 2)))
+
+            def dj(th):
+                col = lambda e: torch.func.jvp(inner, (th,), (lift(e),))[1]
+                return torch.func.vmap(col, randomness="same", chunk_size=chunk)(E)
+            return dj
+
+        return D(k)(theta0)
+
+    def release(self):
+        self.f = self.grad_f = self.theta0 = None
+
+
+# ===================================================================================== expansion
+class TaylorExpansion:
+    """Derivatives of a loss at θ0 restricted to a support, and the polynomial ODE they define.
+
+    Build with :meth:`from_loss` (a live loss graph over the optimizer's parameters) or
+    :meth:`from_function` (a pure function of the flat parameter vector).  Everything returned is
+    detached.  Call :meth:`release` (or use ``with``) at the end of the window: no graph outlives it.
+    """
+
+    def __init__(self, *, engine, theta0_full: torch.Tensor, grad_full: torch.Tensor, lr: float,
+                 support, degree: int, weight_decay, backend: str):
+        self._engine = engine
+        self.backend = backend
+        self.lr = lr
+        self.degree = degree
+        self.support = support
+        self.N = theta0_full.numel()
+        self.dtype, self.device = theta0_full.dtype, theta0_full.device
+        S = support
+        self.theta0 = (theta0_full if S is None else theta0_full[S]).detach().clone()
+        self.n = int(self.theta0.numel())
+        self._wd = weight_decay if S is None or weight_decay.dim() == 0 else weight_decay[S]
+        g = (grad_full if S is None else grad_full[S]).detach()
+        self._grad = g + self._wd * self.theta0
+        if not bool(torch.isfinite(self._grad).all()):
+            raise NonFiniteError("the gradient at θ0 is not finite (NaN or inf)")
+
+    # ------------------------------------------------------------------------------ constructors
+    @classmethod
+    def from_loss(cls, loss: torch.Tensor, params, *, lr: float, support=None, degree: int = 2,
+                  weight_decay=0.0, chunk: int = DEFAULT_CHUNK) -> "TaylorExpansion":
+        """Expand around the current parameter values using the live graph of ``loss``.
+
+        ``loss``: scalar tensor whose graph is alive (not yet backwarded).  The gradient graph
+        ``autograd.grad(loss, params, create_graph=True)`` is built once and kept until
+        :meth:`release`; ``.grad`` of the parameters is never touched and ``loss`` can still be
+        backwarded afterwards.  ``degree >= 2`` refuses graphs through fused training-mode norms
+        (:class:`UnsupportedGraphError`).
+        """
+        params = _flat.param_list(params)
+        lr, degree, chunk = _check_lr(lr), _check_degree(degree), _check_chunk(chunk)
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss must be a scalar torch tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"loss must be a scalar (one element), got shape {tuple(loss.shape)}")
+        if not loss.requires_grad:
+            raise ValueError("loss does not require grad: it has no graph to differentiate "
+                             "(computed under torch.no_grad(), or detached?)")
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteError(f"loss is not finite ({float(loss.detach())})")
+        if degree >= 2:
+            bad = _flat.fused_norm_nodes(loss)
+            if bad:
+                raise UnsupportedGraphError(
+                    f"loss: its graph holds {', '.join(bad)}, whose third derivatives PyTorch refuses or gets "
+                    "wrong (pytorch/pytorch#186256, #175754); degree >= 2 needs them. Compute the loss inside "
+                    "`with torch_qode.taylor.decomposed_norms(model):`, use TaylorExpansion.from_function with "
+                    "make_loss_fn(model, criterion, batch), or pass degree=1")
+        N = _flat.numel(params)
+        S = _flat.check_support(support, N, params[0].device)
+        wd = _check_weight_decay(weight_decay, params)
+        try:
+            g = torch.autograd.grad(loss.reshape(()), params, create_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+        except RuntimeError as exc:
+            if "second time" in str(exc) or "freed" in str(exc):
+                raise ValueError("loss: its graph was already freed (backward() was called on it); pass "
+                                 "the loss before any backward, or use retain_graph=True") from exc
+            raise
+        g_flat = _flat.flatten(g)
+        theta0 = _flat.flatten([p.detach() for p in params])
+        engine = _GraphEngine(params, g_flat, chunk)
+        return cls(engine=engine, theta0_full=theta0, grad_full=g_flat.detach(), lr=lr, support=S,
+                   degree=degree, weight_decay=wd, backend="double_backward")
+
+    @classmethod
+    def from_function(cls, loss_fn: Callable[[torch.Tensor], torch.Tensor], theta0, *, lr: float,
+                      support=None, degree: int = 2, weight_decay=0.0, backend: str = "auto",
+                      chunk: int = DEFAULT_CHUNK) -> "TaylorExpansion":
+        """Expand ``loss_fn`` (flat full parameter vector ``(N,)`` -> scalar) around ``theta0``.
+
+        ``backend``: ``"jvp"`` (torch.func forward-over-reverse), ``"double_backward"`` (a graph
+        built once at θ0) or ``"auto"`` (= :data:`AUTO_BACKEND`).  ``loss_fn`` must be pure
+        (:func:`make_loss_fn` builds one from a model: decomposed norms, BatchNorm buffers untouched,
+        fixed dropout masks).
+        """
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable: flat parameter vector (N,) -> scalar loss")
+        if not isinstance(theta0, torch.Tensor):
+            raise TypeError(f"theta0 must be a 1-D torch tensor, got {type(theta0).__name__}")
+        if theta0.dim() != 1 or theta0.numel() == 0 or not theta0.is_floating_point():
+            raise ValueError(f"theta0 must be a non-empty 1-D floating tensor, got shape {tuple(theta0.shape)} "
+                             f"dtype {theta0.dtype}")
+        lr, degree, chunk = _check_lr(lr), _check_degree(degree), _check_chunk(chunk)
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        resolved = AUTO_BACKEND if backend == "auto" else backend
+        theta0 = theta0.detach().clone()
+        N = theta0.numel()
+        S = _flat.check_support(support, N, theta0.device)
+        wd = _check_weight_decay(weight_decay, [theta0])
+        leaf = theta0.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(leaf)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn must return a scalar torch tensor")
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteError(f"loss_fn(theta0) is not finite ({float(loss.detach())})")
+        if degree >= 2 and loss.requires_grad:
+            bad = _flat.fused_norm_nodes(loss)
+            if bad:
+                raise UnsupportedGraphError(
+                    f"loss_fn: it runs {', '.join(bad)}, whose third derivatives PyTorch refuses or gets wrong "
+                    "(pytorch/pytorch#186256, #175754). Build loss_fn with make_loss_fn (decomposed norms) or "
+                    "run the model inside `with decomposed_norms(model):`, or pass degree=1")
+        if resolved == "double_backward":
+            if loss.requires_grad:
+                (g,) = torch.autograd.grad(loss.reshape(()), leaf, create_graph=True, allow_unused=True,
+                                           materialize_grads=True)
+            else:
+                g = torch.zeros_like(leaf)
+            engine = _GraphEngine([leaf], g, chunk)
+            grad_full = g.detach()
+        else:
+            grad_full = (torch.autograd.grad(loss.reshape(()), leaf, allow_unused=True, materialize_grads=True)[0]
+                         if loss.requires_grad else torch.zeros_like(leaf))
+            del loss, leaf
+            engine = _FuncEngine(loss_fn, theta0, chunk)
+        return cls(engine=engine, theta0_full=theta0, grad_full=grad_full, lr=lr, support=S, degree=degree,
+                   weight_decay=wd, backend=resolved)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, criterion: Callable, batch, *, lr: float, params=None,
+                   support=None, degree: int = 2, weight_decay=0.0, backend: str = "auto",
+                   seed: int = 0, chunk: int = DEFAULT_CHUNK) -> "TaylorExpansion":
+        """:meth:`from_function` on ``make_loss_fn(model, criterion, batch, params)`` at the current values.
+
+        Normalisation layers run decomposed when ``degree >= 2`` (third derivatives needed) and fused
+        otherwise (faster, exact to second order).
+        """
+        loss_fn = make_loss_fn(model, criterion, batch, params, seed=seed, decompose_norms=degree >= 2)
+        theta0 = _flat.flatten([p.detach() for p in loss_fn.params])
+        return cls.from_function(loss_fn, theta0, lr=lr, support=support, degree=degree,
+                                 weight_decay=weight_decay, backend=backend, chunk=chunk)
+
+    # ------------------------------------------------------------------------------- products
+    def _live(self):
+        if self._engine is None:
+            raise RuntimeError("this TaylorExpansion was released: its graph is gone; expand again")
+        return self._engine
+
+    def _cols(self, V, name: str) -> tuple[torch.Tensor, bool]:
+        """``V`` (n,) or (n, m) -> rows (m, N) on the full vector in the expansion's dtype/device."""
+        if not isinstance(V, torch.Tensor):
+            V = torch.as_tensor(np.asarray(V, dtype=np.float64))
+        vec = V.dim() == 1
+        if V.dim() not in (1, 2) or V.shape[0] != self.n:
+            raise ValueError(f"{name} must have shape ({self.n},) or ({self.n}, m); got {tuple(V.shape)}")
+        rows = V.detach().to(dtype=self.dtype, device=self.device).reshape(self.n, -1).T
+        return _flat.scatter_rows(rows, self.support, self.N), vec
+
+    def _restrict(self, R: torch.Tensor) -> torch.Tensor:
+        return R if self.support is None else R[:, self.support]
+
+    def gradient(self) -> torch.Tensor:
+        """``∇L(θ0)`` on S plus ``weight_decay·θ0``: ``(n,)``."""
+        return self._grad.clone()
+
+    def hvp(self, V) -> torch.Tensor:
+        """``(H_SS + wd·I) V`` for ``V`` of shape ``(n,)`` or ``(n, m)`` (same shape back)."""
+        eng = self._live()
+        rows, vec = self._cols(V, "V")
+        with torch.enable_grad():
+            HV = self._restrict(eng.hvp(rows)).detach()
+        HV = HV.T + self._wd_col() * (rows if self.support is None else rows[:, self.support]).T
+        return HV[:, 0] if vec else HV
+
+    def third(self, A, B) -> torch.Tensor:
+        """Columns ``∇³L[a_i, b_i]`` restricted to S: ``(n, m)`` (``(n,)`` for vectors)."""
+        eng = self._live()
+        self._need_third()
+        ra, va = self._cols(A, "A")
+        rb, vb = self._cols(B, "B")
+        if ra.shape != rb.shape:
+            raise ValueError(f"A and B must have the same shape; got {tuple(A.shape)} and {tuple(B.shape)}")
+        with torch.enable_grad():
+            T = self._restrict(eng.third(ra, rb)).detach().T
+        return T[:, 0] if va else T
+
+    def third_sym(self, Z) -> torch.Tensor:
+        """``Σ_ab ∇³L_{iab} Z_ab`` for a general ``(n, n)`` matrix ``Z``: ``(n,)``.
+
+        Only ``sym(Z)`` matters (∇³L is symmetric); ``sym(Z) = Σ λ_r v_r v_rᵀ`` (exact zeros
+        dropped) turns it into ``Σ λ_r ∇³L[v_r, v_r]``, one batched set of third-order products.
+        """
+        eng = self._live()
+        self._need_third()
+        Z = torch.as_tensor(Z).detach().to(dtype=torch.float64, device="cpu")
+        if tuple(Z.shape) != (self.n, self.n):
+            raise ValueError(f"Z must have shape ({self.n}, {self.n}); got {tuple(Z.shape)}")
+        lam, Q = torch.linalg.eigh(0.5 * (Z + Z.T))
+        keep = lam != 0
+        if not bool(keep.any()):
+            return torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        V = Q[:, keep].T.to(dtype=self.dtype, device=self.device)
+        rows = _flat.scatter_rows(V, self.support, self.N)
+        with torch.enable_grad():
+            out = eng.sym_sum(rows, lam[keep].to(dtype=self.dtype, device=self.device)).detach()
+        return out if self.support is None else out[self.support]
+
+    def derivative(self, k: int) -> torch.Tensor:
+        """Dense ``∇^k L`` on S as an ``(n, n**(k-1))`` tensor, ``k = 1 .. degree+1``.
+
+        Includes weight decay (``k = 1``: ``+wd·θ0``; ``k = 2``: ``+wd·I``).  Built with batched
+        backward passes (``is_grads_batched``) or nested torch.func ``jvp``/``vmap`` — n**(k-1)
+        products, so for small n only.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.degree + 1:
+            raise ValueError(f"k must be an integer in 1..{self.degree + 1} (degree + 1), got {k!r}")
+        k = int(k)
+        n = self.n
+        if k == 1:
+            return self.gradient().reshape(n, 1)
+        eng = self._live()
+        with torch.enable_grad():
+            if isinstance(eng, _GraphEngine):
+                D = eng.derivative(k, self.support, n).detach()
+            else:
+                D = eng.derivative_fn(k, self.support, n).detach()
+        D = D.reshape(n, n ** (k - 1))
+        if k == 2:
+            D = D + torch.diag(self._wd_col()[:, 0].expand(n))
+        return D
+
+    # ------------------------------------------------------------------------------------ ODE
+    def ode(self, F0=None, explicit: Optional[bool] = None, *, dtype: torch.dtype = torch.float64,
+            device=None, budget_bytes: int = EXPLICIT_BUDGET_BYTES) -> PolynomialODE:
+        """The gradient-descent ODE on S: ``[F0, F1, …, Fq]`` with q = ``degree``.
+
+        ``F0``: ``None`` -> ``−lr·gradient()``; otherwise the given ``(n,)`` vector or callable
+        ``t -> (n,)`` is used *as F0 itself* (already multiplied by −lr).
+        ``explicit``: ``True`` dense tensors from :meth:`derivative`; ``False`` matrix-free terms
+        (degree ≤ 2: F1 by HVPs, F2 by third-order products; ``F2.matmat`` on a general n² column
+        uses :meth:`third_sym`); ``None`` explicit iff ``8·Σ_k n**(k+1)`` bytes ≤ ``budget_bytes``
+        (:data:`EXPLICIT_BUDGET_BYTES`), else matrix-free.  The ODE runs in ``dtype`` on ``device``
+        (default: the parameters' device); matrix-free terms convert on the fly.
+        """
+        self._live()
+        if explicit not in (None, True, False):
+            raise ValueError(f"explicit must be None (decide by memory), True or False; got {explicit!r}")
+        if not isinstance(budget_bytes, (int, np.integer)) or budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be a non-negative integer, got {budget_bytes!r}")
+        device = self.device if device is None else torch.device(device)
+        n, q = self.n, self.degree
+        need = 8 * sum(n ** (k + 1) for k in range(1, q + 1))
+        if explicit is None:
+            explicit = need <= budget_bytes
+            if not explicit and q > 2:
+                raise ValueError(f"degree {q} needs explicit coefficients ({need / 2**20:.1f} MiB > budget "
+                                 f"{budget_bytes / 2**20:.1f} MiB); matrix-free supports degree <= 2: lower degree "
+                                 "or raise budget_bytes")
+        if not explicit and q > 2:
+            raise ValueError(f"explicit=False (matrix-free) supports degree <= 2, this expansion has degree {q}")
+        if F0 is None:
+            F0 = (-self.lr * self.gradient()).to(dtype=dtype, device=device)
+        coeffs = [F0]
+        if explicit:
+            for k in range(1, q + 1):
+                Dk = self.derivative(k + 1).to(dtype=dtype, device=device)
+                coeffs.append(Dk * (-self.lr / math.factorial(k)))
+        else:
+            coeffs.append(self._term_F1())
+            if q == 2:
+                coeffs.append(self._term_F2())
+        return PolynomialODE(coeffs, dtype=dtype, device=device)
+
+    def _term_F1(self) -> MatrixFreeTerm:
+        lr = self.lr
+
+        def matmat(Y):
+            return (-lr * self.hvp(Y)).to(dtype=Y.dtype, device=Y.device)
+
+        def power(u):
+            return matmat(u[:, None])[:, 0]
+
+        return MatrixFreeTerm(self.n, 1, matmat, symmetric=True, rmatmat=matmat, power=power)
+
+    def _term_F2(self) -> MatrixFreeTerm:
+        n, c = self.n, -self.lr / 2.0
+
+        def matmat(Y):
+            cols = [self.third_sym(Y[:, j].reshape(n, n)) for j in range(Y.shape[1])]
+            return (c * torch.stack(cols, dim=1)).to(dtype=Y.dtype, device=Y.device)
+
+        def rmatmat(W):
+            cols = [self._hessian_of_dot(W[:, j]).reshape(-1) for j in range(W.shape[1])]
+            return (c * torch.stack(cols, dim=1)).to(dtype=W.dtype, device=W.device)
+
+        def power(u):
+            return (c * self.third(u, u)).to(dtype=u.dtype, device=u.device)
+
+        return MatrixFreeTerm(n, 2, matmat, rmatmat=rmatmat, power=power)
+
+    def _need_third(self):
+        if self.degree < 2:
+            raise ValueError("third-order products need an expansion of degree >= 2 (this one has degree 1, "
+                             "whose graph may hold fused norms that PyTorch cannot differentiate three times)")
+
+    def _hessian_of_dot(self, w) -> torch.Tensor:
+        """``∂²(w·∇L)/∂θ_S²`` = ``Σ_i ∇³L_{i··} w_i`` as ``(n, n)`` (F2ᵀ w up to the factor)."""
+        eng = self._live()
+        self._need_third()
+        rows, _ = self._cols(w, "w")
+        with torch.enable_grad():
+            if isinstance(eng, _GraphEngine):
+                h = self._restrict(eng.hvp(rows, create_graph=True))[0]
+                M = eng.jacobian_rows(h, self.support, create_graph=False).detach()
+            else:
+                E = _flat.scatter_rows(torch.eye(self.n, dtype=self.dtype, device=self.device), self.support, self.N)
+                M = self._restrict(eng.third(E, rows.expand(self.n, -1))).detach()
+        return M
+
+    # ------------------------------------------------------------------------------- lifetime
+    def _wd_col(self) -> torch.Tensor:
+        wd = self._wd
+        return (wd if wd.dim() else wd.expand(self.n)).reshape(self.n, 1)
+
+    def release(self) -> None:
+        """Drop the graph / closure: every later product raises; cheap to call twice."""
+        if self._engine is not None:
+            self._engine.release()
+        self._engine = None
+
+    @property
+    def released(self) -> bool:
+        return self._engine is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+    def __repr__(self) -> str:
+        return (f"TaylorExpansion(n={self.n}, N={self.N}, degree={self.degree}, lr={self.lr}, "
+                f"backend={self.backend!r}, dtype={self.dtype}, released={self.released})")
+
+
+# ====================================================================================== checks
+def _check_lr(lr) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)):
+        raise TypeError(f"lr must be a positive float, got {type(lr).__name__}")
+    lr = float(lr)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite float, got {lr}")
+    return lr
+
+
+def _check_degree(degree) -> int:
+    if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
+        raise ValueError(f"degree must be an integer >= 1 (1: linear ODE, 2: quadratic, ...), got {degree!r}")
+    return int(degree)
+
+
+def _check_chunk(chunk) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer (columns per batched product), got {chunk!r}")
+    return int(chunk)
+
+
+def _check_weight_decay(weight_decay, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A float -> 0-d tensor; a list of per-tensor floats or a flat (N,) tensor -> (N,) tensor."""
+    ref = params[0]
+    N = _flat.numel(params)
+    if isinstance(weight_decay, bool):
+        raise TypeError("weight_decay must be a float, a list of floats (one per parameter tensor) or a (N,) tensor")
+    if isinstance(weight_decay, (int, float, np.floating, np.integer)):
+        wd = torch.tensor(float(weight_decay), dtype=ref.dtype, device=ref.device)
+    elif isinstance(weight_decay, torch.Tensor) and weight_decay.dim() == 1:
+        if weight_decay.numel() != N:
+            raise ValueError(f"weight_decay as a tensor must have shape ({N},) (flat), got {tuple(weight_decay.shape)}")
+        wd = weight_decay.detach().to(dtype=ref.dtype, device=ref.device)
+    elif isinstance(weight_decay, (list, tuple)):
+        if len(weight_decay) != len(params):
+            raise ValueError(f"weight_decay as a list needs one float per parameter tensor ({len(params)}), "
+                             f"got {len(weight_decay)}")
+        wd = torch.cat([torch.full((p.numel(),), float(w), dtype=ref.dtype, device=ref.device)
+                        for w, p in zip(weight_decay, params)])
+    else:
+        raise TypeError("weight_decay must be a float, a list of floats (one per parameter tensor) or a (N,) tensor")
+    if not bool(torch.isfinite(wd).all()) or bool((wd < 0).any()):
+        raise ValueError("weight_decay must be finite and >= 0")
+    return wd
