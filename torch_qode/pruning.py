@@ -1,0 +1,232 @@
+"""Global magnitude pruning: the tomographic *download* of DESIGN.md step 1 (paper Algorithm 1).
+
+The quantum cycle reads back the r largest components of the weight vector; classically that is
+global magnitude pruning over the prunable tensors (ratio 0.9 in the paper's ResNet experiment).
+Pruned weights are zeroed *in place* but stay ordinary parameters (no ``torch.nn.utils.prune``
+re-parametrisation, which renames them ``weight_orig`` and blocks regrowth), so classical SGD steps
+may regrow them, as the paper allows.
+
+Counting and ties
+-----------------
+With ``n_prunable`` entries over the prunable tensors, :meth:`MagnitudePruner.prune` zeroes exactly
+``k = round(sparsity * n_prunable)`` of them, where ``round`` is Python's built-in ``round`` (round
+half to even: 0.5 -> 0, 2.5 -> 2).  The k entries of smallest ``|w|`` are pruned; among equal
+magnitudes the entry with the lower global flat index (parameter order, then row-major order) is
+pruned first, so the result is deterministic and independent of the device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from . import _flat
+
+__all__ = ["MagnitudePruner", "SparsityReport", "LayerSparsity"]
+
+
+@dataclass
+class LayerSparsity:
+    """One parameter tensor: ``pruned`` counts mask zeros, ``zeros`` the entries that are exactly 0 now."""
+
+    name: str
+    numel: int
+    prunable: bool
+    pruned: int
+    zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of entries exactly zero now (after regrowth this can fall below the mask's)."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass
+class SparsityReport:
+    """Per-layer and global sparsity.  ``global_sparsity``: zeros / entries over the prunable tensors;
+    ``mask_sparsity``: pruned / prunable entries (what the last :meth:`MagnitudePruner.prune` set);
+    ``total_sparsity``: zeros / entries over all tensors."""
+
+    layers: list[LayerSparsity] = field(default_factory=list)
+    n_prunable: int = 0
+    n_total: int = 0
+    global_sparsity: float = 0.0
+    mask_sparsity: float = 0.0
+    total_sparsity: float = 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        for row, layer in zip(d["layers"], self.layers):
+            row["sparsity"] = layer.sparsity
+        return d
+
+
+class MagnitudePruner:
+    """Global magnitude pruning with masks (``True`` = kept) and the support ``S`` as flat indices.
+
+    Parameters
+    ----------
+    params:
+        The parameter tensors in the optimizer's order (a list, or an ``nn.Module`` whose
+        ``named_parameters()`` then also give the names).
+    sparsity:
+        Fraction of the prunable entries to zero, in ``[0, 1)``.
+    names:
+        One name per tensor (default ``param0``, ``param1``, … or the module's parameter names).
+    prunable:
+        ``None`` -> tensors with ``dim() > 1`` (weights; biases and norm scales are kept);
+        a list of bools, one per tensor; or a callable ``(name, tensor) -> bool``.
+    """
+
+    def __init__(self, params, sparsity: float, *, names: Optional[Sequence[str]] = None,
+                 prunable: Union[None, Sequence[bool], Callable[[str, torch.Tensor], bool]] = None):
+        if isinstance(params, nn.Module):
+            named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+            if names is None:
+                names = [n for n, _ in named]
+            params = [p for _, p in named]
+        self.params = _flat.param_list(params)
+        k = len(self.params)
+        if names is None:
+            names = [f"param{i}" for i in range(k)]
+        names = list(names)
+        if len(names) != k or not all(isinstance(s, str) for s in names):
+            raise ValueError(f"names must be {k} strings, one per parameter tensor; got {names!r}")
+        if len(set(names)) != k:
+            raise ValueError("names must be distinct")
+        self.names = names
+        if prunable is None:
+            flags = [p.dim() > 1 for p in self.params]
+        elif callable(prunable):
+            flags = [bool(prunable(nm, p)) for nm, p in zip(names, self.params)]
+        else:
+            flags = list(prunable)
+            if len(flags) != k or not all(isinstance(f, (bool, int)) for f in flags):
+                raise ValueError(f"prunable must be None, a callable(name, tensor) -> bool or {k} bools; got {prunable!r}")
+            flags = [bool(f) for f in flags]
+        self.prunable = flags
+        self.n_prunable = int(sum(p.numel() for p, f in zip(self.params, flags) if f))
+        self.sparsity = self._check_sparsity(sparsity)
+        self.masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]
+        self._offsets = [0]
+        for p in self.params:
+            self._offsets.append(self._offsets[-1] + p.numel())
+
+    def _check_sparsity(self, sparsity) -> float:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+            raise TypeError(f"sparsity must be a float in [0, 1), got {type(sparsity).__name__}")
+        s = float(sparsity)
+        if not (math.isfinite(s) and 0.0 <= s < 1.0):
+            raise ValueError(f"sparsity must be in [0, 1) (fraction of prunable entries zeroed), got {sparsity!r}")
+        if s > 0 and self.n_prunable == 0:
+            raise ValueError("no prunable tensors: every tensor is excluded by `prunable` (default: dim() > 1), "
+                             f"so sparsity {s} cannot be met; pass prunable= or sparsity=0")
+        k = self.n_pruned_target(s)
+        if self.n_prunable and k >= self.n_prunable:
+            raise ValueError(f"sparsity {s} prunes all {self.n_prunable} prunable entries "
+                             f"(round({s} * {self.n_prunable}) = {k}); use a smaller sparsity")
+        return s
+
+    def n_pruned_target(self, sparsity: Optional[float] = None) -> int:
+        """``round(sparsity * n_prunable)`` (Python's round, half to even)."""
+        s = self.sparsity if sparsity is None else sparsity
+        return int(round(s * self.n_prunable))
+
+    # ------------------------------------------------------------------------------------ pruning
+    @torch.no_grad()
+    def prune(self, sparsity: Optional[float] = None) -> list[torch.Tensor]:
+        """Zero the ``round(sparsity · n_prunable)`` smallest-magnitude prunable entries in place.
+
+        Returns (and stores in :attr:`masks`) one bool mask per tensor, ``True`` = kept;
+        non-prunable tensors get all-``True``.  ``sparsity`` overrides the constructor's value.
+        """
+        if sparsity is not None:
+            self.sparsity = self._check_sparsity(sparsity)
+        k = self.n_pruned_target()
+        pr = [p for p, f in zip(self.params, self.prunable) if f]
+        masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]
+        if k > 0:
+            mags = torch.cat([p.detach().reshape(-1).abs().to(torch.float64) for p in pr])
+            if not bool(torch.isfinite(mags).all()):
+                raise ValueError("params: a prunable tensor holds NaN or inf; cannot rank magnitudes")
+            order = torch.sort(mags, stable=True).indices  # ties: lower flat index first
+            keep = torch.ones(mags.numel(), dtype=torch.bool, device=mags.device)
+            keep[order[:k]] = False
+            chunks = keep.split([p.numel() for p in pr])
+            it = iter(chunks)
+            for i, (p, f) in enumerate(zip(self.params, self.prunable)):
+                if f:
+                    masks[i] = next(it).view(p.shape).to(p.device)
+                    p.masked_fill_(~masks[i], 0)
+        self.masks = masks
+        return [m.clone() for m in masks]
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Re-zero the pruned entries (undo regrowth) without re-ranking."""
+        for p, m in zip(self.params, self.masks):
+            p.masked_fill_(~m, 0)
+
+    def support(self, nonzero_only: bool = False, *, include_nonprunable: bool = True) -> torch.Tensor:
+        """Flat indices (sorted int64, on the parameters' device) of the support S.
+
+        ``nonzero_only=False``: the kept entries of the masks (all entries of non-prunable tensors).
+        ``nonzero_only=True``: the entries of the prunable tensors that are non-zero *now* (after
+        regrowth) — the sparse upload — plus, if ``include_nonprunable`` (default), every entry of the
+        non-prunable tensors (biases initialised at 0 stay trainable).  With
+        ``include_nonprunable=False`` only currently non-zero entries of every tensor are returned.
+        Raises if the support would be empty.
+        """
+        parts = []
+        for off, p, m, f in zip(self._offsets, self.params, self.masks, self.prunable):
+            if nonzero_only:
+                sel = (p.detach() != 0) if (f or not include_nonprunable) else torch.ones_like(m)
+            else:
+                sel = m
+            parts.append(torch.nonzero(sel.reshape(-1), as_tuple=False).reshape(-1) + off)
+        S = torch.cat(parts).to(torch.int64)
+        if S.numel() == 0:
+            raise ValueError("the support is empty: every entry is pruned or zero")
+        return S
+
+    def report(self) -> SparsityReport:
+        layers = []
+        for nm, p, m, f in zip(self.names, self.params, self.masks, self.prunable):
+            layers.append(LayerSparsity(name=nm, numel=p.numel(), prunable=f, pruned=int((~m).sum()),
+                                        zeros=int((p.detach() == 0).sum())))
+        npr = self.n_prunable
+        ntot = sum(x.numel for x in layers)
+        zp = sum(x.zeros for x in layers if x.prunable)
+        return SparsityReport(layers=layers, n_prunable=npr, n_total=ntot,
+                              global_sparsity=zp / npr if npr else 0.0,
+                              mask_sparsity=sum(x.pruned for x in layers) / npr if npr else 0.0,
+                              total_sparsity=sum(x.zeros for x in layers) / ntot if ntot else 0.0)
+
+    # ---------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"sparsity": self.sparsity, "names": list(self.names), "prunable": list(self.prunable),
+                "masks": [m.detach().cpu().clone() for m in self.masks]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or not {"sparsity", "names", "prunable", "masks"} <= set(state):
+            raise ValueError("state must be a dict from MagnitudePruner.state_dict() "
+                             "(keys sparsity, names, prunable, masks)")
+        if list(state["names"]) != self.names:
+            raise ValueError(f"state names {list(state['names'])} do not match this pruner's {self.names}")
+        if list(state["prunable"]) != self.prunable:
+            raise ValueError("state prunable flags do not match this pruner's")
+        masks = list(state["masks"])
+        for i, (m, p) in enumerate(zip(masks, self.params)):
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != p.shape:
+                raise ValueError(f"state masks[{i}] must be a bool tensor of shape {tuple(p.shape)}")
+        if len(masks) != len(self.params):
+            raise ValueError(f"state holds {len(masks)} masks, expected {len(self.params)}")
+        self.sparsity = self._check_sparsity(state["sparsity"])
+        self.masks = [m.to(p.device).clone() for m, p in zip(masks, self.params)]
+
+    def __repr__(self) -> str:
+        return (f"MagnitudePruner(sparsity={self.sparsity}, tensors={len(self.params)}, "
+                f"prunable_entries={self.n_prunable})")
