@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .ode import NonFiniteError, PolynomialODE, _check_T, as_tensor, like
+from .ode import NonFiniteError, PolynomialODE, _check_T, all_finite, as_tensor, like
 
 __all__ = ["carleman", "CarlemanSystem", "CarlemanTooLarge", "FORMS", "required_order",
            "carleman_error_bound", "dissipativity", "Dissipativity", "default_max_bytes"]
@@ -124,18 +124,27 @@ class CarlemanSystem:
     def _advance(self, Y: torch.Tensor, t: int, offset: bool) -> torch.Tensor:
         m = Y.shape[1]
         lv = [Y[self.offsets[j]:self.offsets[j + 1]] for j in range(self.order)]
-        f0 = self.ode.F0(t)
-        f0 = None if not bool(f0.any()) else f0
+        f0 = None if self.ode.F0_is_zero else self.ode.F0(t)
         y0 = torch.ones(1, m, dtype=Y.dtype, device=Y.device) if offset else None
         levels = [y0] + lv
-        if self.form == "discrete":
-            out = [self._discrete_level(j, levels, f0) for j in range(1, self.order + 1)]
-        else:
-            out = [self._continuous_level(j, levels, f0) for j in range(1, self.order + 1)]
-        res = torch.cat(out, dim=0)
-        if not bool(torch.isfinite(res).all()):
+        out = [self._level1(levels, f0)]
+        level = self._discrete_level if self.form == "discrete" else self._continuous_level
+        out += [level(j, levels, f0) for j in range(2, self.order + 1)]
+        res = out[0] if self.order == 1 else torch.cat(out, dim=0)
+        if not all_finite(res):
             raise NonFiniteError(f"the Carleman state became non-finite at step t={t}")
         return res
+
+    def _level1(self, levels, f0) -> torch.Tensor:
+        """Level 1, the same in both forms: ``y_1 + F0 y_0 + Σ_{k=1}^{min(q,N)} Fk y_k``."""
+        acc = levels[1].clone()
+        if f0 is not None and levels[0] is not None:
+            acc += f0[:, None] * levels[0]
+        for k in range(1, min(self.degree, self.order) + 1):
+            term = self.ode.terms[k]
+            if term is not None:
+                acc += term.matmat(levels[k])
+        return acc
 
     # discrete form ---------------------------------------------------------------------------
     def _G(self, k: int, X: torch.Tensor) -> torch.Tensor:

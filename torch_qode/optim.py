@@ -38,7 +38,7 @@ from . import _flat
 from .carleman import FORMS, carleman
 from .dissipation import DissipationCheck
 from .linsolve import METHODS, kappa_bound, solve_window
-from .ode import NonFiniteError, PolynomialODE
+from .ode import NonFiniteError, PolynomialODE, all_finite
 from .pruning import MagnitudePruner
 from .resources import estimate_resources
 from .taylor import TaylorExpansion, UnsupportedGraphError
@@ -298,11 +298,16 @@ class QODE(Optimizer):
                               for p in self._params])
 
     def _finite(self, loss) -> bool:
-        if loss is not None and isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
-            return False
+        """Loss and every gradient finite (one reduction per tensor, one host sync)."""
         if loss is not None and not isinstance(loss, torch.Tensor) and not math.isfinite(float(loss)):
             return False
-        return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self._params)
+        parts = [p.grad.detach().sum() for p in self._params if p.grad is not None]
+        if isinstance(loss, torch.Tensor):
+            parts.append(loss.detach().sum())
+        if not parts or bool(torch.isfinite(torch.stack([q.to(torch.float64) for q in parts]).sum())):
+            return True
+        return all(all_finite(q) for q in [p.grad for p in self._params if p.grad is not None]
+                   + ([loss.detach()] if isinstance(loss, torch.Tensor) else []))
 
     def _sgd(self, params: list, grads: list, buffers: list) -> list:
         """One ``torch.optim.SGD`` update through the same functional call (hence bit-identical).
@@ -487,11 +492,14 @@ class QODE(Optimizer):
         self._system = carleman(ode, self.carleman_order, self.form)
 
     def _f0_from_grads(self, grads_flat: torch.Tensor) -> torch.Tensor:
+        """``F0(t) = −η (∇L_t(θ0) + wd·θ0)`` on S, in float64."""
         w = self._win
         S = w["support"]
-        g = grads_flat if S is None else grads_flat[S]
-        th = w["theta0"] if S is None else w["theta0"][S]
-        return (-w["lr"] * (g.to(torch.float64) + w["wd"] * th.to(torch.float64)))
+        f0 = (grads_flat if S is None else grads_flat[S]).to(torch.float64, copy=True)
+        if w["wd"]:
+            th = w["theta0"] if S is None else w["theta0"][S]
+            f0.add_(th.to(torch.float64), alpha=w["wd"])
+        return f0.mul_(-w["lr"])
 
     def _advance(self, grads_flat: torch.Tensor) -> None:
         """Window step t: record F0(t), advance the Carleman state, shadow SGD; finish at t = T."""
@@ -594,7 +602,7 @@ class QODE(Optimizer):
         S = w["support"]
         theta0_S = (w["theta0"] if S is None else w["theta0"][S]).to(torch.float64)
         target = theta0_S + u_T
-        if not bool(torch.isfinite(target).all()):
+        if not all_finite(target):
             self._abort_window("the solved weights are not finite")
             return
         top_r = None
