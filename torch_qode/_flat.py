@@ -221,8 +221,11 @@ def decomposed_norms(model: nn.Module, *, update_running_stats: bool = False):
     BatchNorm semantics: a module in training mode normalises with the *batch* statistics (as in
     training); its running buffers are left untouched unless ``update_running_stats=True``, in which
     case they are updated exactly like ``nn.BatchNorm`` does (momentum / cumulative average,
-    unbiased variance).  A module in eval mode uses its running statistics.  The modules are restored
-    on exit.
+    unbiased variance).  A module in eval mode uses its running statistics.  InstanceNorm with
+    ``track_running_stats=True`` normalises like PyTorch but never updates its buffers here.  The
+    modules are restored on exit.  Wrapping a training step's forward in
+    ``decomposed_norms(model, update_running_stats=True)`` computes the same loss and buffer updates
+    as the fused layers, and leaves a graph that :meth:`TaylorExpansion.from_loss` accepts at degree ≥ 2.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

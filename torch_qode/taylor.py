@@ -14,17 +14,20 @@ the gradient and ``wd·I`` to the Hessian and nothing to higher derivatives.
 Two ways to differentiate (``backend``):
 
 - ``"double_backward"``: one ``autograd.grad(loss, params, create_graph=True)``; Hessian-vector
-  products are a second backward through that graph, third-order products a third one; columns are
-  batched with ``is_grads_batched``.  :meth:`TaylorExpansion.from_loss` always uses it (the loss graph
-  is all it has).
+  products are a second backward through that graph (columns batched with ``is_grads_batched``,
+  ``chunk`` at a time), third-order products a third one (one pair at a time: a batched backward
+  through a batched HVP graph costs batch² work).  :meth:`TaylorExpansion.from_loss` always uses it
+  (the loss graph is all it has).
 - ``"jvp"``: torch.func forward-over-reverse ``jvp(grad(L))`` (third order: forward-over-forward-over-
   reverse), columns batched with ``vmap``.  Needs a pure function of the flat parameter vector
   (:meth:`TaylorExpansion.from_function`, :func:`make_loss_fn`).
 
-``backend="auto"`` picks ``"double_backward"``, the faster of the two in ``benchmarks/taylor.py``
-on every model measured (CPU: MLP 1.7–2.4x, small CNN with BatchNorm 1.4–1.6x for HVPs; see the
-README table).  The graph is built once per window and each product then only runs backward passes,
-whereas ``jvp(grad)`` re-runs the forward and the backward for every product.
+``backend="auto"`` (:data:`AUTO_BACKEND`) picks ``"double_backward"``: in ``benchmarks/taylor.py`` and
+``benchmarks/hessian.py`` (CPU, float32, MLPs of 1.7k/26k parameters and a 78k-parameter ResNet-8
+with BatchNorm) it was faster for every single-vector HVP (2.3–8x) and third-order product
+(1.2–3x), and within ±10 % of ``jvp`` for 8-column HVP batches.  The graph is built once per window
+and each product then only runs backward passes, whereas ``jvp(grad)`` re-runs the forward and the
+backward for every product.
 
 Normalisation layers: PyTorch's fused batch / layer / instance norm kernels have correct first and
 second derivatives but refuse (double backward) or silently corrupt (forward mode) the third
@@ -54,13 +57,13 @@ __all__ = ["TaylorExpansion", "UnsupportedGraphError", "make_loss_fn", "decompos
            "EXPLICIT_BUDGET_BYTES", "AUTO_BACKEND"]
 
 #: ``ode(explicit=None)`` builds explicit (dense) coefficients when F1..Fq, held in float64, need at
-#: most this many bytes (32 MiB: n ≤ 2048 for degree 1, n ≤ 161 for degree 2, n ≤ 45 for degree 3).
+#: most this many bytes (32 MiB: n ≤ 2048 for degree 1, n ≤ 160 for degree 2, n ≤ 45 for degree 3).
 EXPLICIT_BUDGET_BYTES = 32 * 2**20
 
 #: What ``backend="auto"`` resolves to (measured in benchmarks/taylor.py; see the module docstring).
 AUTO_BACKEND = "double_backward"
 
-#: Columns pushed through one batched backward / vmap (bounds the memory of batched products).
+#: HVP columns pushed through one batched backward / vmap (bounds the memory of batched products).
 DEFAULT_CHUNK = 32
 
 _BACKENDS = ("auto", "jvp", "double_backward")
