@@ -433,6 +433,8 @@ def test_bad_input_errors():
         TaylorExpansion.from_loss(loss() * float("nan"), params, lr=LR)
     with pytest.raises(ValueError, match="empty"):
         TaylorExpansion.from_loss(loss(), [], lr=LR)
+    with pytest.raises(ValueError, match=r"params\[4\] do not require grad"):
+        TaylorExpansion.from_loss(loss(), params + [torch.zeros(2, dtype=torch.float64)], lr=LR)
     with pytest.raises(TypeError, match="single tensor"):
         TaylorExpansion.from_loss(loss(), params[0], lr=LR)
     with pytest.raises(ValueError, match="backend"):
@@ -491,3 +493,17 @@ def test_property_support_blocks_and_third_sym(idx, seed):
     a, b = torch.randn(m, generator=gen, dtype=torch.float64), torch.randn(m, generator=gen, dtype=torch.float64)
     assert torch.allclose(exp.third(a, b), exp.third(b, a), atol=1e-12)
     exp.release()
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_carleman_accepts_matrix_free_terms(order):
+    """The math core's Carleman system runs on the matrix-free F1/F2 and matches the explicit ones."""
+    from torch_qode.carleman import carleman
+
+    model, batch = _case("cnn")
+    exp = _from_loss(model, batch, lr=LR, support=torch.arange(0, 51, 2))
+    u0 = torch.randn(exp.n, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.05
+    for form in ("discrete", "continuous"):
+        ref = carleman(exp.ode(explicit=True), order, form).simulate(u0, 5)
+        got = carleman(exp.ode(explicit=False), order, form).simulate(u0, 5)
+        assert torch.allclose(torch.as_tensor(got), torch.as_tensor(ref), atol=1e-12), form

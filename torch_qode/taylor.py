@@ -268,6 +268,10 @@ class TaylorExpansion:
                     "wrong (pytorch/pytorch#186256, #175754); degree >= 2 needs them. Compute the loss inside "
                     "`with torch_qode.taylor.decomposed_norms(model):`, use TaylorExpansion.from_function with "
                     "make_loss_fn(model, criterion, batch), or pass degree=1")
+        frozen = [i for i, p in enumerate(params) if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"params{frozen} do not require grad: pass only trainable parameters "
+                             "(the expansion differentiates with respect to every entry)")
         N = _flat.numel(params)
         S = _flat.check_support(support, N, params[0].device)
         wd = _check_weight_decay(weight_decay, params)
