@@ -11,7 +11,6 @@ import gc
 import math
 import weakref
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

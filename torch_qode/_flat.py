@@ -8,11 +8,10 @@ increasing flat indices into that vector; ``u`` lives in ``R^|S|``.  ``support=N
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = [
     "param_list", "numel", "flatten", "unflatten", "check_support", "scatter_rows",

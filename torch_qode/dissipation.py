@@ -25,11 +25,12 @@ Contents
 """
 from __future__ import annotations
 
+import importlib
 import math
 import time
 import types
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import scipy.linalg
@@ -37,12 +38,10 @@ import scipy.special
 import torch
 import torch.nn as nn
 
-import importlib
+from . import _flat
 
 _pyhessian_module = importlib.import_module("pyhessian.hessian")  # the module (the package re-exports the class)
 _pyhessian_utils = importlib.import_module("pyhessian.utils")
-
-from . import _flat
 
 __all__ = [
     "Lanczos", "lanczos", "Density", "slq_density", "smooth_density", "top_eigenvalues", "hutchinson_trace",
@@ -134,7 +133,9 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, *, 
       (residual bound β_j |s_ji| ≤ √ε ‖T‖), which is where orthogonality is lost;
       ``None`` — plain three-term recurrence (O(n) memory; ghost copies of converged eigenvalues
       may appear, which distorts densities).
-    ``stop(alphas, betas, beta_next) -> bool`` may end the iteration early.
+    ``stop(alphas, betas, beta_next) -> bool`` may end the iteration early.  With reorthogonalisation
+    the basis takes ``steps · n`` entries of ``dtype`` (float32 vectors halve it; the tridiagonal is
+    float64 either way).
     """
     n, steps = _check_n_steps(n, steps)
     if reorthogonalize not in _REORTH:

@@ -44,7 +44,7 @@ forward that built the ``from_loss`` graph is the caller's training forward).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
