@@ -24,7 +24,7 @@ Two ways to differentiate (``backend``):
 
 ``backend="auto"`` (:data:`AUTO_BACKEND`) picks ``"double_backward"``: in ``benchmarks/taylor.py`` and
 ``benchmarks/hessian.py`` (CPU, float32, MLPs of 1.7k/26k parameters and a 78k-parameter ResNet-8
-with BatchNorm) it was faster for every single-vector HVP (2.3–8x) and third-order product
+with BatchNorm) it was faster for every single-vector HVP (1.3–8x) and third-order product
 (1.2–3x), and within ±10 % of ``jvp`` for 8-column HVP batches.  The graph is built once per window
 and each product then only runs backward passes, whereas ``jvp(grad)`` re-runs the forward and the
 backward for every product.
