@@ -25,6 +25,7 @@ scikit-learn digits; ``make demo`` runs it).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Optional, Sequence
@@ -110,6 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         from torch_qode.data import loaders
         from torch_qode.dissipation import DissipationCheck
         from torch_qode.optim import QODE
+        from torch_qode.taylor import decomposed_norms
 
         data = common.classification_data(cfg["data"], cfg["seed"])
         model = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], data["num_classes"],
@@ -148,10 +150,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if baseline is not None:
             opt_sgd = QODE(baseline.parameters(), **{**q, "mode": "classical", "track_sgd": False})
 
+        # Carleman order ≥ 2 needs third derivatives, which PyTorch's fused norm layers get wrong:
+        # run the QODE model's norms decomposed (same loss, same running-statistics updates).
+        norms = (lambda net: decomposed_norms(net, update_running_stats=True)) if q["carleman_order"] >= 2 \
+            else (lambda net: contextlib.nullcontext())
+
         def closure_for(net, optimizer, x, y):
             def closure():
                 optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(net(x), y)
+                with norms(net):
+                    loss = F.cross_entropy(net(x), y)
                 loss.backward()
                 return loss
             return closure

@@ -400,6 +400,24 @@ def test_check_fails_on_divergent_modes_and_on_few_positive_modes():
     assert DissipationCheck(min_positive_fraction=0.2)(hvp2, 20, lr=0.1, T=5).passed
 
 
+def test_window_flat_band_in_the_positive_fraction():
+    """Tiny negative modes that barely move over the window are flat; real divergent ones are not."""
+    lam = np.concatenate([np.full(5, 5.0), np.full(15, -0.02)])
+    _, hvp = _sym(lam)
+    # η = 0.1, T = 20: |ηλ|·T = 0.04 ≤ 0.1 for the negative modes -> flat -> all the moving mass is positive
+    v = DissipationCheck()(hvp, 20, lr=0.1, T=20)
+    assert v.passed and v.positive_fraction == pytest.approx(1.0)
+    assert not DissipationCheck(flat_growth=0.0)(hvp, 20, lr=0.1, T=20).passed   # relative band only
+    # T = 200: the same modes grow by (1.002)^200 ≈ 1.5 -> they count, and they are the majority
+    v_long = DissipationCheck()(hvp, 20, lr=0.1, T=200)
+    assert not v_long.passed and "positive fraction" in v_long.reason
+    assert positive_fraction(lam, flat_below=0.05) == 1.0 and positive_fraction(lam) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="flat_below"):
+        positive_fraction(lam, flat_below=-1.0)
+    with pytest.raises(ValueError, match="flat_growth"):
+        DissipationCheck(flat_growth=-0.1)
+
+
 def test_check_nothing_beyond_the_cutoff_and_non_finite():
     _, hvp = _sym(np.linspace(0.1, 1.0, 10))
     v = DissipationCheck()(hvp, 10, lr=0.01, T=50)

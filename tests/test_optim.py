@@ -320,6 +320,8 @@ def test_invalid_arguments_name_the_argument():
     for kwargs, name in zip(bad, names):
         with pytest.raises(ValueError, match=name):
             QODE(ps, **kwargs)
+    with pytest.raises(ValueError, match="carleman_order=3"):    # Δ ≈ 26³ fine, but not a 10⁴-weight support
+        QODE(nn.Linear(100, 100).parameters(), carleman_order=3, sparsity=0.0)
     with pytest.raises(TypeError, match="track_sgd"):
         QODE(ps, track_sgd="yes")
     with pytest.raises(ValueError, match="single parameter group"):

@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _sgd
 
 from . import _flat
-from .carleman import FORMS, carleman
+from .carleman import FORMS, carleman, default_max_bytes
 from .dissipation import DissipationCheck
 from .linsolve import METHODS, kappa_bound, solve_window
 from .ode import NonFiniteError, PolynomialODE, all_finite
@@ -248,6 +248,16 @@ class QODE(Optimizer):
         self.pruner = MagnitudePruner(self._params, self.sparsity, names=names, prunable=prunable) \
             if self.sparsity > 0 else None
         self._n_total = _flat.numel(self._params)
+        n_S = self._n_total
+        if upload == "sparse" and self.pruner is not None:
+            n_S -= self.pruner.n_pruned_target()
+        dim = sum(n_S ** j for j in range(1, carleman_order + 1))
+        if 4 * 8 * dim > default_max_bytes():
+            raise ValueError(
+                f"carleman_order={carleman_order} on a support of {n_S:,} weights (upload={upload!r}, "
+                f"sparsity={sparsity}) needs a Carleman state of Δ={dim:,} numbers "
+                f"(~{4 * 8 * dim / 2**30:.3g} GiB with temporaries), more than the memory allows; lower "
+                f"carleman_order or use upload='sparse' with a higher sparsity")
         self._rng = np.random.default_rng(seed)
         self.reports: list[CycleReport] = []
         self._k = 0
@@ -426,8 +436,11 @@ class QODE(Optimizer):
         n = exp.n
         rep.support_size = n
         if self.mode == "auto":
+            # the Lanczos basis holds steps·n numbers: float64 unless that passes 1 GiB (then float32)
+            steps = getattr(self.dissipation, "steps", 64)
+            dtype = torch.float64 if 8 * steps * n <= 2**30 else torch.float32
             with torch.enable_grad():
-                verdict = self.dissipation(exp.hvp, n, lr=lr, T=self.window_length, dtype=torch.float64,
+                verdict = self.dissipation(exp.hvp, n, lr=lr, T=self.window_length, dtype=dtype,
                                            device=self._params[0].device)
             rep.dissipation = verdict.as_dict()
             if self.monitor is not None and hasattr(self.monitor, "on_upload"):
