@@ -146,6 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                          log_path=run.path("monitor.jsonl"), seed=cfg["seed"])
         names = [n for n, _ in model.named_parameters()]
         opt = QODE(model.parameters(), dissipation=check, monitor=monitor, seed=cfg["seed"], names=names, **q)
+        if monitor is not None:
+            monitor.record({"step": 0, "event": "eval", "test_acc": dense_acc, "test_acc_sgd": dense_acc})
         opt_sgd = None
         if baseline is not None:
             opt_sgd = QODE(baseline.parameters(), **{**q, "mode": "classical", "track_sgd": False})

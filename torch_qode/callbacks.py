@@ -171,6 +171,7 @@ class DissipationMonitor:
         drift = (report.drift or {}).get("relative")
         tomo = report.tomography or {}
         rec = {"step": int(step), "event": "window_end", "mode": report.mode, "drift": drift,
+               "drift_lin": (report.drift or {}).get("linearization_relative"),
                "loss_qode": (report.drift or {}).get("loss_qode"), "loss_sgd": (report.drift or {}).get("loss_sgd"),
                "tomography_error": tomo.get("relative_error"), "missed_mass": tomo.get("missed_mass")}
         if self.metric is not None:
@@ -181,17 +182,23 @@ class DissipationMonitor:
     def panel_records(self) -> list[dict]:
         """The records in :func:`plot_training_panels`' format, with the per-step error proxy.
 
-        An upload at step ``s`` contributes ``proxy(t)`` at steps ``s + t`` of its window (the
-        prediction the check made from the upload spectrum, as in the paper's Fig. 2c).
+        When QODE reported uploads, every step gets an error proxy as in the paper's Fig. 2c: a
+        passed upload at step ``s`` contributes ``proxy(t)`` at steps ``s + t`` of its window (the
+        prediction made from the upload spectrum), and every other step — classical, no linearisation
+        error — is exactly 1.
         """
         out = []
+        windows = {}
         for r in self.records:
-            row = {k: r[k] for k in ("step", "spectrum", "test_acc", "test_acc_sgd", "drift", "download")
-                   if r.get(k) is not None}
+            row = {k: r[k] for k in ("step", "spectrum", "test_acc", "test_acc_sgd", "drift", "drift_lin",
+                                     "download") if r.get(k) is not None}
             out.append(row)
             if r.get("event") == "upload" and r.get("passed"):
                 for t, p in enumerate(r["proxy_curve"]):
-                    out.append({"step": r["step"] + t, "error_proxy": p})
+                    windows[r["step"] + t] = p
+        if any(r.get("event") == "upload" for r in self.records):
+            last = max(r["step"] for r in self.records)
+            out += [{"step": k, "error_proxy": windows.get(k, 1.0)} for k in range(last + 1)]
         return out
 
     def plot(self, path, **kwargs) -> Path:
@@ -259,8 +266,9 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
         True right after a prune/download (marked in panels (c) and (d) by dotted lines).
     ``error_proxy`` (float)
         Eq. (III.14) proxy for this step; 1 for classical steps.  Panel (c), log axis.
-    ``drift`` (float)
-        Optional measured ``||θ_QODE − θ_SGD|| / ||θ_SGD − θ0||`` (track_sgd); drawn beside the proxy.
+    ``drift`` / ``drift_lin`` (float)
+        Optional measured ``||θ_QODE − θ_SGD|| / ||θ_SGD − θ0||`` at a window end (track_sgd), total and
+        its linearisation part (before the readout); drawn as markers beside the proxy.
     ``test_acc`` / ``test_acc_sgd`` (float in [0, 1] or percent)
         Test accuracy of the trained model / of the SGD reference.  Panel (d).
     """
@@ -276,13 +284,15 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
     pr = [(r["step"], r["error_proxy"]) for r in records if r.get("error_proxy") is not None]
     if pr:
         ax.semilogy(*zip(*[(s, v) for s, v in pr]), "-", color="C0", lw=1.2, label="error proxy")
-    dr = [(r["step"], r["drift"]) for r in records if r.get("drift") is not None]
-    if dr:
-        ax.semilogy(*zip(*dr), "-", color="C1", lw=1.0, label="drift vs SGD")
+    for key, label, color in (("drift", "drift vs SGD (total)", "C1"), ("drift_lin", "drift: linearisation", "C2")):
+        dr = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if dr:
+            ax.semilogy(*zip(*dr), "o", color=color, ms=4, label=label)
     ax.axhline(1.0, color="gray", lw=0.6)
-    ax.set_title("(c) error proxy")
+    ax.set_title("(c) error proxy (predicted) and drift (measured)")
     ax.set_xlabel("step")
-    if pr or dr:
+    has_drift = any(r.get("drift") is not None or r.get("drift_lin") is not None for r in records)
+    if pr or has_drift:
         ax.legend(fontsize=7)
 
     ax = axes[3]
@@ -300,7 +310,7 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
         ax.grid(True, alpha=0.3)
         for s in downloads:
             ax.axvline(s, color="gray", ls=":", lw=0.6)
-    for ax, has in zip(axes, (early, late, pr or dr, any_acc)):
+    for ax, has in zip(axes, (early, late, pr or has_drift, any_acc)):
         if not has:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
     if title:
