@@ -1,6 +1,7 @@
 """QODE: the contract of the training cycle, against independent references."""
 import io
 import math
+import warnings
 import weakref
 
 import numpy as np
@@ -383,3 +384,55 @@ def test_window_releases_its_graph():
     import gc
     gc.collect()
     assert ref() is None and opt._system is None and not opt.in_quantum_window
+
+
+def test_resume_of_a_matrix_free_window_re_expands_and_says_so():
+    data = batches(8, seed=12)
+    kwargs = dict(lr=0.05, mode="quantum", cycle=8, classical_steps=1, sparsity=0.0, explicit=False)
+    m1 = tiny_mlp(3)
+    o1 = QODE(m1.parameters(), **kwargs)
+    run(m1, o1, data[:4])
+    sd = o1.state_dict()
+    assert sd["qode"]["window"]["terms"] is None          # matrix-free: no explicit Taylor terms to save
+    m2 = tiny_mlp(3)
+    m2.load_state_dict(m1.state_dict())
+    o2 = QODE(m2.parameters(), **kwargs)
+    o2.load_state_dict(sd)
+    assert o2.in_quantum_window
+    run(m2, o2, data[4:])
+    rep = o2.reports[0]
+    assert rep.mode == "quantum" and any("re-expanded" in f for f in rep.faults)
+    assert bool(torch.isfinite(flat(m2)).all()) and not o2.in_quantum_window and o2._expansion is None
+
+
+def test_soak_many_cycles_memory_stays_flat():
+    """No autograd graph, Lanczos basis or Carleman state outlives its window."""
+    import gc
+
+    model = tiny_mlp(2)
+    opt = QODE(model.parameters(), lr=0.05, momentum=0.5, mode="auto", cycle=4, classical_steps=1, sparsity=0.3,
+               explicit=False, track_sgd=True, shots=2000)
+    data = batches(4, seed=3)
+    expansions = []
+
+    def live_tensors():
+        gc.collect()
+        with warnings.catch_warnings():       # isinstance() on some torch module objects warns
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    def cycles(n):
+        for _ in range(n):
+            for k, (X, Y) in enumerate(data):
+                opt.step(closure_for(model, opt, X, Y))
+                if opt._expansion is not None:
+                    expansions.append(weakref.ref(opt._expansion))
+
+    cycles(10)
+    before = live_tensors()
+    cycles(40)
+    after = live_tensors()
+    assert len(opt.reports) == 50 and sum(r.mode == "quantum" for r in opt.reports) > 0
+    assert after == before, (before, after)
+    gc.collect()
+    assert all(ref() is None for ref in expansions)

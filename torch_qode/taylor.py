@@ -232,6 +232,7 @@ class TaylorExpansion:
         self.theta0 = (theta0_full if S is None else theta0_full[S]).detach().clone()
         self.n = int(self.theta0.numel())
         self._wd = weight_decay if S is None or weight_decay.dim() == 0 else weight_decay[S]
+        self._wd_zero = not bool(self._wd.any())
         g = (grad_full if S is None else grad_full[S]).detach()
         self._grad = g + self._wd * self.theta0
         if not bool(torch.isfinite(self._grad).all()):
@@ -388,7 +389,9 @@ class TaylorExpansion:
         rows, vec = self._cols(V, "V")
         with torch.enable_grad():
             HV = self._restrict(eng.hvp(rows)).detach()
-        HV = HV.T + self._wd_col() * (rows if self.support is None else rows[:, self.support]).T
+        HV = HV.T
+        if not self._wd_zero:
+            HV = HV + self._wd_col() * (rows if self.support is None else rows[:, self.support]).T
         return HV[:, 0] if vec else HV
 
     def third(self, A, B) -> torch.Tensor:
