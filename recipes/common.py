@@ -45,7 +45,6 @@ import copy
 import datetime as _dt
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -58,7 +57,7 @@ import torch
 __all__ = ["ConfigError", "Run", "JsonlLogger", "setup", "build_parser", "load_config", "merge",
            "apply_overrides", "coerce_floats", "validate", "seed_everything", "resolve_device", "to_jsonable",
            "progress", "format_table", "default_out", "DATA_DEFAULTS", "classification_data", "fixed_batch",
-           "evaluate", "train_classifier", "load_checkpoint"]
+           "evaluate", "train_classifier", "load_checkpoint", "pretrained_resnet"]
 
 
 class ConfigError(ValueError):
@@ -527,3 +526,39 @@ def load_checkpoint(model: torch.nn.Module, path, device=None) -> dict:
         raise ConfigError(f"checkpoint {str(path)!r} holds no state_dict (got {type(state).__name__})")
     model.load_state_dict(state)
     return obj
+
+
+def pretrained_resnet(run: "Run", checkpoint_name: str = "pretrained.pt") -> dict:
+    """The shared start of the ResNet recipes, from ``run.cfg``'s ``data``, ``model``, ``checkpoint``,
+    ``pretrain``, ``eval_batch_size`` and ``seed``: the data, a ``cifar_resnet`` on ``run.device``, the
+    loaders, then the ``checkpoint`` loaded (``weights_only``) or dense pre-training (saved as
+    ``checkpoint_name`` when ``pretrain.save``).  Logs ``model`` and ``dense`` records.
+
+    Returns ``{"data", "model", "train_loader", "test_loader", "params", "dense"}`` (``dense``: the
+    ``{"acc", "loss"}`` of :func:`evaluate`)."""
+    from torch_qode.data import loaders
+    from torch_qode.models import cifar_resnet
+
+    cfg, dev = run.cfg, run.device
+    data = classification_data(cfg["data"], cfg["seed"])
+    model = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], data["num_classes"],
+                         data["in_channels"]).to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    run.log.write("model", depth=cfg["model"]["depth"], widen=cfg["model"]["widen"], params=n_params,
+                  train_samples=len(data["train"]), test_samples=len(data["test"]))
+    pt = cfg["pretrain"]
+    train_loader, test_loader = loaders(data["train"], data["test"], batch_size=pt["batch_size"],
+                                        test_batch_size=cfg["eval_batch_size"], seed=cfg["seed"],
+                                        num_workers=cfg["data"]["num_workers"])
+    if cfg["checkpoint"]:
+        load_checkpoint(model, cfg["checkpoint"], dev)
+        run.log.write("checkpoint", path=cfg["checkpoint"])
+    elif pt["epochs"] > 0:
+        train_classifier(model, train_loader, dev, epochs=pt["epochs"], lr=pt["lr"], momentum=pt["momentum"],
+                         weight_decay=pt["weight_decay"], schedule=pt["schedule"], run=run, test_loader=test_loader)
+        if pt["save"]:
+            torch.save(model.state_dict(), run.path(checkpoint_name))
+    dense = evaluate(model, test_loader, dev)
+    run.log.write("dense", **dense)
+    return {"data": data, "model": model, "train_loader": train_loader, "test_loader": test_loader,
+            "params": n_params, "dense": dense}

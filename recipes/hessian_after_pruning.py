@@ -30,11 +30,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 from recipes import common
-from torch_qode.models import cifar_resnet
 
 DEFAULTS = {
     "seed": 0,
@@ -109,32 +107,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     with common.setup("hessian_after_pruning", DEFAULTS, argv, description=__doc__, data=True) as run:
         cfg, dev = run.cfg, run.device
         _check(cfg)
-        from torch_qode.data import loaders
         from torch_qode.dissipation import hessian_spectrum
         from torch_qode.plotting import plot_curves, plot_density
         from torch_qode.pruning import MagnitudePruner
 
-        data = common.classification_data(cfg["data"], cfg["seed"])
-        model = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], data["num_classes"],
-                             data["in_channels"]).to(dev)
-        n_params = sum(p.numel() for p in model.parameters())
-        run.log.write("model", depth=cfg["model"]["depth"], widen=cfg["model"]["widen"], params=n_params,
-                      train_samples=len(data["train"]), test_samples=len(data["test"]))
-        pt = cfg["pretrain"]
-        train_loader, test_loader = loaders(data["train"], data["test"], batch_size=pt["batch_size"],
-                                            test_batch_size=cfg["eval_batch_size"], seed=cfg["seed"],
-                                            num_workers=cfg["data"]["num_workers"])
-        if cfg["checkpoint"]:
-            common.load_checkpoint(model, cfg["checkpoint"], dev)
-            run.log.write("checkpoint", path=cfg["checkpoint"])
-        elif pt["epochs"] > 0:
-            common.train_classifier(model, train_loader, dev, epochs=pt["epochs"], lr=pt["lr"],
-                                    momentum=pt["momentum"], weight_decay=pt["weight_decay"],
-                                    schedule=pt["schedule"], run=run, test_loader=test_loader)
-            if pt["save"]:
-                torch.save(model.state_dict(), run.path("pretrained.pt"))
-        acc_dense = common.evaluate(model, test_loader, dev)
-        run.log.write("dense", **acc_dense)
+        start = common.pretrained_resnet(run, "pretrained.pt")
+        data, model, test_loader, n_params = start["data"], start["model"], start["test_loader"], start["params"]
+        acc_dense = start["dense"]
 
         h, px = cfg["hessian"], cfg["proxy"]
         batch = common.fixed_batch(data["plain_train"], h["batch_size"], cfg["seed"], dev)

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from recipes import common
-from torch_qode.models import cifar_resnet
 
 DEFAULTS = {
     "seed": 0,
@@ -108,30 +107,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         cfg, dev = run.cfg, run.device
         _check(cfg)
         from torch_qode.callbacks import DissipationMonitor
-        from torch_qode.data import loaders
         from torch_qode.dissipation import DissipationCheck
         from torch_qode.optim import QODE
         from torch_qode.taylor import decomposed_norms
 
-        data = common.classification_data(cfg["data"], cfg["seed"])
-        model = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], data["num_classes"],
-                             data["in_channels"]).to(dev)
-        n_params = sum(p.numel() for p in model.parameters())
-        run.log.write("model", depth=cfg["model"]["depth"], widen=cfg["model"]["widen"], parameters=n_params)
-        pre = cfg["pretrain"]
-        train_dl, test_dl = loaders(data["train"], data["test"], batch_size=pre["batch_size"],
-                                    test_batch_size=cfg["eval_batch_size"], seed=cfg["seed"],
-                                    num_workers=cfg["data"]["num_workers"])
-        if cfg["checkpoint"]:
-            common.load_checkpoint(model, cfg["checkpoint"], dev)
-        elif pre["epochs"] > 0:
-            common.train_classifier(model, train_dl, dev, epochs=pre["epochs"], lr=pre["lr"],
-                                    momentum=pre["momentum"], weight_decay=pre["weight_decay"],
-                                    schedule=pre["schedule"], run=run, test_loader=test_dl)
-            if pre["save"]:
-                torch.save(model.state_dict(), run.path("dense.pt"))
-        dense_acc = common.evaluate(model, test_dl, dev)["acc"]
-        run.log.write("dense", test_acc=dense_acc)
+        start = common.pretrained_resnet(run, "dense.pt")
+        data, model, test_dl, n_params = start["data"], start["model"], start["test_loader"], start["params"]
+        dense_acc = start["dense"]["acc"]
 
         q = dict(cfg["qode"])
         check = DissipationCheck(seed=cfg["seed"], **cfg["dissipation"])

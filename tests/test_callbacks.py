@@ -1,7 +1,6 @@
 """DissipationMonitor: standalone and attached to QODE; leaves the model as it found it."""
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
