@@ -435,3 +435,17 @@ def test_soak_many_cycles_memory_stays_flat():
     assert after == before, (before, after)
     gc.collect()
     assert all(ref() is None for ref in expansions)
+
+
+def test_a_window_that_cannot_be_built_trains_classically_with_the_reason():
+    model, ref = micro_mlp(1), micro_mlp(1)
+    opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=4, classical_steps=1, sparsity=0.0,
+               carleman_order=3, taylor_degree=3, explicit=False)      # matrix-free terms stop at degree 2
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for X, Y in batches(4, seed=2, dims=(2, 1)):
+        opt.step(closure_for(model, opt, X, Y))
+        sgd.step(closure_for(ref, sgd, X, Y))
+    rep = opt.reports[0]
+    assert rep.mode == "classical" and rep.reason.startswith("Carleman system not built") and "degree" in rep.reason
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert opt._expansion is None and not opt.in_quantum_window

@@ -76,8 +76,8 @@ class CycleReport:
     drift: Optional[dict] = None     # track_sgd: ||θ_qode − θ_sgd||, relative, losses
     faults: list = field(default_factory=list)
     skipped_steps: int = 0           # steps whose update was skipped for a non-finite loss/gradient
-    loss_first: Optional[float] = None
-    loss_last: Optional[float] = None
+    loss_first: Optional[float] = None   # the closure's loss at the first step of the cycle
+    loss_last: Optional[float] = None    # … and at its last step
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -262,7 +262,6 @@ class QODE(Optimizer):
         self.reports: list[CycleReport] = []
         self._k = 0
         self._win: Optional[dict] = None      # the live quantum window (see _start_window)
-        self._classical_window = False        # the rest of this cycle trains classically
         self._expansion: Optional[TaylorExpansion] = None
         self._system = None
         self._closure = None
@@ -376,10 +375,12 @@ class QODE(Optimizer):
             self._closure = None
         rep = self._report()
         rep.seconds += time.perf_counter() - t0
-        if loss is not None:
+        if loss is not None and c in (0, self.cycle - 1):   # two host syncs per cycle, not one per step
             value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-            rep.loss_first = value if rep.loss_first is None else rep.loss_first
-            rep.loss_last = value
+            if c == 0:
+                rep.loss_first = value
+            if c == self.cycle - 1:
+                rep.loss_last = value
         self._k += 1
         return loss
 
@@ -387,7 +388,6 @@ class QODE(Optimizer):
         """c = 0: prune (the tomographic download) and open the cycle's report."""
         rep = CycleReport(cycle=self._k // self.cycle, start_step=self._k, window=self.window_length)
         self.reports.append(rep)
-        self._classical_window = False
         if self.pruner is not None:
             self.pruner.prune()
             r = self.pruner.report()
@@ -452,15 +452,19 @@ class QODE(Optimizer):
             rep.reason = f"dissipation check {verdict.reason}"
         else:
             rep.reason = "mode='quantum'"
+        try:
+            self._start_window(exp, support)
+        except (ValueError, MemoryError) as exc:   # e.g. terms too large for this support: refuse the window
+            self._release()
+            exp.release()
+            return self._go_classical(closure, f"Carleman system not built: {exc}", loss, update=True)
         rep.mode = "quantum"
-        self._start_window(exp, support)
         self._advance(self._flat_grads())
         return loss
 
     def _go_classical(self, closure, reason: str, loss, update: bool) -> torch.Tensor:
         rep = self._report()
         rep.mode, rep.reason = "classical", reason
-        self._classical_window = True
         if update and self._finite(loss):
             self._sgd_update()
         else:
@@ -579,7 +583,6 @@ class QODE(Optimizer):
         rep.mode = "classical"
         rep.reason = f"quantum window aborted at t={w['t']}: {why}; parameters restored to θ0"
         self._fault(why)
-        self._classical_window = True
 
     def _release(self) -> None:
         if self._expansion is not None:
@@ -686,7 +689,7 @@ class QODE(Optimizer):
         """Everything needed to resume bit-for-bit, also inside a window (see ``load_state_dict``)."""
         sd = super().state_dict()
         q: dict = {"k": self._k, "rng": self._rng.bit_generator.state,
-                   "reports": [r.as_dict() for r in self.reports], "classical_window": self._classical_window,
+                   "reports": [r.as_dict() for r in self.reports],
                    "pruner": self.pruner.state_dict() if self.pruner is not None else None, "window": None}
         if self._win is not None:
             w = self._win
@@ -722,7 +725,6 @@ class QODE(Optimizer):
         self._rng = np.random.default_rng()
         self._rng.bit_generator.state = q["rng"]
         self.reports = [CycleReport(**r) for r in q["reports"]]
-        self._classical_window = bool(q["classical_window"])
         if self.pruner is not None and q["pruner"] is not None:
             self.pruner.load_state_dict(q["pruner"])
         win = q["window"]
