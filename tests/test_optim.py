@@ -404,6 +404,35 @@ def test_resume_of_a_matrix_free_window_re_expands_and_says_so():
     assert bool(torch.isfinite(flat(m2)).all()) and not o2.in_quantum_window and o2._expansion is None
 
 
+def test_matrix_free_resume_is_exact_given_the_upload_batch():
+    data = batches(8, seed=12)
+    kwargs = dict(lr=0.05, momentum=0.9, mode="quantum", cycle=8, classical_steps=1, sparsity=0.2,
+                  explicit=False, shots=3000, track_sgd=True, carleman_order=1)
+    m_ref = tiny_mlp(3)
+    o_ref = QODE(m_ref.parameters(), **kwargs)
+    run(m_ref, o_ref, data)
+    m1 = tiny_mlp(3)
+    o1 = QODE(m1.parameters(), **kwargs)
+    run(m1, o1, data[:5])
+    buf = io.BytesIO()
+    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    m2 = tiny_mlp(0)
+    m2.load_state_dict(ckpt["model"])
+    o2 = QODE(m2.parameters(), **kwargs)
+    o2.load_state_dict(ckpt["opt"])
+    with pytest.raises(TypeError, match="closure"):
+        o2.restore_expansion(None)
+    o2.restore_expansion(closure_for(m2, o2, *data[1]))      # step 1 was the upload
+    with pytest.raises(RuntimeError, match="no resumed matrix-free window"):
+        o2.restore_expansion(closure_for(m2, o2, *data[1]))
+    run(m2, o2, data[5:])
+    assert all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m2.parameters()))
+    assert not any("re-expanded" in f for f in o2.reports[0].faults)
+    assert [_untimed(r.as_dict()) for r in o_ref.reports] == [_untimed(r.as_dict()) for r in o2.reports]
+
+
 def test_soak_many_cycles_memory_stays_flat():
     """No autograd graph, Lanczos basis or Carleman state outlives its window."""
     import gc

@@ -536,6 +536,35 @@ class QODE(Optimizer):
         if w["t"] == self.window_length:
             self._finish_window()
 
+    @torch.no_grad()
+    def restore_expansion(self, closure: Callable[[], torch.Tensor]) -> None:
+        """Rebuild a resumed matrix-free window's Taylor terms exactly, from the upload batch.
+
+        A matrix-free window's F1..Fq live in the upload batch's autograd graph, which no state_dict
+        can hold.  After :meth:`load_state_dict` inside such a window, call this with a closure over
+        *the upload step's batch* (the model holds θ0 throughout the window): the expansion is rebuilt
+        from it and training continues bit-for-bit as if never interrupted.  (One extra forward:
+        BatchNorm running statistics see that batch once more.)  Without it, the next step re-expands
+        on its own batch and the report says so.
+        """
+        if closure is None or not callable(closure):
+            raise TypeError("restore_expansion needs a closure over the upload step's batch")
+        if self._win is None or self._system is not None:
+            raise RuntimeError("restore_expansion: no resumed matrix-free window is waiting for its Taylor terms")
+        w = self._win
+        saved = [p.grad for p in self._params]
+        with torch.enable_grad(), _capture_backward() as cap:
+            closure()
+        for p, g in zip(self._params, saved):
+            p.grad = g
+        if "loss" not in cap:
+            raise RuntimeError("restore_expansion: the closure did not call loss.backward()")
+        with torch.enable_grad():
+            exp = TaylorExpansion.from_loss(cap["loss"], self._params, lr=w["lr"], support=w["support"],
+                                            degree=min(self.taylor_degree, self.carleman_order),
+                                            weight_decay=w["wd"])
+        self._build_system(exp)
+
     def _window_step(self, closure) -> torch.Tensor:
         resumed = self._system is None            # a matrix-free window restored by load_state_dict
         with torch.enable_grad(), (_capture_backward() if resumed else contextlib.nullcontext({})) as cap:
@@ -712,8 +741,9 @@ class QODE(Optimizer):
         """Restore a ``state_dict``.  Inside a window with explicit Taylor terms the resume is exact.
 
         A matrix-free window cannot be serialised (its Hessian-vector products live in the upload
-        batch's autograd graph): after loading, the next step re-expands at θ0 on *its* batch and
-        the report notes it.
+        batch's autograd graph): call :meth:`restore_expansion` with a closure over the upload batch
+        to continue exactly; otherwise the next step re-expands at θ0 on *its* batch and the report
+        notes it.
         """
         state_dict = dict(state_dict)
         q = state_dict.pop("qode", None)
