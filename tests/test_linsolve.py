@@ -145,3 +145,17 @@ def test_bad_arguments():
         solve_window("not a system", u0, 3)
     with pytest.raises(ValueError, match="T must be"):
         kappa_bound(-1)
+
+
+def test_direct_solve_on_a_larger_window_is_substitution_not_factorisation():
+    """(T+1)Δ = 21,420 unknowns: the old LU path ran out of memory on systems like this one."""
+    rng = np.random.default_rng(21)
+    n, T = 20, 50
+    coeffs = random_coefficients(rng, n, 2, scale=0.05)
+    coeffs[1] -= 0.2 * np.eye(n)
+    s = carleman(PolynomialODE(coeffs), 2)
+    u0 = rng.normal(size=n) * 0.1
+    di = solve_window(s, u0, T, "direct", kappa=None)
+    np.testing.assert_allclose(di.X, solve_window(s, u0, T, "forward", kappa=None).X, atol=1e-12)
+    with pytest.raises(ValueError, match="kappa_a"):
+        solve_window(s, u0, T, "filtered", kappa_a="x")

@@ -14,6 +14,7 @@ singular values ``σ ≥ σ_max/κ_a`` of ``M`` (``M`` normalised to ``||M|| = 1
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -61,11 +62,10 @@ def window_system(system: CarlemanSystem, u0, T: int, *, explicit: Optional[bool
         explicit = system.ode.explicit and _fits(system, T, max_bytes)
     if not explicit:
         return _operator(system, T), B
-    budget = default_max_bytes() if max_bytes is None else int(max_bytes)
-    need = 40 * (T * system.nnz_bound() + (T + 1) * D)
-    if need > budget:
-        raise CarlemanTooLarge(f"M for T={T}, Δ={D:,} needs about {_gib(need)} > max_bytes={_gib(budget)}; "
-                               f"use window_system(..., explicit=False) or solve_window(method='forward')")
+    if not _fits(system, T, max_bytes):
+        raise CarlemanTooLarge(f"M for T={T}, Δ={D:,} needs about {_gib(_bytes_needed(system, T))} > max_bytes="
+                               f"{_gib(_budget(max_bytes))}; use window_system(..., explicit=False) or "
+                               f"solve_window(method='forward')")
     I_D = sp.identity(D, format="csr")
     if system.ode.time_dependent:
         rows = [[None] * (T + 1) for _ in range(T + 1)]
@@ -81,9 +81,42 @@ def window_system(system: CarlemanSystem, u0, T: int, *, explicit: Optional[bool
     return M, B
 
 
+def _budget(max_bytes) -> int:
+    return default_max_bytes() if max_bytes is None else int(max_bytes)
+
+
+def _bytes_needed(system: CarlemanSystem, T: int) -> float:
+    """Peak bytes of building the explicit ``M`` (its non-zeros are bounded by ``nnz_bound``)."""
+    return 40 * (T * system.nnz_bound() + (T + 1) * system.dim)
+
+
 def _fits(system: CarlemanSystem, T: int, max_bytes) -> bool:
-    budget = default_max_bytes() if max_bytes is None else int(max_bytes)
-    return 40 * (T * system.nnz_bound() + (T + 1) * system.dim) <= budget
+    return _bytes_needed(system, T) <= _budget(max_bytes)
+
+
+def _triangular_solvers(M):
+    """``M⁻¹ x`` and ``M⁻ᵀ y`` by sparse triangular substitution.
+
+    ``M`` of Eq. (II.102) is unit lower triangular (identity blocks on the diagonal, ``−(I + A)``
+    strictly below), so no factorisation — and no fill-in — is ever needed.
+    """
+    L = sp.csr_matrix(M)
+    U = sp.csr_matrix(L.T)
+
+    def solve(x):
+        return spla.spsolve_triangular(L, np.asarray(x, dtype=np.float64), lower=True, unit_diagonal=True)
+
+    def solve_T(y):
+        return spla.spsolve_triangular(U, np.asarray(y, dtype=np.float64), lower=False, unit_diagonal=True)
+
+    return solve, solve_T
+
+
+def _inverse_normal_operator(M) -> spla.LinearOperator:
+    """``(MᵀM)⁻¹`` as a LinearOperator (two triangular solves per product)."""
+    solve, solve_T = _triangular_solvers(M)
+    N = M.shape[0]
+    return spla.LinearOperator((N, N), dtype=np.float64, matvec=lambda x: solve(solve_T(x)))
 
 
 def _operator(system: CarlemanSystem, T: int) -> spla.LinearOperator:
@@ -103,8 +136,8 @@ def _operator(system: CarlemanSystem, T: int) -> spla.LinearOperator:
 def condition_number(M, *, dense_limit: int = DENSE_LIMIT) -> tuple[float, bool]:
     """``(κ(M), exact)``: exact from a dense SVD when small, else an ARPACK estimate.
 
-    The estimate takes ``σ_max`` from ``svds`` and ``σ_min`` from shift-invert Lanczos on ``MᵀM``
-    with ``M`` factorised once (``M`` is block-triangular, so the LU is cheap).
+    The estimate takes ``σ_max`` from ``svds`` and ``σ_min`` from Lanczos on ``(MᵀM)⁻¹``, applied by
+    two sparse triangular solves (``M`` is unit lower triangular).
     """
     if isinstance(M, spla.LinearOperator) and not sp.issparse(M):
         raise TypeError("condition_number needs an explicit M (scipy.sparse); a matrix-free operator "
@@ -118,12 +151,9 @@ def condition_number(M, *, dense_limit: int = DENSE_LIMIT) -> tuple[float, bool]
 
 def _sigma_extremes(M: sp.csc_matrix) -> tuple[float, float]:
     smax = float(spla.svds(M, k=1, return_singular_vectors=False, random_state=0)[0])
-    lu = spla.splu(M)
-    N = M.shape[0]
-    inv = spla.LinearOperator((N, N), dtype=np.float64,
-                              matvec=lambda x: lu.solve(lu.solve(np.asarray(x, dtype=np.float64), trans="T")))
     # largest eigenvalue of (MᵀM)^{-1} = 1/σ_min²
-    lam = spla.eigsh(inv, k=1, which="LM", return_eigenvectors=False, v0=np.ones(N))[0]
+    lam = spla.eigsh(_inverse_normal_operator(M), k=1, which="LM", return_eigenvectors=False,
+                     v0=np.ones(M.shape[0]))[0]
     return smax, float(1.0 / np.sqrt(lam))
 
 
@@ -165,8 +195,8 @@ def solve_window(system: CarlemanSystem, u0, T: int, method: str = "forward", *,
     """Solve ``M X = B`` (Eq. II.102) over ``T`` steps from ``u0``.
 
     method:
-        ``"forward"`` the forward recurrence (exact, matrix-free); ``"direct"`` a sparse LU solve of
-        the explicit ``M``; ``"filtered"`` the truncated solver of Theorem II.4 keeping singular
+        ``"forward"`` the forward recurrence (exact, matrix-free); ``"direct"`` scipy's sparse
+        triangular solve of the explicit ``M`` (unit lower triangular: no factorisation, no fill-in); ``"filtered"`` the truncated solver of Theorem II.4 keeping singular
         values ``σ ≥ σ_max/κ_a`` (a truncated-SVD pseudo-inverse; dense SVD up to ``dense_limit``
         unknowns, shift-invert Lanczos on the small singular values beyond).
     kappa:
@@ -180,7 +210,8 @@ def solve_window(system: CarlemanSystem, u0, T: int, method: str = "forward", *,
     if kappa not in ("auto", None):
         raise ValueError(f"kappa must be 'auto' or None, got {kappa!r}")
     if method == "filtered":
-        if kappa_a is None or not (float(kappa_a) >= 1.0) or not np.isfinite(float(kappa_a)):
+        if not isinstance(kappa_a, numbers.Real) or isinstance(kappa_a, bool) or not (float(kappa_a) >= 1.0) \
+                or not np.isfinite(float(kappa_a)):
             raise ValueError(f"kappa_a must be a finite number ≥ 1 for method='filtered', got {kappa_a!r}")
     elif kappa_a is not None:
         raise ValueError(f"kappa_a applies only to method='filtered' (got method={method!r})")
@@ -201,8 +232,8 @@ def solve_window(system: CarlemanSystem, u0, T: int, method: str = "forward", *,
     M, B = window_system(system, u0, T, explicit=True, max_bytes=max_bytes)
     M = sp.csc_matrix(M)
     D = system.dim
-    if method == "direct":
-        x = spla.spsolve(M, B)
+    if method == "direct":   # M is unit lower triangular: substitution is the exact direct solve
+        x = _triangular_solvers(M)[0](B)
         sol = WindowSolution(X=_out(x.reshape(T + 1, D), u0), method=method, n=system.n)
         if kappa == "auto":
             sol.kappa, sol.kappa_exact = condition_number(M, dense_limit=dense_limit)
@@ -249,12 +280,10 @@ def _filtered_sparse(M: sp.csc_matrix, B: np.ndarray, kappa_a: float, max_k: int
     shift-invert Lanczos on ``MᵀM`` (eigenvalues ``σ²``), enlarging ``k`` until one kept value is seen.
     """
     N = M.shape[0]
-    lu = spla.splu(M)
-    x = lu.solve(B)
+    x = _triangular_solvers(M)[0](B)
     smax = float(spla.svds(M, k=1, return_singular_vectors=False, random_state=0)[0])
     thr = smax / kappa_a
-    inv = spla.LinearOperator((N, N), dtype=np.float64,
-                              matvec=lambda v: lu.solve(lu.solve(np.asarray(v, dtype=np.float64), trans="T")))
+    inv = _inverse_normal_operator(M)
     k = 8
     while True:
         k = min(k, N - 2)
