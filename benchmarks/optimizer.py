@@ -8,7 +8,7 @@ machine noise hits both alike, median over steps:
   (one closure at θ0 + one Hessian-vector product on the retained upload graph + the Carleman step);
   the upload (Taylor expansion + dissipation check) and the window end (solve + tomography) are
   reported separately, they happen once per window;
-* N = 2 on a small support (``upload="sparse"``, 99.5% pruned, explicit Taylor terms).
+* N = 2 on a small support (``upload="sparse"``, 90% of the weights pruned, explicit Taylor terms).
 
 Usage: python benchmarks/optimizer.py [--threads 1] [--steps 40]
 """

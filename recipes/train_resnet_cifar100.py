@@ -122,12 +122,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if cfg["monitor"]["enabled"]:
             probe = common.fixed_batch(data["plain_train"], cfg["monitor"]["probe_batch"], cfg["seed"] + 1, dev)
             m = cfg["monitor"]
+            probe_check = DissipationCheck(seed=cfg["seed"], **{**cfg["dissipation"], "steps": m["steps"]})
             monitor = DissipationMonitor(model, F.cross_entropy, probe, lr=q["lr"],
                                          window=q["cycle"] - q["classical_steps"], schedule=m["schedule"],
-                                         backend=m["backend"], steps=m["steps"], cutoff=cfg["dissipation"]["cutoff"],
-                                         log_path=run.path("monitor.jsonl"), seed=cfg["seed"])
+                                         backend=m["backend"], check=probe_check, log_path=run.path("monitor.jsonl"))
         names = [n for n, _ in model.named_parameters()]
-        opt = QODE(model.parameters(), dissipation=check, monitor=monitor, seed=cfg["seed"], names=names, **q)
+        opt = QODE(model.parameters(), dissipation=check, monitor=monitor, seed=cfg["seed"], names=names,
+                   model=model, **q)
         if monitor is not None:
             monitor.record({"step": 0, "event": "eval", "test_acc": dense_acc, "test_acc_sgd": dense_acc})
         opt_sgd = None

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch_qode.callbacks import DissipationMonitor, paper_schedule
+from torch_qode.dissipation import DissipationCheck
 from torch_qode.optim import QODE
 
 
@@ -56,7 +57,8 @@ def test_standalone_monitor_leaves_model_untouched_and_logs_json(tmp_path):
         acc_calls.append(1)
         return float((m(X).argmax(1) == y).double().mean())
 
-    mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.5, window=20, schedule=[0, 3], steps=40,
+    mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.5, window=20, schedule=[0, 3],
+                             check=DissipationCheck(steps=40),
                              metric=metric, log_path=log)
     for s in range(5):
         mon.step(s)
@@ -82,7 +84,8 @@ def test_top_eigenvalue_matches_exact_hessian():
         return F.cross_entropy(torch.func.functional_call(model, parts, (X,)), y)
 
     lam = torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, theta))
-    mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, schedule=[0], steps=theta.numel())
+    mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, schedule=[0],
+                             check=DissipationCheck(steps=theta.numel()))
     rec = mon.step(0)
     assert rec["top_eigenvalue"] == pytest.approx(float(lam.max()), rel=1e-6)
 
@@ -121,6 +124,23 @@ def test_attached_to_qode_records_uploads_windows_and_plots(tmp_path):
         json.loads(line)
 
 
+def test_monitor_numbers_are_the_checks_numbers():
+    """The probe spectrum's proxy and positive fraction equal what DissipationCheck computes on it."""
+    from torch_qode.taylor import TaylorExpansion
+
+    model = bn_model(4)
+    model.eval()
+    X, y = probe(6)
+    chk = DissipationCheck(steps=30, seed=3)
+    mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.3, window=12, schedule=[0], check=chk)
+    rec = mon.step(0)
+    exp = TaylorExpansion.from_model(model, F.cross_entropy, (X, y), lr=0.3, degree=1)
+    v = chk(exp.hvp, exp.n, lr=0.3, T=12)
+    exp.release()
+    assert rec["proxy_curve"] == pytest.approx(v.proxy.tolist(), rel=1e-6)
+    assert rec["positive_fraction"] == pytest.approx(v.positive_fraction, rel=1e-6)
+
+
 def test_bad_arguments():
     model = bn_model()
     X, y = probe()
@@ -136,3 +156,5 @@ def test_bad_arguments():
         DissipationMonitor(lambda x: x, F.cross_entropy, (X, y), lr=0.1)
     with pytest.raises(ValueError, match="window"):
         DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, window=-1)
+    with pytest.raises(TypeError, match="check"):
+        DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, check=0.4)

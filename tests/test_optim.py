@@ -4,6 +4,7 @@ import math
 import warnings
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -223,14 +224,21 @@ def test_sparse_upload_leaves_pruned_weights_at_zero():
     assert opt.reports[0].support_size == sum(p.numel() for p in model.parameters()) - n_out
 
 
-def test_top_r_readout_gives_exact_sparsity():
+def test_top_r_readout_gives_exact_sparsity_on_the_prunable_weights_only():
     model = tiny_mlp(4)
+    with torch.no_grad():
+        model[0].bias.mul_(1e-3)              # tiny biases: a readout over all of S would prune them
     opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=5, classical_steps=2, sparsity=0.5,
                upload="dense", shots=None)
     run(model, opt, batches(5, seed=3))
-    r = int(opt.pruner.support().numel())
-    assert int((flat(model) != 0).sum()) == r
+    keep = opt.pruner.n_prunable - opt.pruner.n_pruned_target()
+    weights = [p for p, f in zip(model.parameters(), opt.pruner.prunable) if f]
+    others = [p for p, f in zip(model.parameters(), opt.pruner.prunable) if not f]
+    assert sum(int((p != 0).sum()) for p in weights) == keep
+    assert all(bool((p != 0).all()) for p in others)          # biases are read, never pruned
     assert opt.reports[0].support_size == flat(model).numel()
+    assert opt.reports[0].tomography["readout_pruned"] == opt.pruner.n_pruned_target()
+    assert opt.reports[0].resources["r"] == keep + sum(p.numel() for p in others)
 
 
 def test_shots_make_the_readout_noisy_but_bounded():
@@ -478,3 +486,103 @@ def test_a_window_that_cannot_be_built_trains_classically_with_the_reason():
     assert rep.mode == "classical" and rep.reason.startswith("Carleman system not built") and "degree" in rep.reason
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
     assert opt._expansion is None and not opt.in_quantum_window
+
+
+def bn_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).double()
+
+
+def test_track_sgd_measures_without_changing_the_trained_model():
+    data = batches(10, seed=4)
+    out = []
+    for track in (False, True):
+        model = bn_net(1)
+        opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=5, classical_steps=1, sparsity=0.0,
+                   track_sgd=track, model=model)
+        run(model, opt, data)
+        out.append((flat(model), [b.clone() for b in model.buffers()]))
+        assert (opt.reports[0].drift is not None) is track
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+
+
+@pytest.mark.parametrize("case", ["momentum", "sparse"])
+def test_linearisation_drift_isolates_the_carleman_error(case):
+    """Quadratic loss, one batch: the Carleman N = 1 solution is the window's exact dynamics, so the
+    linearisation drift vanishes even when momentum SGD (or dense SGD) lands elsewhere."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    X, Y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 3, dtype=torch.float64)
+    kw = dict(momentum=0.9, sparsity=0.0) if case == "momentum" else dict(sparsity=0.5, upload="sparse")
+    opt = QODE(model.parameters(), lr=0.1, mode="quantum", cycle=12, classical_steps=2, carleman_order=1,
+               track_sgd=True, **kw)
+    run(model, opt, [(X, Y)] * 12)
+    d = opt.reports[0].drift
+    assert d["linearization"] < 1e-12 and d["gd_displacement"] > 1e-2
+    assert d["relative"] > 0.05                      # SGD itself (momentum / all weights) went elsewhere
+
+
+def test_lr_zero_at_upload_trains_classically():
+    model = tiny_mlp(1)
+    opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=4, classical_steps=1, sparsity=0.0)
+    opt.param_groups[0]["lr"] = 0.0                  # e.g. a scheduler that reached 0
+    run(model, opt, batches(4))
+    assert opt.reports[0].mode == "classical" and "lr = 0" in opt.reports[0].reason
+
+
+def test_bad_readout_settings_are_refused_at_construction():
+    ps = list(tiny_mlp().parameters())
+    with pytest.raises(ValueError, match="shots=2"):
+        QODE(ps, shots=2)
+    with pytest.raises(ValueError, match="sign_method"):
+        QODE(ps, shots=1000, tomography_kwargs={"sign_method": "nope"})
+    with pytest.raises(ValueError, match="split"):
+        QODE(ps, shots=1000, tomography_kwargs={"split": {"bogus": 1}})
+    with pytest.raises(ValueError, match="tomography_kwargs may not set"):
+        QODE(ps, tomography_kwargs={"top_r": 3})
+    with pytest.raises(ValueError, match="solver='direct'"):
+        QODE(nn.Linear(100, 100).parameters(), solver="direct", sparsity=0.0)
+    QODE(ps, momentum=np.float32(0.9))               # any real number type
+
+
+def test_load_state_dict_refuses_other_settings():
+    model = tiny_mlp(1)
+    opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=4, classical_steps=1, sparsity=0.0)
+    run(model, opt, batches(2))
+    other = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=5, classical_steps=1, sparsity=0.0)
+    with pytest.raises(ValueError, match="cycle=4 there vs 5 here"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_gradient_accumulation_closure_expands_the_summed_loss():
+    """Two backward calls in the upload closure: F0 and F1 are those of the sum of the two losses."""
+    model = micro_mlp(5)
+    lr, cycle, cs = 0.1, 5, 1
+    data = batches(cycle, seed=8, dims=(2, 1), size=32)
+    opt = QODE(model.parameters(), lr=lr, mode="quantum", cycle=cycle, classical_steps=cs, sparsity=0.0,
+               carleman_order=1, noise="frozen")
+
+    def accumulating(X, Y):
+        def closure():
+            opt.zero_grad()
+            total = 0.0
+            for part in (slice(0, 16), slice(16, 32)):
+                loss = ((model(X[part]) - Y[part]) ** 2).mean()
+                loss.backward()
+                total = total + loss.detach()
+            return total
+        return closure
+
+    for k, (X, Y) in enumerate(data):
+        if k == cs:
+            theta0 = flat(model).clone()
+            f1, f2 = flat_loss(model, X[:16], Y[:16]), flat_loss(model, X[16:], Y[16:])
+            fsum = lambda th: f1(th) + f2(th)  # noqa: E731
+            g = torch.autograd.functional.jacobian(fsum, theta0)
+            H = torch.autograd.functional.hessian(fsum, theta0)
+        opt.step(accumulating(X, Y))
+    u = torch.zeros_like(theta0)
+    for _ in range(cycle - cs):
+        u = u - lr * g - lr * (H @ u)
+    torch.testing.assert_close(flat(model), theta0 + u, atol=1e-10, rtol=0)

@@ -49,7 +49,7 @@ def test_auto_mode_and_cifar100_fixture_through_the_real_loader(tmp_path):
     assert len(res["rows"]) == 2 and all(r["acc_sgd"] is None for r in res["rows"])
     for rep in res["reports"]:
         assert rep["mode"] in ("quantum", "classical") and rep["dissipation"]["lr"] == pytest.approx(0.05)
-        assert ("dissipation check" in rep["reason"]) or rep["faults"]
+        assert rep["reason"].startswith("dissipation check ") and not rep["faults"]
 
 
 def test_missing_cifar_and_bad_overrides_are_clear(tmp_path):

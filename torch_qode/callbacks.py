@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ._figure import new_figure, positive as _positive, save
-from .dissipation import error_proxy, hessian_spectrum, positive_fraction
+from .dissipation import DissipationCheck, hessian_spectrum
 
 __all__ = ["DissipationMonitor", "paper_schedule", "plot_training_panels"]
 
@@ -66,19 +66,19 @@ class DissipationMonitor:
         window: horizon ``T`` of the predicted proxy curve ``proxy(0..T)``.
         schedule: ``"paper"`` (:func:`paper_schedule`), a callable ``step -> bool`` or an iterable
             of steps.
-        backend, steps, runs, grid, support, params, seed: passed to
-            :func:`~torch_qode.dissipation.hessian_spectrum` (SLQ with ``steps`` Lanczos steps; the
-            paper's code used 256 steps and 256 grid points).
-        cutoff: ``c`` of Eq. (III.14).
+        backend, support, params: passed to :func:`~torch_qode.dissipation.hessian_spectrum`.
+        check: the :class:`~torch_qode.dissipation.DissipationCheck` whose settings (Lanczos steps,
+            runs, grid, seed, proxy form, cutoff ``c`` of Eq. III.14, flat bands) the monitor uses, so
+            its numbers are the ones QODE's check would compute (default: ``DissipationCheck()``; the
+            paper's code used 256 Lanczos steps).
         metric: optional ``model -> float`` (e.g. test accuracy) evaluated at scheduled steps.
         log_path: JSON-lines file (appended to).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, probe_batch, *, lr: float, window: int = 90,
                  schedule: Union[str, Callable[[int], bool], Iterable[int]] = "paper", backend: str = "torch",
-                 steps: int = 64, runs: int = 1, grid: int = 256, cutoff: float = 0.4, support=None,
-                 params=None, metric: Optional[Callable[[nn.Module], float]] = None,
-                 log_path=None, seed: int = 0):
+                 check: Optional[DissipationCheck] = None, support=None, params=None,
+                 metric: Optional[Callable[[nn.Module], float]] = None, log_path=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -103,11 +103,15 @@ class DissipationMonitor:
             raise ValueError(f"backend must be 'torch' or 'pyhessian', got {backend!r}")
         if metric is not None and not callable(metric):
             raise TypeError("metric must be callable: model -> float")
+        if check is not None and not isinstance(check, DissipationCheck):
+            raise TypeError(f"check must be a DissipationCheck or None, got {type(check).__name__}")
+        self.check = check if check is not None else DissipationCheck()
         self.model, self.loss_fn, self.probe_batch = model, loss_fn, tuple(probe_batch)
-        self.lr, self.window, self.cutoff = float(lr), window, float(cutoff)
-        self.backend, self.metric, self.seed = backend, metric, seed
-        self._spectrum_kw = dict(backend=backend, steps=steps, runs=runs, grid=grid, support=support,
-                                 params=params, seed=seed, trace=False)
+        self.lr, self.window = float(lr), window
+        self.backend, self.metric = backend, metric
+        c = self.check
+        self._spectrum_kw = dict(backend=backend, steps=c.steps, runs=c.runs, grid=c.grid, sigma=c.sigma,
+                                 support=support, params=params, seed=c.seed, trace=False)
         self.records: list[dict] = []
         self.log_path = None if log_path is None else Path(log_path)
         if self.log_path is not None:
@@ -123,9 +127,9 @@ class DissipationMonitor:
             return None
         spec = hessian_spectrum(self.model, self.loss_fn, self.probe_batch, **self._spectrum_kw)
         dens = spec.density
-        curve = np.atleast_1d(error_proxy(dens, self.lr, np.arange(self.window + 1), self.cutoff))
+        curve, pos, _ = self.check.evaluate(dens, self.lr, self.window)
         rec = {"step": int(step), "event": "spectrum", "top_eigenvalue": float(spec.top_eigenvalues[0]),
-               "positive_fraction": positive_fraction(dens), "proxy_T": float(curve[-1]),
+               "positive_fraction": pos, "proxy_T": float(curve[-1]),
                "proxy_curve": curve, "spectrum": {"grid": dens.grid, "density": dens.values},
                "seconds": float(sum(spec.seconds.values()))}
         if self.metric is not None:

@@ -740,6 +740,17 @@ class DissipationCheck:
         self.steps, self.runs, self.grid, self.seed = int(steps), int(runs), int(grid), int(seed)
         self.sigma, self.reorthogonalize = sigma, reorthogonalize
 
+    def evaluate(self, density: Density, lr: float, T: int) -> tuple[np.ndarray, float, float]:
+        """``(proxy[0..T], positive_fraction, kept_mass)`` of a density under this check's settings
+        (``form``, ``cutoff``, the flat bands) — what :meth:`__call__` decides on, reusable for any
+        spectrum (e.g. :class:`~torch_qode.callbacks.DissipationMonitor`'s probe spectra)."""
+        measure = density if self.form == "density" else (density.nodes, density.weights)
+        proxy = np.atleast_1d(error_proxy(measure, lr, np.arange(int(T) + 1), self.cutoff))
+        pos = positive_fraction(density, self.zero_tol, flat_below=self.flat_growth / (lr * T) if T > 0 else 0.0)
+        x, p = (density.grid, density.values) if self.form == "density" else (density.nodes, density.weights)
+        kept_mass = float(p[np.abs(lr * x) >= self.cutoff].sum() / p.sum()) if p.sum() > 0 else 0.0
+        return proxy, pos, kept_mass
+
     def __call__(self, hvp: Callable[[torch.Tensor], torch.Tensor], n: int, *, lr: float, T: int,
                  dtype: torch.dtype = torch.float64, device=None) -> Verdict:
         if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 0:
@@ -761,12 +772,8 @@ class DissipationCheck:
             return Verdict(False, "failed: the Hessian-vector product returned non-finite values", nan, nan,
                            np.full(int(T) + 1, np.nan), float(lr), int(T), self.cutoff, nan, None, count[0],
                            time.perf_counter() - t0)
-        measure = dens if self.form == "density" else (dens.nodes, dens.weights)
-        proxy = np.atleast_1d(error_proxy(measure, lr, np.arange(int(T) + 1), self.cutoff))
-        pos = positive_fraction(dens, self.zero_tol, flat_below=self.flat_growth / (lr * T) if T > 0 else 0.0)
+        proxy, pos, kept_mass = self.evaluate(dens, lr, int(T))
         top = float(dens.nodes.max())
-        x, p = (dens.grid, dens.values) if self.form == "density" else (dens.nodes, dens.weights)
-        kept_mass = float(p[np.abs(lr * x) >= self.cutoff].sum() / p.sum()) if p.sum() > 0 else 0.0
         pT = float(proxy[-1])
         msgs = []
         if not pT <= self.max_error_proxy:
