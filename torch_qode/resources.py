@@ -27,14 +27,9 @@ import scipy.sparse as sp
 from .carleman import CarlemanSystem, CarlemanTooLarge
 from .carleman import required_order as _required_order
 from .linsolve import kappa_bound
-from .tomography import coupon_cost, shadow_cost
+from .tomography import coupon_cost, qubits, shadow_cost
 
 __all__ = ["Resources", "estimate_resources"]
-
-
-def _log2_ceil(x: int) -> int:
-    """``ceil(log2 x)`` for an integer ``x ≥ 1``, exact (no float rounding); at least 1."""
-    return max(1, (int(x) - 1).bit_length())
 
 
 @dataclass
@@ -202,10 +197,10 @@ class Resources:
             s_M_v, s_M_source = _int(s_M, "s_M", 1), "measured"
         if s_bound is not None:
             s_bound = _int(s_bound, "s_bound", 0)
-        b_anc = (_log2_ceil(s_M_v) + 1 if block_encoding_ancillas is None
+        b_anc = (qubits(s_M_v) + 1 if block_encoding_ancillas is None
                  else _int(block_encoding_ancillas, "block_encoding_ancillas", 0))
         ancillas = {"block_encoding": b_anc, "qlsa": 1, "well_ill_flag": int(filtering)}
-        system_qubits = _log2_ceil(N_b)
+        system_qubits = qubits(N_b)
         polylog = math.log2(N_b / eps)
         gates_qlsa = s_M_v * kappa_v * polylog
         gates_filtered = s_M_v**2 * kappa_a**2 * polylog
@@ -222,7 +217,7 @@ class Resources:
         r = n if r is None else _int(r, "r", 1)
         if r > n:
             raise ValueError(f"r must be in 1..n = {n} (components read out), got {r}")
-        m = _log2_ceil(n)
+        m = qubits(n)
         draws = coupon_cost(r)
         shadow = shadow_cost(r, n, eps)
         gates = gates_filtered if filtering else gates_qlsa

@@ -31,6 +31,7 @@ from numbers import Integral, Real
 from typing import Mapping, Optional, Union
 
 import numpy as np
+import scipy.sparse as sp
 import scipy.integrate
 import scipy.special
 import torch
@@ -65,7 +66,7 @@ def shadow_cost(r: int, n: int, eps: float) -> float:
     n = _check_count(n, "n", minimum=1)
     if isinstance(eps, bool) or not isinstance(eps, Real) or not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number ≥ 0, got {eps!r}")
-    m = _qubits(n)
+    m = qubits(n)
     if r == 0:
         return 0.0
     return math.inf if eps == 0 else float(m * m * r**3 / eps**2)
@@ -365,7 +366,7 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
         norm_source=norm_source, missed_mass=float(p[missed].sum()),
         pruned_mass=float(p[dropped].sum()), relative_error=rel_err, sign_errors=sign_errors,
         reference=int(nz[ref]) if shots is not None and sign_method == "pairs" else None,
-        n=n, r=r, m=_qubits(n),
+        n=n, r=r, m=qubits(n),
         coupon_cost=coupon_cost(r_cost), shadow_cost=shadow_cost(r_cost, n, shadow_eps),
         shadow_eps=float(shadow_eps), eps_source=eps_source, split=used_split,
         sign_method=None if shots is None else sign_method)
@@ -446,7 +447,7 @@ def _as_vector(v):
             t = t.double()
         arr = t.cpu().numpy()
     else:
-        if _issparse(v):
+        if sp.issparse(v):
             raise TypeError("v: a sparse matrix is not accepted here, pass a dense 1-D vector")
         kind = ("numpy", None)
         try:
@@ -462,12 +463,6 @@ def _as_vector(v):
     if arr.size == 0:
         raise ValueError("v is empty: it must have at least one component")
     return arr, kind
-
-
-def _issparse(x) -> bool:
-    import scipy.sparse as sp
-
-    return sp.issparse(x)
 
 
 def _like(vals: np.ndarray, support: np.ndarray, n: int, kind):
@@ -543,8 +538,8 @@ def _check_count(x, name: str, minimum: int) -> int:
     return int(x)
 
 
-def _qubits(n: int) -> int:
-    """``max(1, ceil(log2 n))`` qubits hold an ``n``-dimensional state (exact for powers of two)."""
+def qubits(n: int) -> int:
+    """``max(1, ceil(log2 n))``: qubits holding an ``n``-dimensional state (exact integer arithmetic)."""
     return max(1, (int(n) - 1).bit_length())
 
 
