@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from torch_qode.tomography import (DEFAULT_SPLIT, coupon_collector_expected_draws, coupon_cost,
                                    shadow_cost, tomography)
-from torch_qode.tomography import _pow2_ceil, _qubits
+from torch_qode.tomography import _pow2_ceil, qubits
 
 
 def sparse_vector(n, r, seed, low=0.1, high=1.0):
@@ -159,7 +159,7 @@ def test_norm_modes():
 
 def test_pow2_ceil_and_qubits():
     assert [_pow2_ceil(x) for x in (0.3, 0.5, 1.0, 3.0, 4.0, 4.1)] == [0.5, 0.5, 1.0, 4.0, 4.0, 8.0]
-    assert [_qubits(n) for n in (1, 2, 3, 4, 5, 1024, 1025)] == [1, 1, 2, 2, 3, 10, 11]
+    assert [qubits(n) for n in (1, 2, 3, 4, 5, 1024, 1025)] == [1, 1, 2, 2, 3, 10, 11]
 
 
 def test_top_r_keeps_largest_observed_counts():
