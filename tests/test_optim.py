@@ -342,6 +342,23 @@ def test_invalid_arguments_name_the_argument():
 
 
 # ------------------------------------------------------------------------------- state dict
+def interrupted(make, seed, kwargs, steps):
+    """Train on ``steps``, checkpoint model + optimizer through torch.save / torch.load(weights_only=True),
+    and restore both into freshly built objects (the model initialised differently on purpose)."""
+    m1 = make(seed)
+    o1 = QODE(m1.parameters(), **kwargs)
+    run(m1, o1, steps)
+    buf = io.BytesIO()
+    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    m2 = make(seed + 91)
+    m2.load_state_dict(ckpt["model"])
+    o2 = QODE(m2.parameters(), **kwargs)
+    o2.load_state_dict(ckpt["opt"])
+    return m2, o2
+
+
 def _untimed(d):
     """A report without its wall-clock fields (everything else must match exactly)."""
     if isinstance(d, dict):
@@ -363,17 +380,7 @@ def test_resume_mid_window_is_bit_identical(stop, order):
     run(m_ref, o_ref, data)
     assert [r.mode for r in o_ref.reports] == ["quantum", "quantum"]
 
-    m1 = make(8)
-    o1 = QODE(m1.parameters(), **kwargs)
-    run(m1, o1, data[:stop])
-    buf = io.BytesIO()
-    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    m2 = make(99)
-    m2.load_state_dict(ckpt["model"])
-    o2 = QODE(m2.parameters(), **kwargs)
-    o2.load_state_dict(ckpt["opt"])
+    m2, o2 = interrupted(make, 8, kwargs, data[:stop])
     run(m2, o2, data[stop:])
     for a, b in zip(m_ref.parameters(), m2.parameters()):
         assert torch.equal(a, b)
@@ -419,17 +426,7 @@ def test_matrix_free_resume_is_exact_given_the_upload_batch():
     m_ref = tiny_mlp(3)
     o_ref = QODE(m_ref.parameters(), **kwargs)
     run(m_ref, o_ref, data)
-    m1 = tiny_mlp(3)
-    o1 = QODE(m1.parameters(), **kwargs)
-    run(m1, o1, data[:5])
-    buf = io.BytesIO()
-    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    m2 = tiny_mlp(0)
-    m2.load_state_dict(ckpt["model"])
-    o2 = QODE(m2.parameters(), **kwargs)
-    o2.load_state_dict(ckpt["opt"])
+    m2, o2 = interrupted(tiny_mlp, 3, kwargs, data[:5])
     with pytest.raises(TypeError, match="closure"):
         o2.restore_expansion(None)
     o2.restore_expansion(closure_for(m2, o2, *data[1]))      # step 1 was the upload
