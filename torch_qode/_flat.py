@@ -15,7 +15,8 @@ import torch.nn as nn
 
 __all__ = [
     "param_list", "numel", "flatten", "unflatten", "check_support", "scatter_rows",
-    "preserved", "decomposed_norms", "batch_stats_no_update", "check_no_torch_prune", "make_loss_fn",
+    "preserved", "decomposed_norms", "batch_stats_no_update", "check_no_torch_prune", "check_model_loss_batch",
+    "make_loss_fn",
     "fused_norm_nodes",
 ]
 
@@ -331,6 +332,18 @@ def _named(model: nn.Module, params: Sequence[torch.Tensor]) -> list[str]:
     return out
 
 
+def check_model_loss_batch(model, loss_fn, batch, names=("model", "criterion", "batch")) -> None:
+    """``model`` an ``nn.Module``, ``loss_fn`` callable, ``batch`` a pair ``(inputs, targets)``; errors
+    name the caller's argument."""
+    m, l, b = names
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{m} must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"{l} must be callable: (outputs, targets) -> scalar loss")
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError(f"{b} must be a pair (inputs, targets)")
+
+
 def make_loss_fn(model: nn.Module, criterion: Callable, batch, params: Optional[Sequence[torch.Tensor]] = None,
                  *, seed: int = 0, decompose_norms: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """A pure function ``theta (N,) -> loss`` of the flat parameter vector, for torch.func.
@@ -342,12 +355,7 @@ def make_loss_fn(model: nn.Module, criterion: Callable, batch, params: Optional[
     training mode uses the batch statistics and never updates its running buffers.  Randomness (dropout) is re-seeded with ``seed`` on every call, so
     every evaluation sees the same masks, and the global RNG state is left as it was.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(criterion):
-        raise TypeError("criterion must be callable: (outputs, targets) -> scalar loss")
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError("batch must be a pair (inputs, targets)")
+    check_model_loss_batch(model, criterion, batch)
     check_no_torch_prune(model)
     params = param_list(model if params is None else params)
     names = _named(model, params)

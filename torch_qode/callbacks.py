@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ._figure import new_figure, positive as _positive, save
+from ._flat import check_model_loss_batch
 from .dissipation import DissipationCheck, hessian_spectrum
 
 __all__ = ["DissipationMonitor", "paper_schedule", "plot_training_panels"]
@@ -79,12 +80,7 @@ class DissipationMonitor:
                  schedule: Union[str, Callable[[int], bool], Iterable[int]] = "paper", backend: str = "torch",
                  check: Optional[DissipationCheck] = None, support=None, params=None,
                  metric: Optional[Callable[[nn.Module], float]] = None, log_path=None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable: (outputs, targets) -> scalar loss")
-        if not (isinstance(probe_batch, (tuple, list)) and len(probe_batch) == 2):
-            raise TypeError("probe_batch must be a pair (inputs, targets)")
+        check_model_loss_batch(model, loss_fn, probe_batch, ("model", "loss_fn", "probe_batch"))
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:

@@ -27,11 +27,21 @@ import torch
 from .carleman import CarlemanSystem, CarlemanTooLarge, _gib, default_max_bytes
 from .ode import _check_T, as_tensor, like
 
-__all__ = ["window_system", "solve_window", "WindowSolution", "kappa_bound", "condition_number",
+__all__ = ["window_system", "solve_window", "WindowSolution", "kappa_bound", "check_kappa_a", "condition_number",
            "filtered_fidelity", "METHODS"]
 
 METHODS = ("forward", "direct", "filtered")
 DENSE_LIMIT = 3000  # (T+1)Δ up to which κ and the filtered solve use a dense SVD
+
+
+def check_kappa_a(kappa_a, method: str, name: str = "method") -> None:
+    """``kappa_a`` must be a finite number ≥ 1 with the filtered solver and ``None`` otherwise."""
+    if method == "filtered":
+        if not isinstance(kappa_a, numbers.Real) or isinstance(kappa_a, bool) or not (float(kappa_a) >= 1.0) \
+                or not np.isfinite(float(kappa_a)):
+            raise ValueError(f"kappa_a must be a finite number ≥ 1 with {name}='filtered', got {kappa_a!r}")
+    elif kappa_a is not None:
+        raise ValueError(f"kappa_a applies only to {name}='filtered' ({name}={method!r})")
 
 
 def kappa_bound(T: int) -> int:
@@ -209,12 +219,7 @@ def solve_window(system: CarlemanSystem, u0, T: int, method: str = "forward", *,
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if kappa not in ("auto", None):
         raise ValueError(f"kappa must be 'auto' or None, got {kappa!r}")
-    if method == "filtered":
-        if not isinstance(kappa_a, numbers.Real) or isinstance(kappa_a, bool) or not (float(kappa_a) >= 1.0) \
-                or not np.isfinite(float(kappa_a)):
-            raise ValueError(f"kappa_a must be a finite number ≥ 1 for method='filtered', got {kappa_a!r}")
-    elif kappa_a is not None:
-        raise ValueError(f"kappa_a applies only to method='filtered' (got method={method!r})")
+    check_kappa_a(kappa_a, method)
 
     if method == "forward":
         X = _forward(system, u0, T)

@@ -38,7 +38,7 @@ from torch.optim.sgd import sgd as _sgd
 from . import _flat
 from .carleman import FORMS, carleman, default_max_bytes
 from .dissipation import DissipationCheck
-from .linsolve import METHODS, kappa_bound, solve_window
+from .linsolve import METHODS, check_kappa_a, kappa_bound, solve_window
 from .ode import NonFiniteError, PolynomialODE, all_finite
 from .pruning import MagnitudePruner
 from .resources import estimate_resources
@@ -210,12 +210,7 @@ class QODE(Optimizer):
         taylor_degree = _check_int(taylor_degree, "taylor_degree", 1)
         _check_choice(form, "form", FORMS)
         _check_choice(solver, "solver", METHODS)
-        if solver == "filtered":
-            if not isinstance(kappa_a, numbers.Real) or isinstance(kappa_a, bool) or not (float(kappa_a) >= 1) \
-                    or not math.isfinite(float(kappa_a)):
-                raise ValueError(f"kappa_a must be a finite number ≥ 1 with solver='filtered', got {kappa_a!r}")
-        elif kappa_a is not None:
-            raise ValueError(f"kappa_a applies only to solver='filtered' (solver={solver!r})")
+        check_kappa_a(kappa_a, solver, name="solver")
         if shots is not None:
             shots = _check_int(shots, "shots", 1)
         _check_choice(noise, "noise", NOISES)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Real
 from typing import Optional
 
 import numpy as np
@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from .carleman import CarlemanSystem, CarlemanTooLarge
 from .carleman import required_order as _required_order
 from .linsolve import kappa_bound
-from .tomography import coupon_cost, qubits, shadow_cost
+from .tomography import _check_count as _int, coupon_cost, qubits, shadow_cost
 
 __all__ = ["Resources", "estimate_resources"]
 
@@ -357,14 +357,6 @@ def _default_rate(system: CarlemanSystem) -> Optional[float]:
     G = np.eye(system.n) + (F1.scipy().toarray() if F1 is not None else 0.0)
     rate = 1.0 - float(np.linalg.norm(G, 2))
     return rate if rate > 0 else None
-
-
-def _int(x, name: str, minimum: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, Integral):
-        raise TypeError(f"{name} must be an integer ≥ {minimum}, got {type(x).__name__}")
-    if x < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {x!r}")
-    return int(x)
 
 
 def _real(x, name: str, low: float, high: float = math.inf, closed: bool = False,
