@@ -91,24 +91,41 @@ def _capture_backward():
     """Keep the graph of the loss that the closure backwards (``retain_graph=True``).
 
     QODE needs second and third derivatives of the upload step's loss; a standard closure calls
-    ``loss.backward()``, which would free the graph.  Inside this context ``Tensor.backward`` still
-    fills ``.grad`` exactly as usual but retains the graph and records the loss.  A closure that
-    accumulates gradients over several backward calls gets the sum of its losses, whose gradient is
-    exactly what ``.grad`` accumulated.
+    ``loss.backward()`` (or ``torch.autograd.backward(loss)``), which would free the graph.  Inside
+    this context ``torch.autograd.backward`` — which ``Tensor.backward`` calls — still fills ``.grad``
+    exactly as usual but retains the graph and records the loss.  A closure that accumulates
+    gradients over several backward calls gets the sum of its losses, whose gradient is exactly what
+    ``.grad`` accumulated.  Backward calls made from inside a backward pass are not the closure's
+    and pass through untouched.
     """
     captured: dict = {"losses": []}
-    original = torch.Tensor.backward
+    original = torch.autograd.backward
+    depth = [0]
 
-    def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
-        captured["losses"].append(self if gradient is None else (self * gradient).sum())
-        captured["loss"] = captured["losses"][0] if len(captured["losses"]) == 1 else sum(captured["losses"])
-        return original(self, gradient, retain_graph=True, create_graph=create_graph, inputs=inputs)
+    def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, grad_variables=None,
+                 inputs=None):
+        if depth[0]:
+            return original(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs=inputs)
+        ts = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        gs = grad_tensors if grad_tensors is not None else grad_variables
+        gs = (None,) * len(ts) if gs is None else ((gs,) if isinstance(gs, torch.Tensor) else tuple(gs))
+        for t, g in zip(ts, gs):
+            if isinstance(t, torch.Tensor):
+                captured["losses"].append(t if g is None else (t * g).sum())
+        if captured["losses"]:
+            losses = captured["losses"]
+            captured["loss"] = losses[0] if len(losses) == 1 else sum(losses)
+        depth[0] += 1
+        try:
+            return original(tensors, grad_tensors, True, create_graph, grad_variables, inputs=inputs)
+        finally:
+            depth[0] -= 1
 
-    torch.Tensor.backward = backward
+    torch.autograd.backward = backward
     try:
         yield captured
     finally:
-        torch.Tensor.backward = original
+        torch.autograd.backward = original
 
 
 class _NoiseTape:
@@ -130,10 +147,46 @@ class _NoiseTape:
             raise RuntimeError(f"F0({t}) was not recorded in this window") from None
 
 
+def _loss_value(loss) -> Optional[float]:
+    """The closure's return value as a float when it is one number (a one-element tensor or a real
+    number), else ``None``: like ``torch.optim.SGD``, QODE accepts whatever the closure returns."""
+    if isinstance(loss, torch.Tensor):
+        return float(loss.detach()) if loss.numel() == 1 and not loss.is_complex() else None
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return float(loss)
+    return None
+
+
 def _check_int(value, name: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
     return int(value)
+
+
+def _check_sgd_settings(group: dict, where: str = "") -> None:
+    """``lr``, ``momentum``, ``weight_decay``, ``dampening`` finite and ≥ 0; ``nesterov`` consistent;
+    no ``maximize`` (QODE minimises: the window's ODE is gradient *descent*)."""
+    for name in ("lr", "momentum", "weight_decay", "dampening"):
+        value = group[name]
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not (value >= 0) \
+                or not math.isfinite(value):
+            raise ValueError(f"{where}{name} must be a finite number ≥ 0, got {value!r}")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(f"{where}nesterov=True requires momentum > 0 and dampening = 0")
+    if group.get("maximize", False):
+        raise ValueError(f"{where}maximize=True is not supported: QODE minimises the loss")
+
+
+def _check_trainable(params) -> None:
+    """Every parameter must be trainable (dense, ``requires_grad``): the window expands the loss in all
+    of them.  SGD skips frozen ones silently; QODE refuses them with the usual fix."""
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad: pass only the "
+                             "trainable parameters, e.g. QODE([p for p in model.parameters() if "
+                             "p.requires_grad], ...)")
+        if p.is_sparse:
+            raise ValueError(f"params[{i}] is a sparse tensor: QODE needs dense parameters")
 
 
 def _check_choice(value, name: str, allowed) -> str:
@@ -177,7 +230,13 @@ class QODE(Optimizer):
             (``sign_method``, ``split``, ``norm_scale``, …).
         model: the module the parameters belong to (optional).  With it, the closures QODE evaluates
             only to measure (``track_sgd``'s shadows, ``restore_expansion``) run with BatchNorm
-            running statistics frozen, so measuring never changes the trained model.
+            running statistics frozen, so measuring never changes the trained model (they always
+            run on a forked global RNG and on fresh ``.grad`` slots).
+
+    Differences from ``torch.optim.SGD`` a user meets: every parameter must require grad (pass
+    ``[p for p in model.parameters() if p.requires_grad]``); one parameter group; no ``maximize``;
+    sparse gradients train classically only.  The closure may return anything (its value is
+    reported when it is one number).  ``copy.deepcopy`` and ``pickle`` keep the whole state.
     """
 
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, *,
@@ -189,14 +248,9 @@ class QODE(Optimizer):
                  track_sgd: bool = False, seed: int = 0, explicit: Optional[bool] = None,
                  prunable=None, names=None, monitor=None, eps: float = 1e-2,
                  tomography_kwargs: Optional[dict] = None, model: Optional[torch.nn.Module] = None):
-        for value, name in ((lr, "lr"), (momentum, "momentum"), (weight_decay, "weight_decay"),
-                            (dampening, "dampening")):
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not (value >= 0) \
-                    or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        _check_sgd_settings(dict(lr=lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening,
+                                 nesterov=nesterov))
         lr, momentum, weight_decay, dampening = float(lr), float(momentum), float(weight_decay), float(dampening)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
         _check_choice(mode, "mode", MODES)
         cycle = _check_int(cycle, "cycle", 1)
         classical_steps = _check_int(classical_steps, "classical_steps", 0)
@@ -238,9 +292,9 @@ class QODE(Optimizer):
         if len(self.param_groups) != 1:
             raise ValueError("QODE supports a single parameter group (like LBFGS): the window's ODE "
                              "uses one learning rate for all of S")
+        _check_sgd_settings(self.param_groups[0], where="the parameter group's ")
         self._params = self.param_groups[0]["params"]
-        if any(p.is_sparse for p in self._params):
-            raise ValueError("QODE does not support sparse gradients")
+        _check_trainable(self._params)
         self.mode, self.cycle, self.classical_steps = mode, cycle, classical_steps
         self.sparsity, self.upload, self.form = float(sparsity), upload, form
         self.carleman_order, self.taylor_degree = carleman_order, taylor_degree
@@ -285,13 +339,27 @@ class QODE(Optimizer):
         self._closure = None
         self._shadow, self._shadow_buf, self._gd = None, None, None
 
+    def add_param_group(self, param_group: dict) -> None:
+        """QODE trains a single parameter group (see the class docstring): a second one is refused."""
+        if getattr(self, "param_groups", None):
+            raise ValueError("QODE supports a single parameter group (like LBFGS): add_param_group "
+                             "cannot add a second one; build the optimizer over all the parameters")
+        super().add_param_group(param_group)
+
     # ------------------------------------------------------------------------------ utilities
     def _readout_options(self) -> dict:
         return {"norm": None if self.shots else "exact", **self.tomography_kwargs}
 
     def _measuring(self):
-        """Context for closures evaluated only to measure: BatchNorm running statistics frozen."""
-        return _flat.batch_stats_no_update(self.model) if self.model is not None else contextlib.nullcontext()
+        """Context for closures evaluated only to measure: the global RNG (dropout, random augmentation)
+        is forked, so training draws exactly the numbers it would without them, and with ``model=``
+        the BatchNorm running statistics are frozen."""
+        stack = contextlib.ExitStack()
+        cuda = sorted({p.device.index or 0 for p in self._params if p.device.type == "cuda"})
+        stack.enter_context(torch.random.fork_rng(devices=cuda))
+        if self.model is not None:
+            stack.enter_context(_flat.batch_stats_no_update(self.model))
+        return stack
 
     @property
     def step_count(self) -> int:
@@ -320,7 +388,7 @@ class QODE(Optimizer):
         """
         saved = [p.data for p in self._params]
         for p, t in zip(self._params, tensors):
-            p.data = t
+            p.data = t if t.dtype == p.dtype and t.device == p.device else t.to(p)
         try:
             yield
         finally:
@@ -333,8 +401,10 @@ class QODE(Optimizer):
 
     def _finite(self, loss) -> bool:
         """Loss and every gradient finite (one reduction per tensor, one host sync)."""
-        if loss is not None and not isinstance(loss, torch.Tensor) and not math.isfinite(float(loss)):
-            return False
+        if not isinstance(loss, torch.Tensor):
+            value = _loss_value(loss)
+            if value is not None and not math.isfinite(value):
+                return False
         parts = [p.grad.detach().sum() for p in self._params if p.grad is not None]
         if isinstance(loss, torch.Tensor):
             parts.append(loss.detach().sum())
@@ -400,8 +470,8 @@ class QODE(Optimizer):
             self._closure = None
         rep = self._report()
         rep.seconds += time.perf_counter() - t0
-        if loss is not None and c in (0, self.cycle - 1):   # two host syncs per cycle, not one per step
-            value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        if c in (0, self.cycle - 1):   # two host syncs per cycle, not one per step
+            value = _loss_value(loss)
             if c == 0:
                 rep.loss_first = value
             if c == self.cycle - 1:
@@ -442,7 +512,13 @@ class QODE(Optimizer):
         with torch.enable_grad(), _capture_backward() as cap:
             loss = closure()
         if not self._finite(loss):
+            self._fault("non-finite loss or gradient at upload: update skipped")
             return self._go_classical(closure, "non-finite loss or gradient at upload", loss, update=False)
+        _check_trainable(self._params)             # requires_grad may have been switched off since
+        sparse = [i for i, p in enumerate(self._params) if p.grad is not None and p.grad.is_sparse]
+        if sparse:
+            raise RuntimeError(f"QODE: params[{sparse[0]}] has a sparse gradient (e.g. nn.Embedding(sparse=True)); "
+                               "the quantum window expands the loss densely: use sparse=False, or mode='classical'")
         graph = cap.get("loss")
         if graph is None:
             raise RuntimeError("QODE: the closure did not call loss.backward(); the upload step needs the "
@@ -560,6 +636,14 @@ class QODE(Optimizer):
         except NonFiniteError as exc:
             self._abort_window(f"{exc}")
             return
+        except RuntimeError as exc:
+            if "inplace operation" in str(exc):
+                raise RuntimeError(
+                    "QODE: the parameters were modified in place during a quantum window (e.g. "
+                    "model.load_state_dict or an in-place write), which invalidates the upload batch's "
+                    "Hessian-vector products; load model weights together with QODE.load_state_dict, or "
+                    "between windows (QODE.in_quantum_window is False)") from exc
+            raise
         if self.track_sgd:
             self._shadow_step(grads_flat if t == 0 else None)
         w["t"] = t + 1
@@ -582,11 +666,8 @@ class QODE(Optimizer):
         if self._win is None or self._system is not None:
             raise RuntimeError("restore_expansion: no resumed matrix-free window is waiting for its Taylor terms")
         w = self._win
-        saved = [p.grad for p in self._params]
-        with torch.enable_grad(), self._measuring(), _capture_backward() as cap:
+        with self._own_grads(), torch.enable_grad(), self._measuring(), _capture_backward() as cap:
             closure()
-        for p, g in zip(self._params, saved):
-            p.grad = g
         if "loss" not in cap:
             raise RuntimeError("restore_expansion: the closure did not call loss.backward()")
         self._build_system(self._expand(cap["loss"], w["support"], w["lr"], w["wd"]))
@@ -620,15 +701,26 @@ class QODE(Optimizer):
         self._advance(self._flat_grads())
         return loss
 
+    @contextlib.contextmanager
+    def _own_grads(self):
+        """Run a measuring closure on fresh ``.grad`` slots: gradients accumulated outside the closure
+        neither leak into it nor get overwritten (``zero_grad(set_to_none=False)`` would otherwise
+        zero and refill the model's own gradient tensors in place)."""
+        saved = [p.grad for p in self._params]
+        for p in self._params:
+            p.grad = None
+        try:
+            yield
+        finally:
+            for p, g in zip(self._params, saved):
+                p.grad = g
+
     def _grads_at(self, tensors) -> list:
         """``∇L_t`` at other weights on this step's batch, without touching the model (track_sgd)."""
-        saved = [p.grad for p in self._params]
-        with self._holding(tensors), torch.enable_grad(), self._measuring():
-            self._closure()
-        grads = [None if p.grad is None else p.grad.detach().clone() for p in self._params]
-        for p, g in zip(self._params, saved):
-            p.grad = g
-        return grads
+        with self._own_grads():
+            with self._holding(tensors), torch.enable_grad(), self._measuring():
+                self._closure()
+            return [None if p.grad is None else p.grad.detach() for p in self._params]
 
     def _shadow_step(self, grads_flat: Optional[torch.Tensor]) -> None:
         """track_sgd, one step of both shadows on this step's batch (at t = 0 the gradient at θ0 is known).
@@ -707,6 +799,10 @@ class QODE(Optimizer):
             return
         rep.tomography = res.as_dict(arrays=False)
         estimate = torch.as_tensor(res.estimate).to(device=target.device, dtype=torch.float64)
+        if not bool(estimate.any()):
+            self._abort_window(f"tomography read out a zero vector (shots={self.shots}: no norm-stage shot "
+                               "succeeded), which would erase the model")
+            return
         r = self._readout_prune(estimate, rep)
         new = self._embed(estimate)
         try:
@@ -770,6 +866,8 @@ class QODE(Optimizer):
         moved, moved_gd = float((theta_s - w["theta0"]).norm()), float((theta_gd - w["theta0"]).norm())
 
         def rel(d: float, m: float) -> float:
+            if not (math.isfinite(d) and math.isfinite(m)):
+                return float("nan")
             return d / m if m > 0 else (float("inf") if d > 0 else 0.0)
 
         d, d_lin = float((theta_q - theta_s).norm()), float((theta_lin - theta_gd).norm())
@@ -778,12 +876,10 @@ class QODE(Optimizer):
                 "sgd_displacement": moved, "gd_displacement": moved_gd, "loss_qode": None, "loss_sgd": None}
         closure = self._closure
         if closure is not None:
-            saved = [p.grad for p in self._params]
             for name, theta in (("loss_sgd", theta_s), ("loss_qode", theta_q)):
-                with self._holding(_flat.unflatten(theta, self._params)), torch.enable_grad(), self._measuring():
-                    info[name] = float(closure().detach())
-            for p, g in zip(self._params, saved):
-                p.grad = g
+                with self._own_grads(), self._holding(_flat.unflatten(theta, self._params)), \
+                        torch.enable_grad(), self._measuring():
+                    info[name] = _loss_value(closure())
         self._report().drift = info
 
     # ----------------------------------------------------------------------------- state dict
@@ -793,7 +889,8 @@ class QODE(Optimizer):
                 "sparsity": self.sparsity, "upload": self.upload, "carleman_order": self.carleman_order,
                 "taylor_degree": self.taylor_degree, "form": self.form, "solver": self.solver,
                 "noise": self.noise, "track_sgd": self.track_sgd, "explicit": self.explicit,
-                "n_params": self._n_total}
+                "shots": self.shots, "eps": self.eps, "kappa_a": self.kappa_a, "seed": self.seed,
+                "tomography_kwargs": dict(self.tomography_kwargs), "n_params": self._n_total}
 
     def state_dict(self) -> dict:
         """Everything needed to resume bit-for-bit, also inside a window (see ``load_state_dict``)."""
@@ -801,6 +898,12 @@ class QODE(Optimizer):
         q: dict = {"k": self._k, "rng": self._rng.bit_generator.state, "config": self._config(),
                    "reports": [r.as_dict() for r in self.reports],
                    "pruner": self.pruner.state_dict() if self.pruner is not None else None, "window": None}
+        q["window"] = self._window_state()
+        sd["qode"] = q
+        return sd
+
+    def _window_state(self) -> Optional[dict]:
+        """The live window as plain tensors (``None`` between windows)."""
         if self._win is not None:
             w = self._win
             win = {k: w[k] for k in ("t", "lr", "wd", "explicit")}
@@ -815,9 +918,8 @@ class QODE(Optimizer):
                 win["shadow"] = [s.clone() for s in self._shadow]
                 win["shadow_buf"] = [None if b is None else b.clone() for b in self._shadow_buf]
                 win["gd"] = None if self._gd is None else self._gd.clone()
-            q["window"] = win
-        sd["qode"] = q
-        return sd
+            return win
+        return None
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a ``state_dict``.  Inside a window with explicit Taylor terms the resume is exact.
@@ -844,7 +946,9 @@ class QODE(Optimizer):
         self.reports = [CycleReport(**r) for r in q["reports"]]
         if self.pruner is not None and q["pruner"] is not None:
             self.pruner.load_state_dict(q["pruner"])
-        win = q["window"]
+        self._load_window(q["window"])
+
+    def _load_window(self, win: Optional[dict]) -> None:
         if win is None:
             return
         device = self._params[0].device
@@ -865,3 +969,21 @@ class QODE(Optimizer):
             self._shadow = [s.to(device) for s in win["shadow"]]
             self._shadow_buf = [None if b is None else b.to(device) for b in win["shadow_buf"]]
             self._gd = None if win["gd"] is None else win["gd"].to(device)
+
+    # ------------------------------------------------------------------------------ copy / pickle
+    def __getstate__(self) -> dict:
+        """``copy.deepcopy`` and ``pickle`` keep the whole optimizer.  A live window travels as in
+        :meth:`state_dict`: exact with explicit Taylor terms; a matrix-free one needs
+        :meth:`restore_expansion` on the copy (its terms live in an autograd graph)."""
+        state = dict(self.__dict__)
+        state["_win_saved"] = self._window_state()
+        for key in ("_win", "_expansion", "_system", "_closure", "_shadow", "_shadow_buf", "_gd"):
+            state[key] = None
+        for key in [k for k in state if k.startswith("_optimizer_") or k.startswith("_opt_called")]:
+            state.pop(key)                           # hooks are not copied, as for torch.optim
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        win = state.pop("_win_saved", None)
+        super().__setstate__(state)
+        self._load_window(win)
