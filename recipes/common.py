@@ -26,8 +26,10 @@ Command line (``python -m recipes.NAME --config configs/NAME.yaml [key=value ...
     Shortcuts for the ``seed`` / ``device`` keys; ``auto`` is CUDA when available, else CPU.
 ``--data-root DIR``, ``--download``
     Only for recipes built with ``data=True``: shortcuts for ``data.root`` / ``data.download``.
-``--threads N``
-    ``torch.set_num_threads(N)`` for the run (restored afterwards); 1 is fastest on a busy machine.
+``--threads {auto,N}``
+    ``torch.set_num_threads`` for the run (restored afterwards).  ``auto`` (the default) takes the
+    cores that the 1-minute load average leaves free, at least one: with two threads, OpenMP's
+    spinning made PyTorch up to 60x slower while another process held a core.
 ``--no-progress``
     No tqdm bars (they are also off when stderr is not a terminal).
 
@@ -45,6 +47,7 @@ import copy
 import datetime as _dt
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -318,8 +321,8 @@ def build_parser(name: str, description: Optional[str] = None, data: bool = Fals
     p.add_argument("--out", help=f"output folder (default runs/{name}/<timestamp>)")
     p.add_argument("--seed", type=int, help="random seed (overrides the config's seed)")
     p.add_argument("--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, help="torch CPU threads for this run (torch.set_num_threads); "
-                   "1 is fastest on a busy machine")
+    p.add_argument("--threads", default="auto", help="torch CPU threads for this run (torch.set_num_threads): "
+                   "a number, or auto (default: the cores the load average leaves free, at least 1)")
     p.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
     if data:
         p.add_argument("--data-root", help="folder holding an existing dataset copy (sets data.root)")
@@ -328,6 +331,29 @@ def build_parser(name: str, description: Optional[str] = None, data: bool = Fals
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys, values parsed as YAML (model.depth=8, fs=[1,0.5])")
     return p
+
+
+def free_cores() -> int:
+    """Cores this process may use that the 1-minute load average leaves idle (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):       # no load average on this platform
+        return cores
+    return max(1, min(cores, cores - math.floor(busy + 0.5)))
+
+
+def resolve_threads(threads) -> int:
+    """``--threads``: ``"auto"`` (see :func:`free_cores`) or an integer ≥ 1 (also as a string)."""
+    if threads == "auto":
+        return free_cores()
+    try:
+        n = int(threads)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--threads must be 'auto' or an integer >= 1, got {threads!r}") from None
+    if n < 1 or str(n) != str(threads).strip():
+        raise ConfigError(f"--threads must be 'auto' or an integer >= 1, got {threads!r}")
+    return n
 
 
 class Run:
@@ -340,10 +366,10 @@ class Run:
         self.show_progress = show_progress
         self._threads_before = None
         if threads is not None:
-            if threads < 1:
-                raise ConfigError(f"--threads must be >= 1, got {threads}")
+            threads = resolve_threads(threads)
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         self.log = JsonlLogger(self.out / "log.jsonl")
 
     def path(self, filename: str) -> Path:
@@ -401,7 +427,7 @@ def setup(name: str, defaults: Mapping, argv: Optional[Sequence[str]] = None,
     run = Run(name, cfg, out, device, show_progress=not args.no_progress, threads=args.threads)
     run.log.write("start", recipe=name, config=cfg, config_file=args.config, device=str(device),
                   argv=list(argv) if argv is not None else sys.argv[1:],
-                  torch=torch.__version__, out=str(out))
+                  torch=torch.__version__, out=str(out), threads=run.threads)
     return run
 
 

@@ -108,6 +108,26 @@ def test_threads_are_restored(tmp_path):
     assert torch.get_num_threads() == before
 
 
+def test_threads_auto_leaves_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for load, want in ((0.2, 2), (0.9, 1), (1.6, 1), (7.0, 1)):
+        monkeypatch.setattr(common.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert common.resolve_threads("auto") == want
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(common.os, "getloadavg", lambda: (2.4, 0.0, 0.0))
+    assert common.resolve_threads("auto") == 6
+    assert common.resolve_threads("3") == 3 and common.resolve_threads(2) == 2
+    for bad in ("0", "-1", "two", "1.5", None):
+        with pytest.raises(common.ConfigError, match="--threads"):
+            common.resolve_threads(bad)
+
+
+def test_run_logs_the_threads_it_used(tmp_path):
+    run = toy_main(["--threads", "1", "--out", str(tmp_path / "o")])
+    start = json.loads((run.out / "log.jsonl").read_text().splitlines()[0])
+    assert start["threads"] == 1 == run.threads
+
+
 def test_seeding_is_reproducible():
     common.seed_everything(5)
     a = (np.random.rand(), torch.rand(1).item())
