@@ -168,6 +168,43 @@ def test_memory_guard_refuses_before_allocating():
         carleman(big, 3)
 
 
+def test_simulate_refuses_a_trajectory_over_budget():
+    """The (T+1)×n trajectory is checked against max_bytes (the system's by default) before allocation."""
+    n = 2000
+    ode = PolynomialODE([None, MatrixFreeTerm(n, 1, lambda Y: -0.01 * Y, symmetric=True)])
+    s = carleman(ode, 1, max_bytes=2**20)          # the state fits in 1 MiB
+    assert s.max_bytes == 2**20
+    u0 = np.full(n, 0.01)
+    with pytest.raises(CarlemanTooLarge, match="shorter T.*CarlemanSystem.step") as info:
+        s.simulate(u0, 10**10)                     # 149,000 GiB: would be a raw allocator error
+    assert "trajectory" in str(info.value) and "max_bytes" in str(info.value)
+    with pytest.raises(CarlemanTooLarge, match="trajectory"):
+        s.simulate(u0, 100)                        # 101×2000×8 B = 1.5 MiB > the system's 1 MiB
+    assert s.simulate(u0, 100, max_bytes=2**21).shape == (101, n)   # an explicit budget wins
+    assert s.simulate(u0, 50).shape == (51, n)
+
+
+@pytest.mark.parametrize("bad", [-1, 0, "x", 1.5, True, 2.0**30])
+def test_max_bytes_is_validated_everywhere(bad):
+    ode = PolynomialODE([None, -0.1 * np.eye(3)])
+    with pytest.raises(ValueError, match="max_bytes must be a positive integer"):
+        carleman(ode, 1, max_bytes=bad)
+    s = carleman(ode, 1, max_bytes=np.int64(2**20))
+    for call in (lambda: s.matrix(max_bytes=bad), lambda: s.row_sparsity(max_bytes=bad),
+                 lambda: dissipativity(s, max_bytes=bad), lambda: s.simulate(np.zeros(3), 2, max_bytes=bad)):
+        with pytest.raises(ValueError, match="max_bytes"):
+            call()
+
+
+def test_system_budget_is_the_default_for_the_matrix():
+    rng = np.random.default_rng(0)
+    ode = PolynomialODE(random_coefficients(rng, 6, 2))
+    s = carleman(ode, 3, max_bytes=10_000)
+    with pytest.raises(CarlemanTooLarge, match="non-zeros"):
+        s.matrix()
+    assert s.matrix(max_bytes=1 << 30).shape == (s.dim, s.dim)
+
+
 @pytest.mark.parametrize("form", ["discrete", "continuous"])
 def test_row_sparsity_within_theorem_V1_bound(form):
     rng = np.random.default_rng(2)
@@ -189,8 +226,10 @@ def test_row_sparsity_bound_is_tight_for_linear_level():
 
 def test_required_order_and_error_bound():
     norms = [0.0, 0.5, 0.2, 0.1]          # Σ (ℓ−1)||Fℓ|| = 0.2 + 0.2 = 0.4
-    # hand check: log(3·0.4/(0.5·1e-3)) / log(1/0.5) = log(2400)/log 2 = 11.23 -> 12
-    assert required_order(1e-3, 0.5, norms, 0.5) == 12
+    # hand check: bound(N) = 3·N·0.5^(N+1)·0.4/0.5 = 2.4·N/2^(N+1): N=14 -> 1.025e-3 > 1e-3, N=15 -> 5.49e-4
+    # (the closed form ⌈log(2400)/log 2⌉ = 12, which drops the factor N, gives bound(12) = 3.5e-3 > ε)
+    assert required_order(1e-3, 0.5, norms, 0.5) == 15
+    assert carleman_error_bound(14, 0.5, norms, 0.5) == pytest.approx(2.4 * 14 / 2**15)
     assert required_order(1e-6, 0.5, norms, 0.5) > required_order(1e-3, 0.5, norms, 0.5)
     assert required_order(1e-3, 0.1, norms, 0.5) < required_order(1e-3, 0.5, norms, 0.5)
     assert required_order(1e-9, 0.5, [0.0, 0.5], 0.5) == 1
@@ -203,6 +242,24 @@ def test_required_order_and_error_bound():
         required_order(0.0, 0.5, norms, 0.5)
     with pytest.raises(ValueError, match="rate"):
         required_order(1e-3, 0.5, norms, 0.0)
+    # unreachable within the cap: a clear error, not a wrong N
+    with pytest.raises(ValueError, match="max_order=10000"):
+        required_order(1e-3, 1 - 1e-7, norms, 0.5)
+    assert required_order(1e-3, 0.99, norms, 0.5, max_order=2000) <= 2000
+    with pytest.raises(ValueError, match="max_order"):
+        required_order(1e-3, 0.5, norms, 0.5, max_order=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(eps=st.floats(1e-12, 10.0), u=st.floats(0.0, 0.97), rate=st.floats(1e-4, 10.0),
+       norms=st.lists(st.floats(0.0, 5.0), min_size=2, max_size=5))
+def test_property_required_order_is_the_smallest_N_meeting_the_bound(eps, u, rate, norms):
+    """Eq. (II.76) as solved here: bound(N) ≤ ε at N = required_order and > ε at N − 1."""
+    N = required_order(eps, u, norms, rate)
+    assert N >= 1
+    assert carleman_error_bound(N, u, norms, rate) <= eps
+    if N > 1:
+        assert carleman_error_bound(N - 1, u, norms, rate) > eps
 
 
 def test_dissipativity_test():
@@ -253,6 +310,13 @@ def test_bad_inputs_raise_clearly():
         s.step(np.zeros(5))
     with pytest.raises(ValueError, match="T must be"):
         s.simulate(np.zeros(2), -1)
+    # complex states are refused, never silently made real
+    with pytest.raises(TypeError, match="u0 must be real"):
+        s.lift(np.array([0.1 + 1j, 0.2]))
+    with pytest.raises(TypeError, match="u0 must be real"):
+        s.simulate(torch.tensor([0.1 + 1j, 0.2]), 2)
+    with pytest.raises(TypeError, match="y must be real"):
+        s.step(np.zeros(6, dtype=complex))
 
 
 def test_nonfinite_state_is_reported():

@@ -6,7 +6,7 @@ import torch
 
 from reference import carleman_dense, lift_dense, random_coefficients
 from torch_qode import MatrixFreeTerm, PolynomialODE
-from torch_qode.carleman import carleman
+from torch_qode.carleman import CarlemanTooLarge, carleman
 from torch_qode.linsolve import condition_number, kappa_bound, solve_window, window_system
 
 
@@ -159,3 +159,92 @@ def test_direct_solve_on_a_larger_window_is_substitution_not_factorisation():
     np.testing.assert_allclose(di.X, solve_window(s, u0, T, "forward", kappa=None).X, atol=1e-12)
     with pytest.raises(ValueError, match="kappa_a"):
         solve_window(s, u0, T, "filtered", kappa_a="x")
+
+
+# ---------------------------------------------------------------------------- memory budget
+def _wide_system(n=50, N=2, **kw):
+    """Δ = n + n² = 2550 for n = 50, N = 2 (B of a T-step window is 8·(T+1)·Δ bytes)."""
+    return carleman(PolynomialODE([np.full(n, 1e-3), -0.1 * np.eye(n), np.full((n, n * n), 1e-4)]), N, **kw)
+
+
+@pytest.mark.parametrize("call", ["window_system", "window_system-operator", "direct", "filtered"])
+def test_window_refused_before_B_is_allocated(call):
+    import tracemalloc
+
+    s = _wide_system()
+    T, u0 = 400, np.zeros(50)                  # B alone: 401·2550·8 B = 7.8 MiB
+    run = {"window_system": lambda: window_system(s, u0, T, explicit=True, max_bytes=2**20),
+           "window_system-operator": lambda: window_system(s, u0, T, explicit=False, max_bytes=2**20),
+           "direct": lambda: solve_window(s, u0, T, "direct", max_bytes=2**20),
+           "filtered": lambda: solve_window(s, u0, T, "filtered", kappa_a=10.0, max_bytes=2**20)}[call]
+    tracemalloc.start()
+    try:
+        with pytest.raises(CarlemanTooLarge, match="T=400, Δ=2,550") as info:
+            run()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak / 2**20:.1f} MiB allocated before the refusal"
+    assert "max_bytes" in str(info.value) and ("forward" in str(info.value) or "step" in str(info.value))
+    M, B = window_system(s, u0, 3, max_bytes=2**30)     # a short window fits
+    assert B.shape == (4 * s.dim,) and M.shape == (4 * s.dim,) * 2
+
+
+def test_forward_solve_is_budgeted():
+    n = 2000
+    s = carleman(PolynomialODE([np.zeros(n), MatrixFreeTerm(n, 1, lambda Y: -0.01 * Y, symmetric=True)]), 1,
+                 max_bytes=2**20)
+    u0 = np.full(n, 0.01)
+    with pytest.raises(CarlemanTooLarge, match="shorter window T.*simulate") as info:
+        solve_window(s, u0, 10**9)          # would be a raw 16 TB allocator error
+    assert "(T+1)Δ" in str(info.value)
+    with pytest.raises(CarlemanTooLarge, match="forward"):
+        solve_window(s, u0, 100)            # 101·2000·8 B > the system's 1 MiB
+    sol = solve_window(s, u0, 100, max_bytes=2**22)
+    np.testing.assert_allclose(sol.trajectory, s.simulate(u0, 100, max_bytes=2**22), atol=1e-15)
+
+
+@pytest.mark.parametrize("bad", [-1, 0, "x", 1.5, False])
+def test_max_bytes_validated_in_window_solvers(bad):
+    s, _, _, u0 = _system(0)
+    for call in (lambda: window_system(s, u0, 3, max_bytes=bad),
+                 lambda: solve_window(s, u0, 3, "forward", max_bytes=bad),
+                 lambda: solve_window(s, u0, 3, "direct", max_bytes=bad)):
+        with pytest.raises(ValueError, match="max_bytes must be a positive integer"):
+            call()
+
+
+def test_filtered_large_path_never_keeps_values_lanczos_could_not_return():
+    """κ_a = 1 drops all but σ_max: more than the k ≤ N − 2 eigsh can give; the dense SVD takes over."""
+    T = 6
+    s, coeffs, f0_at, u0 = _system(3, N=2, T=T, timedep=False)
+    M_ref, B_ref = dense_window(coeffs, f0_at, 2, "discrete", u0, T)
+    U, sig, Vt = np.linalg.svd(M_ref)
+    def ref(kappa_a):
+        keep = sig >= sig[0] / kappa_a
+        return Vt[keep].T @ ((U.T @ B_ref)[keep] / sig[keep]), int((~keep).sum())
+
+    for kappa_a, dropped in ((1.0, sig.size - 1), (sig[0] / sig[1] * 1.0001, sig.size - 2)):
+        x_ref, n_drop = ref(kappa_a)
+        assert n_drop == dropped
+        sol = solve_window(s, u0, T, "filtered", kappa_a=kappa_a, dense_limit=10)
+        assert sol.dropped == dropped      # before: 82 of 83 at κ_a = 1, error 0.04
+        np.testing.assert_allclose(sol.X.reshape(-1), x_ref, atol=1e-12)
+        assert sol.kappa_exact and any("dense SVD" in note for note in sol.notes)
+    # with one kept value among the N − 2 Lanczos returns, the large-system path is still used
+    x_ref, n_drop = ref(sig[0] / sig[2] * 1.0001)
+    sol = solve_window(s, u0, T, "filtered", kappa_a=sig[0] / sig[2] * 1.0001, dense_limit=10)
+    assert not sol.kappa_exact and not sol.notes and sol.dropped == n_drop == sig.size - 3
+    np.testing.assert_allclose(sol.X.reshape(-1), x_ref, atol=1e-9)
+    # a tiny window (N < 4 unknowns) goes straight to the dense SVD
+    tiny = carleman(PolynomialODE([None, np.array([[-0.5]])]), 1)
+    sol = solve_window(tiny, np.array([0.3]), 1, "filtered", kappa_a=1.0, dense_limit=0)
+    assert sol.dropped == 1 and sol.kappa_exact
+
+
+def test_filtered_dense_svd_is_budgeted():
+    T = 6
+    s, _, _, u0 = _system(3, N=2, T=T, timedep=False)
+    # 84 unknowns: the dense SVD needs 4·8·84² B ≈ 220 KiB
+    with pytest.raises(CarlemanTooLarge, match="dense filtered solve.*kappa_a"):
+        solve_window(s, u0, T, "filtered", kappa_a=2.0, max_bytes=150_000)

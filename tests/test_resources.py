@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from torch_qode.carleman import carleman
+from torch_qode.carleman import carleman, carleman_error_bound
 from torch_qode.linsolve import solve_window
 from torch_qode.ode import MatrixFreeTerm, PolynomialODE
 from torch_qode.resources import Resources, estimate_resources
@@ -114,15 +114,18 @@ def test_solution_gives_success_probability_and_kappa():
 
 def test_required_order_eq_II_76():
     sys_ = carleman(small_ode(), order=2)
-    # ||F2|| = 0.2; Σ_{ℓ=2}^q (ℓ−1)||F_ℓ|| = 0.2; N = ceil(log(3·0.2/(rate·ε)) / log(1/u))
+    # ||F2|| = 0.2; Σ_{ℓ=2}^q (ℓ−1)||F_ℓ|| = 0.2; N = the smallest N with 3N·u^(N+1)·0.2/rate ≤ ε:
+    # 2.4·N/2^(N+1) is 1.03e-3 at N = 14 and 5.5e-4 at N = 15
     res = estimate_resources(sys_, 3, eps=1e-3, u_norm=0.5, rate=0.25)
-    assert res.required_order == math.ceil(math.log(3 * 0.2 / (0.25 * 1e-3)) / math.log(2.0))
+    assert res.required_order == 15
     # level-1 share of a lifted state with ||u|| = 0.5: u²/(u² + u⁴)
     assert res.level1_fraction == pytest.approx(0.25 / (0.25 + 0.0625))
     # default rate 1 − ||I + F1||₂ (positive here)
     default = estimate_resources(sys_, 3, eps=1e-3, u_norm=0.5)
     rate = 1 - np.linalg.norm(np.array([[0.5, 0.1], [0.0, 0.5]]), 2)
-    assert default.required_order == math.ceil(math.log(3 * 0.2 / (rate * 1e-3)) / math.log(2.0))
+    N = default.required_order
+    assert carleman_error_bound(N, 0.5, sys_.ode.norms(), rate) <= 1e-3 < \
+        carleman_error_bound(N - 1, 0.5, sys_.ode.norms(), rate)
     missing = estimate_resources(sys_, 3)
     assert missing.required_order is None and any("u_norm" in note for note in missing.notes)
 

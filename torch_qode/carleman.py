@@ -51,12 +51,33 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.3g} GiB"
 
 
+def _check_max_bytes(max_bytes, name: str = "max_bytes") -> Optional[int]:
+    """``max_bytes`` must be ``None`` (half the available memory) or a positive integer."""
+    if max_bytes is None:
+        return None
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
+        raise ValueError(f"{name} must be a positive integer number of bytes, or None for half the "
+                         f"available memory; got {max_bytes!r}")
+    return int(max_bytes)
+
+
+def _budget(max_bytes, fallback: Optional[int] = None) -> int:
+    """The memory budget in bytes: ``max_bytes``, else ``fallback``, else :func:`default_max_bytes`."""
+    max_bytes = _check_max_bytes(max_bytes)
+    if max_bytes is None:
+        max_bytes = fallback
+    return default_max_bytes() if max_bytes is None else max_bytes
+
+
 def carleman(ode: PolynomialODE, order: int, form: str = "discrete", *,
              max_bytes: Optional[int] = None) -> "CarlemanSystem":
     """Carleman-linearise ``ode`` to order ``N = order`` in the given ``form``.
 
-    ``max_bytes`` bounds the memory of the matrix-free state (a few copies of ``Δ`` numbers); a
-    system whose state alone would not fit is refused before anything is allocated.
+    ``max_bytes`` (a positive integer, or ``None`` for half the available memory) bounds the memory
+    of the matrix-free state (a few copies of ``Δ`` numbers): a system whose state alone would not
+    fit is refused before anything is allocated.  It is also the default budget of the system's
+    later allocations (:meth:`CarlemanSystem.matrix`, :meth:`~CarlemanSystem.simulate`, and the
+    window solvers of :mod:`torch_qode.linsolve`).
     """
     return CarlemanSystem(ode, order, form, max_bytes=max_bytes)
 
@@ -77,9 +98,10 @@ class CarlemanSystem:
         self.level_dims = [self.n**j for j in range(1, self.order + 1)]
         self.offsets = np.concatenate([[0], np.cumsum(self.level_dims)]).astype(np.int64)
         self.dim = int(self.offsets[-1])
+        self.max_bytes = _check_max_bytes(max_bytes)
         itemsize = torch.finfo(ode.dtype).bits // 8
         need = 4 * self.dim * itemsize
-        budget = default_max_bytes() if max_bytes is None else int(max_bytes)
+        budget = _budget(self.max_bytes)
         if need > budget:
             raise CarlemanTooLarge(
                 f"a Carleman state of order N={self.order} for n={self.n} has Δ={self.dim:,} entries and "
@@ -230,9 +252,20 @@ class CarlemanSystem:
         return acc
 
     # ------------------------------------------------------------------------------------ runs
-    def simulate(self, u0, T: int):
-        """The level-1 trajectory ``u(0..T)`` of the Carleman system: ``(T+1, n)``."""
+    def simulate(self, u0, T: int, *, max_bytes: Optional[int] = None):
+        """The level-1 trajectory ``u(0..T)`` of the Carleman system: ``(T+1, n)``.
+
+        Refuses (:class:`CarlemanTooLarge`) before allocating when the trajectory would not fit in
+        ``max_bytes`` (default: the system's budget).
+        """
         T = _check_T(T)
+        budget = _budget(max_bytes, self.max_bytes)
+        need = (T + 1) * self.n * (torch.finfo(self.ode.dtype).bits // 8)
+        if need > budget:
+            raise CarlemanTooLarge(
+                f"simulate over T={T} steps keeps a (T+1)×n = {T + 1:,}×{self.n} trajectory of {_gib(need)}, "
+                f"over the budget of {_gib(budget)} (max_bytes); use a shorter T, or advance the state "
+                f"with CarlemanSystem.step and keep only what you need")
         y = self._state(self.lift(as_tensor(u0, self.ode.dtype, self.ode.device, "u0")), "y")
         traj = torch.empty(T + 1, self.n, dtype=y.dtype, device=y.device)
         traj[0] = y[: self.n]
@@ -295,12 +328,13 @@ class CarlemanSystem:
         """``A(t)`` as a scipy CSR matrix (``Δ×Δ``).
 
         Refuses (:class:`CarlemanTooLarge`) before allocating when the non-zeros would not fit in
-        ``max_bytes`` (default: half the available memory); use the matrix-free :meth:`step`.
+        ``max_bytes`` (default: the system's budget, else half the available memory); use the
+        matrix-free :meth:`step`.
         """
+        budget = _budget(max_bytes, self.max_bytes)
         if not self.ode.explicit:
             raise TypeError("this system has matrix-free coefficients and no explicit matrix; use the "
                             "matrix-free step/simulate or solve_window(method='forward')")
-        budget = default_max_bytes() if max_bytes is None else int(max_bytes)
         need = _BYTES_PER_NNZ * self.nnz_bound(t)
         if need > budget:
             raise CarlemanTooLarge(
@@ -434,20 +468,34 @@ def carleman_error_bound(order: int, u_norm: float, norms: Sequence[float], rate
     return 3.0 * order * u_norm ** (order + 1) * s / rate
 
 
-def required_order(eps: float, u_norm: float, norms: Sequence[float], rate: float) -> int:
-    """Carleman order ``N`` reaching linearisation error ``eps`` (Eq. II.76).
+def required_order(eps: float, u_norm: float, norms: Sequence[float], rate: float, *,
+                   max_order: int = 10_000) -> int:
+    """The smallest Carleman order ``N`` with ``carleman_error_bound(N, …) ≤ eps`` (Eq. II.76).
 
-    ``N = ⌈ log(3 Σ_{ℓ=2}^q (ℓ−1)||F_ℓ|| / (rate·ε)) / log(1/||ū||) ⌉``, at least 1; a linear ODE
-    (all ``F_ℓ = 0`` for ℓ ≥ 2) needs ``N = 1``.  Arguments as in :func:`carleman_error_bound`.
+    Our reconstruction of Eq. (II.76) solves ``3 N ||ū||^{N+1} Σ_{ℓ=2}^q (ℓ−1)||F_ℓ|| / rate ≤ ε``
+    (the bound of Eq. II.74) for ``N`` by an upward search, so the two functions never disagree; the
+    closed form ``⌈log(3Σ/(rate·ε)) / log(1/||ū||)⌉`` drops the factor ``N`` and can fall short.  A
+    linear ODE (all ``F_ℓ = 0`` for ℓ ≥ 2) or ``||ū|| = 0`` needs ``N = 1``.  Raises ``ValueError``
+    when no ``N ≤ max_order`` reaches ``eps``.  Other arguments as in :func:`carleman_error_bound`.
     """
     _check_bound_args(u_norm, norms, rate)
     if not (isinstance(eps, (int, float, np.floating)) and eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if isinstance(max_order, bool) or not isinstance(max_order, (int, np.integer)) or max_order < 1:
+        raise ValueError(f"max_order must be an integer ≥ 1, got {max_order!r}")
     s = sum((l - 1) * float(norms[l]) for l in range(2, len(norms)))
     if s == 0 or u_norm == 0:
         return 1
-    val = math.log(3.0 * s / (rate * eps)) / math.log(1.0 / u_norm)
-    return max(1, math.ceil(val))
+    # bound(N) ≥ 3 s u^{N+1} / rate, so no N below log(3s/(rate ε)) / log(1/u) − 1 can reach eps
+    low = (math.log(3.0 * s) - math.log(rate) - math.log(eps)) / math.log(1.0 / u_norm) - 1.0
+    N = max(1, math.floor(low)) if math.isfinite(low) else max_order + 1
+    while N <= max_order:
+        if carleman_error_bound(N, u_norm, norms, rate) <= eps:
+            return N
+        N += 1
+    raise ValueError(f"no Carleman order N ≤ max_order={max_order} reaches eps={eps:g} (Eq. II.74: "
+                     f"3N·||ū||^(N+1)·{s:.3g}/rate with ||ū||={u_norm:.10g}, rate={rate:.3g}); rescale u so that "
+                     "||ū|| is further below 1, raise eps or max_order")
 
 
 def _check_bound_args(u_norm, norms, rate) -> None:

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 
-from .carleman import CarlemanSystem, CarlemanTooLarge, _gib, default_max_bytes
+from .carleman import CarlemanSystem, CarlemanTooLarge, _budget as _carleman_budget, _gib
 from .ode import _check_T, as_tensor, like
 
 __all__ = ["window_system", "solve_window", "WindowSolution", "kappa_bound", "check_kappa_a", "condition_number",
@@ -61,21 +61,28 @@ def window_system(system: CarlemanSystem, u0, T: int, *, explicit: Optional[bool
 
     ``M`` is a scipy CSR matrix when ``explicit`` (default: when ``A`` is explicit and fits in
     ``max_bytes``), otherwise a :class:`scipy.sparse.linalg.LinearOperator` applying the matrix-free
-    step.  ``B`` is a float64 numpy vector of length ``(T+1)Δ``.
+    step.  ``B`` is a float64 numpy vector of length ``(T+1)Δ``.  ``max_bytes`` defaults to the
+    system's budget; what does not fit is refused (:class:`CarlemanTooLarge`) before ``B`` or ``M``
+    is allocated.
     """
     system = _system(system)
     T = _check_T(T)
     D = system.dim
-    y_in = as_tensor(system.lift(u0), torch.float64, "cpu").numpy()
-    B = np.concatenate([y_in] + [system.offset(t) for t in range(T)])
+    budget = _budget(max_bytes, system)
     if explicit is None:
         explicit = system.ode.explicit and _fits(system, T, max_bytes)
+    if explicit and not _fits(system, T, max_bytes):
+        raise CarlemanTooLarge(f"M and B for T={T}, Δ={D:,} need about {_gib(_bytes_needed(system, T))} > "
+                               f"max_bytes={_gib(budget)}; use window_system(..., explicit=False) or "
+                               f"solve_window(method='forward')")
+    if _B_bytes(system, T) > budget:
+        raise CarlemanTooLarge(f"B of Eq. (II.102) for T={T}, Δ={D:,} holds (T+1)Δ = {(T + 1) * D:,} numbers, "
+                               f"{_gib(_B_bytes(system, T))} > max_bytes={_gib(budget)}; use a shorter window T "
+                               f"or the matrix-free CarlemanSystem.step/simulate")
+    y_in = as_tensor(system.lift(u0), torch.float64, "cpu").numpy()
+    B = np.concatenate([y_in] + [system.offset(t) for t in range(T)])
     if not explicit:
         return _operator(system, T), B
-    if not _fits(system, T, max_bytes):
-        raise CarlemanTooLarge(f"M for T={T}, Δ={D:,} needs about {_gib(_bytes_needed(system, T))} > max_bytes="
-                               f"{_gib(_budget(max_bytes))}; use window_system(..., explicit=False) or "
-                               f"solve_window(method='forward')")
     I_D = sp.identity(D, format="csr")
     if system.ode.time_dependent:
         rows = [[None] * (T + 1) for _ in range(T + 1)]
@@ -91,17 +98,23 @@ def window_system(system: CarlemanSystem, u0, T: int, *, explicit: Optional[bool
     return M, B
 
 
-def _budget(max_bytes) -> int:
-    return default_max_bytes() if max_bytes is None else int(max_bytes)
+def _budget(max_bytes, system: CarlemanSystem) -> int:
+    """``max_bytes`` (validated), else the system's own budget, else half the available memory."""
+    return _carleman_budget(max_bytes, system.max_bytes)
+
+
+def _B_bytes(system: CarlemanSystem, T: int) -> int:
+    """Bytes of the float64 right-hand side ``B`` (length ``(T+1)Δ``)."""
+    return 8 * (T + 1) * system.dim
 
 
 def _bytes_needed(system: CarlemanSystem, T: int) -> float:
-    """Peak bytes of building the explicit ``M`` (its non-zeros are bounded by ``nnz_bound``)."""
-    return 40 * (T * system.nnz_bound() + (T + 1) * system.dim)
+    """Peak bytes of building the explicit ``M`` (its non-zeros are bounded by ``nnz_bound``) and ``B``."""
+    return 40 * (T * system.nnz_bound() + (T + 1) * system.dim) + _B_bytes(system, T)
 
 
 def _fits(system: CarlemanSystem, T: int, max_bytes) -> bool:
-    return _bytes_needed(system, T) <= _budget(max_bytes)
+    return _bytes_needed(system, T) <= _budget(max_bytes, system)
 
 
 def _triangular_solvers(M):
@@ -212,6 +225,9 @@ def solve_window(system: CarlemanSystem, u0, T: int, method: str = "forward", *,
     kappa:
         ``"auto"`` computes ``κ(M)`` when ``M`` is explicit (exact up to ``dense_limit``, estimated
         beyond), ``None`` skips it.
+    max_bytes:
+        Memory budget (default: the system's, else half the available memory); a window that
+        does not fit is refused (:class:`CarlemanTooLarge`) before allocation.
     """
     system = _system(system)
     T = _check_T(T)
@@ -220,8 +236,15 @@ def solve_window(system: CarlemanSystem, u0, T: int, method: str = "forward", *,
     if kappa not in ("auto", None):
         raise ValueError(f"kappa must be 'auto' or None, got {kappa!r}")
     check_kappa_a(kappa_a, method)
+    budget = _budget(max_bytes, system)
 
     if method == "forward":
+        need = (T + 1) * system.dim * (torch.finfo(system.ode.dtype).bits // 8)
+        if need > budget:
+            raise CarlemanTooLarge(
+                f"the forward solve keeps X = (y(0), …, y(T)), (T+1)Δ = {T + 1:,}×{system.dim:,} numbers, "
+                f"{_gib(need)} > max_bytes={_gib(budget)}; use a shorter window T, CarlemanSystem.simulate "
+                f"(keeps only the (T+1)×n level-1 trajectory) or step with CarlemanSystem.step")
         X = _forward(system, u0, T)
         sol = WindowSolution(X=like(X, u0), method=method, n=system.n)
         if kappa == "auto" and system.ode.explicit and _fits(system, T, max_bytes):
@@ -245,22 +268,41 @@ def solve_window(system: CarlemanSystem, u0, T: int, method: str = "forward", *,
         return sol
 
     kappa_a = float(kappa_a)
-    if M.shape[0] <= dense_limit:
-        U, s, Vt = scipy.linalg.svd(M.toarray())
-        beta = U.T @ B
-        keep = s >= s[0] / kappa_a
-        coef = beta / s
-        x = Vt[keep].T @ coef[keep]
-        s_kept, s_all = float(np.sum(coef[keep] ** 2)), float(np.sum(coef ** 2))
-        d_ill = float(np.sum(beta[~keep] ** 2))
-        kap, exact, dropped = float(s[0] / s[-1]), True, int((~keep).sum())
-    else:
-        x, s_kept, s_all, d_ill, kap, dropped = _filtered_sparse(M, B, kappa_a)
-        exact = False
+    notes = []
+    res = _filtered_sparse(M, B, kappa_a) if M.shape[0] > dense_limit else None
+    if res is None:
+        if M.shape[0] > dense_limit:
+            notes.append(f"filtered: more singular values lie below σ_max/κ_a than Lanczos can return "
+                         f"(k ≤ {M.shape[0]} − 2); solved by the dense SVD instead")
+        need = _dense_svd_bytes(M.shape[0])
+        if need > budget:
+            raise CarlemanTooLarge(
+                f"the dense filtered solve of a {M.shape[0]:,}-unknown M needs about {_gib(need)} > "
+                f"max_bytes={_gib(budget)}; raise kappa_a (fewer singular values dropped) or use "
+                f"method='direct'")
+        res = _filtered_dense(M, B, kappa_a)
+    x, s_kept, s_all, d_ill, kap, dropped, exact = res
     fid, p_well = filtered_fidelity(s_kept, s_all, d_ill)
     return WindowSolution(X=_out(x.reshape(T + 1, D), u0), method=method, n=system.n, kappa=kap,
                           kappa_exact=exact, fidelity=fid, kappa_a=kappa_a, dropped=dropped,
-                          well_probability=p_well)
+                          well_probability=p_well, notes=notes)
+
+
+def _dense_svd_bytes(N: int) -> int:
+    """Peak bytes of the dense filtered solve: the dense ``M``, ``U``, ``Vᵀ`` and LAPACK's workspace."""
+    return 4 * 8 * N * N
+
+
+def _filtered_dense(M, B: np.ndarray, kappa_a: float):
+    """Filtered solve from the full dense SVD of ``M`` (exact)."""
+    U, s, Vt = scipy.linalg.svd(M.toarray())
+    beta = U.T @ B
+    keep = s >= s[0] / kappa_a
+    coef = beta / s
+    x = Vt[keep].T @ coef[keep]
+    s_kept, s_all = float(np.sum(coef[keep] ** 2)), float(np.sum(coef ** 2))
+    d_ill = float(np.sum(beta[~keep] ** 2))
+    return x, s_kept, s_all, d_ill, float(s[0] / s[-1]), int((~keep).sum()), True
 
 
 def filtered_fidelity(s_kept: float, s_all: float, d_ill: float) -> tuple[float, float]:
@@ -283,8 +325,12 @@ def _filtered_sparse(M: sp.csc_matrix, B: np.ndarray, kappa_a: float, max_k: int
 
     ``x_f = x − Σ_dropped (β_j/σ_j) v_j`` with ``x = M⁻¹B``; the dropped triplets come from
     shift-invert Lanczos on ``MᵀM`` (eigenvalues ``σ²``), enlarging ``k`` until one kept value is seen.
+    Returns ``None`` when ``k`` reaches its cap ``N − 2`` without a kept value (the two values
+    Lanczos cannot return might be dropped too): the caller then uses the dense SVD.
     """
     N = M.shape[0]
+    if N < 4:   # eigsh needs 1 ≤ k ≤ N − 2
+        return None
     x = _triangular_solvers(M)[0](B)
     smax = float(spla.svds(M, k=1, return_singular_vectors=False, random_state=0)[0])
     thr = smax / kappa_a
@@ -294,8 +340,10 @@ def _filtered_sparse(M: sp.csc_matrix, B: np.ndarray, kappa_a: float, max_k: int
         k = min(k, N - 2)
         lam, V = spla.eigsh(inv, k=k, which="LM", v0=np.ones(N))
         sig = 1.0 / np.sqrt(lam)
-        if sig.max() >= thr or k >= N - 2:
+        if sig.max() >= thr:
             break
+        if k >= N - 2:
+            return None
         if k >= max_k:
             raise ValueError(f"more than {max_k} singular values of M lie below σ_max/κ_a = {thr:.3g}: "
                              "raise kappa_a or use a smaller system for the dense filtered solve")
@@ -308,7 +356,7 @@ def _filtered_sparse(M: sp.csc_matrix, B: np.ndarray, kappa_a: float, max_k: int
     x_f = x - V_d @ coef_d
     s_all = float(x @ x)
     s_kept = s_all - float(np.sum(coef_d ** 2))
-    return x_f, s_kept, s_all, float(np.sum(beta_d ** 2)), smax / float(sig.min()), int(drop.sum())
+    return x_f, s_kept, s_all, float(np.sum(beta_d ** 2)), smax / float(sig.min()), int(drop.sum()), False
 
 
 def _forward(system: CarlemanSystem, u0, T: int) -> torch.Tensor:

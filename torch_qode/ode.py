@@ -33,16 +33,30 @@ class NonFiniteError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def as_tensor(x, dtype: torch.dtype = torch.float64, device=None, name: str = "array") -> torch.Tensor:
-    """Convert numpy / torch / sequence input to a torch tensor of ``dtype`` on ``device``."""
+def as_tensor(x, dtype: torch.dtype = torch.float64, device=None, name: str = "array", *,
+              copy: bool = False) -> torch.Tensor:
+    """Convert real numpy / torch / sequence input to a torch tensor of ``dtype`` on ``device``.
+
+    Complex input raises ``TypeError`` (never silently made real); ``copy=True`` never shares
+    memory with ``x``.
+    """
     if isinstance(x, torch.Tensor):
-        return x.detach().to(dtype=dtype, device=device if device is not None else x.device)
+        if x.is_complex():
+            raise TypeError(f"{name} must be real: got a complex tensor ({x.dtype})")
+        return x.detach().to(dtype=dtype, device=device if device is not None else x.device, copy=copy)
     if sp.issparse(x):
         raise TypeError(f"{name}: a sparse matrix is not accepted here, pass a dense vector")
+    bad = f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}"
     try:
-        arr = np.asarray(x, dtype=np.float64)
+        arr = np.asarray(x)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}") from exc
+        raise TypeError(bad) from exc
+    if np.iscomplexobj(arr):
+        raise TypeError(f"{name} must be real: got a complex array ({arr.dtype})")
+    try:
+        arr = arr.astype(np.float64, copy=copy)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(bad) from exc
     return torch.as_tensor(arr, dtype=dtype, device=device)
 
 
@@ -78,8 +92,12 @@ class ExplicitTerm:
     def __init__(self, value, n: int, k: int, dtype: torch.dtype, device, name: str):
         self.n, self.k = n, k
         expected = (n, n**k)
+        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+            value = _torch_sparse_to_scipy(value, name)
         if sp.issparse(value):
-            csr = sp.csr_matrix(value, dtype=np.float64)
+            if np.iscomplexobj(value):
+                raise TypeError(f"{name} must be real: got a complex sparse matrix ({value.dtype})")
+            csr = sp.csr_matrix(value, dtype=np.float64, copy=True)   # a copy: later edits of value do not leak in
             if csr.shape != expected:
                 raise ValueError(f"{name} must have shape {expected} (n, n**{k}); got {csr.shape}")
             if not np.all(np.isfinite(csr.data)):
@@ -96,7 +114,7 @@ class ExplicitTerm:
             self.nnz = int(csr.nnz)
             self.row_nnz = np.diff(csr.indptr)
         else:
-            dense = as_tensor(value, dtype, device, name)
+            dense = as_tensor(value, dtype, device, name, copy=True)
             if tuple(dense.shape) != expected:
                 raise ValueError(f"{name} must have shape {expected} (n, n**{k}); got {tuple(dense.shape)}")
             _check_finite(dense, name)
@@ -206,6 +224,20 @@ class MatrixFreeTerm:
         return sigma
 
 
+def _torch_sparse_to_scipy(value: torch.Tensor, name: str) -> sp.coo_matrix:
+    """A 2-D torch sparse tensor (COO, CSR, CSC, BSR, BSC) as a float64 scipy COO matrix."""
+    if value.is_complex():
+        raise TypeError(f"{name} must be real: got a complex sparse tensor ({value.dtype})")
+    if value.dim() != 2:
+        raise ValueError(f"{name} must be 2-D; got a sparse tensor of shape {tuple(value.shape)}")
+    coo = value.detach().cpu().to_sparse().coalesce()   # any sparse layout -> COO
+    if coo.dense_dim() != 0:
+        raise ValueError(f"{name}: a hybrid sparse tensor (dense_dim={coo.dense_dim()}) is not accepted; "
+                         "pass a plain 2-D sparse or dense matrix")
+    idx = coo.indices().numpy()
+    return sp.coo_matrix((coo.values().to(torch.float64).numpy(), (idx[0], idx[1])), shape=tuple(coo.shape))
+
+
 def _kron_power(u: torch.Tensor, k: int) -> torch.Tensor:
     """Row-major Kronecker power ``u^{⊗k}`` (length ``n**k``); ``u^{⊗0} = [1]``."""
     out = torch.ones(1, dtype=u.dtype, device=u.device)
@@ -224,11 +256,18 @@ class PolynomialODE:
         ``[F0, F1, …, Fq]`` with ``q ≥ 1``.  ``F0``: ``(n,)`` array, callable ``t -> (n,)`` or
         ``None`` (zero).  ``Fk`` (k ≥ 1): ``(n, n**k)`` numpy / torch / scipy.sparse array, a
         :class:`MatrixFreeTerm`, or ``None`` (zero).  The top-degree term may not be ``None``.
+        Arrays are copied (later in-place edits do not reach the ODE); torch sparse tensors are
+        converted to scipy.sparse; complex input raises ``TypeError``.
     dtype, device:
-        Where the math runs (float64 on the CPU by default).
+        Where the math runs (float64 on the CPU by default); ``dtype`` must be a real floating dtype.
     """
 
     def __init__(self, coefficients: Sequence, *, dtype: torch.dtype = torch.float64, device=None):
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch dtype (e.g. torch.float64), got {dtype!r}")
+        if not dtype.is_floating_point:   # False for integer, bool and complex dtypes
+            raise ValueError(f"dtype must be a real floating torch dtype (torch.float64, torch.float32, ...), "
+                             f"got {dtype}")
         if isinstance(coefficients, (np.ndarray, torch.Tensor)) or not isinstance(coefficients, Sequence):
             raise TypeError("coefficients must be a list [F0, F1, ..., Fq]")
         coefficients = list(coefficients)
@@ -257,7 +296,7 @@ class PolynomialODE:
         self._F0 = coefficients[0]
         self.time_dependent = callable(self._F0)
         if not self.time_dependent:
-            self._F0_const = self._coerce_F0(self._F0, "F0")
+            self._F0_const = self._coerce_F0(self._F0, "F0", copy=True)
         #: True when F0 is identically zero (then no k = 0 Carleman terms are formed)
         self.F0_is_zero = not self.time_dependent and not bool(self._F0_const.any())
 
@@ -278,10 +317,10 @@ class PolynomialODE:
             return int(np.shape(c0)[0])
         raise ValueError("cannot infer n: all of F1..Fq are None and F0 is not an array")
 
-    def _coerce_F0(self, value, name: str) -> torch.Tensor:
+    def _coerce_F0(self, value, name: str, copy: bool = False) -> torch.Tensor:
         if value is None:
             return torch.zeros(self.n, dtype=self.dtype, device=self.device)
-        v = as_tensor(value, self.dtype, self.device, name)
+        v = as_tensor(value, self.dtype, self.device, name, copy=copy)
         if tuple(v.shape) != (self.n,):
             raise ValueError(f"{name} must have shape ({self.n},); got {tuple(v.shape)}")
         _check_finite(v, name)
