@@ -158,3 +158,106 @@ def test_bad_arguments():
         DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, window=-1)
     with pytest.raises(TypeError, match="check"):
         DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, check=0.4)
+
+
+def test_metric_in_training_mode_leaves_buffers_grads_and_rng():
+    """A metric run on a training-mode model (BatchNorm updates, RNG draws, grads cleared) is undone."""
+    import copy
+
+    model = bn_model(7)
+    X, y = probe(8)
+    F.cross_entropy(model(X), y).backward()
+    model.train()
+    Xt, yt = probe(9, n=20)
+    expected = float((copy.deepcopy(model)(Xt).argmax(1) == yt).double().mean())   # the metric as written
+
+    def metric(m):
+        torch.rand(3)                                  # consumes the global RNG
+        m.zero_grad(set_to_none=True)
+        return float((m(Xt).argmax(1) == yt).double().mean())   # train mode: updates the BN buffers
+
+    mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, window=3, schedule=[0],
+                             check=DissipationCheck(steps=6), metric=metric)
+    grads = [p.grad for p in model.parameters()]
+    before = snapshot(model)
+    rng = torch.get_rng_state()
+    rec = mon.step(0)
+    assert_same(before, snapshot(model))                                 # running stats, num_batches_tracked too
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))   # the very same .grad tensors
+    assert torch.equal(rng, torch.get_rng_state())
+    assert rec["test_acc"] == expected
+
+
+def test_schedule_forms_and_refusals():
+    import numpy as np
+
+    model = bn_model()
+    X, y = probe()
+    mk = lambda **kw: DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, check=DissipationCheck(steps=4), **kw)
+    for sched in (np.array([1, 3]), torch.tensor([1, 3]), [np.int64(1), 3], range(1, 4, 2), (1, 3)):
+        mon = mk(schedule=sched)
+        assert [s for s in range(6) if mon.scheduled(s)] == [1, 3]
+    assert mk(schedule=lambda s: s == 2).scheduled(np.int64(2))
+    assert mk(schedule=[2]).scheduled(torch.tensor(2))
+    for bad in (5, [1.7], np.array([1.0, 2.0]), [True], np.array([[1, 2]]), None):
+        with pytest.raises(TypeError, match="schedule"):
+            mk(schedule=bad)
+    mon = mk(schedule=[1])
+    for bad in (1.5, 1.0, "1", True):
+        with pytest.raises(TypeError, match="step must be an integer"):
+            mon.scheduled(bad)
+        with pytest.raises(TypeError, match="step must be an integer"):
+            mon.step(bad, force=True)
+    assert mon.records == []
+
+
+def test_numpy_scalars_for_lr_and_window():
+    import numpy as np
+
+    model = bn_model()
+    model.eval()
+    X, y = probe()
+    kw = dict(schedule=[0], check=DissipationCheck(steps=6))
+    a = DissipationMonitor(model, F.cross_entropy, (X, y), lr=np.float32(0.5), window=np.int64(5), **kw).step(0)
+    b = DissipationMonitor(model, F.cross_entropy, (X, y), lr=float(np.float32(0.5)), window=5, **kw).step(0)
+    assert len(a["proxy_curve"]) == 6 and a["proxy_curve"] == b["proxy_curve"]
+    c = DissipationMonitor(model, F.cross_entropy, (X, y), lr=torch.tensor(0.5), window=torch.tensor(5), **kw)
+    assert c.lr == 0.5 and c.window == 5 and type(c.window) is int
+    for lr in (np.float32("nan"), np.bool_(True), np.array([0.5])):
+        with pytest.raises(ValueError, match="lr"):
+            DissipationMonitor(model, F.cross_entropy, (X, y), lr=lr)
+    with pytest.raises(ValueError, match="window"):
+        DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, window=np.float64(5.0))
+
+
+def test_jsonl_log_stays_in_step_with_records(tmp_path):
+    from pathlib import Path
+
+    model = bn_model()
+    model.eval()
+    X, y = probe()
+    log = tmp_path / "m.jsonl"
+    mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, schedule=[0], check=DissipationCheck(steps=4),
+                             log_path=log)
+    with pytest.raises(TypeError, match="JSON"):
+        mon.record({"step": 1, "path": Path("x")})
+    with pytest.raises(TypeError, match="JSON"):
+        mon.step(0, note=object())
+    assert mon.records == [] and (not log.exists() or log.read_text() == "")
+    with pytest.raises(ValueError, match="'event'"):
+        mon.step(0, event="bogus")
+    with pytest.raises(ValueError, match="proxy_T"):
+        mon.step(0, force=True, proxy_T=0.0)
+    rec = mon.step(0, test_acc=0.5, download=True)     # no metric: test_acc may come from outside
+    assert rec["event"] == "spectrum" and rec["test_acc"] == 0.5 and rec["download"] is True
+    mon.record({"step": 2, "value": float("nan")})     # non-finite numbers become null, in both places
+    lines = [json.loads(l) for l in log.read_text().splitlines()]
+    assert lines == mon.records and lines[1]["value"] is None
+    with_metric = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, schedule=[0],
+                                     check=DissipationCheck(steps=4), metric=lambda m: 1.0)
+    with pytest.raises(ValueError, match="test_acc"):
+        with_metric.step(0, test_acc=0.5)
+    with pytest.raises(ValueError, match="log_path"):
+        DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, log_path=tmp_path)
+    with pytest.raises(TypeError, match="log_path"):
+        DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, log_path=5)

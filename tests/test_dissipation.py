@@ -452,3 +452,58 @@ def test_check_bad_arguments():
         DissipationCheck()(hvp, 4, lr=0.1, T=-1)
     with pytest.raises(ValueError, match="lr"):
         DissipationCheck()(hvp, 4, lr=0.0, T=1)
+
+
+# ------------------------------------------------------------------------ argument checks, numbers
+@pytest.mark.parametrize("backend", ["torch", "pyhessian"])
+def test_spectrum_arguments_are_checked_for_both_backends(backend):
+    model, batch = tiny_mlp(), mlp_batch()
+    fast = dict(steps=4, trace_samples=3, eig_iters=5, backend=backend)
+    for kw, exc, msg in [(dict(top_k=0), ValueError, "top_k"), (dict(top_k=32), ValueError, "top_k"),
+                         (dict(trace_samples=0), ValueError, "trace_samples"), (dict(steps=0), ValueError, "steps"),
+                         (dict(runs=0), ValueError, "runs"), (dict(eig_iters=0), ValueError, "eig_iters"),
+                         (dict(grid=1), ValueError, "grid"), (dict(tol=-1.0), ValueError, "tol"),
+                         (dict(sigma=-1.0), ValueError, "sigma"), (dict(seed=1.5), TypeError, "seed"),
+                         (dict(steps=2.0), ValueError, "steps"), (dict(reorthogonalize="x"), ValueError, "reorth")]:
+        with pytest.raises(exc, match=msg):
+            hessian_spectrum(model, CE, batch, **{**fast, **kw})
+    with pytest.raises(ValueError, match="scalar"):
+        hessian_spectrum(model, nn.CrossEntropyLoss(reduction="none"), batch, **fast)
+    with pytest.raises(TypeError, match="batch must be a pair"):
+        hessian_spectrum(model, CE, (batch[0], batch[1], batch[1]), **fast)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        hessian_spectrum(model, None, batch, **fast)
+    a = hessian_spectrum(model, CE, batch, seed=None, **fast)
+    b = hessian_spectrum(model, CE, batch, seed=0, **fast)
+    assert np.array_equal(a.top_eigenvalues, b.top_eigenvalues) and a.trace == b.trace
+    c = hessian_spectrum(model, CE, batch, **{**fast, "top_k": np.int64(2), "steps": np.int64(4),
+                                              "sigma": np.float32(0.25), "tol": np.float32(1e-3)})
+    assert c.top_eigenvalues.shape == (2,) and c.density.sigma == pytest.approx(0.25)
+
+
+def test_numpy_scalars_are_numbers():
+    eigs = np.array([3.0, 2.0, 0.5, -0.2, 1e-6])
+    _, hvp = _sym(eigs)
+    ref = DissipationCheck(cutoff=float(np.float32(0.3)), zero_tol=1e-3, steps=5, seed=1)(hvp, 5, lr=0.5, T=4)
+    chk = DissipationCheck(cutoff=np.float32(0.3), zero_tol=np.float64(1e-3), steps=np.int64(5), seed=np.int32(1),
+                           max_error_proxy=np.float32(1.0), sigma=None)
+    got = chk(hvp, 5, lr=np.float32(0.5), T=np.int64(4))
+    assert np.allclose(got.proxy, ref.proxy, rtol=1e-6) and got.passed == ref.passed
+    assert chk.cutoff == pytest.approx(0.3) and type(chk.steps) is int
+    assert positive_fraction(eigs, np.float32(0.05)) == positive_fraction(eigs, 0.05) == pytest.approx(3 / 4)
+    assert positive_fraction(eigs, np.float32(0.1)) == 1.0                   # -0.2 now inside the flat band
+    assert positive_fraction(eigs, torch.tensor(0.05)) == pytest.approx(3 / 4)
+    d1 = slq_density(hvp, 5, steps=5, sigma=np.float32(0.25))
+    d2 = slq_density(hvp, 5, steps=5, sigma=0.25)
+    assert d1.sigma == pytest.approx(0.25) and np.allclose(d1.values, d2.values, rtol=1e-6)
+    for kw in (dict(cutoff=np.bool_(True)), dict(zero_tol=np.array([0.1])), dict(sigma="0.1")):
+        with pytest.raises(ValueError):
+            DissipationCheck(**kw)
+    with pytest.raises(TypeError, match="seed"):
+        DissipationCheck(seed=None)
+    with pytest.raises(ValueError, match="zero_tol"):
+        positive_fraction(eigs, np.float32(1.0))
+    for tol in (-1.0, float("nan"), "x"):
+        with pytest.raises(ValueError, match="tol"):
+            top_eigenvalues(hvp, 5, tol=tol)
+    assert top_eigenvalues(hvp, 5, tol=np.float32(0.0))[0] == pytest.approx(3.0)

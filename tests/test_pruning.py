@@ -202,3 +202,27 @@ def test_property_exact_count_and_order(shapes, sparsity, seed, quantise):
     assert pr.report().mask_sparsity == pytest.approx(k / n)
     again = pr.prune()  # pruning twice prunes the same number again (the zeros are now the smallest)
     assert int(sum(int((~m).sum()) for m in again)) == k
+
+
+def test_duplicate_tensors_refused_and_numpy_numbers_accepted():
+    import numpy as np
+
+    net = _net()
+    params = list(net.parameters())
+    w = params[0]
+    with pytest.raises(ValueError, match=r"params\[2\] is the same tensor as params\[0\]"):
+        MagnitudePruner([w, params[1], w], 0.5)
+    with pytest.raises(ValueError, match="same tensor"):
+        MagnitudePruner([params[-1], params[-1]], 0.5)
+    tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    tied[1].weight = tied[0].weight
+    assert MagnitudePruner(tied, 0.5).n_prunable == 16          # a module lists a tied weight once
+    ref = MagnitudePruner(params, 0.5)
+    for s in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), np.array(0.5)):
+        pr = MagnitudePruner(params, s)
+        assert pr.sparsity == 0.5 and type(pr.sparsity) is float
+        assert pr.n_pruned_target() == ref.n_pruned_target()
+    flags = MagnitudePruner(params, 0.5, prunable=np.array([True, False, False, False, True, False])).prunable
+    assert flags == [True, False, False, False, True, False]
+    with pytest.raises(TypeError, match="sparsity"):
+        MagnitudePruner(params, np.bool_(True))

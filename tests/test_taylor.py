@@ -309,7 +309,9 @@ def test_fused_batchnorm_graph_refused_for_third_order():
 @pytest.mark.parametrize("make", [
     lambda: nn.BatchNorm2d(3), lambda: nn.BatchNorm2d(3).eval(), lambda: nn.LayerNorm([5]),
     lambda: nn.GroupNorm(1, 3), lambda: nn.InstanceNorm2d(3, affine=True), lambda: nn.RMSNorm([5]),
-    lambda: nn.BatchNorm2d(3, momentum=None)])
+    lambda: nn.BatchNorm2d(3, momentum=None), lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+    lambda: nn.InstanceNorm2d(3, track_running_stats=True, momentum=None),
+    lambda: nn.InstanceNorm2d(3, track_running_stats=True).eval()])
 def test_decomposed_norms_equal_fused_forward(make):
     torch.manual_seed(0)
     m = make().double()
@@ -324,8 +326,10 @@ def test_decomposed_norms_equal_fused_forward(make):
         b.copy_(v)
     ref = m(x)
     assert torch.allclose(y, ref, atol=1e-12)
-    for a, b in zip(upd, m.buffers()):  # update_running_stats=True reproduces nn.BatchNorm's update
+    for a, b in zip(upd, m.buffers()):  # update_running_stats=True reproduces the fused layers' update
         assert torch.allclose(a.double(), b.double(), atol=1e-12)
+    if m.training and getattr(m, "momentum", None) is not None and m.running_mean is not None:
+        assert not torch.equal(upd[0], bufs[0])  # the update did happen
     for b, v in zip(m.buffers(), bufs):
         b.copy_(v)
     with decomposed_norms(m):
@@ -506,3 +510,67 @@ def test_carleman_accepts_matrix_free_terms(order):
         ref = carleman(exp.ode(explicit=True), order, form).simulate(u0, 5)
         got = carleman(exp.ode(explicit=False), order, form).simulate(u0, 5)
         assert torch.allclose(torch.as_tensor(got), torch.as_tensor(ref), atol=1e-12), form
+
+
+def test_from_model_weight_decay_forms_match_from_loss():
+    import numpy as np
+
+    model, batch = _case("mlp")
+    th = flat_params(model)
+    n = th.numel()
+    V = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=th.dtype)
+    per_tensor = [0.1, 0.0, 0.2, 0.0]
+    flat = torch.cat([torch.full((p.numel(),), w, dtype=th.dtype) for w, p in zip(per_tensor, model.parameters())])
+    ref = _from_loss(model, batch, lr=LR, weight_decay=per_tensor)
+    for wd in (per_tensor, [np.float32(0.1), 0, torch.tensor(0.2), np.float64(0.0)], flat.numpy(), flat):
+        for backend in ("jvp", "double_backward"):
+            exp = TaylorExpansion.from_model(model, CE, batch, lr=LR, weight_decay=wd, backend=backend)
+            assert torch.allclose(exp.gradient(), ref.gradient(), atol=1e-12)
+            assert torch.allclose(exp.hvp(V), ref.hvp(V), atol=1e-11)
+    S = torch.tensor([0, 13, 16, 30])            # one entry of each tensor: its own decay on the support
+    exp = TaylorExpansion.from_model(model, CE, batch, lr=LR, weight_decay=per_tensor, support=S, degree=1)
+    ref0 = TaylorExpansion.from_model(model, CE, batch, lr=LR, support=S, degree=1)
+    E = torch.eye(4, dtype=th.dtype)
+    assert torch.allclose(exp.hvp(E) - ref0.hvp(E), torch.diag(flat[S]), atol=1e-12)
+    plain = TaylorExpansion.from_model(model, CE, batch, lr=LR, degree=1)
+    for wd in (0.05, np.float32(0.05), torch.tensor(0.05, dtype=torch.float64), np.array(0.05)):
+        exp = TaylorExpansion.from_model(model, CE, batch, lr=LR, weight_decay=wd, degree=1)
+        assert torch.allclose(exp.hvp(V) - plain.hvp(V), float(wd) * V, atol=1e-12)
+    with pytest.raises(ValueError, match=r"one float per parameter tensor \(4\), got 1"):
+        TaylorExpansion.from_model(model, CE, batch, lr=LR, weight_decay=[0.1])
+    with pytest.raises(ValueError, match=r"\(31,\)"):
+        TaylorExpansion.from_model(model, CE, batch, lr=LR, weight_decay=np.zeros(30))
+    with pytest.raises(TypeError, match="weight_decay"):
+        TaylorExpansion.from_model(model, CE, batch, lr=LR, weight_decay=[0.1, "a", 0.0, 0.0])
+
+
+@pytest.mark.parametrize("backend", ["jvp", "double_backward"])
+def test_empty_column_blocks_support_and_nonfinite_Z(backend):
+    model, batch = _case("mlp")
+    exp = TaylorExpansion.from_model(model, CE, batch, lr=LR, support=[0, 5, 20], backend=backend)
+    empty = torch.ones(3, 0, dtype=torch.float64)
+    assert exp.hvp(empty).shape == (3, 0) and exp.third(empty, empty).shape == (3, 0)
+    assert exp.ode(explicit=False).term(1).matmat(empty).shape == (3, 0)
+    for Z in (torch.full((3, 3), float("nan")), torch.eye(3) * float("inf")):
+        with pytest.raises(NonFiniteError, match="Z"):
+            exp.third_sym(Z)
+    for empty_support in ([], (), torch.tensor([]), torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ValueError, match="support is empty"):
+            TaylorExpansion.from_model(model, CE, batch, lr=LR, support=empty_support, backend=backend)
+
+
+def test_decomposed_instance_norm_unbatched_input():
+    torch.manual_seed(0)
+    for m, x in ((nn.InstanceNorm1d(3, affine=True), torch.randn(3, 7)),
+                 (nn.InstanceNorm2d(3, track_running_stats=True), torch.randn(3, 4, 5))):
+        m = m.double()
+        for p in m.parameters():
+            p.data.normal_()
+        bufs = [b.clone() for b in m.buffers()]
+        with decomposed_norms(m, update_running_stats=True):
+            y = m(x.double())
+        upd = [b.clone() for b in m.buffers()]
+        for b, v in zip(m.buffers(), bufs):
+            b.copy_(v)
+        assert torch.allclose(y, m(x.double()), atol=1e-12)      # the fused layer treats it as a batch of one
+        assert all(torch.allclose(a.double(), b.double(), atol=1e-12) for a, b in zip(upd, m.buffers()))

@@ -8,8 +8,10 @@ increasing flat indices into that vector; ``u`` lives in ``R^|S|``.  ``support=N
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -17,8 +19,34 @@ __all__ = [
     "param_list", "numel", "flatten", "unflatten", "check_support", "scatter_rows",
     "preserved", "decomposed_norms", "batch_stats_no_update", "check_no_torch_prune", "check_model_loss_batch",
     "make_loss_fn",
-    "fused_norm_nodes",
+    "fused_norm_nodes", "as_real", "as_int",
 ]
+
+
+# -------------------------------------------------------------------------------------- numbers
+def _scalar(x):
+    """A 0-d numpy array or 0-d torch tensor as its Python / numpy scalar; anything else unchanged."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and not (x.dtype == torch.bool or x.is_complex()):
+        return x.item()
+    if isinstance(x, np.ndarray) and x.ndim == 0:
+        return x[()]
+    return x
+
+
+def as_real(x) -> Optional[float]:
+    """``x`` as a float if it is a real number (Python, numpy scalar, 0-d array / tensor; not bool), else None."""
+    x = _scalar(x)
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        return None
+    return float(x)
+
+
+def as_int(x) -> Optional[int]:
+    """``x`` as an int if it is an integer (Python, numpy integer, 0-d integer array / tensor; not bool), else None."""
+    x = _scalar(x)
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        return None
+    return int(x)
 
 
 # ----------------------------------------------------------------------------------- parameters
@@ -72,12 +100,12 @@ def check_support(support, size: int, device=None, name: str = "support") -> Opt
             s = torch.as_tensor(support)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"{name} must be None or a 1-D LongTensor of flat indices") from exc
+    if s.numel() == 0:
+        raise ValueError(f"{name} is empty: at least one flat index is needed (None means all)")
     if s.dtype in (torch.bool,) or s.is_floating_point() or s.is_complex():
         raise TypeError(f"{name} must hold integer flat indices (int64), got dtype {s.dtype}")
     if s.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(s.shape)}")
-    if s.numel() == 0:
-        raise ValueError(f"{name} is empty: at least one flat index is needed (None means all)")
     s = s.to(dtype=torch.int64, device=device)
     lo, hi = int(s.min()), int(s.max())
     if lo < 0 or hi >= size:
@@ -158,7 +186,9 @@ def _bn_forward(self, x: torch.Tensor, update: bool) -> torch.Tensor:
     return y
 
 
-def _in_forward(self, x: torch.Tensor) -> torch.Tensor:
+def _in_forward(self, x: torch.Tensor, update: bool) -> torch.Tensor:
+    if x.dim() == self._get_no_batch_dim():          # unbatched input, as nn.InstanceNorm: a batch of one
+        return _in_forward(self, x.unsqueeze(0), update).squeeze(0)
     if self.track_running_stats and not self.training:
         mean = self.running_mean.view(_shape_for(x))
         xc = x - mean
@@ -168,6 +198,15 @@ def _in_forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(dims, keepdim=True)
         xc = x - mean
         var = (xc * xc).mean(dims, keepdim=True)
+        if update and self.track_running_stats and self.running_mean is not None:
+            # as F.instance_norm: the per-instance statistics averaged over the batch; momentum None -> 0
+            with torch.no_grad():
+                mom = 0.0 if self.momentum is None else self.momentum
+                n, c = x.shape[:2]
+                cnt = x[0, 0].numel()
+                unbiased = var.detach().reshape(n, c).mean(0) * (cnt / max(cnt - 1, 1))
+                self.running_mean.mul_(1 - mom).add_(mean.detach().reshape(n, c).mean(0), alpha=mom)
+                self.running_var.mul_(1 - mom).add_(unbiased, alpha=mom)
     y = xc * torch.rsqrt(var + self.eps)
     if self.affine:
         y = y * self.weight.view(_shape_for(x)) + self.bias.view(_shape_for(x))
@@ -222,8 +261,9 @@ def decomposed_norms(model: nn.Module, *, update_running_stats: bool = False):
     training); its running buffers are left untouched unless ``update_running_stats=True``, in which
     case they are updated exactly like ``nn.BatchNorm`` does (momentum / cumulative average,
     unbiased variance).  A module in eval mode uses its running statistics.  InstanceNorm with
-    ``track_running_stats=True`` normalises like PyTorch but never updates its buffers here.  The
-    modules are restored on exit.  Wrapping a training step's forward in
+    ``track_running_stats=True`` follows the same rule (with ``update_running_stats=True`` a
+    training-mode module updates its buffers as ``F.instance_norm`` does).  The modules are restored
+    on exit.  Wrapping a training step's forward in
     ``decomposed_norms(model, update_running_stats=True)`` computes the same loss and buffer updates
     as the fused layers, and leaves a graph that :meth:`TaylorExpansion.from_loss` accepts at degree ≥ 2.
     """
@@ -235,7 +275,7 @@ def decomposed_norms(model: nn.Module, *, update_running_stats: bool = False):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 fwd = (lambda x, _m=m: _bn_forward(_m, x, update_running_stats))
             elif isinstance(m, nn.modules.instancenorm._InstanceNorm):
-                fwd = (lambda x, _m=m: _in_forward(_m, x))
+                fwd = (lambda x, _m=m: _in_forward(_m, x, update_running_stats))
             elif isinstance(m, nn.LayerNorm):
                 fwd = (lambda x, _m=m: _ln_forward(_m, x))
             elif isinstance(m, nn.GroupNorm):

@@ -12,13 +12,15 @@ Usable two ways:
 Records are plain dicts, appended to :attr:`DissipationMonitor.records` and, with ``log_path``,
 written as JSON lines.  :meth:`DissipationMonitor.plot` draws the Fig. 2-style panels (needs
 matplotlib).  The monitor leaves the model exactly as it found it: parameters, ``.grad``, training
-modes and BatchNorm buffers (the spectrum is taken by :func:`~torch_qode.dissipation.hessian_spectrum`,
-which restores all of them, and a ``metric`` runs with modes restored afterwards).
+modes, BatchNorm buffers and the global RNG (the spectrum is taken by
+:func:`~torch_qode.dissipation.hessian_spectrum`, which restores all of them; a ``metric`` runs under
+``torch.no_grad()`` on a forked RNG, and modes, buffers and ``.grad`` are restored afterwards).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -26,11 +28,24 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import _flat
 from ._figure import new_figure, positive as _positive, save
 from ._flat import check_model_loss_batch
 from .dissipation import DissipationCheck, hessian_spectrum
 
 __all__ = ["DissipationMonitor", "paper_schedule", "plot_training_panels"]
+
+
+#: Keys :meth:`DissipationMonitor.step` computes itself; ``**extra`` may not override them.
+_STEP_KEYS = ("step", "event", "top_eigenvalue", "positive_fraction", "proxy_T", "proxy_curve", "spectrum",
+              "seconds")
+
+
+def _check_step(step, name: str = "step") -> int:
+    s = _flat.as_int(step)
+    if s is None:
+        raise TypeError(f"{name} must be an integer (a training step), got {step!r}")
+    return s
 
 
 def paper_schedule(step: int) -> bool:
@@ -66,14 +81,14 @@ class DissipationMonitor:
         lr: learning rate η of the proxy's ``a = −ηλ`` (Eq. III.12).
         window: horizon ``T`` of the predicted proxy curve ``proxy(0..T)``.
         schedule: ``"paper"`` (:func:`paper_schedule`), a callable ``step -> bool`` or an iterable
-            of steps.
+            of integer steps (a list, range, numpy / torch integer array).
         backend, support, params: passed to :func:`~torch_qode.dissipation.hessian_spectrum`.
         check: the :class:`~torch_qode.dissipation.DissipationCheck` whose settings (Lanczos steps,
             runs, grid, seed, proxy form, cutoff ``c`` of Eq. III.14, flat bands) the monitor uses, so
             its numbers are the ones QODE's check would compute (default: ``DissipationCheck()``; the
             paper's code used 256 Lanczos steps).
         metric: optional ``model -> float`` (e.g. test accuracy) evaluated at scheduled steps.
-        log_path: JSON-lines file (appended to).
+        log_path: JSON-lines file (appended to; not a directory).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, probe_batch, *, lr: float, window: int = 90,
@@ -81,20 +96,12 @@ class DissipationMonitor:
                  check: Optional[DissipationCheck] = None, support=None, params=None,
                  metric: Optional[Callable[[nn.Module], float]] = None, log_path=None):
         check_model_loss_batch(model, loss_fn, probe_batch, ("model", "loss_fn", "probe_batch"))
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+        lr_f, window_i = _flat.as_real(lr), _flat.as_int(window)
+        if lr_f is None or not (lr_f > 0 and math.isfinite(lr_f)):
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        if window_i is None or window_i < 0:
             raise ValueError(f"window must be a non-negative integer, got {window!r}")
-        if schedule == "paper":
-            self._scheduled = paper_schedule
-        elif callable(schedule):
-            self._scheduled = schedule
-        elif isinstance(schedule, str):
-            raise ValueError(f"schedule must be 'paper', a callable step -> bool or an iterable of steps, "
-                             f"got {schedule!r}")
-        else:
-            steps_set = {int(s) for s in schedule}
-            self._scheduled = steps_set.__contains__
+        self._scheduled = self._check_schedule(schedule)
         if backend not in ("torch", "pyhessian"):
             raise ValueError(f"backend must be 'torch' or 'pyhessian', got {backend!r}")
         if metric is not None and not callable(metric):
@@ -103,28 +110,67 @@ class DissipationMonitor:
             raise TypeError(f"check must be a DissipationCheck or None, got {type(check).__name__}")
         self.check = check if check is not None else DissipationCheck()
         self.model, self.loss_fn, self.probe_batch = model, loss_fn, tuple(probe_batch)
-        self.lr, self.window = float(lr), window
+        self.lr, self.window = lr_f, window_i
         self.backend, self.metric = backend, metric
         c = self.check
         self._spectrum_kw = dict(backend=backend, steps=c.steps, runs=c.runs, grid=c.grid, sigma=c.sigma,
                                  support=support, params=params, seed=c.seed, trace=False)
         self.records: list[dict] = []
+        if log_path is not None and not isinstance(log_path, (str, os.PathLike)):
+            raise TypeError(f"log_path must be None or a file path (str or os.PathLike), got {type(log_path).__name__}")
         self.log_path = None if log_path is None else Path(log_path)
         if self.log_path is not None:
+            if self.log_path.is_dir():
+                raise ValueError(f"log_path must be a file (JSON lines), got the directory {str(self.log_path)!r}")
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _check_schedule(schedule) -> Callable[[int], bool]:
+        msg = "schedule must be 'paper', a callable step -> bool or an iterable of integer steps"
+        if isinstance(schedule, str):
+            if schedule == "paper":
+                return paper_schedule
+            raise ValueError(f"{msg}, got {schedule!r}")
+        if callable(schedule):
+            return schedule
+        if isinstance(schedule, (torch.Tensor, np.ndarray)) and schedule.ndim != 1:
+            raise TypeError(f"{msg}; an array schedule must be 1-D, got shape {tuple(schedule.shape)}")
+        try:
+            items = list(schedule)
+        except TypeError:
+            raise TypeError(f"{msg}, got {type(schedule).__name__} {schedule!r} (wrap a single step as [step])") \
+                from None
+        steps = set()
+        for s in items:
+            i = _flat.as_int(s)
+            if i is None:
+                raise TypeError(f"{msg}; schedule holds {s!r}, which is not an integer")
+            steps.add(i)
+        return steps.__contains__
 
     # ---------------------------------------------------------------------------- recording
     def scheduled(self, step: int) -> bool:
-        return bool(self._scheduled(int(step)))
+        """Whether the schedule takes a spectrum at integer ``step``."""
+        return bool(self._scheduled(_check_step(step)))
 
     def step(self, step: int, force: bool = False, **extra) -> Optional[dict]:
-        """At a scheduled ``step`` (or with ``force``), take the probe spectrum and record it."""
+        """At a scheduled ``step`` (or with ``force``), take the probe spectrum and record it.
+
+        ``extra`` keys are added to the record; they may not override the computed ones
+        (``step``, ``event``, ``top_eigenvalue``, …, and ``test_acc`` when a ``metric`` is set).
+        """
+        step = _check_step(step)
+        reserved = _STEP_KEYS + (("test_acc",) if self.metric is not None else ())
+        clash = sorted(k for k in extra if k in reserved)
+        if clash:
+            raise ValueError(f"step(): extra keys {clash} are computed by the monitor and may not be overridden "
+                             f"(reserved: {list(reserved)})")
         if not (force or self.scheduled(step)):
             return None
         spec = hessian_spectrum(self.model, self.loss_fn, self.probe_batch, **self._spectrum_kw)
         dens = spec.density
         curve, pos, _ = self.check.evaluate(dens, self.lr, self.window)
-        rec = {"step": int(step), "event": "spectrum", "top_eigenvalue": float(spec.top_eigenvalues[0]),
+        rec = {"step": step, "event": "spectrum", "top_eigenvalue": float(spec.top_eigenvalues[0]),
                "positive_fraction": pos, "proxy_T": float(curve[-1]),
                "proxy_curve": curve, "spectrum": {"grid": dens.grid, "density": dens.values},
                "seconds": float(sum(spec.seconds.values()))}
@@ -136,24 +182,32 @@ class DissipationMonitor:
     on_train_batch_end = step
 
     def record(self, rec: dict) -> dict:
-        """Append a record (any JSON-able dict with a ``step``) and write it to the log."""
+        """Append a record (any JSON-able dict with a ``step``) and write it to the log.
+
+        The record is serialised first: a value JSON cannot hold raises ``TypeError`` and nothing is
+        appended, neither to :attr:`records` nor to the log.
+        """
+        if not isinstance(rec, Mapping):
+            raise TypeError(f"rec must be a dict, got {type(rec).__name__}")
         if "step" not in rec:
             raise ValueError("a record needs a 'step'")
         rec = _jsonable(rec)
-        self.records.append(rec)
+        try:
+            line = json.dumps(rec)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"rec must hold only JSON-able values (numbers, strings, lists, dicts, numpy / torch "
+                            f"arrays): {exc}") from None
         if self.log_path is not None:
             with open(self.log_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
+                fh.write(line + "\n")
+        self.records.append(rec)
         return rec
 
     def _metric(self) -> float:
-        modes = [m.training for m in self.model.modules()]
-        try:
-            with torch.no_grad():
-                return float(self.metric(self.model))
-        finally:
-            for m, mode in zip(self.model.modules(), modes):
-                m.training = mode
+        """``metric(model)`` under no_grad on a forked RNG; modes, buffers and ``.grad`` restored after."""
+        devices = list({p.device for p in self.model.parameters() if p.device.type == "cuda"})
+        with _flat.preserved(self.model), torch.random.fork_rng(devices=devices), torch.no_grad():
+            return float(self.metric(self.model))
 
     # ------------------------------------------------------------------------- QODE hooks
     def on_upload(self, step: int, verdict) -> dict:

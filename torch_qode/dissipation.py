@@ -226,6 +226,13 @@ class Density:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
 
 
+def _check_sigma(sigma) -> Optional[float]:
+    s = _flat.as_real(sigma)
+    if sigma is not None and (s is None or not (s > 0 and math.isfinite(s))):
+        raise ValueError(f"sigma must be a positive float (kernel width in eigenvalue units) or None, got {sigma!r}")
+    return s
+
+
 def smooth_density(nodes, weights, *, grid: int = 256, sigma: Optional[float] = None, steps: Optional[int] = None,
                    margin: float = 0.05, runs: int = 1) -> Density:
     """Gaussian-smoothed density of a quadrature measure on ``grid`` points.
@@ -251,8 +258,8 @@ def smooth_density(nodes, weights, *, grid: int = 256, sigma: Optional[float] = 
     steps = int(steps) if steps is not None else max(nodes.size // max(runs, 1), 2)
     if sigma is None:
         sigma = (hi - lo) / (max(steps, 2) - 1) / math.sqrt(8 * math.log(1.25))
-    elif not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a positive float (kernel width in eigenvalue units) or None, got {sigma!r}")
+    else:
+        sigma = _check_sigma(sigma)
     x = np.linspace(lo, hi, int(grid))
     vals = (weights[None, :] * np.exp(-0.5 * ((x[:, None] - nodes[None, :]) / sigma) ** 2)).sum(1)
     vals /= sigma * math.sqrt(2 * math.pi)
@@ -286,6 +293,13 @@ def slq_density(hvp, n: int, *, steps: int = 64, runs: int = 1, grid: int = 256,
                           runs=int(runs))
 
 
+def _check_tol(tol) -> float:
+    t = _flat.as_real(tol)
+    if t is None or not (t >= 0 and math.isfinite(t)):
+        raise ValueError(f"tol must be a finite number >= 0 (relative tolerance), got {tol!r}")
+    return t
+
+
 def top_eigenvalues(hvp, n: int, k: int = 1, *, which: str = "algebraic", steps: Optional[int] = None,
                     tol: float = 1e-6, seed: int = 0, dtype: torch.dtype = torch.float64, device=None) -> np.ndarray:
     """The ``k`` top eigenvalues by fully reorthogonalised Lanczos.
@@ -299,6 +313,7 @@ def top_eigenvalues(hvp, n: int, k: int = 1, *, which: str = "algebraic", steps:
         raise ValueError(f"k must be an integer in 1..n = 1..{n}, got {k!r}")
     if which not in ("algebraic", "magnitude"):
         raise ValueError(f"which must be 'algebraic' or 'magnitude', got {which!r}")
+    tol = _check_tol(tol)
     steps = min(n, max(100, 4 * k)) if steps is None else steps
     n, steps = _check_n_steps(n, steps)
 
@@ -419,11 +434,12 @@ def positive_fraction(spectrum, zero_tol: float = 1e-3, *, flat_below: float = 0
         x, p = spectrum.nodes, spectrum.weights
     else:
         x, p, _ = _measure(spectrum)
-    if not (isinstance(zero_tol, (int, float)) and 0 <= zero_tol < 1):
+    zt, fb = _flat.as_real(zero_tol), _flat.as_real(flat_below)
+    if zt is None or not 0 <= zt < 1:
         raise ValueError(f"zero_tol must be in [0, 1), got {zero_tol!r}")
-    if not (isinstance(flat_below, (int, float)) and flat_below >= 0 and math.isfinite(flat_below)):
+    if fb is None or not (fb >= 0 and math.isfinite(fb)):
         raise ValueError(f"flat_below must be a finite number ≥ 0, got {flat_below!r}")
-    tau = max(zero_tol * float(np.abs(x).max()) if x.size else 0.0, float(flat_below))
+    tau = max(zt * float(np.abs(x).max()) if x.size else 0.0, fb)
     nz = np.abs(x) > tau
     tot = p[nz].sum()
     return 1.0 if tot <= 0 else float(p[nz & (x > 0)].sum() / tot)
@@ -464,6 +480,17 @@ class _TorchWithEig(types.ModuleType):
         return torch.stack([vals, torch.zeros_like(vals)], dim=1), vecs
 
 
+def _to(x, device):
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def _scalar_loss(loss):
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn (criterion) must return a scalar torch tensor, got {shape}")
+    return loss.reshape(())
+
+
 class PyHessianAdapter(_pyhessian_module.hessian):
     """PyHessian 0.1's ``hessian`` with its faults fixed; PyHessian's own algorithms otherwise.
 
@@ -487,7 +514,12 @@ class PyHessianAdapter(_pyhessian_module.hessian):
         if (data is None) == (dataloader is None):
             raise ValueError("pass exactly one of data=(inputs, targets) or dataloader=")
         _flat.check_no_torch_prune(model)
-        self.model, self.criterion, self.seed = model, criterion, int(seed)
+        seed_i = 0 if seed is None else _flat.as_int(seed)
+        if seed_i is None:
+            raise TypeError(f"seed must be an integer or None (= 0), got {seed!r}")
+        if not callable(criterion):
+            raise TypeError("criterion must be callable: (outputs, targets) -> scalar loss")
+        self.model, self.criterion, self.seed = model, criterion, seed_i
         self.params = _flat.param_list(model if params is None else params)
         dev = self.params[0].device
         if cuda is not None and bool(cuda) != (dev.type == "cuda"):
@@ -497,10 +529,11 @@ class PyHessianAdapter(_pyhessian_module.hessian):
         self.data = dataloader if self.full_dataset else data
         self.gradsH = None
         if not self.full_dataset:
-            inputs, targets = data
-            self.inputs, self.targets = inputs.to(dev), targets.to(dev)
+            if not (isinstance(data, (tuple, list)) and len(data) == 2):
+                raise TypeError("data must be a pair (inputs, targets)")
+            self.inputs, self.targets = (_to(t, dev) for t in data)
             with self._model_guard():
-                loss = self.criterion(self.model(self.inputs), self.targets)
+                loss = _scalar_loss(self.criterion(self.model(self.inputs), self.targets))
                 self.gradsH = list(torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True,
                                                        materialize_grads=True))
 
@@ -517,9 +550,9 @@ class PyHessianAdapter(_pyhessian_module.hessian):
         THv = [torch.zeros_like(p) for p in self.params]
         num = 0.0
         for inputs, targets in self.data:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            inputs, targets = _to(inputs, self.device), _to(targets, self.device)
             with self._model_guard():
-                loss = self.criterion(self.model(inputs), targets)
+                loss = _scalar_loss(self.criterion(self.model(inputs), targets))
                 g = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True,
                                         materialize_grads=True)
                 Hv = torch.autograd.grad(g, self.params, grad_outputs=v, allow_unused=True, materialize_grads=True)
@@ -596,8 +629,21 @@ def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str
     if backend == "pyhessian" and which != "magnitude":
         raise ValueError("backend='pyhessian' finds eigenvalues by power iteration, i.e. by magnitude: "
                          "use which='magnitude' or backend='torch'")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _flat.check_model_loss_batch(model, loss_fn, batch, ("model", "loss_fn", "batch"))
+    counts = []
+    for name, v, lo in (("top_k", top_k, 1), ("trace_samples", trace_samples, 1), ("steps", steps, 1),
+                        ("runs", runs, 1), ("grid", grid, 2), ("eig_iters", eig_iters, 1)):
+        i = _flat.as_int(v)
+        if i is None or i < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        counts.append(i)
+    top_k, trace_samples, steps, runs, grid, eig_iters = counts
+    sigma, tol = _check_sigma(sigma), _check_tol(tol)
+    if seed is not None and _flat.as_int(seed) is None:
+        raise TypeError(f"seed must be an integer or None (= 0), got {seed!r}")
+    seed = 0 if seed is None else _flat.as_int(seed)
+    if reorthogonalize not in _REORTH:
+        raise ValueError(f"reorthogonalize must be one of {_REORTH}, got {reorthogonalize!r}")
     _flat.check_no_torch_prune(model)
     params = _flat.param_list(model if params is None else params)
     secs = {}
@@ -606,6 +652,8 @@ def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str
             raise ValueError("support restriction is only available with backend='torch' (PyHessian works on "
                              "the whole parameter vector)")
         n = _flat.numel(params)
+        if top_k > n:
+            raise ValueError(f"top_k must be an integer in 1..n = 1..{n}, got {top_k}")
         k = min(steps, n)
         h = PyHessianAdapter(model, loss_fn, data=batch, params=params, seed=seed)
         t0 = time.perf_counter()
@@ -632,6 +680,8 @@ def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str
     secs["setup"] = time.perf_counter() - t0
     try:
         n, dt, dev = exp.n, exp.dtype, exp.device
+        if top_k > n:
+            raise ValueError(f"top_k must be an integer in 1..n = 1..{n}, got {top_k}")
         hvp = exp.hvp
         t0 = time.perf_counter()
         top = top_eigenvalues(hvp, n, top_k, which=which, seed=seed, dtype=dt, device=dev)
@@ -719,10 +769,10 @@ class DissipationCheck:
                  reorthogonalize: Optional[str] = "full", zero_tol: float = 1e-3, form: str = "quadrature",
                  flat_growth: float = 0.1):
         def num(name, v, lo, hi, lo_open=False):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > hi \
-                    or v < lo or (lo_open and v == lo):
+            x = _flat.as_real(v)
+            if x is None or not math.isfinite(x) or x > hi or x < lo or (lo_open and x == lo):
                 raise ValueError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
-            return float(v)
+            return x
 
         self.max_error_proxy = num("max_error_proxy", max_error_proxy, 0.0, 1e300, lo_open=True)
         self.min_positive_fraction = num("min_positive_fraction", min_positive_fraction, 0.0, 1.0)
@@ -730,15 +780,19 @@ class DissipationCheck:
         self.zero_tol = num("zero_tol", zero_tol, 0.0, 0.999)
         self.flat_growth = num("flat_growth", flat_growth, 0.0, 1e300)
         for name, v in (("steps", steps), ("runs", runs), ("grid", grid)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (2 if name == "grid" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            i = _flat.as_int(v)
+            if i is None or i < (2 if name == "grid" else 1):
+                raise ValueError(f"{name} must be {'an integer >= 2' if name == 'grid' else 'a positive integer'}, "
+                                 f"got {v!r}")
+        if _flat.as_int(seed) is None:
+            raise TypeError(f"seed must be an integer, got {seed!r}")
         if reorthogonalize not in _REORTH:
             raise ValueError(f"reorthogonalize must be one of {_REORTH}, got {reorthogonalize!r}")
         if form not in ("quadrature", "density"):
             raise ValueError(f"form must be 'quadrature' (SLQ nodes/weights) or 'density' (smoothed grid), got {form!r}")
         self.form = form
-        self.steps, self.runs, self.grid, self.seed = int(steps), int(runs), int(grid), int(seed)
-        self.sigma, self.reorthogonalize = sigma, reorthogonalize
+        self.steps, self.runs, self.grid, self.seed = (_flat.as_int(v) for v in (steps, runs, grid, seed))
+        self.sigma, self.reorthogonalize = _check_sigma(sigma), reorthogonalize
 
     def evaluate(self, density: Density, lr: float, T: int) -> tuple[np.ndarray, float, float]:
         """``(proxy[0..T], positive_fraction, kept_mass)`` of a density under this check's settings
@@ -753,10 +807,12 @@ class DissipationCheck:
 
     def __call__(self, hvp: Callable[[torch.Tensor], torch.Tensor], n: int, *, lr: float, T: int,
                  dtype: torch.dtype = torch.float64, device=None) -> Verdict:
-        if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 0:
+        T_i, lr_f = _flat.as_int(T), _flat.as_real(lr)
+        if T_i is None or T_i < 0:
             raise ValueError(f"T must be a non-negative integer (window length in steps), got {T!r}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+        if lr_f is None or not (lr_f > 0 and math.isfinite(lr_f)):
             raise ValueError(f"lr must be a positive finite float, got {lr!r}")
+        T, lr = T_i, lr_f
         count = [0]
 
         def counted(v):

@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -70,8 +71,8 @@ class MagnitudePruner:
     Parameters
     ----------
     params:
-        The parameter tensors in the optimizer's order (a list, or an ``nn.Module`` whose
-        ``named_parameters()`` then also give the names).
+        The parameter tensors in the optimizer's order (a list, each tensor once, or an ``nn.Module``
+        whose ``named_parameters()`` then also give the names).
     sparsity:
         Fraction of the prunable entries to zero, in ``[0, 1)``.
     names:
@@ -89,6 +90,12 @@ class MagnitudePruner:
                 names = [n for n, _ in named]
             params = [p for _, p in named]
         self.params = _flat.param_list(params)
+        first = {}
+        for i, p in enumerate(self.params):
+            j = first.setdefault(id(p), i)
+            if j != i:
+                raise ValueError(f"params[{i}] is the same tensor as params[{j}]: pass each tensor once "
+                                 "(a tied weight is one parameter)")
         k = len(self.params)
         if names is None:
             names = [f"param{i}" for i in range(k)]
@@ -104,7 +111,7 @@ class MagnitudePruner:
             flags = [bool(prunable(nm, p)) for nm, p in zip(names, self.params)]
         else:
             flags = list(prunable)
-            if len(flags) != k or not all(isinstance(f, (bool, int)) for f in flags):
+            if len(flags) != k or not all(isinstance(f, (bool, int, np.bool_, np.integer)) for f in flags):
                 raise ValueError(f"prunable must be None, a callable(name, tensor) -> bool or {k} bools; got {prunable!r}")
             flags = [bool(f) for f in flags]
         self.prunable = flags
@@ -116,9 +123,9 @@ class MagnitudePruner:
             self._offsets.append(self._offsets[-1] + p.numel())
 
     def _check_sparsity(self, sparsity) -> float:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        s = _flat.as_real(sparsity)
+        if s is None:
             raise TypeError(f"sparsity must be a float in [0, 1), got {type(sparsity).__name__}")
-        s = float(sparsity)
         if not (math.isfinite(s) and 0.0 <= s < 1.0):
             raise ValueError(f"sparsity must be in [0, 1) (fraction of prunable entries zeroed), got {sparsity!r}")
         if s > 0 and self.n_prunable == 0:

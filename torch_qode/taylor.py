@@ -353,12 +353,15 @@ class TaylorExpansion:
         """:meth:`from_function` on ``make_loss_fn(model, criterion, batch, params)`` at the current values.
 
         Normalisation layers run decomposed when ``degree >= 2`` (third derivatives needed) and fused
-        otherwise (faster, exact to second order).
+        otherwise (faster, exact to second order).  ``weight_decay`` takes the forms of
+        :meth:`from_loss` (a float, one float per tensor of ``params``, or a flat ``(N,)`` vector).
         """
-        loss_fn = make_loss_fn(model, criterion, batch, params, seed=seed, decompose_norms=degree >= 2)
+        loss_fn = make_loss_fn(model, criterion, batch, params, seed=seed,
+                               decompose_norms=_check_degree(degree) >= 2)
+        wd = _check_weight_decay(weight_decay, loss_fn.params)   # per-tensor values -> the flat vector
         theta0 = _flat.flatten([p.detach() for p in loss_fn.params])
         return cls.from_function(loss_fn, theta0, lr=lr, support=support, degree=degree,
-                                 weight_decay=weight_decay, backend=backend, chunk=chunk)
+                                 weight_decay=wd, backend=backend, chunk=chunk)
 
     # ------------------------------------------------------------------------------- products
     def _live(self):
@@ -384,9 +387,11 @@ class TaylorExpansion:
         return self._grad.clone()
 
     def hvp(self, V) -> torch.Tensor:
-        """``(H_SS + wd·I) V`` for ``V`` of shape ``(n,)`` or ``(n, m)`` (same shape back)."""
+        """``(H_SS + wd·I) V`` for ``V`` of shape ``(n,)`` or ``(n, m)`` (same shape back; m = 0 allowed)."""
         eng = self._live()
         rows, vec = self._cols(V, "V")
+        if rows.shape[0] == 0:
+            return rows.new_zeros(self.n, 0)
         with torch.enable_grad():
             HV = self._restrict(eng.hvp(rows)).detach()
         HV = HV.T
@@ -402,6 +407,8 @@ class TaylorExpansion:
         rb, vb = self._cols(B, "B")
         if ra.shape != rb.shape:
             raise ValueError(f"A and B must have the same shape; got {tuple(A.shape)} and {tuple(B.shape)}")
+        if ra.shape[0] == 0:
+            return ra.new_zeros(self.n, 0)
         with torch.enable_grad():
             T = self._restrict(eng.third(ra, rb)).detach().T
         return T[:, 0] if va else T
@@ -417,6 +424,8 @@ class TaylorExpansion:
         Z = torch.as_tensor(Z).detach().to(dtype=torch.float64, device="cpu")
         if tuple(Z.shape) != (self.n, self.n):
             raise ValueError(f"Z must have shape ({self.n}, {self.n}); got {tuple(Z.shape)}")
+        if not bool(torch.isfinite(Z).all()):
+            raise NonFiniteError("Z holds NaN or inf: third_sym needs a finite (n, n) matrix")
         lam, Q = torch.linalg.eigh(0.5 * (Z + Z.T))
         keep = lam != 0
         if not bool(keep.any()):
@@ -568,12 +577,12 @@ class TaylorExpansion:
 
 # ====================================================================================== checks
 def _check_lr(lr) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)):
+    x = _flat.as_real(lr)
+    if x is None:
         raise TypeError(f"lr must be a positive float, got {type(lr).__name__}")
-    lr = float(lr)
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite float, got {lr}")
-    return lr
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"lr must be a positive finite float, got {x}")
+    return x
 
 
 def _check_degree(degree) -> int:
@@ -589,25 +598,34 @@ def _check_chunk(chunk) -> int:
 
 
 def _check_weight_decay(weight_decay, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A float -> 0-d tensor; a list of per-tensor floats or a flat (N,) tensor -> (N,) tensor."""
+    """A number (Python, numpy, 0-d tensor) -> 0-d tensor; a list of per-tensor numbers or a flat
+    ``(N,)`` tensor / array -> ``(N,)`` tensor."""
     ref = params[0]
     N = _flat.numel(params)
-    if isinstance(weight_decay, bool):
-        raise TypeError("weight_decay must be a float, a list of floats (one per parameter tensor) or a (N,) tensor")
-    if isinstance(weight_decay, (int, float, np.floating, np.integer)):
-        wd = torch.tensor(float(weight_decay), dtype=ref.dtype, device=ref.device)
-    elif isinstance(weight_decay, torch.Tensor) and weight_decay.dim() == 1:
-        if weight_decay.numel() != N:
-            raise ValueError(f"weight_decay as a tensor must have shape ({N},) (flat), got {tuple(weight_decay.shape)}")
-        wd = weight_decay.detach().to(dtype=ref.dtype, device=ref.device)
+    kinds = ("weight_decay must be a float, a list of floats (one per parameter tensor) or a flat "
+             f"({N},) tensor / array")
+    scalar = _flat.as_real(weight_decay)
+    if scalar is not None:
+        wd = torch.tensor(scalar, dtype=ref.dtype, device=ref.device)
+    elif isinstance(weight_decay, (torch.Tensor, np.ndarray)) and weight_decay.ndim == 1:
+        dt = weight_decay.dtype
+        real = (dt != torch.bool and not dt.is_complex) if isinstance(weight_decay, torch.Tensor) \
+            else (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating))
+        if weight_decay.shape[0] != N or not real:
+            raise ValueError(f"weight_decay as a tensor must be real with shape ({N},) (flat), got "
+                             f"{tuple(weight_decay.shape)} {weight_decay.dtype}")
+        wd = torch.as_tensor(weight_decay).detach().to(dtype=ref.dtype, device=ref.device)
     elif isinstance(weight_decay, (list, tuple)):
         if len(weight_decay) != len(params):
             raise ValueError(f"weight_decay as a list needs one float per parameter tensor ({len(params)}), "
-                             f"got {len(weight_decay)}")
-        wd = torch.cat([torch.full((p.numel(),), float(w), dtype=ref.dtype, device=ref.device)
-                        for w, p in zip(weight_decay, params)])
+                             f"got {len(weight_decay)}; pass a flat ({N},) tensor for per-entry values")
+        vals = [_flat.as_real(w) for w in weight_decay]
+        if any(v is None for v in vals):
+            raise TypeError(f"{kinds}; the list holds {weight_decay!r}")
+        wd = torch.cat([torch.full((p.numel(),), v, dtype=ref.dtype, device=ref.device)
+                        for v, p in zip(vals, params)])
     else:
-        raise TypeError("weight_decay must be a float, a list of floats (one per parameter tensor) or a (N,) tensor")
+        raise TypeError(f"{kinds}, got {type(weight_decay).__name__}")
     if not bool(torch.isfinite(wd).all()) or bool((wd < 0).any()):
         raise ValueError("weight_decay must be finite and >= 0")
     return wd
