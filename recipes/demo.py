@@ -32,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         from recipes.common import default_out
 
         argv += ["--out", str(default_out("demo"))]
-    result = train_resnet_cifar100.main(argv)
+    result = train_resnet_cifar100.main(argv, name="demo")
     print(f"\nlogs and figures: {result['out']}")
     return result
 

@@ -101,9 +101,10 @@ def _batches(dataset, batch_size: int, seed: int, device):
             yield x.to(device), y.to(device)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the recipe; returns ``{"out", "rows", "table", "reports", "figures"}``."""
-    with common.setup("train_resnet_cifar100", DEFAULTS, argv, description=__doc__, data=True) as run:
+def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifar100") -> dict:
+    """Run the recipe; returns ``{"out", "rows", "table", "reports", "figures"}``.  ``name`` is the
+    command shown by ``--help`` and logged (``recipes.demo`` runs this recipe as ``demo``)."""
+    with common.setup(name, DEFAULTS, argv, description=__doc__, data=True) as run:
         cfg, dev = run.cfg, run.device
         _check(cfg)
         from torch_qode.callbacks import DissipationMonitor
