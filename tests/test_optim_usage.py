@@ -115,7 +115,7 @@ def _returns(kind):
     def loss_of(model, X, Y):
         per_sample = ((model(X) - Y) ** 2).mean(1)
         return per_sample
-    return {"vector": lambda l: l, "tuple": lambda l: (l.mean(), "logits"), "float": lambda l: float(l.mean()),
+    return {"vector": lambda l: l, "tuple": lambda l: (l.mean(), "logits"), "float": lambda l: float(l.mean().detach()),
             "none": lambda l: None, "numpy": lambda l: np.float32(l.mean().item())}[kind], loss_of
 
 
@@ -282,3 +282,39 @@ def test_load_state_dict_refuses_other_readout_settings():
         other = QODE(model.parameters(), **{**WINDOW, **kw})
         with pytest.raises(ValueError, match="other settings"):
             other.load_state_dict(opt.state_dict())
+
+
+# ------------------------------------------------------------------------- unused parameters
+class TwoHeads(nn.Module):
+    """A shared trunk and two heads; the loss uses only ``head_a`` (e.g. a multi-task model)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.trunk, self.head_a, self.head_b = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head_a(torch.tanh(self.trunk(x)))
+
+
+@pytest.mark.parametrize("upload,sparsity,shots", [("dense", 0.0, None), ("dense", 0.3, 10**6), ("sparse", 0.3, None)])
+def test_parameters_without_gradient_stay_out_of_the_window(upload, sparsity, shots):
+    """SGD leaves a parameter with no gradient untouched (no weight decay either); so does the window."""
+    model = TwoHeads().double()
+    opt = QODE(model.parameters(), lr=0.05, weight_decay=0.1, mode="quantum", cycle=5, classical_steps=1,
+               sparsity=sparsity, upload=upload, shots=shots, track_sgd=True)
+    data = batches(5)
+    run(model, opt, data[:1])
+    head_b = [p.detach().clone() for p in model.head_b.parameters()]
+    run(model, opt, data[1:])
+    rep = opt.reports[0]
+    assert rep.mode == "quantum" and rep.excluded_params == 2
+    assert all(torch.equal(a, b) for a, b in zip(head_b, model.head_b.parameters()))
+    n_b = sum(p.numel() for p in model.head_b.parameters())
+    assert rep.support_size <= sum(p.numel() for p in model.parameters()) - n_b
+    if sparsity and upload == "dense":           # top-r still gives the download's exact sparsity
+        prunable = [p for p in model.parameters() if p.dim() > 1]
+        zeros = sum(int((p == 0).sum()) for p in prunable)
+        assert zeros == opt.pruner.n_pruned_target()
+    if shots is None and upload == "dense":      # exact readout, no momentum: the linearisation only
+        assert rep.drift["linearization_relative"] < 0.05

@@ -69,6 +69,7 @@ class CycleReport:
     window: int = 0                  # T, steps in the window
     download: Optional[dict] = None  # pruning at c = 0: kept, total, sparsity
     support_size: Optional[int] = None
+    excluded_params: int = 0         # parameter tensors outside S: no gradient at the upload
     dissipation: Optional[dict] = None
     carleman: Optional[dict] = None
     solver: Optional[dict] = None
@@ -206,7 +207,9 @@ class QODE(Optimizer):
         cycle: steps per cycle (download every ``cycle`` steps).
         classical_steps: plain SGD steps after each download (``0 ≤ classical_steps < cycle``).
         sparsity: pruning ratio in ``[0, 1)`` at each download (0 disables pruning).
-        upload: ``"dense"`` (QRAM: ``S`` = all weights) or ``"sparse"`` (``S`` = the surviving ones).
+        upload: ``"dense"`` (QRAM: ``S`` = all weights) or ``"sparse"`` (``S`` = the surviving ones);
+            either way, parameters the upload closure gives no gradient (``.grad is None``) stay out of
+            ``S`` and keep their values, as SGD would leave them that step.
         carleman_order: Carleman truncation order ``N ≥ 1``.
         taylor_degree: degree ``q`` of the Taylor model (terms above degree ``N`` are not computed:
             with ``N = 1`` only ``F0`` and ``F1`` enter the linear system).
@@ -523,6 +526,14 @@ class QODE(Optimizer):
         if graph is None:
             raise RuntimeError("QODE: the closure did not call loss.backward(); the upload step needs the "
                                "loss graph for the Taylor expansion")
+        unused = [i for i, p in enumerate(self._params) if p.grad is None]
+        if unused:                                   # SGD leaves them alone this step; so does the window
+            support = self._without(unused, support)
+            rep.excluded_params = len(unused)
+            if support.numel() == 0:
+                del graph, cap
+                return self._go_classical(closure, "no parameter received a gradient at upload", loss,
+                                          update=True)
         group = self.param_groups[0]
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         if lr <= 0:
@@ -563,6 +574,16 @@ class QODE(Optimizer):
         rep.mode = "quantum"
         self._advance(self._flat_grads())
         return loss
+
+    def _without(self, unused: list, support: Optional[torch.Tensor]) -> torch.Tensor:
+        """``support`` (``None``: all entries) minus the entries of the parameters ``unused``."""
+        keep = torch.ones(self._n_total, dtype=torch.bool, device=self._params[0].device)
+        ends = np.cumsum([0] + [p.numel() for p in self._params])
+        for i in unused:
+            keep[int(ends[i]):int(ends[i + 1])] = False
+        if support is None:
+            return torch.nonzero(keep).reshape(-1)
+        return support[keep[support]]
 
     def _go_classical(self, closure, reason: str, loss, update: bool) -> torch.Tensor:
         rep = self._report()
@@ -828,8 +849,14 @@ class QODE(Optimizer):
             return None
         flags = torch.cat([torch.full((p.numel(),), f, dtype=torch.bool, device=estimate.device)
                            for p, f in zip(self._params, self.pruner.prunable)])
-        idx = torch.nonzero(flags).reshape(-1)
         keep = self.pruner.n_prunable - self.pruner.n_pruned_target()
+        S = self._win["support"]
+        if S is not None:   # weights outside S keep θ0: count their non-zeros against r
+            outside = flags.clone()
+            outside[S] = False
+            keep = max(0, keep - int(torch.count_nonzero(self._win["theta0"][outside])))
+            flags = flags[S]
+        idx = torch.nonzero(flags).reshape(-1)
         order = torch.sort(estimate[idx].abs(), descending=True, stable=True).indices  # ties: lower index
         drop = idx[order[keep:]]
         dropped = estimate[drop]
