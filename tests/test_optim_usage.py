@@ -318,3 +318,156 @@ def test_parameters_without_gradient_stay_out_of_the_window(upload, sparsity, sh
         assert zeros == opt.pruner.n_pruned_target()
     if shots is None and upload == "dense":      # exact readout, no momentum: the linearisation only
         assert rep.drift["linearization_relative"] < 0.05
+
+
+# ------------------------------------------------------------------ exceptions, schedulers, copies
+def test_copy_and_pickle_with_an_lr_scheduler_attached():
+    """A scheduler wraps ``opt.step`` on the instance; a copy must step itself, not the original."""
+    data = batches(10, seed=2)
+    model = tiny_mlp(6)
+    opt = QODE(model.parameters(), track_sgd=True, **WINDOW)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=100)
+    run(model, opt, data[:3])
+    for how in ("deepcopy", "pickle"):
+        model2, opt2 = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+        sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=100)
+        run(model2, opt2, data[3:])
+        sched2.step()
+        assert opt.step_count == 3 and opt2.step_count == 10
+    run(model, opt, data[3:])
+    sched.step()
+    assert torch.equal(flat(model), flat(model2))
+
+
+class _FailingMonitor:
+    def __init__(self):
+        self.ends, self.raised = [], False
+
+    def on_upload(self, step, verdict):
+        pass
+
+    def on_window_end(self, step, report):
+        self.ends.append(step)
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("monitor failed")
+
+
+def test_an_exception_at_the_window_end_leaves_a_consistent_optimizer():
+    data = batches(10, seed=3)
+    for explicit in (None, False):
+        ref_model = tiny_mlp(2)
+        ref = QODE(ref_model.parameters(), track_sgd=True, explicit=explicit, **WINDOW)
+        run(ref_model, ref, data)
+        model = tiny_mlp(2)
+        mon = _FailingMonitor()
+        opt = QODE(model.parameters(), track_sgd=True, explicit=explicit, monitor=mon, **WINDOW)
+        run(model, opt, data[:4])
+        with pytest.raises(RuntimeError, match="monitor failed"):
+            run(model, opt, data[4:5])                  # the window's last step
+        assert opt.step_count == 5 and not opt.in_quantum_window and opt.reports[0].drift is not None
+        run(model, opt, data[5:])
+        assert torch.equal(flat(model), flat(ref_model)) and mon.ends == [4, 9]
+        assert [_untimed(r.as_dict()) for r in opt.reports] == [_untimed(r.as_dict()) for r in ref.reports]
+
+
+@pytest.mark.parametrize("fail_at", [(0, 1), (2, 2), (2, 3), (4, 3), (4, 4), (4, 5)])
+def test_a_closure_that_raises_can_be_retried(fail_at):
+    """(step, call): the step's n-th closure call raises once; retrying the batch gives the run that
+    never failed.  In a window step the calls are: the step's own, the SGD shadow's, the GD shadow's
+    (momentum is on), and at the window's last step (4) the two drift loss evaluations (4, 5), which
+    run once the step is complete; step 0 opens the cycle."""
+    data = batches(10, seed=4)
+    kw = dict(track_sgd=True, momentum=0.5, **{**WINDOW, "sparsity": 0.3})
+    ref_model = tiny_mlp(5)
+    ref = QODE(ref_model.parameters(), **kw)
+    run(ref_model, ref, data)
+    model = tiny_mlp(5)
+    opt = QODE(model.parameters(), **kw)
+    state = {"armed": True}
+    for k, (X, Y) in enumerate(data):
+        calls = [0]
+
+        def closure():
+            calls[0] += 1
+            if state["armed"] and (k, calls[0]) == fail_at:
+                state["armed"] = False
+                raise KeyboardInterrupt
+            opt.zero_grad()
+            loss = ((model(X) - Y) ** 2).mean()
+            loss.backward()
+            return loss
+        try:
+            opt.step(closure)
+        except KeyboardInterrupt:
+            if opt.step_count == k:                     # the step did not complete: retry the batch
+                calls[0] = 0
+                opt.step(closure)
+    assert not state["armed"]
+    if fail_at[0] == 4 and fail_at[1] >= 4:         # a drift loss evaluation: the step was complete
+        assert opt.reports[0].drift["loss_qode"] is None and opt.reports[0].drift["l2"] == ref.reports[0].drift["l2"]
+        assert torch.equal(flat(model), flat(ref_model))
+        return
+    assert torch.equal(flat(model), flat(ref_model))
+    assert [_untimed(r.as_dict()) for r in opt.reports] == [_untimed(r.as_dict()) for r in ref.reports]
+
+
+def test_monitor_metric_inside_a_matrix_free_window_on_batchnorm():
+    from torch_qode.callbacks import DissipationMonitor
+    data = batches(10, seed=5)
+    out = []
+    for with_monitor in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 2)).double()
+        opt = QODE(model.parameters(), explicit=False, model=model, **WINDOW)
+        X0, Y0 = data[0]
+        mon = DissipationMonitor(model, lambda out, y: ((out - y) ** 2).mean(), (X0, Y0), lr=0.05, window=4,
+                                 schedule=range(10), metric=lambda m: float(m(X0).sum()))
+        for k, (X, Y) in enumerate(data):
+            opt.step(closure_for(model, opt, X, Y))
+            if with_monitor:
+                mon.step(k)
+        assert [r.mode for r in opt.reports] == ["quantum", "quantum"]
+        out.append((flat(model), [b.clone() for b in model.buffers()]))
+    assert torch.equal(out[0][0], out[1][0]) and all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+
+
+def test_lr_changed_mid_window_leaves_the_window_and_its_linearisation_drift_alone():
+    data = batches(5, seed=6)
+    res = []
+    for drop in (False, True):
+        model = tiny_mlp(7)
+        opt = QODE(model.parameters(), track_sgd=True, **WINDOW)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.0 if drop and e >= 3 else 1.0)
+        for X, Y in data:
+            opt.step(closure_for(model, opt, X, Y))
+            sched.step()
+        res.append((flat(model), opt.reports[0].drift))
+    assert torch.equal(res[0][0], res[1][0])                        # the window keeps its upload lr
+    assert res[0][1]["linearization"] == pytest.approx(res[1][1]["linearization"], rel=1e-9)
+    assert res[0][1]["l2"] != res[1][1]["l2"]                        # SGD itself followed the schedule
+
+
+def test_frozen_noise_uses_the_closures_gradient():
+    """``noise="frozen"`` takes F0 from the upload step's ``.grad`` (gradient clipping included)."""
+    model = tiny_mlp(8)
+    opt = QODE(model.parameters(), noise="frozen", **WINDOW)
+    data = batches(2, seed=7)
+    for X, Y in data:
+        def closure():
+            opt.zero_grad()
+            loss = ((model(X) - Y) ** 2).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            return loss
+        opt.step(closure)
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+    assert g.norm() <= 1e-3 * (1 + 1e-6)
+    assert torch.allclose(opt._win["frozen"], -0.05 * g, rtol=0, atol=1e-15)
+
+
+def test_a_cycle_before_its_upload_is_pending():
+    model = tiny_mlp(1)
+    opt = QODE(model.parameters(), lr=0.05, mode="auto", cycle=5, classical_steps=3, sparsity=0.0)
+    run(model, opt, batches(2))
+    assert opt.reports[0].mode == "pending" and opt.reports[0].reason == ""

@@ -128,16 +128,22 @@ def scatter_rows(V: torch.Tensor, support: Optional[torch.Tensor], size: int) ->
 # ------------------------------------------------------------------------------ side-effect guards
 @contextlib.contextmanager
 def preserved(model: Optional[nn.Module] = None, params: Sequence[torch.Tensor] = ()):
-    """Restore, on exit, the training flag of every module, every buffer's value and every ``.grad``.
+    """Restore, on exit, the training flag of every module, every buffer and every ``.grad``.
 
     ``.grad`` tensors are restored by identity (the very same tensor object, or ``None``) and value.
+    Buffers are swapped for copies during the block and the originals put back untouched: not even
+    their version counters move, so an autograd graph that saved them (BatchNorm's running
+    statistics, in an optimizer's retained upload graph) stays valid.
     """
     params = list(params)
     if model is not None:
         params = params + [p for p in model.parameters() if all(p is not q for q in params)]
     grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in params]
     modes = [] if model is None else [(m, m.training) for m in model.modules()]
-    bufs = [] if model is None else [(b, b.detach().clone()) for b in model.buffers() if b is not None]
+    bufs = [] if model is None else [(m, name, b) for m in model.modules()
+                                     for name, b in m._buffers.items() if b is not None]
+    for m, name, b in bufs:
+        m._buffers[name] = b.detach().clone()
     try:
         yield
     finally:
@@ -146,8 +152,8 @@ def preserved(model: Optional[nn.Module] = None, params: Sequence[torch.Tensor] 
                 if g is not None:
                     g.copy_(val)
                 p.grad = g
-            for b, val in bufs:
-                b.copy_(val)
+        for m, name, b in bufs:
+            m._buffers[name] = b
         for m, flag in modes:
             m.training = flag
 

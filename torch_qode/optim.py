@@ -24,6 +24,7 @@ applies to classical steps only and its buffers restart after a quantum window.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import time
@@ -64,7 +65,7 @@ class CycleReport:
 
     cycle: int
     start_step: int
-    mode: str = "classical"          # "quantum" or "classical" — what the window actually was
+    mode: str = "pending"            # "quantum" or "classical" once the upload decides ("pending" before)
     reason: str = ""                 # why (dissipation verdict, mode, fault, …)
     window: int = 0                  # T, steps in the window
     download: Optional[dict] = None  # pruning at c = 0: kept, total, sparsity
@@ -292,6 +293,7 @@ class QODE(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=False, foreach=None, fused=None, differentiable=False)
         super().__init__(params, defaults)
+        base_keys = set(self.__dict__)
         if len(self.param_groups) != 1:
             raise ValueError("QODE supports a single parameter group (like LBFGS): the window's ODE "
                              "uses one learning rate for all of S")
@@ -341,6 +343,8 @@ class QODE(Optimizer):
         self._system = None
         self._closure = None
         self._shadow, self._shadow_buf, self._gd = None, None, None
+        self._post: list = []                 # window-end measurements, run once the step is complete
+        self._own_keys = tuple(k for k in self.__dict__ if k not in base_keys)
 
     def add_param_group(self, param_group: dict) -> None:
         """QODE trains a single parameter group (see the class docstring): a second one is refused."""
@@ -472,7 +476,6 @@ class QODE(Optimizer):
         finally:
             self._closure = None
         rep = self._report()
-        rep.seconds += time.perf_counter() - t0
         if c in (0, self.cycle - 1):   # two host syncs per cycle, not one per step
             value = _loss_value(loss)
             if c == 0:
@@ -480,10 +483,19 @@ class QODE(Optimizer):
             if c == self.cycle - 1:
                 rep.loss_last = value
         self._k += 1
+        post, self._post = self._post, []
+        try:       # the step is complete: an exception from a measurement leaves a consistent optimizer
+            for action in post:
+                action()
+        finally:
+            rep.seconds += time.perf_counter() - t0
         return loss
 
     def _download(self) -> None:
-        """c = 0: prune (the tomographic download) and open the cycle's report."""
+        """c = 0: prune (the tomographic download) and open the cycle's report (once: a step retried
+        after its closure raised does not open a second one)."""
+        if self.reports and self.reports[-1].start_step == self._k:
+            return
         rep = CycleReport(cycle=self._k // self.cycle, start_step=self._k, window=self.window_length)
         self.reports.append(rep)
         if self.pruner is not None:
@@ -607,9 +619,11 @@ class QODE(Optimizer):
         self._win = {   # an explicit window keeps all of F0(0..T-1): the window system is rebuilt at the end
             "t": 0, "lr": exp.lr, "wd": float(self.param_groups[0]["weight_decay"]), "theta0": theta0,
             "support": support, "tape": _NoiseTape(keep=explicit),
-            "frozen": (-exp.lr * exp.gradient()).to(torch.float64) if self.noise == "frozen" else None,
+            "frozen": None,
             "explicit": explicit,
         }
+        if self.noise == "frozen":   # the upload step's .grad, as "stream" uses each step's (clipping included)
+            self._win["frozen"] = self._f0_from_grads(self._flat_grads())
         self._build_system(exp)
         self._win["y"] = torch.zeros(self._system.dim, dtype=torch.float64, device=theta0.device)
         rep = self._report()
@@ -649,6 +663,8 @@ class QODE(Optimizer):
         """Window step t: record F0(t), advance the Carleman state, shadow SGD; finish at t = T."""
         w = self._win
         t = w["t"]
+        # the shadows' closure calls come first: if one raises, the window is exactly as before the step
+        shadow = self._shadow_grads(t == 0) if self.track_sgd else None
         if w["frozen"] is None:
             w["tape"].record(t, self._f0_from_grads(grads_flat))
         try:
@@ -660,13 +676,13 @@ class QODE(Optimizer):
         except RuntimeError as exc:
             if "inplace operation" in str(exc):
                 raise RuntimeError(
-                    "QODE: the parameters were modified in place during a quantum window (e.g. "
-                    "model.load_state_dict or an in-place write), which invalidates the upload batch's "
-                    "Hessian-vector products; load model weights together with QODE.load_state_dict, or "
-                    "between windows (QODE.in_quantum_window is False)") from exc
+                    "QODE: the parameters or buffers (e.g. BatchNorm running statistics) were modified in "
+                    "place during a quantum window (model.load_state_dict, an EMA, a manual write), which "
+                    "invalidates the upload batch's Hessian-vector products; load model weights together "
+                    "with QODE.load_state_dict, or between windows (QODE.in_quantum_window is False)") from exc
             raise
-        if self.track_sgd:
-            self._shadow_step(grads_flat if t == 0 else None)
+        if shadow is not None:
+            self._shadow_update(*shadow)
         w["t"] = t + 1
         if w["t"] == self.window_length:
             self._finish_window()
@@ -743,20 +759,27 @@ class QODE(Optimizer):
                 self._closure()
             return [None if p.grad is None else p.grad.detach() for p in self._params]
 
-    def _shadow_step(self, grads_flat: Optional[torch.Tensor]) -> None:
-        """track_sgd, one step of both shadows on this step's batch (at t = 0 the gradient at θ0 is known).
+    def _shadow_grads(self, first: bool):
+        """track_sgd: this step's gradients at both shadows (closure calls only, nothing changes).
 
         SGD shadow: ``torch.optim.SGD`` itself (momentum, all weights, the group's current lr).
-        GD shadow: the window's exact dynamics, plain gradient descent on S at the window's lr.
+        GD shadow: the window's exact dynamics, plain gradient descent on S at the window's lr; while
+        the two coincide (no momentum, dense upload, lr unchanged) the SGD shadow stands for both.
+        At ``t = 0`` both sit at θ0, where the closure just left the gradients in ``.grad``.
         """
-        w = self._win
-        if grads_flat is not None:
-            grads, g_gd = _flat.unflatten(grads_flat, self._params), grads_flat
+        if first:
+            grads = [None if p.grad is None else p.grad.detach().clone() for p in self._params]
         else:
             grads = self._grads_at(self._shadow)
-            g_gd = None if self._gd is None else _flat.flatten(
-                [torch.zeros_like(p) if g is None else g for p, g in
-                 zip(self._params, self._grads_at(_flat.unflatten(self._gd, self._params)))])
+        g_gd = grads if self._gd is None or first else \
+            self._grads_at(_flat.unflatten(self._gd, self._params))
+        return grads, _flat.flatten([torch.zeros_like(p) if g is None else g for p, g in zip(self._params, g_gd)])
+
+    def _shadow_update(self, grads: list, g_gd: torch.Tensor) -> None:
+        """Advance both shadows one step with the gradients of :meth:`_shadow_grads`."""
+        w = self._win
+        if self._gd is None and float(self.param_groups[0]["lr"]) != w["lr"]:
+            self._gd = _flat.flatten(self._shadow).clone()   # a scheduler moved lr: the two part here
         self._shadow_buf = self._sgd(self._shadow, grads, self._shadow_buf)
         if self._gd is not None:
             S = slice(None) if w["support"] is None else w["support"]
@@ -832,12 +855,17 @@ class QODE(Optimizer):
         except (ValueError, TypeError, MemoryError) as exc:  # the ledger must never stop training
             rep.resources = {"error": str(exc)}
         self._write_params(new)
+        # measurements that run user code (closures, the monitor) wait until the step is complete
         if self.track_sgd:
-            self._record_drift(new, self._embed(target))
+            theta_s = _flat.flatten(self._shadow).clone()
+            snapshot = {"theta0": w["theta0"], "theta_s": theta_s,
+                        "theta_gd": theta_s if self._gd is None else self._gd}
+            self._post.append(functools.partial(self._record_drift, rep, new, self._embed(target), snapshot,
+                                                self._closure))
+        if self.monitor is not None and hasattr(self.monitor, "on_window_end"):
+            self._post.append(functools.partial(self.monitor.on_window_end, self._k, rep))
         for p in self._params:                   # momentum restarts after a quantum window
             self.state[p].pop("momentum_buffer", None)
-        if self.monitor is not None and hasattr(self.monitor, "on_window_end"):
-            self.monitor.on_window_end(self._k, rep)
         self._release()
 
     def _readout_prune(self, estimate: torch.Tensor, rep: CycleReport) -> Optional[int]:
@@ -876,7 +904,8 @@ class QODE(Optimizer):
             full[w["support"]] = values_S.to(full.dtype)
         return full
 
-    def _record_drift(self, theta_q: torch.Tensor, theta_lin: torch.Tensor) -> None:
+    def _record_drift(self, rep: CycleReport, theta_q: torch.Tensor, theta_lin: torch.Tensor, snapshot: dict,
+                      closure: Optional[Callable]) -> None:
         """track_sgd: how far the window landed from SGD on the same batches, and why.
 
         * ``l2`` / ``relative``: ``||θ_qode − θ_sgd||`` against ``torch.optim.SGD`` run from θ0 on the same
@@ -887,10 +916,8 @@ class QODE(Optimizer):
           of the Taylor/Carleman model alone.
         * ``readout``: ``||θ_qode − θ_lin||`` — tomography noise, never-observed components, top-r pruning.
         """
-        w = self._win
-        theta_s = _flat.flatten(self._shadow)
-        theta_gd = theta_s if self._gd is None else self._gd
-        moved, moved_gd = float((theta_s - w["theta0"]).norm()), float((theta_gd - w["theta0"]).norm())
+        theta0, theta_s, theta_gd = snapshot["theta0"], snapshot["theta_s"], snapshot["theta_gd"]
+        moved, moved_gd = float((theta_s - theta0).norm()), float((theta_gd - theta0).norm())
 
         def rel(d: float, m: float) -> float:
             if not (math.isfinite(d) and math.isfinite(m)):
@@ -901,13 +928,12 @@ class QODE(Optimizer):
         info = {"l2": d, "relative": rel(d, moved), "linearization": d_lin,
                 "linearization_relative": rel(d_lin, moved_gd), "readout": float((theta_q - theta_lin).norm()),
                 "sgd_displacement": moved, "gd_displacement": moved_gd, "loss_qode": None, "loss_sgd": None}
-        closure = self._closure
+        rep.drift = info                         # the distances stand even if a loss evaluation raises
         if closure is not None:
             for name, theta in (("loss_sgd", theta_s), ("loss_qode", theta_q)):
                 with self._own_grads(), self._holding(_flat.unflatten(theta, self._params)), \
                         torch.enable_grad(), self._measuring():
                     info[name] = _loss_value(closure())
-        self._report().drift = info
 
     # ----------------------------------------------------------------------------- state dict
     def _config(self) -> dict:
@@ -1002,12 +1028,13 @@ class QODE(Optimizer):
         """``copy.deepcopy`` and ``pickle`` keep the whole optimizer.  A live window travels as in
         :meth:`state_dict`: exact with explicit Taylor terms; a matrix-free one needs
         :meth:`restore_expansion` on the copy (its terms live in an autograd graph)."""
-        state = dict(self.__dict__)
+        state = super().__getstate__()               # defaults, state, param_groups (no hooks, as torch.optim)
+        state.update({k: self.__dict__[k] for k in self._own_keys})   # not what others attached (an
+        state["_own_keys"] = self._own_keys                            # LR scheduler's step wrapper)
         state["_win_saved"] = self._window_state()
         for key in ("_win", "_expansion", "_system", "_closure", "_shadow", "_shadow_buf", "_gd"):
             state[key] = None
-        for key in [k for k in state if k.startswith("_optimizer_") or k.startswith("_opt_called")]:
-            state.pop(key)                           # hooks are not copied, as for torch.optim
+        state["_post"] = []
         return state
 
     def __setstate__(self, state: dict) -> None:
