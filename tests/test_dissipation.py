@@ -507,3 +507,10 @@ def test_numpy_scalars_are_numbers():
         with pytest.raises(ValueError, match="tol"):
             top_eigenvalues(hvp, 5, tol=tol)
     assert top_eigenvalues(hvp, 5, tol=np.float32(0.0))[0] == pytest.approx(3.0)
+
+
+def test_verdict_reason_never_prints_a_failing_number_equal_to_its_threshold():
+    from torch_qode.dissipation import _beside
+    assert _beside(0.4999996, 0.5, 3) == "0.4999996" and float(_beside(0.4999996, 0.5, 3)) < 0.5
+    assert _beside(0.54, 0.5, 3) == "0.54" and _beside(0.5, 0.5, 3) == "0.5"
+    assert _beside(1.00000001, 1.0, 4) == "1.00000001"

@@ -471,3 +471,15 @@ def test_a_cycle_before_its_upload_is_pending():
     opt = QODE(model.parameters(), lr=0.05, mode="auto", cycle=5, classical_steps=3, sparsity=0.0)
     run(model, opt, batches(2))
     assert opt.reports[0].mode == "pending" and opt.reports[0].reason == ""
+
+
+def test_download_report_has_per_layer_sparsity_under_the_given_names():
+    model = tiny_mlp(1)
+    names = [n for n, _ in model.named_parameters()]
+    opt = QODE(model.parameters(), names=names, **{**WINDOW, "sparsity": 0.5})
+    run(model, opt, batches(1))
+    layers = opt.reports[0].download["layers"]
+    assert set(layers) == {"0.weight", "2.weight"}
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    pruned = sum(layers[n] * sizes[n] for n in layers)
+    assert pruned == opt.pruner.n_pruned_target()

@@ -728,6 +728,15 @@ class Verdict:
                 "hvps": self.hvps, "seconds": self.seconds}
 
 
+def _beside(x: float, threshold: float, digits: int) -> str:
+    """``x`` with ``digits`` significant digits, more when that would print it equal to ``threshold``."""
+    for d in (digits, 6, 10, 17):
+        text = f"{x:.{d}g}"
+        if x == threshold or float(text) != float(f"{threshold:.{d}g}"):
+            return text
+    return repr(x)
+
+
 class DissipationCheck:
     """Decide, at upload time, whether the linearisation error of a quantum window stays controlled.
 
@@ -832,15 +841,16 @@ class DissipationCheck:
         top = float(dens.nodes.max())
         pT = float(proxy[-1])
         msgs = []
+        pT_s, pos_s = _beside(pT, self.max_error_proxy, 4), _beside(pos, self.min_positive_fraction, 3)
         if not pT <= self.max_error_proxy:
-            msgs.append(f"proxy(T={T}) = {pT:.4g} > max_error_proxy = {self.max_error_proxy:g}")
+            msgs.append(f"proxy(T={T}) = {pT_s} > max_error_proxy = {self.max_error_proxy:g}")
         if pos < self.min_positive_fraction:
-            msgs.append(f"positive fraction {pos:.3f} < min_positive_fraction = {self.min_positive_fraction:g}")
+            msgs.append(f"positive fraction {pos_s} < min_positive_fraction = {self.min_positive_fraction:g}")
         passed = not msgs
         if passed:
             extra = " (no mode beyond the cutoff: proxy ≡ 1)" if kept_mass == 0 else ""
-            reason = (f"passed: proxy(T={T}) = {pT:.4g} <= {self.max_error_proxy:g}{extra} and positive fraction "
-                      f"{pos:.3f} >= {self.min_positive_fraction:g}")
+            reason = (f"passed: proxy(T={T}) = {pT_s} <= {self.max_error_proxy:g}{extra} and positive fraction "
+                      f"{pos_s} >= {self.min_positive_fraction:g}")
         else:
             reason = "failed: " + "; ".join(msgs)
         return Verdict(passed, reason, top, pos, proxy, float(lr), int(T), self.cutoff, kept_mass, dens, count[0],

@@ -502,7 +502,8 @@ class QODE(Optimizer):
             self.pruner.prune()
             r = self.pruner.report()
             rep.download = {"kept": int(self.pruner.support().numel()), "total": int(r.n_total),
-                            "sparsity": float(r.mask_sparsity), "total_sparsity": float(r.total_sparsity)}
+                            "sparsity": float(r.mask_sparsity), "total_sparsity": float(r.total_sparsity),
+                            "layers": {x.name: x.pruned / x.numel for x in r.layers if x.prunable and x.numel}}
 
     def _classical_step(self, closure) -> torch.Tensor:
         with torch.enable_grad():
@@ -536,8 +537,9 @@ class QODE(Optimizer):
                                "the quantum window expands the loss densely: use sparse=False, or mode='classical'")
         graph = cap.get("loss")
         if graph is None:
-            raise RuntimeError("QODE: the closure did not call loss.backward(); the upload step needs the "
-                               "loss graph for the Taylor expansion")
+            raise RuntimeError("QODE: the closure did not call loss.backward() or torch.autograd.backward(loss); "
+                               "the upload step needs the loss graph for the Taylor expansion (a backward "
+                               "imported by name, `from torch.autograd import backward`, is not seen)")
         unused = [i for i, p in enumerate(self._params) if p.grad is None]
         if unused:                                   # SGD leaves them alone this step; so does the window
             support = self._without(unused, support)
