@@ -5,8 +5,11 @@ Every recipe is a module with a ``DEFAULTS`` dict (the complete, typed schema of
 
     DEFAULTS = {"seed": 0, "device": "auto", "n": 8, "model": {"depth": 8}}
 
+    def check(cfg):     # every option, before anything is written: ConfigErrors naming the key
+        common.check_int(cfg["n"], "n", 1)
+
     def main(argv=None):
-        with common.setup("my_recipe", DEFAULTS, argv, description=__doc__) as run:
+        with common.setup("my_recipe", DEFAULTS, argv, description=__doc__, check=check) as run:
             run.log.write("step", step=0, loss=1.0)
             for t in run.progress(range(10), desc="steps"):
                 ...
@@ -15,17 +18,23 @@ Every recipe is a module with a ``DEFAULTS`` dict (the complete, typed schema of
 Command line (``python -m recipes.NAME --config configs/NAME.yaml [key=value ...]``):
 
 ``--config PATH``
-    YAML file, read with ``yaml.safe_load`` only; its keys must exist in ``DEFAULTS``.
+    YAML file, read with ``yaml.safe_load`` only; its keys must exist in ``DEFAULTS``.  A syntax
+    error is a :class:`ConfigError` naming the file and the line.
 ``key=value`` (any number, after the options)
     Dotted overrides (``model.depth=8``, ``lr=0.01``, ``flag=true``, ``fs=[1, 0.5]``); values are
     parsed with ``yaml.safe_load``. Unknown keys are an error naming the key and the allowed ones.
 ``--out DIR``
     Output folder (default ``runs/NAME/<YYYYmmdd-HHMMSS>``); receives ``config.yaml`` (the merged,
-    validated config), ``log.jsonl`` and the figures.
+    validated config; non-finite floats as ``.inf`` / ``-.inf`` / ``.nan``, so ``--config
+    DIR/config.yaml`` re-runs it), ``log.jsonl`` and the figures.  An existing folder must be empty:
+    two runs are never mixed in one folder.
 ``--seed N``, ``--device {auto,cpu,cuda,cuda:1,...}``
-    Shortcuts for the ``seed`` / ``device`` keys; ``auto`` is CUDA when available, else CPU.
+    Shortcuts for the ``seed`` / ``device`` keys; ``auto`` is CUDA when available, else CPU.  A config
+    with ``gpu: true`` is sized for a GPU: without CUDA it refuses to start unless the command line
+    asks for the CPU explicitly (``--device cpu`` or ``device=cpu``).
 ``--data-root DIR``, ``--download``
-    Only for recipes built with ``data=True``: shortcuts for ``data.root`` / ``data.download``.
+    Only for recipes built with ``data=True``: shortcuts for ``data.root`` / ``data.download``
+    (they need ``data.name=cifar100``).
 ``--threads {auto,N}``
     ``torch.set_num_threads`` for the run (restored afterwards).  ``auto`` (the default) takes the
     cores that the 1-minute load average leaves free, at least one: with two threads, OpenMP's
@@ -34,6 +43,10 @@ Command line (``python -m recipes.NAME --config configs/NAME.yaml [key=value ...
     No tqdm bars (they are also off when stderr is not a terminal).
 
 Precedence: ``DEFAULTS`` < ``--config`` file < ``key=value`` overrides < dedicated flags.
+
+Types are strict: a value must have the type of its default (an int is accepted for a float), and
+``null`` is accepted only where the default is ``null`` (optional keys; the recipe checks their type).
+Every key is checked (``setup``'s ``check``) before the output folder is created or any training starts.
 
 For recipes that train classifiers there are small shared helpers below: :data:`DATA_DEFAULTS`
 (the ``data`` config section), :func:`classification_data` (digits or CIFAR-100),
@@ -49,10 +62,11 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,11 +74,19 @@ import torch
 __all__ = ["ConfigError", "Run", "JsonlLogger", "setup", "build_parser", "load_config", "merge",
            "apply_overrides", "coerce_floats", "validate", "seed_everything", "resolve_device", "to_jsonable",
            "progress", "format_table", "default_out", "DATA_DEFAULTS", "classification_data", "fixed_batch",
-           "evaluate", "train_classifier", "load_checkpoint", "pretrained_resnet"]
+           "evaluate", "train_classifier", "load_checkpoint", "pretrained_resnet", "OpenSection", "keyed_error",
+           "check_int", "check_real", "check_choice", "check_optional_str", "check_int_list",
+           "check_classification", "DATASETS"]
 
 
 class ConfigError(ValueError):
     """A config file or override is malformed, names an unknown key or has the wrong type."""
+
+
+class OpenSection(dict):
+    """A ``DEFAULTS`` section whose sub-keys are free (e.g. keyword arguments passed through to a
+    library call): files and overrides may set any sub-key (``qode.tomography_kwargs.split=...``),
+    the listed ones are only defaults; the recipe validates the whole mapping itself."""
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -73,7 +95,9 @@ def _flat_keys(d: Mapping, prefix: str = "") -> list:
     for k, v in d.items():
         key = f"{prefix}{k}"
         out.append(key)
-        if isinstance(v, Mapping):
+        if isinstance(v, OpenSection):
+            out.append(key + ".*")
+        elif isinstance(v, Mapping):
             out.extend(_flat_keys(v, key + "."))
     return out
 
@@ -91,7 +115,14 @@ def load_config(path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
     with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = " ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x) \
+                or str(exc)
+            raise ConfigError(f"config file {str(path)!r}{where}: not valid (safe) YAML: {what}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -110,7 +141,11 @@ def merge(schema: Mapping, base: Mapping, update: Mapping, prefix: str = "",
         key = f"{prefix}{k}"
         if k not in schema:
             raise _unknown(key, root)
-        if isinstance(schema[k], Mapping):
+        if isinstance(schema[k], OpenSection):
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"config key {key!r} must be a mapping (of keyword arguments), got {v!r}")
+            out[k] = {**copy.deepcopy(dict(out.get(k) or {})), **copy.deepcopy(dict(v))}
+        elif isinstance(schema[k], Mapping):
             if not isinstance(v, Mapping):
                 raise ConfigError(f"config key {key!r} must be a mapping (sub-keys: "
                                   f"{', '.join(schema[k])}), got {v!r}")
@@ -138,22 +173,34 @@ def apply_overrides(cfg: dict, overrides: Sequence[str], schema: Mapping) -> dic
         parts = key.split(".")
         node_schema, node = schema, out
         for i, part in enumerate(parts):
-            if not isinstance(node_schema, Mapping) or part not in node_schema:
+            if isinstance(node_schema, OpenSection) and i == len(parts) - 1 and part:
+                node[part] = value          # a free sub-key (keyword argument) of an open section
+                break
+            if not isinstance(node_schema, Mapping) or isinstance(node_schema, OpenSection) \
+                    or part not in node_schema:
                 raise _unknown(key, schema)
             if i == len(parts) - 1:
+                if isinstance(node_schema[part], OpenSection) and not isinstance(value, Mapping):
+                    raise ConfigError(f"config key {key!r} must be a mapping of keyword arguments: set "
+                                      f"{key}.NAME=value or {key}={{NAME: value}}, got {value!r}")
                 if isinstance(node_schema[part], Mapping) and not isinstance(value, Mapping):
                     raise ConfigError(f"config key {key!r} is a section; set its sub-keys "
                                       f"({', '.join(f'{key}.{s}' for s in node_schema[part])})")
-                node[part] = merge(node_schema[part], node[part], value, key + ".", schema) \
-                    if isinstance(node_schema[part], Mapping) else value
+                if isinstance(node_schema[part], OpenSection):
+                    node[part] = {**dict(node[part] or {}), **copy.deepcopy(dict(value))}
+                else:
+                    node[part] = merge(node_schema[part], node[part], value, key + ".", schema) \
+                        if isinstance(node_schema[part], Mapping) else value
             else:
                 node_schema, node = node_schema[part], node[part]
     return out
 
 
 def _type_ok(default, value) -> bool:
-    if default is None or value is None:
-        return True  # None in DEFAULTS means "any type"; None as a value means "unset"
+    if default is None:
+        return True  # None in DEFAULTS: an optional key of any type (the recipe checks it)
+    if value is None:
+        return False  # null only where the default is null
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
@@ -173,14 +220,23 @@ def coerce_floats(cfg: dict, schema: Mapping) -> dict:
     for k, default in schema.items():
         if k not in cfg:
             continue
+        if isinstance(default, OpenSection):
+            continue
         if isinstance(default, Mapping) and isinstance(cfg[k], dict):
             coerce_floats(cfg[k], default)
         elif isinstance(default, float) and isinstance(cfg[k], str):
-            try:
-                cfg[k] = float(cfg[k])
-            except ValueError:
-                pass  # validate() reports it
+            cfg[k] = _float_or_same(cfg[k])
+        elif isinstance(default, list) and default and all(isinstance(d, float) for d in default) \
+                and isinstance(cfg[k], list):   # a list of floats: fs=[1, 1e-1]
+            cfg[k] = [_float_or_same(v) if isinstance(v, str) else v for v in cfg[k]]
     return cfg
+
+
+def _float_or_same(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text  # validate() or the recipe's check reports it
 
 
 def validate(cfg: Mapping, schema: Mapping, prefix: str = "", root: Optional[Mapping] = None) -> None:
@@ -190,14 +246,96 @@ def validate(cfg: Mapping, schema: Mapping, prefix: str = "", root: Optional[Map
         key = f"{prefix}{k}"
         if k not in cfg:
             raise ConfigError(f"config key {key!r} is missing")
-        if isinstance(default, Mapping):
+        if isinstance(default, OpenSection):
+            if not isinstance(cfg[k], Mapping) or not all(isinstance(s, str) for s in cfg[k]):
+                raise ConfigError(f"config key {key!r} must be a mapping of keyword arguments, got {cfg[k]!r}")
+        elif isinstance(default, Mapping):
+            if not isinstance(cfg[k], Mapping):
+                raise ConfigError(f"config key {key!r} must be a mapping (sub-keys: {', '.join(default)}), "
+                                  f"got {cfg[k]!r}")
             validate(cfg[k], default, key + ".", root)
         elif not _type_ok(default, cfg[k]):
+            if cfg[k] is None:
+                raise ConfigError(f"config key {key!r} may not be null: it must be of type "
+                                  f"{type(default).__name__} (default {default!r}); null is only for optional keys")
             raise ConfigError(f"config key {key!r} must be of type {type(default).__name__} "
                               f"(default {default!r}), got {cfg[k]!r}")
     for k in cfg:
         if k not in schema:
             raise _unknown(f"{prefix}{k}", root)
+
+
+# ------------------------------------------------------------------------------ checks of values
+def keyed_error(section: str, exc: BaseException, keys: Iterable[str] = ()) -> ConfigError:
+    """A :class:`ConfigError` for ``exc``, raised by a library constructor fed the config ``section``:
+    named ``section.KEY`` when the message starts with one of ``keys`` (the library names its
+    argument first), else ``section``."""
+    msg = str(exc)
+    m = re.match(r"[A-Za-z_][A-Za-z0-9_]*", msg)
+    key = m.group(0) if m and m.group(0) in set(keys) else None
+    return ConfigError(f"{section}.{key}: {msg}" if key else f"{section}: {msg}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_int(value, key: str, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """``value`` an integer (not a bool) in ``[low, high]``, else a :class:`ConfigError` naming ``key``."""
+    if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+        rng = (f" in {low}..{high}" if high is not None else f" >= {low}") if low is not None else \
+            (f" <= {high}" if high is not None else "")
+        raise ConfigError(f"{key} must be an integer{rng}, got {value!r}")
+    return int(value)
+
+
+def check_real(value, key: str, low: Optional[float] = None, high: Optional[float] = None, *,
+               low_open: bool = False, high_open: bool = False, allow_inf: bool = False) -> float:
+    """``value`` a real number (not a bool, not NaN; finite unless ``allow_inf``) within the bounds,
+    else a :class:`ConfigError` naming ``key``."""
+    ok = _is_real(value) and not math.isnan(float(value)) and (allow_inf or math.isfinite(float(value)))
+    if ok:
+        x = float(value)
+        ok = not ((low is not None and (x < low or (low_open and x == low)))
+                  or (high is not None and (x > high or (high_open and x == high))))
+    if not ok:
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            parts.append(f"{'<' if high_open else '<='} {high:g}")
+        kind = "a number" if allow_inf else "a finite number"
+        raise ConfigError(f"{key} must be {kind}{' ' + ' and '.join(parts) if parts else ''}, got {value!r}")
+    return float(value)
+
+
+def check_choice(value, key: str, allowed: Sequence) -> Any:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+    return value
+
+
+def check_optional_str(value, key: str, what: str = "a file path") -> Optional[str]:
+    """``None`` or a non-empty string."""
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(f"{key} must be null or {what} (a non-empty string), got {value!r}")
+    return value
+
+
+def check_int_list(value, key: str, low: Optional[int] = None, high: Optional[int] = None,
+                   nonempty: bool = True, high_name: Optional[str] = None) -> list:
+    """A (non-empty) list of integers (not bools) within ``[low, high]`` (``high_name``: the key
+    ``high`` comes from, for the message)."""
+    if not isinstance(value, list) or (nonempty and not value) or \
+            any(not _is_int(v) or (low is not None and v < low) or (high is not None and v > high) for v in value):
+        hi = f"{high_name} = {low}..{high}" if high_name else f"{high}"
+        rng = (f" in {low}..{hi}" if high is not None else f" >= {low}") if low is not None else ""
+        raise ConfigError(f"{key} must be a {'non-empty ' if nonempty else ''}list of integers{rng}, got {value!r}")
+    return value
 
 
 # ------------------------------------------------------------------------------------ environment
@@ -213,42 +351,56 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``"auto"`` → ``cuda`` if available else ``cpu``; anything else must be a valid, present device."""
-    if spec in (None, "auto"):
+    """``"auto"`` → ``cuda`` if available else ``cpu``; otherwise ``"cpu"``, ``"cuda"`` or ``"cuda:N"``,
+    and a CUDA device must be present (the recipes run on nothing else: no mps, meta, xpu, ...)."""
+    if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    msg = f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}"
+    if not isinstance(spec, str):
+        raise ConfigError(msg)
     try:
         dev = torch.device(spec)
     except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r} requested but CUDA is not available; use device=cpu or auto")
+        raise ConfigError(msg) from exc
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise ConfigError(msg)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} requested but CUDA is not available; use device=cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                              f"exist (cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
-def to_jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any, keep_nonfinite: bool = False) -> Any:
     """Plain JSON types: numpy/torch scalars and arrays → numbers/lists, Path → str, dataclass-like
-    objects with ``as_dict()`` → dict; non-finite floats → ``None`` (strict JSON has no NaN/inf)."""
+    objects with ``as_dict()`` → dict; non-finite floats → ``None`` (strict JSON has no NaN/inf),
+    or kept as floats with ``keep_nonfinite`` (for YAML, which writes them ``.inf``/``-.inf``/``.nan``)."""
+    def rec(o):
+        return to_jsonable(o, keep_nonfinite)
+
     if isinstance(obj, torch.Tensor):
         obj = obj.detach().cpu()
-        return to_jsonable(obj.item() if obj.dim() == 0 else obj.tolist())
+        return rec(obj.item() if obj.dim() == 0 else obj.tolist())
     if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
+        return rec(obj.tolist())
     if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
+        return rec(obj.item())
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        return obj if keep_nonfinite or math.isfinite(obj) else None
     if isinstance(obj, (bool, int, str)) or obj is None:
         return obj
     if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
+        return {str(k): rec(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set)):
-        return [to_jsonable(v) for v in obj]
+        return [rec(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, torch.device):
         return str(obj)
     if hasattr(obj, "as_dict"):
-        return to_jsonable(obj.as_dict())
+        return rec(obj.as_dict())
     return str(obj)
 
 
@@ -395,19 +547,48 @@ class Run:
         self.close()
 
 
+def _check_out(out: Path) -> None:
+    """An output folder must be new or empty: a second run would append to ``log.jsonl`` and
+    ``monitor.jsonl`` and overwrite ``config.yaml``, mixing two runs."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        held = sorted(p.name for p in out.iterdir())
+        raise ConfigError(f"--out {str(out)!r} already exists and is not empty (holds {', '.join(held[:5])}"
+                          f"{', ...' if len(held) > 5 else ''}): runs are never mixed in one folder; choose a "
+                          f"new --out (or leave it out for runs/NAME/<timestamp>), or empty that folder")
+
+
+def _check_gpu(cfg: Mapping, device: torch.device, explicit_cpu: bool, config_file) -> None:
+    """``gpu: true`` marks a config sized for a GPU: refuse to fall back to the CPU silently."""
+    if cfg.get("gpu") is True and device.type != "cuda" and not explicit_cpu:
+        src = f"config {str(config_file)!r}" if config_file else "this config"
+        raise ConfigError(f"{src} is sized for a GPU (gpu: true) but the run would use {device} "
+                          f"(device={cfg['device']!r}, CUDA available: {torch.cuda.is_available()}); run it on a "
+                          f"machine with CUDA, use the CPU config (configs/*_cpu.yaml), or pass --device cpu to "
+                          f"run it on the CPU anyway (slow)")
+
+
 def setup(name: str, defaults: Mapping, argv: Optional[Sequence[str]] = None,
-          description: Optional[str] = None, data: bool = False) -> Run:
-    """Parse ``argv``, build and validate the config, create the output folder, save ``config.yaml``,
-    seed everything, resolve the device and open the log. ``defaults`` must hold ``seed`` and
-    ``device``, and ``data.root`` / ``data.download`` when ``data`` is true."""
+          description: Optional[str] = None, data: bool = False,
+          check: Optional[Callable[[dict], None]] = None, cli_defaults: Optional[Mapping] = None) -> Run:
+    """Parse ``argv``, build and validate the config, run ``check(cfg)`` (the recipe's own checks,
+    raising :class:`ConfigError`), resolve the device, refuse a non-empty ``--out``, then create the
+    output folder, save ``config.yaml``, seed everything and open the log: nothing is written before
+    every check has passed.  ``defaults`` must hold ``seed`` and ``device``, and ``data.root`` /
+    ``data.download`` when ``data`` is true.  ``cli_defaults``: defaults of the command-line options
+    (``{"config": PATH, "threads": "1"}``; the command line still overrides them, in every spelling)."""
     import yaml
 
     parser = build_parser(name, description, data)
+    if cli_defaults:
+        parser.set_defaults(**cli_defaults)
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     cfg = copy.deepcopy(dict(defaults))
     if args.config:
         cfg = merge(defaults, cfg, load_config(args.config))
     cfg = apply_overrides(cfg, args.overrides, defaults)
+    device_overridden = any(o.partition("=")[0].strip() == "device" for o in args.overrides)
     if args.seed is not None:
         cfg["seed"] = args.seed
     if args.device is not None:
@@ -418,12 +599,21 @@ def setup(name: str, defaults: Mapping, argv: Optional[Sequence[str]] = None,
         if args.download:
             cfg["data"]["download"] = True
     validate(coerce_floats(cfg, defaults), defaults)
+    if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {cfg['seed']!r}")
+    if check is not None:
+        check(cfg)
     device = resolve_device(cfg["device"])
-    seed_everything(cfg["seed"])
+    _check_gpu(cfg, device, explicit_cpu=(args.device is not None or device_overridden) and cfg["device"] == "cpu",
+               config_file=args.config)
     out = Path(args.out) if args.out else default_out(name)
+    _check_out(out)
+    if args.threads is not None:
+        resolve_threads(args.threads)
+    seed_everything(cfg["seed"])
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "config.yaml", "w", encoding="utf-8") as fh:
-        yaml.safe_dump(to_jsonable(cfg), fh, sort_keys=False)
+        yaml.safe_dump(to_jsonable(cfg, keep_nonfinite=True), fh, sort_keys=False)
     run = Run(name, cfg, out, device, show_progress=not args.no_progress, threads=args.threads)
     run.log.write("start", recipe=name, config=cfg, config_file=args.config, device=str(device),
                   argv=list(argv) if argv is not None else sys.argv[1:],
@@ -441,10 +631,56 @@ DATA_DEFAULTS = {
     "num_workers": 0,
 }
 
+#: ``data.name`` → ``(num_classes, in_channels)``.
+DATASETS = {"digits": (10, 1), "cifar100": (100, 3)}
+
+
+def check_classification(cfg: Mapping) -> None:
+    """The checks shared by the ResNet recipes (``data``, ``model``, ``checkpoint``, ``pretrain``,
+    ``eval_batch_size``), run before anything is written or trained; errors name the key."""
+    d = cfg["data"]
+    name = check_choice(d["name"], "data.name", tuple(DATASETS))
+    check_optional_str(d["root"], "data.root", "a folder")
+    if name != "cifar100" and (d["root"] is not None or d["download"]):
+        given = [x for x, on in (("data.root / --data-root", d["root"] is not None),
+                                 ("data.download / --download", d["download"])) if on]
+        raise ConfigError(f"{' and '.join(given)} only apply to data.name=cifar100, but data.name={name!r} "
+                          f"(scikit-learn's bundled digits need neither): add data.name=cifar100 to use CIFAR-100, "
+                          f"or drop them")
+    check_int(d["num_workers"], "data.num_workers", 0)
+    if name == "digits":
+        check_real(d["test_fraction"], "data.test_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        from torch_qode.data import digits_split_sizes
+
+        try:
+            digits_split_sizes(d["test_fraction"])
+        except ValueError as exc:
+            raise ConfigError(f"data.test_fraction: {exc}") from None
+    classes, channels = DATASETS[name]
+    try:
+        from torch_qode.models import cifar_resnet_num_params
+
+        cifar_resnet_num_params(cfg["model"]["depth"], cfg["model"]["widen"], classes, channels)
+    except (TypeError, ValueError) as exc:
+        raise keyed_error("model", exc, ("depth", "widen")) from None
+    if check_optional_str(cfg["checkpoint"], "checkpoint") is not None and not Path(cfg["checkpoint"]).is_file():
+        raise ConfigError(f"checkpoint {cfg['checkpoint']!r} not found (a state_dict file, read with "
+                          f"torch.load(weights_only=True))")
+    pt = cfg["pretrain"]
+    check_int(pt["epochs"], "pretrain.epochs", 0)
+    check_int(pt["batch_size"], "pretrain.batch_size", 1)
+    check_real(pt["lr"], "pretrain.lr", 0.0, low_open=True)
+    check_real(pt["momentum"], "pretrain.momentum", 0.0)
+    check_real(pt["weight_decay"], "pretrain.weight_decay", 0.0)
+    check_choice(pt["schedule"], "pretrain.schedule", ("cosine", "constant"))
+    check_int(cfg["eval_batch_size"], "eval_batch_size", 1)
+
 
 def classification_data(data: Mapping, seed: int = 0) -> dict:
-    """``{"train", "test", "plain_train", "in_channels", "num_classes"}`` for ``data`` (see
-    :data:`DATA_DEFAULTS`); ``plain_train`` is the training split without augmentation (for Hessians).
+    """``{"train", "test", "plain_train", "in_channels", "num_classes", "name", "root", "is_fixture"}``
+    for ``data`` (see :data:`DATA_DEFAULTS`); ``plain_train`` is the training split without
+    augmentation (for Hessians); ``is_fixture`` tells the CIFAR-100 test fixture
+    (:func:`torch_qode.data.write_cifar100_fixture`) from real data.
     CIFAR-100 errors name both remedies (``--data-root``, ``--download``)."""
     name = data["name"]
     if name == "digits":
@@ -452,9 +688,13 @@ def classification_data(data: Mapping, seed: int = 0) -> dict:
 
         from torch_qode.data import DIGITS_CLASSES, digits_tensors
 
-        tr = TensorDataset(*digits_tensors("train", data["test_fraction"], seed))
-        te = TensorDataset(*digits_tensors("test", data["test_fraction"], seed))
-        return {"train": tr, "test": te, "plain_train": tr, "in_channels": 1, "num_classes": DIGITS_CLASSES}
+        try:
+            tr = TensorDataset(*digits_tensors("train", data["test_fraction"], seed))
+            te = TensorDataset(*digits_tensors("test", data["test_fraction"], seed))
+        except ValueError as exc:
+            raise ConfigError(f"data.test_fraction: {exc}") from None
+        return {"train": tr, "test": te, "plain_train": tr, "in_channels": 1, "num_classes": DIGITS_CLASSES,
+                "name": "digits", "root": None, "is_fixture": False}
     if name == "cifar100":
         from torch_qode.data import cifar100
 
@@ -462,10 +702,12 @@ def classification_data(data: Mapping, seed: int = 0) -> dict:
             raise ConfigError("data.name=cifar100 needs --data-root (a folder holding cifar-100-python/), "
                               "plus --download where a network exists")
         kw = dict(download=bool(data["download"]))
-        return {"train": cifar100(data["root"], train=True, **kw),
+        train = cifar100(data["root"], train=True, **kw)
+        return {"train": train,
                 "test": cifar100(data["root"], train=False),
                 "plain_train": cifar100(data["root"], train=True, augment=False),
-                "in_channels": 3, "num_classes": 100}
+                "in_channels": 3, "num_classes": 100, "name": "cifar100", "root": str(data["root"]),
+                "is_fixture": bool(getattr(train, "is_fixture", False))}
     raise ConfigError(f"data.name must be 'digits' or 'cifar100', got {name!r}")
 
 
@@ -534,10 +776,12 @@ def train_classifier(model: torch.nn.Module, loader, device, *, epochs: int, lr:
     return records
 
 
-def load_checkpoint(model: torch.nn.Module, path, device=None) -> dict:
+def load_checkpoint(model: torch.nn.Module, path, device=None, describe: Optional[str] = None) -> dict:
     """Load weights with ``torch.load(..., weights_only=True)`` (no arbitrary code is unpickled).
     Accepts a bare ``state_dict`` or a dict holding one under ``"model"`` or ``"state_dict"``.
-    Returns the (possibly outer) dict that was read."""
+    Returns the (possibly outer) dict that was read.  A state_dict that does not fit ``model``
+    (``describe``: how the model was built, for the message) or holds non-finite floats raises
+    :class:`ConfigError` naming ``checkpoint``; the model is left unchanged then."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} not found")
@@ -550,7 +794,31 @@ def load_checkpoint(model: torch.nn.Module, path, device=None) -> dict:
                 break
     if not isinstance(state, dict):
         raise ConfigError(f"checkpoint {str(path)!r} holds no state_dict (got {type(state).__name__})")
-    model.load_state_dict(state)
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError(f"checkpoint {str(path)!r} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), "
+                          f"e.g. {', '.join(bad[:3])}: refusing to load them")
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in want
+              if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        what = []
+        if missing:
+            what.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            what.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+        if shapes:
+            what.append(f"{len(shapes)} shape mismatch(es) (checkpoint vs model), e.g. {'; '.join(shapes[:2])}")
+        raise ConfigError(f"checkpoint {str(path)!r} does not fit the model"
+                          f"{' ' + describe if describe else ''}: {'; '.join(what)}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(f"checkpoint {str(path)!r} does not fit the model"
+                          f"{' ' + describe if describe else ''}: {exc}") from None
     return obj
 
 
@@ -567,6 +835,11 @@ def pretrained_resnet(run: "Run", checkpoint_name: str = "pretrained.pt") -> dic
 
     cfg, dev = run.cfg, run.device
     data = classification_data(cfg["data"], cfg["seed"])
+    run.log.write("data", name=data["name"], root=data["root"], is_fixture=data["is_fixture"],
+                  train_samples=len(data["train"]), test_samples=len(data["test"]))
+    src = {"digits": "scikit-learn's bundled digits"}.get(data["name"], f"CIFAR-100 from {data['root']}")
+    print(f"data: {src} ({len(data['train'])} train / {len(data['test'])} test samples)"
+          + (" -- the torch_qode TEST FIXTURE (synthetic images), not real CIFAR-100" if data["is_fixture"] else ""))
     model = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], data["num_classes"],
                          data["in_channels"]).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
@@ -576,8 +849,11 @@ def pretrained_resnet(run: "Run", checkpoint_name: str = "pretrained.pt") -> dic
     train_loader, test_loader = loaders(data["train"], data["test"], batch_size=pt["batch_size"],
                                         test_batch_size=cfg["eval_batch_size"], seed=cfg["seed"],
                                         num_workers=cfg["data"]["num_workers"])
-    if cfg["checkpoint"]:
-        load_checkpoint(model, cfg["checkpoint"], dev)
+    if cfg["checkpoint"] is not None:
+        load_checkpoint(model, cfg["checkpoint"], dev,
+                        describe=f"cifar_resnet(depth={cfg['model']['depth']}, widen={cfg['model']['widen']}, "
+                                 f"num_classes={data['num_classes']}, in_channels={data['in_channels']}) built from "
+                                 f"model.depth, model.widen and data.name={data['name']!r}")
         run.log.write("checkpoint", path=cfg["checkpoint"])
     elif pt["epochs"] > 0:
         train_classifier(model, train_loader, dev, epochs=pt["epochs"], lr=pt["lr"], momentum=pt["momentum"],

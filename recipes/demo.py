@@ -13,7 +13,6 @@ thread unless ``--threads`` says otherwise, so its table is the same on an idle 
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,16 +22,12 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train_resnet_cifa
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(CONFIG)] + argv
-    if not any(a == "--threads" or a.startswith("--threads=") for a in argv):
-        argv += ["--threads", "1"]             # the same digits on every machine, idle or busy
-    if "--out" not in argv:
-        from recipes.common import default_out
-
-        argv += ["--out", str(default_out("demo"))]
-    result = train_resnet_cifar100.main(argv, name="demo")
+    # defaults of the command-line options, so that --config/--threads/--out given in any spelling
+    # (--out DIR, --out=DIR) win; the output folder defaults to runs/demo/<timestamp>
+    result = train_resnet_cifar100.main(argv, name="demo", cli_defaults={
+        "config": str(CONFIG),
+        "threads": "1",                        # the same digits on every machine, idle or busy
+    })
     print(f"\nlogs and figures: {result['out']}")
     return result
 

@@ -37,7 +37,7 @@ from recipes import common
 DEFAULTS = {
     "seed": 0,
     "device": "auto",
-    "gpu": False,                 # informational: true marks a config sized for a GPU
+    "gpu": False,                 # true: sized for a GPU; refuses to run without CUDA unless --device cpu
     "data": dict(common.DATA_DEFAULTS),
     "model": {"depth": 8, "widen": 1},  # in_channels and classes come from the data
     "checkpoint": None,           # state_dict file (weights_only); skips pre-training
@@ -52,8 +52,13 @@ DEFAULTS = {
 
 
 def spectrum_stats(spectrum, lr: float, cutoff: float, T: int, report_times: Sequence[int]) -> dict:
-    """Numbers of one :class:`~torch_qode.dissipation.Spectrum`: masses, proxy, top eigenvalues."""
+    """Numbers of one :class:`~torch_qode.dissipation.Spectrum`: masses, proxy, top eigenvalues
+    (``report_times``: integers in ``0..T``)."""
     from torch_qode.dissipation import error_proxy, positive_fraction
+
+    bad = [t for t in report_times if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t <= T]
+    if bad:
+        raise ValueError(f"report_times must be integers in 0..T = 0..{T}, got {list(report_times)!r}")
 
     d = spectrum.density
     nodes, w = np.asarray(d.nodes), np.asarray(d.weights)
@@ -77,12 +82,19 @@ def spectrum_stats(spectrum, lr: float, cutoff: float, T: int, report_times: Seq
         "kept_mass_Nc": float(w[keep].sum()),  # mass with |ηλ| ≥ c, what the proxy averages over
         "dissipative_share_Nc": float(w[keep & (nodes > 0)].sum() / w[keep].sum()) if keep.any() else None,
         "proxy": proxy,
-        "proxy_at": {str(t): float(proxy[t]) for t in report_times if t <= T},
+        "proxy_at": {str(t): float(proxy[t]) for t in report_times},
         "seconds": dict(spectrum.seconds),
     }
 
 
 def _check(cfg: dict) -> None:
+    """Every option, before anything is written or trained; errors name the key."""
+    import torch
+
+    from torch_qode.models import cifar_resnet
+    from torch_qode.pruning import MagnitudePruner
+
+    common.check_classification(cfg)
     h, p = cfg["hessian"], cfg["proxy"]
     if h["mode"] not in ("eval", "train"):
         raise common.ConfigError(f"hessian.mode must be 'eval' or 'train', got {h['mode']!r}")
@@ -93,20 +105,35 @@ def _check(cfg: dict) -> None:
                                  f"entries, sparse upload), got {h['support']!r}")
     if h["support"] == "kept" and h["backend"] != "torch":
         raise common.ConfigError("hessian.support=kept needs hessian.backend=torch")
-    for key in ("batch_size", "steps", "runs", "grid", "top_k", "trace_samples"):
-        if h[key] < 1:
-            raise common.ConfigError(f"hessian.{key} must be an integer >= 1, got {h[key]!r}")
-    if not 0 <= cfg["prune"]["sparsity"] < 1:
-        raise common.ConfigError(f"prune.sparsity must lie in [0, 1), got {cfg['prune']['sparsity']!r}")
-    if not p["lr"] > 0 or p["cutoff"] < 0 or p["T"] < 0:
-        raise common.ConfigError("proxy.lr must be > 0, proxy.cutoff >= 0 and proxy.T >= 0")
+    for key in ("batch_size", "steps", "runs", "trace_samples", "top_k"):
+        common.check_int(h[key], f"hessian.{key}", 1)
+    common.check_int(h["grid"], "hessian.grid", 2)
+    sparsity = cfg["prune"]["sparsity"]
+    if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
+        raise common.ConfigError(f"prune.sparsity must lie in [0, 1), got {sparsity!r}")
+    common.check_real(p["lr"], "proxy.lr", 0.0, low_open=True)
+    common.check_real(p["cutoff"], "proxy.cutoff", 0.0)
+    T = common.check_int(p["T"], "proxy.T", 0)
+    common.check_int_list(p["report_times"], "proxy.report_times", 0, T, nonempty=False, high_name="proxy.T")
+    # top_k Lanczos eigenvalues need a Hessian of at least top_k rows: the parameters of the run's model
+    # (hessian.support=kept: those that survive pruning); counted on the meta device, no memory used
+    classes, channels = common.DATASETS[cfg["data"]["name"]]
+    with torch.device("meta"):
+        net = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], classes, channels)
+    n = sum(q.numel() for q in net.parameters())
+    if h["support"] == "kept":
+        n -= MagnitudePruner(net, sparsity).n_pruned_target()
+    if h["top_k"] > n:
+        raise common.ConfigError(f"hessian.top_k must be at most the Hessian's size n = {n:,} "
+                                 f"({'kept' if h['support'] == 'kept' else 'all'} parameters of the model), "
+                                 f"got {h['top_k']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the recipe; returns ``{"out", "dense", "pruned", "sparsity", "accuracy", "figures"}``."""
-    with common.setup("hessian_after_pruning", DEFAULTS, argv, description=__doc__, data=True) as run:
+    with common.setup("hessian_after_pruning", DEFAULTS, argv, description=__doc__, data=True,
+                      check=_check) as run:
         cfg, dev = run.cfg, run.device
-        _check(cfg)
         from torch_qode.dissipation import hessian_spectrum
         from torch_qode.plotting import plot_curves, plot_density
         from torch_qode.pruning import MagnitudePruner

@@ -244,7 +244,7 @@ def check_setting(L: int, s_p: int, cfg: dict, rng: np.random.Generator) -> dict
     row = {"L": L, "s_p": s_p, "params": sum(p.numel() for p in model.parameters()),
            "deg_z_L": sym["output"], "q_symbolic": q, "q_paper": paper_degree(L, s_p, "A"),
            "q_paper_B": paper_degree(L, s_p, "B"), "q_numeric": None, "loss_numeric": None,
-           "ratio_q": None, "ratio_q+1": None, "consistent": None, "grad_vs_autograd": None}
+           "lines_agree": None, "ratio_q": None, "ratio_q+1": None, "consistent": None, "grad_vs_autograd": None}
     X = rng.normal(size=(cfg["samples"], cfg["inputs"]))
     Y = rng.normal(size=(cfg["samples"], cfg["outputs"]))
     theta0, _ = flat_params(model)
@@ -270,28 +270,36 @@ def check_setting(L: int, s_p: int, cfg: dict, rng: np.random.Generator) -> dict
         r_q.append(grad_ratios[q])
         r_q1.append(grad_ratios[q + 1])
         curves.append(grad_ratios)
+    # one number when every line agrees, else the list of per-line values (the table shows it, the
+    # figure draws their range); the per-line values are always kept
     row.update(q_numeric=degs[0] if len(set(degs)) == 1 else degs,
                loss_numeric=ldegs[0] if len(set(ldegs)) == 1 else ldegs,
+               lines_agree=len(set(degs)) == 1 and len(set(ldegs)) == 1,
+               q_numeric_lines=degs, loss_numeric_lines=ldegs,
                ratio_q=float(np.min(r_q)), **{"ratio_q+1": float(np.max(r_q1))}, consistent=all(ok))
     row["_curve"] = curves[0]
     return row
 
 
+def _check(cfg: dict) -> None:
+    """Every option, before anything is written; errors name the key."""
+    for key in ("inputs", "width", "outputs", "samples", "lines"):
+        common.check_int(cfg[key], key, 1)
+    common.check_int_list(cfg["layers"], "layers", 1)
+    common.check_int_list(cfg["degrees"], "degrees", 1)
+    if cfg["activation"] not in ("full", "monomial"):
+        raise common.ConfigError(f"activation must be 'full' or 'monomial', got {cfg['activation']!r}")
+    common.check_real(cfg["span"], "span", 0.0, low_open=True)
+    common.check_real(cfg["direction_scale"], "direction_scale", 0.0, low_open=True)
+    common.check_real(cfg["threshold"], "threshold", 1.0, low_open=True)
+    common.check_int(cfg["extra_orders"], "extra_orders", 1)
+    common.check_int(cfg["check_max_degree"], "check_max_degree", 0)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the recipe; returns ``{"out", "rows", "figures"}``."""
-    with common.setup("mlp_ode_order", DEFAULTS, argv, description=__doc__) as run:
+    with common.setup("mlp_ode_order", DEFAULTS, argv, description=__doc__, check=_check) as run:
         cfg = run.cfg
-        for key in ("inputs", "width", "outputs", "samples", "lines"):
-            if cfg[key] < 1:
-                raise common.ConfigError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
-        if not cfg["layers"] or any(not isinstance(L, int) or L < 1 for L in cfg["layers"]):
-            raise common.ConfigError(f"layers must be a non-empty list of integers >= 1, got {cfg['layers']!r}")
-        if not cfg["degrees"] or any(not isinstance(s, int) or s < 1 for s in cfg["degrees"]):
-            raise common.ConfigError(f"degrees must be a non-empty list of integers >= 1, got {cfg['degrees']!r}")
-        if cfg["activation"] not in ("full", "monomial"):
-            raise common.ConfigError(f"activation must be 'full' or 'monomial', got {cfg['activation']!r}")
-        if not cfg["span"] > 0 or not cfg["threshold"] > 1 or cfg["extra_orders"] < 1:
-            raise common.ConfigError("span must be > 0, threshold > 1 and extra_orders >= 1")
         rng = np.random.default_rng(cfg["seed"])
         rows, diffs = [], []
         grid = [(L, s) for L in cfg["layers"] for s in cfg["degrees"]]
@@ -312,19 +320,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             if d["s_p"] not in pick or d["q"] > pick[d["s_p"]]["q"]:
                 pick[d["s_p"]] = d
         pick = sorted(pick.values(), key=lambda d: d["q"])[:4]
-        fig = plot_ode_order(rows, run.path("ode_order.png"), differences=pick)
         cols = ["L", "s_p", "params", "deg_z_L", "q_symbolic", "q_numeric", "loss_numeric", "q_paper",
                 "q_paper_B", "ratio_q", "ratio_q+1", "consistent", "grad_vs_autograd"]
+        # the results first (table and log), the figure after: a failing figure loses nothing
         print(common.format_table(rows, cols, floatfmt=".2g"))
         print("q_symbolic = 2(s_p^L - 1)/(s_p - 1) - 1; q_paper: Eq. III.11 read as "
               "s_p(s_p^(L-1)-1)/(s_p-1) + 1 + (L-1) + Σ_{l<L}(s_p^l - 1); q_paper_B: sum term read as D_l")
         for r in rows:
             if r.get("note"):
                 print(f"L={r['L']}, s_p={r['s_p']}: {r['note']}")
-        print(f"figure: {fig}")
+        split = [r for r in rows if r["lines_agree"] is False]
+        if split:
+            print(f"{len(split)} setting(s) where the {cfg['lines']} random lines disagree (per-line values in the "
+                  f"table as lists): " + ", ".join(f"L={r['L']}, s_p={r['s_p']}" for r in split))
         checked = [r for r in rows if r["consistent"] is not None]
         run.log.write("summary", rows=rows, checked=len(checked),
-                      all_consistent=all(r["consistent"] for r in checked), figure=str(fig))
+                      all_consistent=all(r["consistent"] for r in checked))
+        fig = plot_ode_order(rows, run.path("ode_order.png"), differences=pick)
+        print(f"figure: {fig}")
+        run.log.write("figure", path=str(fig))
         return {"out": run.out, "rows": rows, "figures": {"ode_order": fig}}
 
 

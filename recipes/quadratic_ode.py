@@ -19,6 +19,7 @@ Run: ``python -m recipes.quadratic_ode --config configs/quadratic_ode.yaml``.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -111,25 +112,38 @@ def median_curve(curves: Sequence[np.ndarray]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- run
 def _check(cfg: dict) -> None:
+    """Every option, before anything is written; errors name the key."""
     def bad(key, msg):
         raise common.ConfigError(f"{key} {msg}")
 
-    if not cfg["blowup"] > 0 or not cfg["error_threshold"] > 0:
-        bad("blowup/error_threshold", "must be positive numbers")
+    common.check_real(cfg["blowup"], "blowup", 0.0, low_open=True, allow_inf=True)   # .inf: never diverged
+    common.check_real(cfg["error_threshold"], "error_threshold", 0.0, low_open=True)
     for key in ("n", "T", "trials", "order_b"):
-        if cfg[key] < 1:
-            bad(key, f"must be an integer >= 1, got {cfg[key]!r}")
-    if not 0 < cfg["u0_norm"] < 1:
+        common.check_int(cfg[key], key, 1)
+    if not (common._is_real(cfg["u0_norm"]) and 0 < cfg["u0_norm"] < 1):
         bad("u0_norm", f"must lie in (0, 1) (Eq. II.68 asks ||u|| < 1), got {cfg['u0_norm']!r}")
-    if not cfg["orders"] or any(not isinstance(N, int) or N < 1 for N in cfg["orders"]):
-        bad("orders", f"must be a non-empty list of integers >= 1, got {cfg['orders']!r}")
-    if not cfg["fs"] or any(not isinstance(f, (int, float)) or not 0 <= f <= 1 for f in cfg["fs"]):
+    common.check_int_list(cfg["orders"], "orders", 1)
+    if not cfg["fs"] or any(not common._is_real(f) or not 0 <= f <= 1 for f in cfg["fs"]):
         bad("fs", f"must be a non-empty list of fractions in [0, 1], got {cfg['fs']!r}")
-    if not cfg["forms"] or any(f not in FORMS for f in cfg["forms"]):
+    if not cfg["forms"] or any(not isinstance(f, str) or f not in FORMS for f in cfg["forms"]):
         bad("forms", f"must be a non-empty list drawn from {FORMS}, got {cfg['forms']!r}")
     c = cfg["coordinate"]
-    if c is not None and (not isinstance(c, int) or not 0 <= c < cfg["n"]):
+    if c is not None and (not common._is_int(c) or not 0 <= c < cfg["n"]):
         bad("coordinate", f"must be null (random) or an integer in 0..{cfg['n'] - 1}, got {c!r}")
+    # U(lo, hi) draws: the positive (dissipative) eigenvalues in [0, 2) (|1 - λ| < 1 needs 0 < λ < 2),
+    # the negative (divergent) ones <= 0
+    for key, lo_min, hi_max, what in (("eig_pos", 0.0, 2.0, "0 <= lo <= hi <= 2"),
+                                      ("eig_neg", -math.inf, 0.0, "lo <= hi <= 0")):
+        v = cfg[key]
+        if not (isinstance(v, list) and len(v) == 2 and all(common._is_real(x) and math.isfinite(x) for x in v)
+                and lo_min <= v[0] <= v[1] <= hi_max):
+            bad(key, f"must be a list [lo, hi] of two finite numbers with {what} (the range of U(lo, hi)), "
+                     f"got {v!r}")
+    common.check_real(cfg["f2_scale"], "f2_scale", 0.0)
+    common.check_int_list(cfg["report_times"], "report_times", 0, cfg["T"], nonempty=False, high_name="T")
+    r = cfg["resources"]
+    common.check_real(r["eps"], "resources.eps", 0.0, 1.0, low_open=True, high_open=True)
+    common.check_int(r["max_bytes"], "resources.max_bytes", 1)
 
 
 def _ledger(system, T: int, u0_norm: float, res_cfg: dict) -> Optional[dict]:
@@ -144,9 +158,8 @@ def _ledger(system, T: int, u0_norm: float, res_cfg: dict) -> Optional[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the recipe; returns ``{"out", "summary" (rows of the table), "curves", "figures"}``."""
-    with common.setup("quadratic_ode", DEFAULTS, argv, description=__doc__) as run:
+    with common.setup("quadratic_ode", DEFAULTS, argv, description=__doc__, check=_check) as run:
         cfg = run.cfg
-        _check(cfg)
         n, T, forms = cfg["n"], cfg["T"], list(cfg["forms"])
         # every (f, N, form) is simulated once; panel (a) is f = 1 over orders, (b) order_b over fs
         panel_a = [(1.0, N) for N in cfg["orders"]]
@@ -178,14 +191,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         diverged[key] += div is not None or exact_div is not None
                         run.log.write("trial", trial=trial_i, f=f, order=N, form=form, coordinate=c,
                                       carleman_diverged_at=div, exact_diverged_at=exact_div,
-                                      error_at={str(t): err[t] for t in cfg["report_times"] if t <= T})
+                                      error_at={str(t): err[t] for t in cfg["report_times"]})
                         if trial_i == 0 and cfg["resources"]["enabled"]:
                             ledgers[key] = _ledger(system, T, cfg["u0_norm"], cfg["resources"])
                             run.log.write("resources", f=f, order=N, form=form, ledger=ledgers[key])
 
         t_axis = np.arange(T + 1)
         summary, med = [], {}
-        times = [t for t in cfg["report_times"] if t <= T]
+        times = list(cfg["report_times"])
         thr = cfg["error_threshold"]
         for key, errs in curves.items():
             f, N, form = key

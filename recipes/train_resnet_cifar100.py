@@ -17,7 +17,7 @@ dissipation check decides each window) and adds what the paper never showed:
 * the quantum **resource ledger** and the tomography numbers of every window.
 
 Outputs: ``log.jsonl`` (one ``cycle`` record per cycle with the full QODE report), ``monitor.jsonl``
-(spectra, uploads, window ends), ``fig2.png`` and a per-cycle table on stdout.
+(spectra, downloads, uploads, window ends, evaluations), ``fig2.png`` and a per-cycle table on stdout.
 
 GPU (paper-sized): ``python -m recipes.train_resnet_cifar100 --config configs/train_resnet_cifar100.yaml
 --data-root /path/to/cifar``.  CPU: ``--config configs/train_resnet_cifar100_cpu.yaml`` (a ResNet-8 on
@@ -38,7 +38,7 @@ from recipes import common
 DEFAULTS = {
     "seed": 0,
     "device": "auto",
-    "gpu": False,                    # informational: true marks a config sized for a GPU
+    "gpu": False,                    # true: sized for a GPU; refuses to run without CUDA unless --device cpu
     "data": dict(common.DATA_DEFAULTS),
     "model": {"depth": 32, "widen": 4},
     "checkpoint": None,              # dense state_dict (weights_only) instead of pre-training
@@ -49,7 +49,9 @@ DEFAULTS = {
              "classical_steps": 10, "sparsity": 0.9, "upload": "dense", "carleman_order": 1,
              "taylor_degree": 2, "form": "discrete", "solver": "forward", "kappa_a": None, "shots": None,
              "noise": "stream", "explicit": None, "track_sgd": True, "eps": 0.01,
-             "tomography_kwargs": {"sign_method": "pairs"}},
+             # keyword arguments of torch_qode.tomography() that QODE passes through (sign_method, norm,
+             # norm_scale, split); QODE sets v, shots, seed, top_r and eps itself
+             "tomography_kwargs": common.OpenSection({"sign_method": "pairs"})},
     "dissipation": {"max_error_proxy": 1.0, "min_positive_fraction": 0.5, "cutoff": 0.4, "steps": 64},
     "monitor": {"enabled": True, "probe_batch": 512, "steps": 64, "schedule": "paper", "backend": "torch"},
     "eval_batch_size": 1000,
@@ -85,10 +87,69 @@ def cycle_row(rep, acc: float, acc_sgd: Optional[float]) -> dict:
 
 
 def _check(cfg: dict) -> None:
-    if cfg["train"]["steps"] < 1 or cfg["train"]["batch_size"] < 1:
-        raise common.ConfigError("train.steps and train.batch_size must be >= 1")
-    if cfg["monitor"]["probe_batch"] < 1:
-        raise common.ConfigError("monitor.probe_batch must be >= 1")
+    """Every option, before anything is written or trained: explicit checks, then QODE,
+    DissipationCheck and DissipationMonitor built on the run's model shape (on the meta device, no
+    memory) so their own argument checks run now; errors are ConfigErrors naming the key."""
+    import torch.nn.functional as F
+
+    from torch_qode.callbacks import DissipationMonitor
+    from torch_qode.dissipation import DissipationCheck
+    from torch_qode.models import cifar_resnet
+    from torch_qode.optim import QODE
+
+    common.check_classification(cfg)
+    common.check_int(cfg["train"]["steps"], "train.steps", 1)
+    common.check_int(cfg["train"]["batch_size"], "train.batch_size", 1)
+    q = cfg["qode"]
+    common.check_real(q["lr"], "qode.lr", 0.0, low_open=True)
+    cycle = common.check_int(q["cycle"], "qode.cycle", 1)
+    if not common._is_int(q["classical_steps"]) or not 0 <= q["classical_steps"] < cycle:
+        raise common.ConfigError(f"qode.classical_steps must be an integer in 0..qode.cycle-1 = 0..{cycle - 1} "
+                                 f"(leaving a quantum window of >= 1 step), got {q['classical_steps']!r}")
+    if q["shots"] is not None and (not common._is_int(q["shots"]) or q["shots"] < 1):
+        raise common.ConfigError(f"qode.shots must be null (exact readout) or an integer >= 1, got {q['shots']!r}"
+                                 + (" (write it as an integer, e.g. 10000000, not 1e7)"
+                                    if isinstance(q["shots"], (str, float)) else ""))
+    if q["kappa_a"] is not None:
+        common.check_real(q["kappa_a"], "qode.kappa_a", 1.0)
+    if q["explicit"] is not None and not isinstance(q["explicit"], bool):
+        raise common.ConfigError(f"qode.explicit must be null (automatic), true or false, got {q['explicit']!r}")
+    d = cfg["dissipation"]
+    try:
+        check = DissipationCheck(seed=cfg["seed"], **d)
+    except (TypeError, ValueError) as exc:
+        raise common.keyed_error("dissipation", exc, d) from None
+    m = cfg["monitor"]
+    common.check_int(m["probe_batch"], "monitor.probe_batch", 1)
+    common.check_choice(m["schedule"], "monitor.schedule", ("paper",))
+    common.check_choice(m["backend"], "monitor.backend", ("torch", "pyhessian"))
+    try:
+        probe_check = DissipationCheck(seed=cfg["seed"], **{**d, "steps": m["steps"]})
+    except (TypeError, ValueError) as exc:
+        raise common.keyed_error("monitor", exc, ("steps",)) from None
+    classes, channels = common.DATASETS[cfg["data"]["name"]]
+    with torch.device("meta"):      # the run's model shape, no memory, no random numbers
+        net = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], classes, channels)
+    names = [n for n, _ in net.named_parameters()]
+    for opts in ([q] + ([{**q, "mode": "classical", "track_sgd": False}] if cfg["train"]["baseline"] else [])):
+        try:
+            QODE(net.parameters(), dissipation=check, seed=cfg["seed"], names=names, model=net, **opts)
+        except (TypeError, ValueError) as exc:
+            if str(exc).startswith("shots="):      # tomography() refused: the shots, or the kwargs?
+                try:
+                    QODE(net.parameters(), dissipation=check, seed=cfg["seed"], names=names, model=net,
+                         **{**opts, "tomography_kwargs": None})
+                    key = "qode.tomography_kwargs"
+                except (TypeError, ValueError):
+                    key = "qode.shots"
+                raise common.ConfigError(f"{key}: {exc}") from None
+            raise common.keyed_error("qode", exc, q) from None
+    try:
+        probe = (torch.zeros(1, channels, 8, 8, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
+        DissipationMonitor(net, F.cross_entropy, probe, lr=q["lr"], window=cycle - q["classical_steps"],
+                           schedule=m["schedule"], backend=m["backend"], check=probe_check)
+    except (TypeError, ValueError) as exc:
+        raise common.keyed_error("monitor", exc, m) from None
 
 
 def _batches(dataset, batch_size: int, seed: int, device):
@@ -101,12 +162,30 @@ def _batches(dataset, batch_size: int, seed: int, device):
             yield x.to(device), y.to(device)
 
 
-def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifar100") -> dict:
+def panel_records(monitor, cfg: dict) -> tuple:
+    """``(records, proxy_note)`` for :func:`~torch_qode.callbacks.plot_training_panels`: the
+    monitor's records, plus ``error_proxy ≡ 1`` at every step with ``qode.mode=classical`` (no
+    window, no linearisation error); with ``qode.mode=quantum`` the dissipation check never runs, so
+    there is no predicted proxy and the note says so."""
+    recs = monitor.panel_records()
+    mode, steps = cfg["qode"]["mode"], cfg["train"]["steps"]
+    note = None
+    if mode == "classical":
+        recs += [{"step": k, "error_proxy": 1.0} for k in range(steps + 1)]
+        note = "qode.mode=classical: every step classical, proxy ≡ 1"
+    elif mode == "quantum":
+        note = "qode.mode=quantum: no dissipation check runs,\nso no proxy is predicted"
+    return recs, note
+
+
+def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifar100",
+         cli_defaults: Optional[dict] = None) -> dict:
     """Run the recipe; returns ``{"out", "rows", "table", "reports", "figures"}``.  ``name`` is the
-    command shown by ``--help`` and logged (``recipes.demo`` runs this recipe as ``demo``)."""
-    with common.setup(name, DEFAULTS, argv, description=__doc__, data=True) as run:
+    command shown by ``--help`` and logged (``recipes.demo`` runs this recipe as ``demo``);
+    ``cli_defaults``: defaults of the command-line options (``recipes.demo``: its config, one thread)."""
+    with common.setup(name, DEFAULTS, argv, description=__doc__, data=True, check=_check,
+                      cli_defaults=cli_defaults) as run:
         cfg, dev = run.cfg, run.device
-        _check(cfg)
         from torch_qode.callbacks import DissipationMonitor
         from torch_qode.dissipation import DissipationCheck
         from torch_qode.optim import QODE
@@ -155,6 +234,8 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
         bar = run.progress(total=cfg["train"]["steps"], desc="QODE")
         for k in range(cfg["train"]["steps"]):
             if monitor is not None:
+                if k % q["cycle"] == 0 and q["sparsity"] > 0:   # this step starts with a prune / download
+                    monitor.record({"step": k, "event": "download", "download": True})
                 monitor.step(k)
             x, y = next(stream)
             model.train()
@@ -183,8 +264,12 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
         print(table)
         figures = {}
         if monitor is not None:
-            figures["fig2"] = str(monitor.plot(run.path("fig2.png"), every=q["cycle"],
-                                               early_steps=min(200, cfg["train"]["steps"])))
+            from torch_qode.callbacks import plot_training_panels
+
+            recs, note = panel_records(monitor, cfg)
+            figures["fig2"] = str(plot_training_panels(recs, run.path("fig2.png"), every=q["cycle"],
+                                                       early_steps=min(200, cfg["train"]["steps"]),
+                                                       proxy_note=note))
         run.log.write("done", rows=rows, seconds=time.perf_counter() - t0, figures=figures)
         return {"out": str(run.out), "rows": rows, "table": table, "reports": [r.as_dict() for r in opt.reports],
                 "figures": figures}

@@ -261,3 +261,89 @@ def test_jsonl_log_stays_in_step_with_records(tmp_path):
         DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, log_path=tmp_path)
     with pytest.raises(TypeError, match="log_path"):
         DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, log_path=5)
+
+
+# ------------------------------------------------------------------------------------- figures
+def _capture(monkeypatch, module):
+    """Keep the figures ``module.save`` writes, to inspect what was drawn."""
+    figs = []
+    real = module.save
+    monkeypatch.setattr(module, "save", lambda fig, path, **kw: (figs.append(fig), real(fig, path, **kw))[1])
+    return figs
+
+
+def test_panel_records_put_drift_where_its_proxy_and_accuracy_are(tmp_path):
+    """A window reported during step k describes the state after it: drift, proxy(T) and an accuracy
+    measured after step k are drawn at the same step k + 1."""
+    model = bn_model()
+    mon = DissipationMonitor(model, F.cross_entropy, probe(), lr=0.1, window=4, schedule=[])
+    curve = [1.0, 0.5, 0.25, 0.125, 0.0625]
+    mon.record({"step": 0, "event": "download", "download": True})
+    mon.record({"step": 2, "event": "upload", "passed": True, "proxy_curve": curve, "proxy_T": curve[-1]})
+    mon.record({"step": 5, "event": "window_end", "mode": "quantum", "drift": 0.3, "drift_lin": 0.1})
+    mon.record({"step": 6, "event": "eval", "test_acc": 0.9})
+    recs = mon.panel_records()
+    drift = [r for r in recs if "drift" in r]
+    assert [(r["step"], r["drift"], r["drift_lin"]) for r in drift] == [(6, 0.3, 0.1)]
+    proxy = {r["step"]: r["error_proxy"] for r in recs if "error_proxy" in r}
+    assert proxy[6] == curve[-1] and proxy[2] == 1.0 and proxy[0] == proxy[1] == 1.0
+    assert [r["step"] for r in recs if r.get("download")] == [0]
+    assert mon.plot(tmp_path / "f.png").is_file()
+
+
+def test_training_panels_proxy_note_and_bad_arguments(tmp_path, monkeypatch):
+    import torch_qode.callbacks as cb
+
+    figs = _capture(monkeypatch, cb)
+    cb.plot_training_panels([{"step": 0, "test_acc": 0.5}], tmp_path / "a.png", proxy_note="no check ran")
+    texts = [t.get_text() for t in figs[-1].axes[2].texts]
+    assert texts == ["no check ran"]                  # the note replaces "no data"
+    cb.plot_training_panels([{"step": 0, "test_acc": 0.5}], tmp_path / "b.png")
+    assert [t.get_text() for t in figs[-1].axes[2].texts] == ["no data"]
+    for kwargs, exc in ((dict(every=0), ValueError), (dict(every=2.5), ValueError),
+                        (dict(early_steps=-1), ValueError), (dict(proxy_note=3), TypeError)):
+        with pytest.raises(exc):
+            cb.plot_training_panels([{"step": 0}], tmp_path / "c.png", **kwargs)
+    with pytest.raises(ValueError, match=r"records\[0\] needs an integer 'step'"):
+        cb.plot_training_panels([{"test_acc": 0.5}], tmp_path / "c.png")
+    with pytest.raises(TypeError, match=r"records\[0\] must be a dict"):
+        cb.plot_training_panels([3], tmp_path / "c.png")
+
+
+def test_save_returns_the_file_it_wrote_and_refuses_folders(tmp_path):
+    from torch_qode._figure import new_figure, save
+
+    fig, _ = new_figure()
+    p = save(fig, tmp_path / "fig")                  # matplotlib adds .png: so does the returned path
+    assert p == tmp_path / "fig.png" and p.is_file() and p.read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "fig").exists()
+    assert save(fig, tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        save(fig, tmp_path)
+
+
+def test_plotting_edge_cases(tmp_path, monkeypatch):
+    import numpy as np
+
+    import torch_qode.plotting as pl
+
+    figs = _capture(monkeypatch, pl)
+    with pytest.raises(ValueError, match="at least one panel"):
+        pl.plot_curves([], tmp_path / "a.png")
+    with pytest.raises(ValueError, match="same shape"):
+        pl.plot_curves([{"curves": [{"x": [0, 1], "y": [1.0]}]}], tmp_path / "a.png")
+    pl.plot_curves([{"curves": [{"x": [0], "y": [0.5], "label": "T = 0"}]}], tmp_path / "one.png")
+    (line,) = figs[-1].axes[0].lines
+    assert line.get_marker() == "o"                  # a lone point is drawn as a marker
+    pl.plot_curves([{"curves": [{"x": [0, 1], "y": [0.5, 0.25]}]}], tmp_path / "two.png")
+    assert figs[-1].axes[0].lines[0].get_marker() in ("None", None, "")
+    for grid, dens in (([], []), ([0.0, 1.0], [1.0]), ([[0.0]], [[1.0]])):
+        with pytest.raises(ValueError, match="non-empty 1-D arrays of the same length"):
+            pl.plot_density(grid, dens, tmp_path / "d.png", lr=0.1, cutoff=0.4)
+    rows = [{"L": 1, "s_p": 2, "q_symbolic": 1, "q_numeric": 1},
+            {"L": 2, "s_p": 2, "q_symbolic": 5, "q_numeric": [5, 4, 4]},
+            {"L": 3, "s_p": 2, "q_symbolic": 13, "q_numeric": None}]
+    p = pl.plot_ode_order(rows, tmp_path / "o.png")      # per-line values that disagree: drawn, not a crash
+    assert p.is_file()
+    crosses = [ln for ln in figs[-1].axes[0].lines if ln.get_label() == "lines disagree (per-line q)"]
+    assert len(crosses) == 1 and sorted(np.asarray(crosses[0].get_ydata()).tolist()) == [4, 4, 5]

@@ -12,7 +12,7 @@ import torch
 from torchvision.datasets import CIFAR100
 
 from torch_qode.data import (CIFAR100_MEAN, CIFAR100_STD, FIXTURE_MARKER, DatasetNotFoundError, cifar100,
-                             digits, digits_tensors, loader, loaders, write_cifar100_fixture)
+                             digits, digits_split_sizes, digits_tensors, loader, loaders, write_cifar100_fixture)
 from torch_qode.data.digits import _split_indices
 from torch_qode.data.fixtures import CIFAR100_FINE_TO_COARSE
 
@@ -163,6 +163,21 @@ def test_tampered_fixture_is_refused(root, tmp_path):
         cifar100(copy, train=True)
 
 
+@pytest.mark.parametrize("payload", [b"garbage, not a pickle", "truncated"])
+def test_fixture_with_matching_md5_but_broken_pickle_is_refused(root, tmp_path, payload):
+    """A marker whose md5 was updated for broken files: the md5 check passes, unpickling fails."""
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    folder = copy / "cifar-100-python"
+    data = (folder / "train").read_bytes()[:5000] if payload == "truncated" else payload
+    (folder / "train").write_bytes(data)
+    marker = json.loads((folder / FIXTURE_MARKER).read_text())
+    marker["md5"]["train"] = hashlib.md5(data).hexdigest()
+    (folder / FIXTURE_MARKER).write_text(json.dumps(marker))
+    with pytest.raises(DatasetNotFoundError, match=r"corrupted \(UnpicklingError.*write_cifar100_fixture"):
+        cifar100(copy, train=True)
+
+
 # ------------------------------------------------------------------------- missing dataset
 def test_missing_dataset_names_both_remedies(tmp_path):
     with pytest.raises(DatasetNotFoundError) as info:
@@ -214,6 +229,17 @@ def test_digits_split_sizes_and_ranges():
     # standardised with train statistics
     assert abs(X.mean().item()) < 1e-5 and abs(X.std().item() - 1) < 1e-3
     assert abs(Xt.mean().item()) < 0.1
+
+
+@pytest.mark.parametrize("fraction, empty", [(0.001, "test"), (0.999, "training")])
+def test_digits_split_leaving_a_side_empty_is_refused(fraction, empty):
+    for call in (lambda: digits_tensors("train", fraction), lambda: digits("test", fraction),
+                 lambda: digits_split_sizes(fraction)):
+        with pytest.raises(ValueError, match=rf"test_fraction={fraction} leaves the {empty} split empty"):
+            call()
+    n_train, n_test = digits_split_sizes(0.2)
+    assert (n_train, n_test) == (len(digits("train")), len(digits("test"))) and n_train + n_test == 1797
+    assert digits_split_sizes(0.006)[1] == 10           # one test image per class still works
 
 
 def test_digits_content_matches_sklearn():

@@ -134,6 +134,17 @@ def test_bad_argument_types(kwargs):
         cifar_resnet(**kwargs)
 
 
+def test_numpy_integers_are_accepted():
+    model = cifar_resnet(np.int64(8), np.int32(1), np.int64(10), np.int64(1))
+    assert n_params(model) == cifar_resnet_num_params(np.int64(8), np.int64(1), np.int16(10), np.int64(1)) == 77_754
+    assert model.depth == 8 and type(model.depth) is int and type(model.widen) is int
+    net = mlp(np.array([3, 4, 2]), ("poly", np.int64(2)))
+    assert [m.out_features for m in net if isinstance(m, nn.Linear)] == [4, 2] and net.degree == 2
+    assert Polynomial.monomial(np.int64(3)).degree == 3
+    with pytest.raises(TypeError):
+        cifar_resnet(np.bool_(True))
+
+
 def test_wrong_input_channels_named():
     model = cifar_resnet(8, 1, 10, in_channels=1)
     with pytest.raises(ValueError, match="x must have shape"):
@@ -196,6 +207,19 @@ def test_mlp_activation_specs(spec, kind, degree):
 def test_mlp_bad_arguments(widths, activation, exc):
     with pytest.raises(exc):
         mlp(widths, activation)
+
+
+@pytest.mark.parametrize("bias", ["no", 0, None, np.bool_(True)])
+def test_mlp_bias_must_be_a_bool(bias):
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        mlp([3, 2], "tanh", bias=bias)
+
+
+@pytest.mark.parametrize("coeffs", ["12", b"12", [True, 1.0], ["1", 2.0], 3.0])
+def test_polynomial_refuses_strings_and_bools(coeffs):
+    with pytest.raises(TypeError, match="coefficients must be"):
+        Polynomial(coeffs)
+    assert Polynomial(c for c in (1.0, 2.0)).coefficients == (1.0, 2.0)   # any iterable of numbers
 
 
 def test_models_import_without_torchvision_or_sklearn():

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from recipes import common, hessian_after_pruning as rh
 from torch_qode.data import DatasetNotFoundError, write_cifar100_fixture
@@ -26,7 +27,8 @@ def test_log_figures_and_checkpoint(result):
     out = result["out"]
     recs = [json.loads(line) for line in open(out / "log.jsonl", encoding="utf-8")]
     events = [r["event"] for r in recs]
-    assert events[:2] == ["start", "model"] and events.count("pretrain") == 2 and events[-1] == "summary"
+    assert events[:3] == ["start", "data", "model"] and events.count("pretrain") == 2 and events[-1] == "summary"
+    assert recs[1]["name"] == "digits" and recs[1]["is_fixture"] is False
     assert [r["stage"] for r in recs if r["event"] == "spectrum"] == ["dense", "pruned"]
     spec = next(r for r in recs if r["event"] == "spectrum" and r["stage"] == "pruned")
     assert len(spec["density"]["grid"]) == 256 and len(spec["proxy"]) == 21
@@ -60,7 +62,7 @@ def test_checkpoint_is_loaded_instead_of_pretraining(result, tmp_path):
     assert any(r["event"] == "checkpoint" for r in recs) and not any(r["event"] == "pretrain" for r in recs)
 
 
-def test_cifar100_path_on_the_fixture(tmp_path):
+def test_cifar100_path_on_the_fixture(tmp_path, capsys):
     write_cifar100_fixture(tmp_path / "data", n_train=64, n_test=32)
     res = rh.main(["--config", CPU, "--out", str(tmp_path / "out"), "--data-root", str(tmp_path / "data"),
                    "data.name=cifar100", "pretrain.epochs=1", "pretrain.batch_size=32", "hessian.batch_size=16",
@@ -68,6 +70,10 @@ def test_cifar100_path_on_the_fixture(tmp_path):
                    "hessian.before_pruning=false", "hessian.support=kept", "proxy.T=5",
                    "proxy.report_times=[1]", "--no-progress", "--threads", "1"])
     assert res["sparsity"]["global_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    data = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl", encoding="utf-8")][1]
+    assert data["event"] == "data" and data["name"] == "cifar100" and data["is_fixture"] is True
+    assert data["train_samples"] == 64 and data["test_samples"] == 32
+    assert "TEST FIXTURE" in capsys.readouterr().out
     assert res["pruned"]["n"] < 0.2 * cifar_resnet_num_params(8, 1, 100, 3)   # the kept support only
 
 
@@ -84,10 +90,63 @@ def test_missing_dataset_names_both_remedies(tmp_path):
     ("hessian.mode=test", r"hessian\.mode must be"),
     ("prune.sparsity=1.0", r"prune\.sparsity must lie"),
     ("data.name=mnist", r"data\.name must be"),
+    ("hessian.top_k=100000", r"hessian\.top_k must be at most the Hessian's size n = 77,754"),
+    ("hessian.grid=1", r"hessian\.grid must be an integer >= 2"),
+    ("proxy.report_times=[a]", r"proxy\.report_times must be a list of integers in 0\.\.proxy\.T = 0\.\.20"),
+    ("proxy.report_times=[1.5]", r"proxy\.report_times must be"),
+    ("proxy.report_times=[-1, 5]", r"proxy\.report_times must be"),
+    ("proxy.report_times=[21]", r"proxy\.report_times must be"),
+    ("proxy.lr=.nan", r"proxy\.lr must be a finite number > 0"),
+    ("pretrain.epochs=-3", r"pretrain\.epochs must be an integer >= 0"),
+    ("data.test_fraction=0.999", r"data\.test_fraction: .*training split empty"),
+    ("checkpoint=5", r"checkpoint must be null or a file path"),
+    ("data.root=5", r"data\.root must be null or a folder"),
 ])
 def test_bad_config_raises(tmp_path, override, match):
     with pytest.raises(common.ConfigError, match=match):
-        rh.main(["--config", CPU, "--out", str(tmp_path), override] + TINY)
+        rh.main(["--config", CPU, "--out", str(tmp_path / "o")] + TINY + [override])
+    assert not (tmp_path / "o").exists()          # before the output folder and any pre-training
+
+
+def test_hessian_top_k_is_checked_against_the_kept_support(tmp_path):
+    with pytest.raises(common.ConfigError,
+                       match=r"hessian\.top_k must be at most the Hessian's size n = 8,389 \(kept parameters"):
+        rh.main(["--config", CPU, "--out", str(tmp_path / "o")] + TINY
+                + ["hessian.support=kept", "hessian.top_k=70000"])
+
+
+def test_checkpoint_must_fit_and_be_finite(result, tmp_path):
+    ckpt = result["out"] / "pretrained.pt"
+    with pytest.raises(common.ConfigError, match=r"checkpoint .* does not fit the model cifar_resnet\(depth=14, .* "
+                                                 r"model\.depth, model\.widen and data\.name"):
+        rh.main(["--config", CPU, "--out", str(tmp_path / "a"), f"checkpoint={ckpt}", "model.depth=14"] + TINY)
+    recs = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl", encoding="utf-8")]
+    assert not any(r["event"] in ("pretrain", "spectrum") for r in recs) and recs[-1]["event"] == "error"
+    state = torch.load(ckpt, weights_only=True)
+    state["fc.bias"][0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(common.ConfigError, match=r"nan\.pt' holds non-finite values .*fc\.bias"):
+        rh.main(["--config", CPU, "--out", str(tmp_path / "b"), f"checkpoint={tmp_path / 'nan.pt'}"] + TINY)
+
+
+def test_an_existing_run_folder_is_not_reused(result):
+    log = (result["out"] / "log.jsonl").read_text()
+    with pytest.raises(common.ConfigError, match="not empty"):
+        rh.main(["--config", CPU, "--out", str(result["out"])] + TINY)
+    assert (result["out"] / "log.jsonl").read_text() == log
+
+
+def test_single_point_proxy_is_drawn(tmp_path, monkeypatch):
+    import torch_qode.plotting as plotting
+
+    figs = []
+    real_save = plotting.save
+    monkeypatch.setattr(plotting, "save", lambda fig, path, **kw: (figs.append(fig), real_save(fig, path, **kw))[1])
+    rh.main(["--config", CPU, "--out", str(tmp_path / "o")] + TINY
+            + ["proxy.T=0", "proxy.report_times=[0]", "pretrain.epochs=0", "hessian.before_pruning=false"])
+    proxy_fig = figs[-1]
+    (line,) = proxy_fig.axes[0].lines
+    assert len(line.get_xdata()) == 1 and line.get_marker() == "o"   # visible, not an empty plot
 
 
 def test_gpu_config_is_valid_and_marked():

@@ -33,7 +33,9 @@ def test_log_and_figure(result):
     recs = [json.loads(line) for line in open(result["out"] / "log.jsonl", encoding="utf-8")]
     settings = [r for r in recs if r["event"] == "setting"]
     assert len(settings) == 9 and all(len(r["difference_ratios"]) == r["q_symbolic"] + 3 for r in settings)
-    assert recs[-1]["event"] == "summary" and recs[-1]["all_consistent"] is True
+    summary = next(r for r in recs if r["event"] == "summary")
+    assert summary["all_consistent"] is True and recs[-1]["event"] == "figure"
+    assert all(r["lines_agree"] is True for r in summary["rows"])
     p = result["figures"]["ode_order"]
     assert p.is_file() and p.stat().st_size > 10_000
 
@@ -80,12 +82,36 @@ def test_too_high_degrees_are_reported_symbolically(tmp_path):
     assert r["q_symbolic"] == 25 and r["q_numeric"] is None and "not resolvable" in r["note"]
 
 
+def test_disagreeing_lines_are_reported_and_plotted(tmp_path, capsys):
+    """A tiny stencil (span=0.01) sinks the top differences into round-off on some lines only: the
+    per-line degrees disagree; the table, the log and the figure all still come out."""
+    res = rm.main(["--config", CPU, "--out", str(tmp_path), "layers=[2]", "degrees=[2]", "span=0.01", "lines=3",
+                   "--no-progress", "--threads", "1"])
+    (r,) = res["rows"]
+    assert isinstance(r["q_numeric"], list) and len(set(r["q_numeric"])) > 1 and r["lines_agree"] is False
+    assert r["q_numeric_lines"] == r["q_numeric"] and r["consistent"] is False
+    out = capsys.readouterr().out
+    assert "q_symbolic" in out and str(r["q_numeric"]) in out and "random lines disagree" in out
+    p = res["figures"]["ode_order"]
+    assert p.is_file() and p.stat().st_size > 10_000
+    recs = [json.loads(line) for line in open(tmp_path / "log.jsonl", encoding="utf-8")]
+    assert [x["event"] for x in recs][-2:] == ["summary", "figure"]
+
+
 @pytest.mark.parametrize("override, match", [
     ("depth=3", r"unknown config key 'depth'; allowed keys: .*layers"),
     ("activation=tanh", r"activation must be 'full' or 'monomial'"),
     ("layers=[0]", r"layers must be"),
     ("span=abc", r"'span' must be of type float"),
+    ("layers=[true]", r"layers must be a non-empty list of integers >= 1"),
+    ("degrees=[true, 2]", r"degrees must be a non-empty list of integers >= 1"),
+    ("direction_scale=0.0", r"direction_scale must be a finite number > 0"),
+    ("span=.inf", r"span must be a finite number > 0"),
+    ("threshold=.nan", r"threshold must be a finite number > 1"),
+    ("check_max_degree=-1", r"check_max_degree must be an integer >= 0"),
+    ("lines=null", r"'lines' may not be null"),
 ])
 def test_bad_config_raises(tmp_path, override, match):
     with pytest.raises(common.ConfigError, match=match):
-        rm.main(["--config", CPU, "--out", str(tmp_path), override] + FAST)
+        rm.main(["--config", CPU, "--out", str(tmp_path / "o")] + FAST + [override])
+    assert not (tmp_path / "o").exists()

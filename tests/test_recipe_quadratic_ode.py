@@ -79,7 +79,36 @@ def test_system_construction():
     ("forms=[euler]", r"forms must be"),
     ("fs=[1.2]", r"fs must be"),
     ("coordinate=9", r"coordinate must be"),
+    ("coordinate=true", r"coordinate must be null \(random\) or an integer in 0\.\.3"),
+    ("eig_pos=[]", r"eig_pos must be a list \[lo, hi\] of two finite numbers with 0 <= lo <= hi <= 2"),
+    ("eig_pos=[0, 1, 2]", r"eig_pos must be a list \[lo, hi\]"),
+    ("eig_pos=[0.5, 0.1]", r"eig_pos must be a list \[lo, hi\]"),
+    ("eig_pos=[-0.1, 1.0]", r"eig_pos must be"),
+    ("eig_neg=[-0.01, 0.5]", r"eig_neg must be a list \[lo, hi\] of two finite numbers with lo <= hi <= 0"),
+    ("eig_pos=[0, abc]", r"eig_pos must be"),
+    ("f2_scale=.nan", r"f2_scale must be a finite number >= 0"),
+    ("report_times=[-1, 10]", r"report_times must be a list of integers in 0\.\.T = 0\.\.40"),
+    ("report_times=[10, 41]", r"report_times must be a list of integers in 0\.\.T = 0\.\.40"),
+    ("orders=[true]", r"orders must be a non-empty list of integers >= 1"),
+    ("fs=[true]", r"fs must be a non-empty list of fractions"),
+    ("error_threshold=.inf", r"error_threshold must be a finite number > 0"),
+    ("blowup=0.0", r"blowup must be a number > 0"),
+    ("resources.eps=-1.0", r"resources\.eps must be a finite number > 0 and < 1"),
+    ("T=null", r"'T' may not be null"),
 ])
 def test_bad_config_raises(tmp_path, override, match):
     with pytest.raises(common.ConfigError, match=match):
-        rq.main(["--config", CPU, "--out", str(tmp_path), override] + TINY)
+        rq.main(["--config", CPU, "--out", str(tmp_path / "o")] + TINY + [override])
+    assert not (tmp_path / "o").exists()
+
+
+def test_yaml_float_lists_and_infinite_blowup_rerun_from_the_saved_config(tmp_path):
+    """``1e-1`` (a YAML 1.1 string) in a float list is read as a float; ``blowup=.inf`` is saved as
+    ``.inf`` so the saved config.yaml re-runs the same experiment."""
+    a = rq.main(["--config", CPU, "--out", str(tmp_path / "a"), "eig_pos=[0, 1e-1]", "blowup=.inf",
+                 "orders=[1]", "fs=[1.0]", "order_b=1", "forms=[discrete]"] + TINY)
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["eig_pos"] == [0, 0.1] and saved["blowup"] == float("inf")
+    b = rq.main(["--config", str(tmp_path / "a" / "config.yaml"), "--out", str(tmp_path / "b"),
+                 "--no-progress", "--threads", "1"])
+    np.testing.assert_array_equal(a["curves"][(1.0, 1, "discrete")], b["curves"][(1.0, 1, "discrete")])

@@ -3,8 +3,11 @@ import json
 
 import pytest
 
-from recipes import demo, train_resnet_cifar100 as recipe
+from recipes import common, demo, train_resnet_cifar100 as recipe
 from recipes.common import ConfigError
+
+CPU = "configs/train_resnet_cifar100_cpu.yaml"
+GPU = "configs/train_resnet_cifar100.yaml"
 
 TINY = ["model.depth=8", "model.widen=1", "pretrain.epochs=1", "pretrain.batch_size=128", "train.steps=12",
         "train.batch_size=64", "qode.cycle=6", "qode.classical_steps=2", "qode.shots=100000",
@@ -18,7 +21,7 @@ def _lines(path):
 
 def test_cpu_config_runs_and_writes_log_table_and_figure(tmp_path, capsys):
     out = tmp_path / "run"
-    res = demo.main(["--out", str(out)] + TINY + ["qode.mode=quantum"])
+    res = demo.main([f"--out={out}"] + TINY + ["qode.mode=quantum"])     # the --out=DIR spelling is honoured
     rows = res["rows"]
     assert [r["cycle"] for r in rows] == [0, 1]
     assert all(r["mode"] == "quantum" for r in rows)            # mode=quantum: every window is quantum
@@ -34,8 +37,13 @@ def test_cpu_config_runs_and_writes_log_table_and_figure(tmp_path, capsys):
     assert cycles[0]["report"]["download"]["sparsity"] == pytest.approx(0.9, abs=1e-4)
     mon = _lines(out / "monitor.jsonl")
     assert {m["event"] for m in mon} >= {"spectrum", "window_end", "eval"}
+    assert [m["step"] for m in mon if m["event"] == "download"] == [0, 6]    # the dotted lines of Fig. 2c/d
+    assert all(m["download"] is True for m in mon if m["event"] == "download")
     fig = out / "fig2.png"
     assert fig.exists() and fig.stat().st_size > 5000
+    data = next(l for l in log if l["event"] == "data")
+    assert data["name"] == "digits" and data["is_fixture"] is False and data["train_samples"] > 0
+    assert "data: scikit-learn's bundled digits" in printed
 
 
 def test_auto_mode_and_cifar100_fixture_through_the_real_loader(tmp_path):
@@ -47,6 +55,8 @@ def test_auto_mode_and_cifar100_fixture_through_the_real_loader(tmp_path):
                        "--data-root", str(root), "data.name=cifar100", "train.baseline=false",
                        "monitor.enabled=false"] + TINY)
     assert len(res["rows"]) == 2 and all(r["acc_sgd"] is None for r in res["rows"])
+    data = next(l for l in _lines(tmp_path / "r" / "log.jsonl") if l["event"] == "data")
+    assert data["name"] == "cifar100" and data["is_fixture"] is True and data["root"] == str(root)
     for rep in res["reports"]:
         assert rep["mode"] in ("quantum", "classical") and rep["dissipation"]["lr"] == pytest.approx(0.05)
         assert rep["reason"].startswith("dissipation check ") and not rep["faults"]
@@ -61,3 +71,93 @@ def test_missing_cifar_and_bad_overrides_are_clear(tmp_path):
     with pytest.raises(ValueError, match="classical_steps"):
         recipe.main(["--config", "configs/train_resnet_cifar100_cpu.yaml", "--out", str(tmp_path / "c")] + TINY
                     + ["qode.classical_steps=6"])
+
+
+def _cfg(*overrides, config=CPU):
+    """The merged, validated config of the CPU (or GPU) config file with ``overrides``."""
+    cfg = common.merge(recipe.DEFAULTS, recipe.DEFAULTS, common.load_config(config))
+    cfg = common.apply_overrides(cfg, list(overrides), recipe.DEFAULTS)
+    common.validate(common.coerce_floats(cfg, recipe.DEFAULTS), recipe.DEFAULTS)
+    return cfg
+
+
+@pytest.mark.parametrize("override, match", [
+    ("qode.sparsity=1.0", r"qode\.sparsity: sparsity must be in \[0, 1\)"),
+    ("qode.classical_steps=6", r"qode\.classical_steps must be an integer in 0\.\.qode\.cycle-1"),
+    ("qode.cycle=0", r"qode\.cycle must be an integer >= 1, got 0"),
+    ("qode.mode=quantm", r"qode\.mode: mode must be one of"),
+    ("qode.lr=0", r"qode\.lr must be a finite number > 0"),
+    ("qode.shots=1e7", r"qode\.shots must be null .* integer >= 1, got '1e7' \(write it as an integer"),
+    ("qode.shots=1.0e+7", r"qode\.shots must be null .* integer"),
+    ("qode.shots=2", r"qode\.shots: .*too few"),
+    ("qode.kappa_a=abc", r"qode\.kappa_a must be a finite number >= 1"),
+    ("qode.explicit=maybe", r"qode\.explicit must be null \(automatic\), true or false"),
+    ("qode.upload=qram", r"qode\.upload: upload must be one of"),
+    ("qode.tomography_kwargs.sign_method=nope", r"qode\.tomography_kwargs: .*sign_method must be one of"),
+    ("qode.tomography_kwargs.foo=1", r"qode\.tomography_kwargs: .*unexpected keyword argument 'foo'"),
+    ("qode.tomography_kwargs.top_r=3", r"qode\.tomography_kwargs: tomography_kwargs may not set \['top_r'\]"),
+    ("dissipation.cutoff=-1.0", r"dissipation\.cutoff: cutoff must be a number"),
+    ("dissipation.steps=0", r"dissipation\.steps: steps must be a positive integer"),
+    ("monitor.steps=0", r"monitor\.steps: steps must be a positive integer"),
+    ("monitor.schedule=sometimes", r"monitor\.schedule must be one of 'paper'"),
+    ("monitor.backend=jax", r"monitor\.backend must be one of 'torch', 'pyhessian'"),
+    ("monitor.enabled=null", r"'monitor\.enabled' may not be null"),
+    ("train.baseline=null", r"'train\.baseline' may not be null"),
+    ("train.steps=null", r"'train\.steps' may not be null"),
+    ("pretrain.epochs=null", r"'pretrain\.epochs' may not be null"),
+    ("pretrain.epochs=-1", r"pretrain\.epochs must be an integer >= 0, got -1"),
+    ("checkpoint=5", r"checkpoint must be null or a file path"),
+    ("checkpoint=/no/such/file.pt", r"checkpoint '/no/such/file\.pt' not found"),
+    ("data.test_fraction=0.001", r"data\.test_fraction: test_fraction=0\.001 leaves the test split empty"),
+    ("data.test_fraction=0.999", r"data\.test_fraction: .*leaves the training split empty"),
+    ("model.depth=9", r"model\.depth: depth must be 6n\+2"),
+])
+def test_every_option_is_checked_before_anything_is_written_or_trained(tmp_path, override, match):
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError, match=match):
+        recipe.main(["--config", CPU, "--out", str(out)] + TINY + [override])
+    assert not out.exists()                       # refused before the folder, the data and pre-training
+
+
+@pytest.mark.parametrize("extra", [["--data-root", "/some/cifar"], ["--download"], ["data.root=/x"]])
+def test_cifar_flags_need_data_name_cifar100(tmp_path, extra):
+    with pytest.raises(ConfigError, match=r"only apply to data\.name=cifar100, but data\.name='digits'"):
+        recipe.main(["--config", CPU, "--out", str(tmp_path / "o")] + extra + TINY)
+    assert not (tmp_path / "o").exists()
+
+
+def test_tomography_kwargs_take_every_option_qode_passes_through():
+    for extra in (["qode.tomography_kwargs.norm=exact"], ["qode.tomography_kwargs.norm_scale=2.0"],
+                  ["qode.tomography_kwargs.split={support: 0.5, signs: 0.3, norm: 0.2}"],
+                  ["qode.tomography_kwargs={sign_method: pairs, norm: exact}"]):
+        cfg = _cfg(*extra)
+        recipe._check(cfg)                        # accepted by QODE's own constructor check
+    assert cfg["qode"]["tomography_kwargs"] == {"sign_method": "pairs", "norm": "exact"}
+    assert _cfg("qode.tomography_kwargs.norm=exact")["qode"]["tomography_kwargs"] == \
+        {"sign_method": "hadamard", "norm": "exact"}  # merged with the config file's
+
+
+def test_gpu_config_refuses_to_run_on_the_cpu_silently(tmp_path, monkeypatch):
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"train_resnet_cifar100\.yaml' is sized for a GPU .*--device cpu"):
+        recipe.main(["--config", GPU, "--out", str(tmp_path / "o"), "--data-root", str(tmp_path / "cifar")])
+    assert not (tmp_path / "o").exists()
+    # asked for explicitly, the CPU is accepted: the run goes on to the data (absent here)
+    with pytest.raises(Exception, match="CIFAR-100 not found") as info:
+        recipe.main(["--config", GPU, "--out", str(tmp_path / "p"), "--data-root", str(tmp_path / "cifar"),
+                     "--device", "cpu"])
+    assert not isinstance(info.value, ConfigError)
+
+
+def test_fig2_panel_records_by_mode():
+    class FakeMonitor:
+        def panel_records(self):
+            return [{"step": 0, "test_acc": 0.5}]
+
+    recs, note = recipe.panel_records(FakeMonitor(), _cfg("qode.mode=classical", "train.steps=12"))
+    proxy = {r["step"]: r["error_proxy"] for r in recs if "error_proxy" in r}
+    assert proxy == {k: 1.0 for k in range(13)} and "classical" in note      # proxy ≡ 1, not "no data"
+    recs, note = recipe.panel_records(FakeMonitor(), _cfg("qode.mode=quantum"))
+    assert not any("error_proxy" in r for r in recs) and "no dissipation check" in note
+    recs, note = recipe.panel_records(FakeMonitor(), _cfg())
+    assert recs == [{"step": 0, "test_acc": 0.5}] and note is None

@@ -79,8 +79,14 @@ def test_config_file_errors(tmp_path):
         common.load_config(lst)
     unsafe = tmp_path / "unsafe.yaml"
     unsafe.write_text("seed: !!python/object/apply:os.system ['echo hi']\n")
-    with pytest.raises(yaml.YAMLError):   # safe_load refuses python tags
-        common.load_config(unsafe)
+    with pytest.raises(common.ConfigError, match=r"unsafe\.yaml', line 1.*constructor") as info:
+        common.load_config(unsafe)       # safe_load refuses python tags
+    assert isinstance(info.value.__cause__, yaml.YAMLError)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("seed: 0\nfs: [1, 2\nlr: 0.1\n")
+    with pytest.raises(common.ConfigError, match=r"broken\.yaml', line \d+.*not valid \(safe\) YAML"):
+        toy_main(["--config", str(broken), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
     with pytest.raises(common.ConfigError, match="not found"):
         common.load_config(tmp_path / "missing.yaml")
     assert common.load_config(_empty(tmp_path)) == {}
@@ -90,6 +96,116 @@ def _empty(tmp_path):
     p = tmp_path / "empty.yaml"
     p.write_text("")
     return p
+
+
+@pytest.mark.parametrize("override", ["steps=null", "flag=null", "lr=null", "name=null", "fs=null",
+                                      "model.depth=null"])
+def test_null_only_where_the_default_is_null(tmp_path, override):
+    key = override.split("=")[0]
+    with pytest.raises(common.ConfigError, match=rf"'{key}' may not be null"):
+        toy_main([override, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    run = toy_main(["opt=null", "--out", str(tmp_path / "ok"), "--no-progress"])   # an optional key
+    assert run.cfg["opt"] is None
+
+
+def test_an_existing_non_empty_out_folder_is_refused(tmp_path):
+    out = tmp_path / "o"
+    toy_main(["--out", str(out), "--no-progress"])
+    before = (out / "log.jsonl").read_text()
+    with pytest.raises(common.ConfigError, match=r"--out .* not empty .*config\.yaml"):
+        toy_main(["--out", str(out), "--no-progress", "lr=0.5"])
+    assert (out / "log.jsonl").read_text() == before               # the first run is untouched
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 0.1
+    (tmp_path / "empty").mkdir()
+    toy_main(["--out", str(tmp_path / "empty"), "--no-progress"])   # an empty folder is fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(common.ConfigError, match="not a folder"):
+        toy_main(["--out", str(tmp_path / "file")])
+
+
+def test_config_yaml_keeps_non_finite_floats_and_reruns(tmp_path):
+    run = toy_main(["--out", str(tmp_path / "a"), "--no-progress", "lr=.inf", "fs=[-.inf, .nan, 1.0]"])
+    text = (tmp_path / "a" / "config.yaml").read_text()
+    assert "lr: .inf" in text and "-.inf" in text and ".nan" in text
+    again = toy_main(["--config", str(tmp_path / "a" / "config.yaml"), "--out", str(tmp_path / "b"), "--no-progress"])
+    assert again.cfg["lr"] == math.inf and again.cfg["fs"][0] == -math.inf and math.isnan(again.cfg["fs"][1])
+    assert run.cfg["lr"] == math.inf
+    start = read_log(tmp_path / "a" / "log.jsonl")[0]              # strict JSON: null in the log
+    assert start["config"]["lr"] is None
+
+
+def test_strings_in_float_lists_are_read_as_floats(tmp_path):
+    run = toy_main(["--out", str(tmp_path / "o"), "--no-progress", "fs=[1, 1e-1]", "lr=1e-3"])
+    assert run.cfg["fs"] == [1, 0.1] and run.cfg["lr"] == 1e-3
+    with pytest.raises(common.ConfigError, match="'fs' must be of type list"):
+        toy_main(["--out", str(tmp_path / "p"), "fs=1e-1"])
+
+
+def test_open_sections_take_any_sub_key(tmp_path):
+    schema = dict(SCHEMA, kw=common.OpenSection({"sign_method": "pairs"}))
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("kw:\n  split: {support: 0.5}\n")
+    with common.setup("toy", schema, ["--config", str(cfg_file), "--out", str(tmp_path / "o"), "kw.norm=exact",
+                                      "--no-progress"]) as run:
+        assert run.cfg["kw"] == {"sign_method": "pairs", "split": {"support": 0.5}, "norm": "exact"}
+    assert yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())["kw"]["norm"] == "exact"
+    with pytest.raises(common.ConfigError, match="unknown config key 'model.kw'"):   # closed sections stay closed
+        common.setup("toy", schema, ["model.kw=1", "--out", str(tmp_path / "p")])
+    with pytest.raises(common.ConfigError, match="'kw' must be a mapping"):
+        common.setup("toy", schema, ["--out", str(tmp_path / "q"), "kw=3"])
+    with common.setup("toy", schema, ["--out", str(tmp_path / "r"), "kw={norm: 2.0}", "--no-progress"]) as run:
+        assert run.cfg["kw"] == {"sign_method": "pairs", "norm": 2.0}
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu", "cpu:1", "gpu"])
+def test_unsupported_devices_are_refused_before_anything_is_written(tmp_path, device):
+    with pytest.raises(common.ConfigError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        toy_main(["--device", device, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_gpu_config_needs_cuda_or_an_explicit_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
+    schema = dict(SCHEMA, gpu=False, device="auto")
+    gpu = tmp_path / "gpu.yaml"
+    gpu.write_text("gpu: true\ndevice: auto\n")
+    with pytest.raises(common.ConfigError, match=r"gpu\.yaml' is sized for a GPU.*--device cpu"):
+        common.setup("toy", schema, ["--config", str(gpu), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    for i, extra in enumerate((["--device", "cpu"], ["device=cpu"])):
+        with common.setup("toy", schema, ["--config", str(gpu), "--out", str(tmp_path / f"ok{i}")] + extra) as run:
+            assert run.device == torch.device("cpu")
+    with common.setup("toy", schema, ["--out", str(tmp_path / "plain")]) as run:   # gpu: false runs anywhere
+        assert run.device == torch.device("cpu")
+
+
+def test_setup_runs_the_recipe_check_before_writing(tmp_path):
+    seen = []
+
+    def check(cfg):
+        seen.append(cfg["steps"])
+        if cfg["steps"] > 5:
+            raise common.ConfigError("steps must be <= 5")
+
+    with pytest.raises(common.ConfigError, match="steps must be <= 5"):
+        common.setup("toy", SCHEMA, ["--out", str(tmp_path / "o")], check=check)
+    assert seen == [10] and not (tmp_path / "o").exists()
+    with common.setup("toy", SCHEMA, ["steps=3", "--out", str(tmp_path / "p")], check=check) as run:
+        assert run.cfg["steps"] == 3
+
+
+def test_cli_defaults_yield_to_the_command_line_in_every_spelling(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr: 0.5\n")
+    other = tmp_path / "d.yaml"
+    other.write_text("lr: 0.25\n")
+    with common.setup("toy", SCHEMA, ["--out", str(tmp_path / "a")], cli_defaults={"config": str(cfg_file)}) as run:
+        assert run.cfg["lr"] == 0.5
+    for i, argv in enumerate(([f"--config={other}"], ["--config", str(other)])):
+        with common.setup("toy", SCHEMA, argv + [f"--out={tmp_path / f'b{i}'}"],
+                          cli_defaults={"config": str(cfg_file)}) as run:
+            assert run.cfg["lr"] == 0.25 and run.out == tmp_path / f"b{i}"
 
 
 def test_data_flags_and_default_out(tmp_path, monkeypatch):
@@ -148,6 +264,9 @@ def test_to_jsonable_and_table():
 
 def test_resolve_device():
     assert common.resolve_device("cpu") == torch.device("cpu")
+    for bad in ("mps", "meta", "cpu:1", None, 0):
+        with pytest.raises(common.ConfigError, match="device must be"):
+            common.resolve_device(bad)
     assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(common.ConfigError, match="CUDA is not available"):
@@ -175,6 +294,24 @@ def test_load_checkpoint_weights_only(tmp_path):
         common.load_checkpoint(other, tmp_path / "missing.pt")
 
 
+def test_load_checkpoint_refuses_misfits_and_non_finite_weights(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    torch.save(torch.nn.Linear(4, 2).state_dict(), tmp_path / "shape.pt")
+    torch.save({"weight": model.weight.detach()}, tmp_path / "missing.pt")
+    nan = {k: v.clone() for k, v in model.state_dict().items()}
+    nan["bias"][0] = float("nan")
+    torch.save(nan, tmp_path / "nan.pt")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(common.ConfigError, match=r"checkpoint .*shape\.pt' does not fit the model built from "
+                                                 r"model\.width: 1 shape mismatch.*weight \(2, 4\) vs \(2, 3\)"):
+        common.load_checkpoint(model, tmp_path / "shape.pt", describe="built from model.width")
+    with pytest.raises(common.ConfigError, match=r"does not fit the model: 1 missing key\(s\), e\.g\. bias"):
+        common.load_checkpoint(model, tmp_path / "missing.pt")
+    with pytest.raises(common.ConfigError, match=r"checkpoint .*nan\.pt' holds non-finite values .* bias"):
+        common.load_checkpoint(model, tmp_path / "nan.pt")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))   # left unchanged
+
+
 def test_training_panels_figure(tmp_path):
     from torch_qode.plotting import plot_training_panels
 
@@ -196,3 +333,11 @@ def test_training_panels_figure(tmp_path):
     assert p1.stat().st_size > 10_000                                  # a Density object works as well
     p2 = plot_training_panels([{"step": 0}], tmp_path / "empty.png")   # every panel says "no data"
     assert p2.is_file() and p2.stat().st_size > 0
+    with pytest.raises(ValueError, match="every must be an integer >= 1"):
+        plot_training_panels(records, tmp_path / "e.png", every=0)
+    with pytest.raises(ValueError, match="early_steps must be an integer >= 0"):
+        plot_training_panels(records, tmp_path / "e.png", early_steps=-1)
+    with pytest.raises(ValueError, match=r"records\[1\] needs an integer 'step'"):
+        plot_training_panels([{"step": 0}, {"test_acc": 0.5}], tmp_path / "e.png")
+    with pytest.raises(ValueError, match="step 0 needs 1-D 'grid' and 'density' of the same length"):
+        plot_training_panels([{"step": 0, "spectrum": {"grid": [0.0, 1.0], "density": [1.0]}}], tmp_path / "e.png")

@@ -25,7 +25,17 @@ def new_figure(nrows: int = 1, ncols: int = 1, width: float = 5.0, height: float
 
 
 def save(fig, path, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` and return the path of the file written: a name without a suffix
+    gets ``.png`` (as matplotlib would add); the suffix picks the format (``.png``, ``.pdf``, ...).
+    A folder is refused."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"path {str(path)!r} is a folder; give a file name such as "
+                                f"{str(path / 'figure.png')!r}")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+        if path.is_dir():
+            raise IsADirectoryError(f"path {str(path)!r} is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(os.fspath(path), dpi=dpi)
     return path

@@ -236,6 +236,12 @@ class DissipationMonitor:
     def panel_records(self) -> list[dict]:
         """The records in :func:`plot_training_panels`' format, with the per-step error proxy.
 
+        A panel record's ``step`` counts completed training steps (the state the numbers describe):
+        a spectrum taken by ``step(k)`` before training step ``k`` is at ``k``, an upload at ``s``
+        predicts ``proxy(t)`` for the state after ``s + t`` steps, and a window end reported during
+        step ``k`` (QODE's step counter) describes the state after it, ``k + 1`` — where ``proxy(T)``
+        of its window and an accuracy measured after that step are drawn too.
+
         When QODE reported uploads, every step gets an error proxy as in the paper's Fig. 2c: a
         passed upload at step ``s`` contributes ``proxy(t)`` at steps ``s + t`` of its window (the
         prediction made from the upload spectrum), and every other step — classical, no linearisation
@@ -245,13 +251,15 @@ class DissipationMonitor:
         windows = {}
         for r in self.records:
             row = {k: r[k] for k in ("step", "spectrum", "test_acc", "test_acc_sgd", "drift", "drift_lin",
-                                     "download") if r.get(k) is not None}
+                                     "download", "error_proxy") if r.get(k) is not None}
+            if r.get("event") == "window_end":
+                row["step"] = r["step"] + 1
             out.append(row)
             if r.get("event") == "upload" and r.get("passed"):
                 for t, p in enumerate(r["proxy_curve"]):
                     windows[r["step"] + t] = p
         if any(r.get("event") == "upload" for r in self.records):
-            last = max(r["step"] for r in self.records)
+            last = max(r["step"] for r in out)
             out += [{"step": k, "error_proxy": windows.get(k, 1.0)} for k in range(last + 1)]
         return out
 
@@ -274,7 +282,11 @@ def _spectrum_of(rec: Mapping):
     grid, dens = spec.get("grid"), spec.get("density", spec.get("values"))
     if grid is None or dens is None:
         return None
-    return np.asarray(grid, dtype=float), np.asarray(dens, dtype=float)
+    grid, dens = np.asarray(grid, dtype=float), np.asarray(dens, dtype=float)
+    if grid.ndim != 1 or grid.shape != dens.shape:
+        raise ValueError(f"the spectrum of the record at step {rec.get('step')!r} needs 1-D 'grid' and 'density' "
+                         f"of the same length, got shapes {grid.shape} and {dens.shape}")
+    return grid, dens
 
 
 def _spectra_panel(ax, recs, title):
@@ -304,8 +316,11 @@ def _spectra_panel(ax, recs, title):
 
 
 def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int = 200, every: int = 100,
-                         title: Optional[str] = None) -> Path:
+                         title: Optional[str] = None, proxy_note: Optional[str] = None) -> Path:
     """The paper's Fig. 2 as four panels, from a list of plain dicts (one per logged step).
+
+    ``early_steps`` (integer ≥ 0) and ``every`` (integer ≥ 1) select the spectra of panels (a) and
+    (b); ``proxy_note`` is written in panel (c) (e.g. why there is no proxy).
 
     Keys of each record (all but ``step`` optional; a panel without data says so):
 
@@ -315,9 +330,10 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
         Hessian eigenvalue density at this step; a ``dissipation.Density`` or ``Spectrum`` is
         accepted too (its ``grid``/``values`` are used).  Panel (a) draws those with
         ``step <= early_steps``; panel (b) those with
-        ``step % every == 0`` or ``download`` true.
+        ``step % every == 0`` or at a step some record marks as a download.
     ``download`` (bool)
-        True right after a prune/download (marked in panels (c) and (d) by dotted lines).
+        True at the step of a prune/download (marked in panels (c) and (d) by dotted lines); it may
+        be a record of its own (``{"step": s, "download": True}``).
     ``error_proxy`` (float)
         Eq. (III.14) proxy for this step; 1 for classical steps.  Panel (c), log axis.
     ``drift`` / ``drift_lin`` (float)
@@ -326,13 +342,29 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
     ``test_acc`` / ``test_acc_sgd`` (float in [0, 1] or percent)
         Test accuracy of the trained model / of the SGD reference.  Panel (d).
     """
-    records = sorted((dict(r) for r in records), key=lambda r: r["step"])
+    early_i, every_i = _flat.as_int(early_steps), _flat.as_int(every)
+    if early_i is None or early_i < 0:
+        raise ValueError(f"early_steps must be an integer >= 0, got {early_steps!r}")
+    if every_i is None or every_i < 1:
+        raise ValueError(f"every must be an integer >= 1 (spectra every that many steps), got {every!r}")
+    early_steps, every = early_i, every_i
+    if proxy_note is not None and not isinstance(proxy_note, str):
+        raise TypeError(f"proxy_note must be a string or None, got {type(proxy_note).__name__}")
+    checked = []
+    for i, r in enumerate(records):
+        if not isinstance(r, Mapping):
+            raise TypeError(f"records[{i}] must be a dict, got {type(r).__name__}")
+        step = _flat.as_int(r.get("step"))
+        if step is None:
+            raise ValueError(f"records[{i}] needs an integer 'step' (a training step), got {r.get('step', '(none)')!r}")
+        checked.append({**r, "step": step})
+    records = sorted(checked, key=lambda r: r["step"])
     fig, axes = new_figure(2, 2)
+    downloads = sorted({r["step"] for r in records if r.get("download")})
     early = [r for r in records if r["step"] <= early_steps and _spectrum_of(r) is not None]
-    late = [r for r in records if _spectrum_of(r) is not None and (r["step"] % every == 0 or r.get("download"))]
+    late = [r for r in records if _spectrum_of(r) is not None and (r["step"] % every == 0 or r["step"] in downloads)]
     _spectra_panel(axes[0], early, f"(a) spectra, first {early_steps} steps")
     _spectra_panel(axes[1], late, f"(b) spectra every {every} steps / at downloads")
-    downloads = [r["step"] for r in records if r.get("download")]
 
     ax = axes[2]
     pr = [(r["step"], r["error_proxy"]) for r in records if r.get("error_proxy") is not None]
@@ -348,6 +380,10 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
     has_drift = any(r.get("drift") is not None or r.get("drift_lin") is not None for r in records)
     if pr or has_drift:
         ax.legend(fontsize=7)
+    if proxy_note:
+        ax.text(0.5, 0.08 if (pr or has_drift) else 0.5, proxy_note, transform=ax.transAxes, ha="center",
+                va="bottom" if (pr or has_drift) else "center", fontsize=7, color="dimgray",
+                bbox=dict(boxstyle="round", facecolor="white", alpha=0.85, lw=0.5))
 
     ax = axes[3]
     any_acc = False
@@ -364,7 +400,7 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
         ax.grid(True, alpha=0.3)
         for s in downloads:
             ax.axvline(s, color="gray", ls=":", lw=0.6)
-    for ax, has in zip(axes, (early, late, pr or has_drift, any_acc)):
+    for ax, has in zip(axes, (early, late, pr or has_drift or proxy_note, any_acc)):
         if not has:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
     if title:

@@ -30,14 +30,25 @@ def plot_curves(panels: Sequence[Mapping], path, *, suptitle: Optional[str] = No
     ``panels``: list of ``{"title": str, "curves": [{"label": str, "x": [...], "y": [...],
     "style": optional matplotlib format string such as "--"}], "note": optional str}``.
     On a log axis non-finite or non-positive values are left out (a diverged run shows as a curve
-    that stops).
+    that stops).  A curve of a single point is drawn as a marker; ``x`` and ``y`` must have the same
+    length.
     """
+    panels = list(panels)
+    if not panels:
+        raise ValueError("panels must hold at least one panel ({'title': ..., 'curves': [...]})")
     fig, axes = new_figure(1, len(panels))
     ymin, ymax = math.inf, -math.inf
     for ax, panel in zip(axes, panels):
         for c in panel["curves"]:
             y = _positive(c["y"]) if logy else np.asarray(c["y"], dtype=float)
-            ax.plot(np.asarray(c["x"]), y, c.get("style", "-"), label=c.get("label"), lw=1.4)
+            x = np.asarray(c["x"])
+            if x.shape != y.shape:
+                raise ValueError(f"curve {c.get('label', '')!r}: x and y must have the same shape, got "
+                                 f"{x.shape} and {y.shape}")
+            style = c.get("style", "-")
+            if np.isfinite(y).sum() == 1 and not any(m in style for m in "o.sx+*^v<>dDph|_"):
+                style += "o"              # a lone point: a line through it would not show
+            ax.plot(x, y, style, label=c.get("label"), lw=1.4)
             finite = y[np.isfinite(y)]
             if finite.size:
                 ymin, ymax = min(ymin, finite.min()), max(ymax, finite.max())
@@ -66,7 +77,8 @@ def plot_ode_order(rows: Sequence[Mapping], path, *, differences: Sequence[Mappi
 
     Left: ODE degree ``q`` against the number of layers ``L``, one line per activation degree
     ``s_p`` — ``rows`` are dicts with ``L``, ``s_p``, ``q_symbolic`` and ``q_numeric`` (``None``
-    when not checked), plus optional ``q_paper``.  Right (if ``differences`` is given): the ratio
+    when not checked; a list of per-line values when random lines disagree, drawn as their range
+    with red crosses), plus optional ``q_paper``.  Right (if ``differences`` is given): the ratio
     ``|Δ^k g| / round-off`` against ``k`` for a few settings, each a dict with ``label``, ``k``
     (list), ``ratio`` (list) and ``q``; it drops to round-off level right after ``k = q``.
     """
@@ -76,13 +88,24 @@ def plot_ode_order(rows: Sequence[Mapping], path, *, differences: Sequence[Mappi
     by_s = {}
     for r in rows:
         by_s.setdefault(r["s_p"], []).append(r)
+    split = False
     for i, (s, rs) in enumerate(sorted(by_s.items())):
         rs = sorted(rs, key=lambda r: r["L"])
         color = f"C{i}"
         ax.plot([r["L"] for r in rs], [r["q_symbolic"] for r in rs], "-", color=color, label=f"s_p={s} symbolic")
-        num = [(r["L"], r["q_numeric"]) for r in rs if r.get("q_numeric") is not None]
+        num = [(r["L"], r["q_numeric"]) for r in rs if r.get("q_numeric") is not None
+               and not isinstance(r["q_numeric"], (list, tuple))]
         if num:
             ax.plot(*zip(*num), "o", color=color, mfc="none", ms=9, label=f"s_p={s} numeric")
+        for r in rs:     # random lines that disagree: their range, with a red cross at each value
+            vals = r.get("q_numeric")
+            if isinstance(vals, (list, tuple)) and vals:
+                vals = [v for v in vals if v is not None and v > 0]
+                if vals:
+                    ax.vlines(r["L"], min(vals), max(vals), color=color, lw=2.0)
+                    ax.plot([r["L"]] * len(vals), vals, "x", color="red", ms=7,
+                            label=None if split else "lines disagree (per-line q)")
+                    split = True
         pap = [(r["L"], r["q_paper"]) for r in rs if r.get("q_paper") is not None]
         if pap:
             ax.plot(*zip(*pap), "x", color=color, ms=6)
@@ -119,9 +142,13 @@ def plot_density(grid, density, path, *, lr: Optional[float] = None, cutoff: Opt
     Eq. (III.14) ignores.  ``eigenvalues`` (e.g. the top Lanczos eigenvalues) are drawn as ticks.
     ``reference`` (``{"grid", "density", "label"}``, e.g. the density before pruning) is overlaid
     as a dashed line.  On the log axis the view spans ``dynamic_range`` below the peak.
+    ``grid`` and ``density`` must be non-empty 1-D arrays of the same length.
     """
     grid = np.asarray(grid, dtype=float)
     density = np.asarray(density, dtype=float)
+    if grid.ndim != 1 or density.shape != grid.shape or grid.size == 0:
+        raise ValueError(f"grid and density must be non-empty 1-D arrays of the same length, got shapes "
+                         f"{grid.shape} and {density.shape}")
     fig, (ax,) = new_figure(1, 1, width=6.0)
     y = _positive(density) if logy else density
     ax.plot(grid, y, "k-", lw=1.0, label=label)

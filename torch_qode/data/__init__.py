@@ -12,11 +12,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .cifar import CIFAR100_MEAN, CIFAR100_STD, DatasetNotFoundError, cifar100, cifar100_transform
-from .digits import DIGITS_CLASSES, digits, digits_tensors
+from .digits import DIGITS_CLASSES, digits, digits_split_sizes, digits_tensors
 from .fixtures import FIXTURE_MARKER, write_cifar100_fixture
 
 __all__ = ["cifar100", "cifar100_transform", "CIFAR100_MEAN", "CIFAR100_STD", "DatasetNotFoundError",
-           "write_cifar100_fixture", "FIXTURE_MARKER", "digits", "digits_tensors", "DIGITS_CLASSES",
+           "write_cifar100_fixture", "FIXTURE_MARKER", "digits", "digits_tensors", "digits_split_sizes",
+           "DIGITS_CLASSES",
            "loader", "loaders"]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Optional, Union
 
@@ -22,6 +23,11 @@ CIFAR100_MEAN = (0.5070751592371323, 0.48654887331495095, 0.4409178433670343)
 CIFAR100_STD = (0.2673342858792401, 0.2564384629170883, 0.27615047132568404)
 
 _FILES = ("train", "test", "meta")
+
+#: What torchvision's loader raises on files that pass the md5 check but are not valid CIFAR pickles
+#: (a fixture marker updated for broken files, a truncated copy): unpickling and layout errors.
+_UNREADABLE = (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+               UnicodeDecodeError)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -111,9 +117,10 @@ def cifar100(root: Union[str, os.PathLike], train: bool = True, download: bool =
     if fixture_md5 is not None:
         try:
             return _fixture_class()(root, fixture_md5, **kwargs)
-        except RuntimeError as exc:
-            raise DatasetNotFoundError(f"the CIFAR-100 fixture in {folder} is corrupted ({exc}); "
-                                       f"rewrite it with torch_qode.data.write_cifar100_fixture") from exc
+        except (RuntimeError,) + _UNREADABLE as exc:
+            raise DatasetNotFoundError(f"the CIFAR-100 fixture in {folder} is corrupted "
+                                       f"({type(exc).__name__}: {exc}); rewrite it with "
+                                       f"torch_qode.data.write_cifar100_fixture") from exc
 
     if not download:
         missing = [name for name in _FILES if not (folder / name).is_file()]
@@ -125,6 +132,9 @@ def cifar100(root: Union[str, os.PathLike], train: bool = True, download: bool =
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted" (md5 mismatch)
         raise DatasetNotFoundError(
             f"CIFAR-100 under {folder} failed torchvision's integrity check ({exc}). " + _remedies(root)) from exc
+    except _UNREADABLE as exc:  # md5 passed but the pickles do not read as CIFAR-100
+        raise DatasetNotFoundError(
+            f"CIFAR-100 under {folder} is unreadable ({type(exc).__name__}: {exc}). " + _remedies(root)) from exc
     except OSError as exc:  # e.g. no network while downloading
         if isinstance(exc, DatasetNotFoundError):
             raise

@@ -14,20 +14,54 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["digits", "digits_tensors", "DIGITS_CLASSES"]
+__all__ = ["digits", "digits_tensors", "digits_split_sizes", "DIGITS_CLASSES"]
 
 DIGITS_CLASSES = 10
 
 
+def _check_test_fraction(test_fraction) -> float:
+    if isinstance(test_fraction, (bool, np.bool_)) or not isinstance(test_fraction, (int, float, np.integer,
+                                                                                         np.floating)) \
+            or not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
+    return float(test_fraction)
+
+
+def _test_counts(labels: np.ndarray, test_fraction: float) -> np.ndarray:
+    """Test samples per class: ``round(test_fraction · class size)``; refuses an empty split."""
+    sizes = np.array([int((labels == c).sum()) for c in range(DIGITS_CLASSES)])
+    k = np.array([int(round(test_fraction * n)) for n in sizes])
+    n_test, n_train = int(k.sum()), int((sizes - k).sum())
+    if n_test == 0 or n_train == 0:
+        empty = "test" if n_test == 0 else "training"
+        raise ValueError(f"test_fraction={test_fraction!r} leaves the {empty} split empty ({n_train} train / "
+                         f"{n_test} test samples of {int(sizes.sum())}; each class of ~{int(sizes.min())} images "
+                         f"is split by rounding): choose a value between about {1 / sizes.min():.3g} and "
+                         f"{1 - 1 / sizes.min():.3g}")
+    return k
+
+
 def _split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
+    counts = _test_counts(labels, test_fraction)
     train, test = [], []
     for c in range(DIGITS_CLASSES):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(test_fraction * len(idx)))
+        k = int(counts[c])
         test.append(idx[:k])
         train.append(idx[k:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def digits_split_sizes(test_fraction: float = 0.2) -> Tuple[int, int]:
+    """``(n_train, n_test)`` of the split (it does not depend on the seed); ``ValueError`` when
+    ``test_fraction`` leaves either split empty."""
+    from sklearn.datasets import load_digits
+
+    test_fraction = _check_test_fraction(test_fraction)
+    labels = np.asarray(load_digits().target, dtype=np.int64)
+    k = _test_counts(labels, test_fraction)
+    return int(labels.size - k.sum()), int(k.sum())
 
 
 def digits_tensors(split: str = "train", test_fraction: float = 0.2, seed: int = 0, image: bool = True,
@@ -36,13 +70,12 @@ def digits_tensors(split: str = "train", test_fraction: float = 0.2, seed: int =
 
     ``X``: ``(N, 1, 8, 8)`` if ``image`` else ``(N, 64)``, standardised with train-split statistics;
     ``y``: ``(N,)`` int64 labels 0–9. ``split`` is ``"train"``, ``"test"`` or ``"all"`` (every image,
-    still with train-split statistics).
+    still with train-split statistics).  A ``test_fraction`` that leaves either split empty is refused
+    (``ValueError``).
     """
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
-            or not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
+    _check_test_fraction(test_fraction)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if not isinstance(image, bool):

@@ -7,6 +7,7 @@ finite degree (Theorem III.1); tanh and ReLU are offered for comparison.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -24,6 +25,11 @@ class Polynomial(nn.Module):
 
     def __init__(self, coefficients: Sequence[float]):
         super().__init__()
+        if isinstance(coefficients, (str, bytes)) or not hasattr(coefficients, "__iter__"):
+            raise TypeError(f"coefficients must be a sequence of numbers (c0, c1, …, cs), got {coefficients!r}")
+        coefficients = list(coefficients)
+        if any(isinstance(c, (bool, str, bytes)) for c in coefficients):
+            raise TypeError(f"coefficients must be numbers (not bools or strings), got {list(coefficients)!r}")
         try:
             coeffs = [float(c) for c in coefficients]
         except (TypeError, ValueError) as exc:
@@ -40,9 +46,9 @@ class Polynomial(nn.Module):
     @classmethod
     def monomial(cls, degree: int) -> "Polynomial":
         """``σ(z) = z^degree``."""
-        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        if not _is_int(degree) or degree < 1:
             raise ValueError(f"degree must be an int >= 1, got {degree!r}")
-        return cls([0.0] * degree + [1.0])
+        return cls([0.0] * int(degree) + [1.0])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = torch.full_like(z, self.coefficients[-1])
@@ -52,6 +58,11 @@ class Polynomial(nn.Module):
 
     def extra_repr(self) -> str:
         return f"coefficients={self.coefficients}"
+
+
+def _is_int(v) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v).__name__ != "bool_"
 
 
 Activation = Union[str, Tuple[str, Union[int, Sequence[float]]], nn.Module, type]
@@ -92,8 +103,11 @@ def mlp(widths: Sequence[int], activation: Activation = "tanh", bias: bool = Tru
     if len(widths) < 2:
         raise ValueError(f"widths must list at least the input and output sizes, got {widths}")
     for w in widths:
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        if not _is_int(w) or w < 1:
             raise ValueError(f"widths must be ints >= 1, got {widths}")
+    widths = [int(w) for w in widths]
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {bias!r}")
     act = _activation(activation)  # validates before anything is built
     layers = []
     for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):

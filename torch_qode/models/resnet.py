@@ -15,6 +15,8 @@ Build the large one on the meta device to count or inspect it without allocating
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -22,15 +24,16 @@ __all__ = ["BasicBlock", "CIFARResNet", "cifar_resnet", "cifar_resnet_num_params
 
 
 def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer (Python or numpy, not a bool) ``>= minimum``, returned as a Python int."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def _blocks_per_stage(depth) -> int:
-    _check_int(depth, "depth", 8)
+    depth = _check_int(depth, "depth", 8)
     if (depth - 2) % 6:
         raise ValueError(f"depth must be 6n+2 with n >= 1 (8, 14, 20, 26, 32, …, 56, …), got {depth}")
     return (depth - 2) // 6
@@ -63,9 +66,10 @@ class CIFARResNet(nn.Module):
     def __init__(self, depth: int = 32, widen: int = 4, num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         n = _blocks_per_stage(depth)
-        _check_int(widen, "widen", 1)
-        _check_int(num_classes, "num_classes", 1)
-        _check_int(in_channels, "in_channels", 1)
+        depth = int(depth)
+        widen = _check_int(widen, "widen", 1)
+        num_classes = _check_int(num_classes, "num_classes", 1)
+        in_channels = _check_int(in_channels, "in_channels", 1)
         self.depth, self.widen, self.num_classes, self.in_channels = depth, widen, num_classes, in_channels
         widths = (16 * widen, 32 * widen, 64 * widen)
 
@@ -109,9 +113,9 @@ def cifar_resnet(depth: int = 32, widen: int = 4, num_classes: int = 100, in_cha
 def cifar_resnet_num_params(depth: int = 32, widen: int = 4, num_classes: int = 100, in_channels: int = 3) -> int:
     """Parameter count of :func:`cifar_resnet`, computed analytically (no model is built)."""
     n = _blocks_per_stage(depth)
-    _check_int(widen, "widen", 1)
-    _check_int(num_classes, "num_classes", 1)
-    _check_int(in_channels, "in_channels", 1)
+    widen = _check_int(widen, "widen", 1)
+    num_classes = _check_int(num_classes, "num_classes", 1)
+    in_channels = _check_int(in_channels, "in_channels", 1)
     w = (16 * widen, 32 * widen, 64 * widen)
 
     def conv_bn(cin: int, cout: int, k: int) -> int:
