@@ -61,6 +61,13 @@ def _check_max_bytes(max_bytes, name: str = "max_bytes") -> Optional[int]:
     return int(max_bytes)
 
 
+def refuse_over_budget(need: int, budget: int, what: str, instead: str) -> None:
+    """Raise :class:`CarlemanTooLarge` — before anything is allocated — when ``need`` bytes exceed
+    ``budget``: "``what`` needs X GiB > max_bytes=Y GiB; ``instead``"."""
+    if need > budget:
+        raise CarlemanTooLarge(f"{what} needs {_gib(need)} > max_bytes={_gib(budget)}; {instead}")
+
+
 def _budget(max_bytes, fallback: Optional[int] = None) -> int:
     """The memory budget in bytes: ``max_bytes``, else ``fallback``, else :func:`default_max_bytes`."""
     max_bytes = _check_max_bytes(max_bytes)
@@ -260,12 +267,10 @@ class CarlemanSystem:
         """
         T = _check_T(T)
         budget = _budget(max_bytes, self.max_bytes)
-        need = (T + 1) * self.n * (torch.finfo(self.ode.dtype).bits // 8)
-        if need > budget:
-            raise CarlemanTooLarge(
-                f"simulate over T={T} steps keeps a (T+1)×n = {T + 1:,}×{self.n} trajectory of {_gib(need)}, "
-                f"over the budget of {_gib(budget)} (max_bytes); use a shorter T, or advance the state "
-                f"with CarlemanSystem.step and keep only what you need")
+        refuse_over_budget((T + 1) * self.n * (torch.finfo(self.ode.dtype).bits // 8), budget,
+                           f"simulate over T={T} steps keeps a (T+1)×n = {T + 1:,}×{self.n} trajectory: it",
+                           "use a shorter T, or advance the state with CarlemanSystem.step and keep only "
+                           "what you need")
         y = self._state(self.lift(as_tensor(u0, self.ode.dtype, self.ode.device, "u0")), "y")
         traj = torch.empty(T + 1, self.n, dtype=y.dtype, device=y.device)
         traj[0] = y[: self.n]

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 
-from .carleman import CarlemanSystem, CarlemanTooLarge, _budget as _carleman_budget, _gib
+from .carleman import CarlemanSystem, CarlemanTooLarge, _budget as _carleman_budget, _gib, refuse_over_budget
 from .ode import _check_T, as_tensor, like
 
 __all__ = ["window_system", "solve_window", "WindowSolution", "kappa_bound", "check_kappa_a", "condition_number",
@@ -239,12 +239,10 @@ def solve_window(system: CarlemanSystem, u0, T: int, method: str = "forward", *,
     budget = _budget(max_bytes, system)
 
     if method == "forward":
-        need = (T + 1) * system.dim * (torch.finfo(system.ode.dtype).bits // 8)
-        if need > budget:
-            raise CarlemanTooLarge(
-                f"the forward solve keeps X = (y(0), …, y(T)), (T+1)Δ = {T + 1:,}×{system.dim:,} numbers, "
-                f"{_gib(need)} > max_bytes={_gib(budget)}; use a shorter window T, CarlemanSystem.simulate "
-                f"(keeps only the (T+1)×n level-1 trajectory) or step with CarlemanSystem.step")
+        refuse_over_budget((T + 1) * system.dim * (torch.finfo(system.ode.dtype).bits // 8), budget,
+                           f"the forward solve keeps X = (y(0), …, y(T)), (T+1)Δ = {T + 1:,}×{system.dim:,} "
+                           "numbers: it", "use a shorter window T, CarlemanSystem.simulate (keeps only the "
+                           "(T+1)×n level-1 trajectory) or step with CarlemanSystem.step")
         X = _forward(system, u0, T)
         sol = WindowSolution(X=like(X, u0), method=method, n=system.n)
         if kappa == "auto" and system.ode.explicit and _fits(system, T, max_bytes):
@@ -274,12 +272,9 @@ def solve_window(system: CarlemanSystem, u0, T: int, method: str = "forward", *,
         if M.shape[0] > dense_limit:
             notes.append(f"filtered: more singular values lie below σ_max/κ_a than Lanczos can return "
                          f"(k ≤ {M.shape[0]} − 2); solved by the dense SVD instead")
-        need = _dense_svd_bytes(M.shape[0])
-        if need > budget:
-            raise CarlemanTooLarge(
-                f"the dense filtered solve of a {M.shape[0]:,}-unknown M needs about {_gib(need)} > "
-                f"max_bytes={_gib(budget)}; raise kappa_a (fewer singular values dropped) or use "
-                f"method='direct'")
+        refuse_over_budget(_dense_svd_bytes(M.shape[0]), budget,
+                           f"the dense filtered solve of a {M.shape[0]:,}-unknown M",
+                           "raise kappa_a (fewer singular values dropped) or use method='direct'")
         res = _filtered_dense(M, B, kappa_a)
     x, s_kept, s_all, d_ill, kap, dropped, exact = res
     fid, p_well = filtered_fidelity(s_kept, s_all, d_ill)
