@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -154,25 +153,23 @@ def _loss_value(loss) -> Optional[float]:
     number), else ``None``: like ``torch.optim.SGD``, QODE accepts whatever the closure returns."""
     if isinstance(loss, torch.Tensor):
         return float(loss.detach()) if loss.numel() == 1 and not loss.is_complex() else None
-    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return float(loss)
-    return None
+    return _flat.as_real(loss)
 
 
 def _check_int(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    v = _flat.as_int(value)
+    if v is None or v < low:
         raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
-    return int(value)
+    return v
 
 
 def _check_sgd_settings(group: dict, where: str = "") -> None:
     """``lr``, ``momentum``, ``weight_decay``, ``dampening`` finite and ≥ 0; ``nesterov`` consistent;
     no ``maximize`` (QODE minimises: the window's ODE is gradient *descent*)."""
     for name in ("lr", "momentum", "weight_decay", "dampening"):
-        value = group[name]
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not (value >= 0) \
-                or not math.isfinite(value):
-            raise ValueError(f"{where}{name} must be a finite number ≥ 0, got {value!r}")
+        value = _flat.as_real(group[name])
+        if value is None or not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{where}{name} must be a finite number ≥ 0, got {group[name]!r}")
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError(f"{where}nesterov=True requires momentum > 0 and dampening = 0")
     if group.get("maximize", False):
@@ -261,8 +258,9 @@ class QODE(Optimizer):
         if classical_steps >= cycle:
             raise ValueError(f"classical_steps must be < cycle (leaving a window of ≥ 1 step); got "
                              f"classical_steps={classical_steps}, cycle={cycle}")
-        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not (0 <= sparsity < 1):
+        if _flat.as_real(sparsity) is None or not (0 <= _flat.as_real(sparsity) < 1):
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        sparsity = _flat.as_real(sparsity)
         _check_choice(upload, "upload", UPLOADS)
         carleman_order = _check_int(carleman_order, "carleman_order", 1)
         taylor_degree = _check_int(taylor_degree, "taylor_degree", 1)
@@ -278,8 +276,9 @@ class QODE(Optimizer):
             raise TypeError(f"track_sgd must be a bool, got {track_sgd!r}")
         seed = _check_int(seed, "seed", 0)
         _check_choice(explicit, "explicit", (None, True, False))
-        if not (isinstance(eps, numbers.Real) and 0 < eps < 1):
+        if _flat.as_real(eps) is None or not (0 < _flat.as_real(eps) < 1):
             raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+        eps = _flat.as_real(eps)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         if tomography_kwargs is not None and not isinstance(tomography_kwargs, dict):
