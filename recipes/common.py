@@ -277,11 +277,15 @@ def keyed_error(section: str, exc: BaseException, keys: Iterable[str] = ()) -> C
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+    from torch_qode._flat import as_int   # the package's own notion: numpy integers yes, bools no
+
+    return as_int(v) is not None
 
 
 def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+    from torch_qode._flat import as_real
+
+    return as_real(v) is not None
 
 
 def check_int(value, key: str, low: Optional[int] = None, high: Optional[int] = None) -> int:

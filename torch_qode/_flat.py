@@ -19,7 +19,7 @@ __all__ = [
     "param_list", "numel", "flatten", "unflatten", "check_support", "scatter_rows",
     "preserved", "decomposed_norms", "batch_stats_no_update", "check_no_torch_prune", "check_model_loss_batch",
     "make_loss_fn",
-    "fused_norm_nodes", "as_real", "as_int",
+    "fused_norm_nodes", "as_real", "as_int", "forked_rng",
 ]
 
 
@@ -47,6 +47,13 @@ def as_int(x) -> Optional[int]:
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
         return None
     return int(x)
+
+
+def forked_rng(tensors: Sequence[torch.Tensor]):
+    """``torch.random.fork_rng`` over the CPU and every CUDA device ``tensors`` live on: random draws
+    inside (dropout, augmentation) leave the global generators exactly as they were."""
+    devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
 
 
 # ----------------------------------------------------------------------------------- parameters

@@ -205,8 +205,7 @@ class DissipationMonitor:
 
     def _metric(self) -> float:
         """``metric(model)`` under no_grad on a forked RNG; modes, buffers and ``.grad`` restored after."""
-        devices = list({p.device for p in self.model.parameters() if p.device.type == "cuda"})
-        with _flat.preserved(self.model), torch.random.fork_rng(devices=devices), torch.no_grad():
+        with _flat.preserved(self.model), _flat.forked_rng(list(self.model.parameters())), torch.no_grad():
             return float(self.metric(self.model))
 
     # ------------------------------------------------------------------------- QODE hooks

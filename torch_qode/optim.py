@@ -361,8 +361,7 @@ class QODE(Optimizer):
         is forked, so training draws exactly the numbers it would without them, and with ``model=``
         the BatchNorm running statistics are frozen."""
         stack = contextlib.ExitStack()
-        cuda = sorted({p.device.index or 0 for p in self._params if p.device.type == "cuda"})
-        stack.enter_context(torch.random.fork_rng(devices=cuda))
+        stack.enter_context(_flat.forked_rng(self._params))
         if self.model is not None:
             stack.enter_context(_flat.batch_stats_no_update(self.model))
         return stack
