@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from torch_qode import PolynomialODE
-from torch_qode.carleman import CarlemanTooLarge, carleman
+from torch_qode.core.carleman import CarlemanTooLarge, carleman
 
 
 def fig4_like(n: int, seed: int = 0) -> PolynomialODE:

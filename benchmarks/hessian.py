@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 
 from taylor import best  # benchmarks/taylor.py (the script's directory is on sys.path)
-from torch_qode.dissipation import PyHessianAdapter, lanczos, smooth_density
+from torch_qode.bridge.dissipation import PyHessianAdapter, lanczos, smooth_density
 from torch_qode.models import cifar_resnet, mlp
-from torch_qode.taylor import TaylorExpansion, make_loss_fn
+from torch_qode.bridge.taylor import TaylorExpansion, make_loss_fn
 
 
 def cases():

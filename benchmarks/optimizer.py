@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch_qode.models import cifar_resnet
-from torch_qode.optim import QODE
+from torch_qode.training.qode import QODE
 
 
 def mlp():

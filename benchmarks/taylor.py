@@ -1,4 +1,4 @@
-"""HVP / third-order product backends of torch_qode.taylor: double backward vs torch.func jvp(grad).
+"""HVP / third-order product backends of torch_qode.bridge.taylor: double backward vs torch.func jvp(grad).
 
 For an MLP and a small CIFAR ResNet (BatchNorm, train mode), in one process so ratios are fair:
   * setup: building the expansion (double backward: the create_graph gradient; jvp: one gradient);
@@ -7,7 +7,7 @@ For an MLP and a small CIFAR ResNet (BatchNorm, train mode), in one process so r
   * third x1: one third-order product ∇³L[a, b].
 Every timing is the best of --repeat runs of --iters products.  The last column is
 t(jvp) / t(double_backward): > 1 means double backward is faster; ``backend="auto"`` follows the
-majority of the hvp rows (torch_qode.taylor.AUTO_BACKEND).
+majority of the hvp rows (torch_qode.bridge.taylor.AUTO_BACKEND).
 Usage: PYTHONPATH=. python benchmarks/taylor.py [--iters 5] [--repeat 3] [--threads 2]
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from torch_qode.models import cifar_resnet, mlp
-from torch_qode.taylor import AUTO_BACKEND, TaylorExpansion, decomposed_norms, make_loss_fn
+from torch_qode.bridge.taylor import AUTO_BACKEND, TaylorExpansion, decomposed_norms, make_loss_fn
 
 
 def best(fn, iters: int, repeat: int) -> float:
@@ -102,7 +102,7 @@ def main():
                 votes += 1 if row[5] > 1 else -1
     pick = "double_backward" if votes >= 0 else "jvp"
     print(f"\nfaster HVP backend on this machine: {pick}; AUTO_BACKEND = {AUTO_BACKEND!r}"
-          + ("" if pick == AUTO_BACKEND else "  <-- differs: revisit torch_qode.taylor.AUTO_BACKEND"))
+          + ("" if pick == AUTO_BACKEND else "  <-- differs: revisit torch_qode.bridge.taylor.AUTO_BACKEND"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Simulated tomography: time and error vs shots, and time vs n (paper Sec. II D; DESIGN.md step 7).
 
 A vector of n = 10^6 components with r = 10^4 non-zeros (standard normal values at random places)
-is read back by ``torch_qode.tomography`` at 10^3 … 10^10 shots (default split: half for the
+is read back by ``torch_qode.core.tomography`` at 10^3 … 10^10 shots (default split: half for the
 support/magnitudes, 40% for the signs, 10% for the norm), with both sign circuits: ``"pairs"``
 (interference with a reference component, O(r²) sign shots) and ``"hadamard"`` (a Hadamard test
 against the measured-magnitude state, O(r log r)).  The sampler draws one multinomial over the
@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from torch_qode.tomography import coupon_collector_expected_draws, coupon_cost, tomography
+from torch_qode.core.tomography import coupon_collector_expected_draws, coupon_cost, tomography
 
 
 def sparse_normal(n: int, r: int, seed: int) -> np.ndarray:

@@ -277,13 +277,13 @@ def keyed_error(section: str, exc: BaseException, keys: Iterable[str] = ()) -> C
 
 
 def _is_int(v) -> bool:
-    from torch_qode._flat import as_int   # the package's own notion: numpy integers yes, bools no
+    from torch_qode.bridge.flat import as_int   # the package's own notion: numpy integers yes, bools no
 
     return as_int(v) is not None
 
 
 def _is_real(v) -> bool:
-    from torch_qode._flat import as_real
+    from torch_qode.bridge.flat import as_real
 
     return as_real(v) is not None
 

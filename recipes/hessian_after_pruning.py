@@ -6,9 +6,9 @@ Hessian spectrum with no further training: dissipative modes (λ > 0) dominate d
 
 Steps: build the ResNet; load a checkpoint (``torch.load(..., weights_only=True)``) or pre-train it
 with plain SGD; evaluate; optionally take the dense Hessian density for comparison; prune globally by
-magnitude (:class:`torch_qode.pruning.MagnitudePruner`, weights only: biases and BN scales are kept);
+magnitude (:class:`torch_qode.bridge.pruning.MagnitudePruner`, weights only: biases and BN scales are kept);
 evaluate again; Hessian of the training loss on a fixed batch by stochastic Lanczos quadrature
-(:func:`torch_qode.dissipation.hessian_spectrum`: top eigenvalues, Hutchinson trace, density on 256
+(:func:`torch_qode.bridge.dissipation.hessian_spectrum`: top eigenvalues, Hutchinson trace, density on 256
 points).  Reported: positive / negative spectral mass (of the raw Lanczos quadrature, near-zero
 nodes included), the positive fraction outside the flat band ``|λ| ≤ 10⁻³ max|λ|``
 (``dissipation.positive_fraction``), the mass ``N_c`` that survives the cutoff ``|ηλ| ≥ c`` with its
@@ -52,9 +52,9 @@ DEFAULTS = {
 
 
 def spectrum_stats(spectrum, lr: float, cutoff: float, T: int, report_times: Sequence[int]) -> dict:
-    """Numbers of one :class:`~torch_qode.dissipation.Spectrum`: masses, proxy, top eigenvalues
+    """Numbers of one :class:`~torch_qode.bridge.dissipation.Spectrum`: masses, proxy, top eigenvalues
     (``report_times``: integers in ``0..T``)."""
-    from torch_qode.dissipation import error_proxy, positive_fraction
+    from torch_qode.bridge.dissipation import error_proxy, positive_fraction
 
     bad = [t for t in report_times if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t <= T]
     if bad:
@@ -92,7 +92,7 @@ def _check(cfg: dict) -> None:
     import torch
 
     from torch_qode.models import cifar_resnet
-    from torch_qode.pruning import MagnitudePruner
+    from torch_qode.bridge.pruning import MagnitudePruner
 
     common.check_classification(cfg)
     h, p = cfg["hessian"], cfg["proxy"]
@@ -134,9 +134,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     with common.setup("hessian_after_pruning", DEFAULTS, argv, description=__doc__, data=True,
                       check=_check) as run:
         cfg, dev = run.cfg, run.device
-        from torch_qode.dissipation import hessian_spectrum
+        from torch_qode.bridge.dissipation import hessian_spectrum
         from torch_qode.plotting import plot_curves, plot_density
-        from torch_qode.pruning import MagnitudePruner
+        from torch_qode.bridge.pruning import MagnitudePruner
 
         start = common.pretrained_resnet(run, "pretrained.pt")
         data, model, test_loader, n_params = start["data"], start["model"], start["test_loader"], start["params"]

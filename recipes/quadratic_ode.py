@@ -7,7 +7,7 @@ The system (paper Sec. III C, DESIGN.md): ``u(t+1) = u + F1 u + F2 u⊗u`` with 
 of the Carleman trajectory of order ``N`` against the exact one (``PolynomialODE.iterate``).
 
 (a) ``f = 1``, ``N = 1..4``; (b) several ``f`` at ``N = 4``; both Carleman forms in both panels.
-Per setting a resource ledger (:func:`torch_qode.resources.estimate_resources`) is logged.
+Per setting a resource ledger (:func:`torch_qode.core.resources.estimate_resources`) is logged.
 
 Where the paper is silent (our choices, in the config): the dimension ``n``, the horizon ``T``, the
 initial state (uniform direction, norm ``u0_norm < 1`` as Eq. II.68 asks), the number of random
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from recipes import common
-from torch_qode.carleman import FORMS, carleman, dissipativity
-from torch_qode.ode import NonFiniteError, PolynomialODE
+from torch_qode.core.carleman import FORMS, carleman, dissipativity
+from torch_qode.core.ode import NonFiniteError, PolynomialODE
 
 DEFAULTS = {
     "seed": 0,
@@ -148,7 +148,7 @@ def _check(cfg: dict) -> None:
 
 def _ledger(system, T: int, u0_norm: float, res_cfg: dict) -> Optional[dict]:
     try:
-        from torch_qode.resources import estimate_resources
+        from torch_qode.core.resources import estimate_resources
     except ImportError:  # pragma: no cover - resources.py is part of the package
         return None
     r = estimate_resources(system, T, eps=float(res_cfg["eps"]), u_norm=u0_norm,

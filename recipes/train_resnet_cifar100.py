@@ -6,7 +6,7 @@ parameters) on CIFAR-100, then trains it sparsely: every 100 steps the model is 
 cycle is the quantum window; each step uses 2048 samples and lr 0.01.  The paper shows (a, b) Hessian
 spectra, (c) the error proxy and (d) test accuracy.
 
-This recipe runs exactly that cycle through :class:`torch_qode.optim.QODE` (``mode="auto"``: the
+This recipe runs exactly that cycle through :class:`torch_qode.training.qode.QODE` (``mode="auto"``: the
 dissipation check decides each window) and adds what the paper never showed:
 
 * a **classical baseline**: the same model trained with the same pruning schedule by plain SGD
@@ -49,7 +49,7 @@ DEFAULTS = {
              "classical_steps": 10, "sparsity": 0.9, "upload": "dense", "carleman_order": 1,
              "taylor_degree": 2, "form": "discrete", "solver": "forward", "kappa_a": None, "shots": None,
              "noise": "stream", "explicit": None, "track_sgd": True, "eps": 0.01,
-             # keyword arguments of torch_qode.tomography() that QODE passes through (sign_method, norm,
+             # keyword arguments of torch_qode.core.tomography() that QODE passes through (sign_method, norm,
              # norm_scale, split); QODE sets v, shots, seed, top_r and eps itself
              "tomography_kwargs": common.OpenSection({"sign_method": "pairs"})},
     "dissipation": {"max_error_proxy": 1.0, "min_positive_fraction": 0.5, "cutoff": 0.4, "steps": 64},
@@ -76,7 +76,7 @@ def _short_reason(rep) -> str:
 
 
 def cycle_row(rep, acc: float, acc_sgd: Optional[float]) -> dict:
-    """One row of the per-cycle table from a :class:`~torch_qode.optim.CycleReport`."""
+    """One row of the per-cycle table from a :class:`~torch_qode.training.qode.CycleReport`."""
     dis, res, tomo, drift = rep.dissipation or {}, rep.resources or {}, rep.tomography or {}, rep.drift or {}
     proxy = dis.get("proxy")
     return {"cycle": rep.cycle, "mode": rep.mode, "why": _short_reason(rep),
@@ -92,10 +92,10 @@ def _check(cfg: dict) -> None:
     memory) so their own argument checks run now; errors are ConfigErrors naming the key."""
     import torch.nn.functional as F
 
-    from torch_qode.callbacks import DissipationMonitor
-    from torch_qode.dissipation import DissipationCheck
+    from torch_qode.training.monitor import DissipationMonitor
+    from torch_qode.bridge.dissipation import DissipationCheck
     from torch_qode.models import cifar_resnet
-    from torch_qode.optim import QODE
+    from torch_qode.training.qode import QODE
 
     common.check_classification(cfg)
     common.check_int(cfg["train"]["steps"], "train.steps", 1)
@@ -163,7 +163,7 @@ def _batches(dataset, batch_size: int, seed: int, device):
 
 
 def panel_records(monitor, cfg: dict) -> tuple:
-    """``(records, proxy_note)`` for :func:`~torch_qode.callbacks.plot_training_panels`: the
+    """``(records, proxy_note)`` for :func:`~torch_qode.training.monitor.plot_training_panels`: the
     monitor's records, plus ``error_proxy ≡ 1`` at every step with ``qode.mode=classical`` (no
     window, no linearisation error); with ``qode.mode=quantum`` the dissipation check never runs, so
     there is no predicted proxy and the note says so."""
@@ -186,10 +186,10 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
     with common.setup(name, DEFAULTS, argv, description=__doc__, data=True, check=_check,
                       cli_defaults=cli_defaults) as run:
         cfg, dev = run.cfg, run.device
-        from torch_qode.callbacks import DissipationMonitor
-        from torch_qode.dissipation import DissipationCheck
-        from torch_qode.optim import QODE
-        from torch_qode.taylor import decomposed_norms
+        from torch_qode.training.monitor import DissipationMonitor
+        from torch_qode.bridge.dissipation import DissipationCheck
+        from torch_qode.training.qode import QODE
+        from torch_qode.bridge.taylor import decomposed_norms
 
         start = common.pretrained_resnet(run, "dense.pt")
         data, model, test_dl, n_params = start["data"], start["model"], start["test_loader"], start["params"]
@@ -264,7 +264,7 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
         print(table)
         figures = {}
         if monitor is not None:
-            from torch_qode.callbacks import plot_training_panels
+            from torch_qode.training.monitor import plot_training_panels
 
             recs, note = panel_records(monitor, cfg)
             figures["fig2"] = str(plot_training_panels(recs, run.path("fig2.png"), every=q["cycle"],

@@ -1,20 +1,20 @@
 """torch_qode: sparse training through a simulated quantum ODE solver (Liu et al., Nat. Commun. 2024).
 
-Floors (each imports only the ones below): the math core (``ode``, ``carleman``, ``linsolve``,
-``tomography``, ``resources``), the autograd bridge (``taylor``, ``dissipation``, ``pruning``),
-training (``optim``, ``callbacks``) and applications (``models``, ``data``, ``plotting``, ``recipes/``).
+Four floors, one package each, each importing only the ones below (``tests/test_layout.py``):
+``core`` (the math), ``bridge`` (autograd), ``training`` (QODE, the monitor) and the applications
+(``models``, ``data``, ``plotting``, ``recipes/``).
 """
-from .callbacks import DissipationMonitor
-from .carleman import CarlemanSystem, CarlemanTooLarge, carleman, dissipativity, required_order
-from .dissipation import (DissipationCheck, PyHessianAdapter, Verdict, error_proxy, hessian_spectrum,
+from .training.monitor import DissipationMonitor
+from .core.carleman import CarlemanSystem, CarlemanTooLarge, carleman, dissipativity, required_order
+from .bridge.dissipation import (DissipationCheck, PyHessianAdapter, Verdict, error_proxy, hessian_spectrum,
                           positive_fraction, slq_density)
-from .linsolve import kappa_bound, solve_window, window_system
-from .ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
-from .optim import QODE, CycleReport
-from .pruning import MagnitudePruner
-from .resources import Resources, estimate_resources
-from .taylor import TaylorExpansion, UnsupportedGraphError, decomposed_norms, make_loss_fn
-from .tomography import TomographyResult, coupon_collector_expected_draws, tomography
+from .core.linsolve import kappa_bound, solve_window, window_system
+from .core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
+from .training.qode import QODE, CycleReport
+from .bridge.pruning import MagnitudePruner
+from .core.resources import Resources, estimate_resources
+from .bridge.taylor import TaylorExpansion, UnsupportedGraphError, decomposed_norms, make_loss_fn
+from .core.tomography import TomographyResult, coupon_collector_expected_draws, tomography
 
 __all__ = [
     "PolynomialODE", "MatrixFreeTerm", "NonFiniteError",

@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from ._figure import new_figure, positive as _positive, save
-from .callbacks import plot_training_panels
+from .training.monitor import plot_training_panels
 
 __all__ = ["new_figure", "save", "plot_curves", "plot_ode_order", "plot_density", "plot_training_panels"]
 

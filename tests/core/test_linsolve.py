@@ -4,10 +4,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from reference import carleman_dense, lift_dense, random_coefficients
+from tests.reference import carleman_dense, lift_dense, random_coefficients
 from torch_qode import MatrixFreeTerm, PolynomialODE
-from torch_qode.carleman import CarlemanTooLarge, carleman
-from torch_qode.linsolve import condition_number, kappa_bound, solve_window, window_system
+from torch_qode.core.carleman import CarlemanTooLarge, carleman
+from torch_qode.core.linsolve import condition_number, kappa_bound, solve_window, window_system
 
 
 def _system(seed, n=3, q=2, N=2, form="discrete", timedep=True, T=8):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import _flat
+from . import flat as _flat
 
 __all__ = ["MagnitudePruner", "SparsityReport", "LayerSparsity"]
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import torch_qode.optim as optim_mod
-from torch_qode.optim import QODE
+import torch_qode.training.qode as optim_mod
+from torch_qode.training.qode import QODE
 
-from test_optim import _untimed, batches, closure_for, flat, run, tiny_mlp
+from tests.training.test_qode import _untimed, batches, closure_for, flat, run, tiny_mlp
 
 WINDOW = dict(lr=0.05, mode="quantum", cycle=5, classical_steps=1, sparsity=0.0)
 
@@ -413,7 +413,7 @@ def test_a_closure_that_raises_can_be_retried(fail_at):
 
 
 def test_monitor_metric_inside_a_matrix_free_window_on_batchnorm():
-    from torch_qode.callbacks import DissipationMonitor
+    from torch_qode.training.monitor import DissipationMonitor
     data = batches(10, seed=5)
     out = []
     for with_monitor in (False, True):

@@ -1,4 +1,4 @@
-"""torch_qode.dissipation: Lanczos, SLQ density, spectrum backends, error proxy, the dissipation check.
+"""torch_qode.bridge.dissipation: Lanczos, SLQ density, spectrum backends, error proxy, the dissipation check.
 
 References: dense eigendecompositions (numpy) of explicit matrices / of the exact Hessian of tiny
 models, closed forms of the error proxy, and PyHessian 0.1 itself (raw) for the faults the adapter
@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 from tests._models import (assert_unchanged, cnn_batch, flat_params, mlp_batch, reference_loss, state_snapshot,
                            tiny_cnn, tiny_mlp)
-from torch_qode.dissipation import (Density, DissipationCheck, PyHessianAdapter, Verdict, error_proxy,
+from torch_qode.bridge.dissipation import (Density, DissipationCheck, PyHessianAdapter, Verdict, error_proxy,
                                     hessian_spectrum, hutchinson_trace, lanczos, positive_fraction, slq_density,
                                     smooth_density, top_eigenvalues)
 
@@ -201,7 +201,7 @@ def test_same_start_vector_gives_the_same_quadrature():
     with torch.random.fork_rng():
         torch.manual_seed(7)
         v = torch.cat([torch.randint_like(p, high=2).reshape(-1) for p in params]) * 2 - 1
-    from torch_qode.taylor import TaylorExpansion
+    from torch_qode.bridge.taylor import TaylorExpansion
     exp = TaylorExpansion.from_model(model, CE, batch, lr=1.0, degree=1)
     nodes, weights = lanczos(exp.hvp, exp.n, 15, v0=v).quadrature()
     o = np.argsort(nodes)
@@ -428,7 +428,7 @@ def test_check_nothing_beyond_the_cutoff_and_non_finite():
 
 
 def test_check_on_a_model_hvp_is_deterministic_and_side_effect_free():
-    from torch_qode.taylor import TaylorExpansion
+    from torch_qode.bridge.taylor import TaylorExpansion
 
     model, batch = tiny_cnn(), cnn_batch()
     snap = state_snapshot(model)
@@ -510,7 +510,7 @@ def test_numpy_scalars_are_numbers():
 
 
 def test_verdict_reason_never_prints_a_failing_number_equal_to_its_threshold():
-    from torch_qode.dissipation import _beside
+    from torch_qode.bridge.dissipation import _beside
     assert _beside(0.4999996, 0.5, 3) == "0.4999996" and float(_beside(0.4999996, 0.5, 3)) < 0.5
     assert _beside(0.54, 0.5, 3) == "0.54" and _beside(0.5, 0.5, 3) == "0.5"
     assert _beside(1.00000001, 1.0, 4) == "1.00000001"

@@ -326,7 +326,7 @@ def test_training_panels_figure(tmp_path):
         records.append(rec)
     p = plot_training_panels(records, tmp_path / "fig2.png")
     assert p.is_file() and p.stat().st_size > 10_000
-    from torch_qode.dissipation import smooth_density
+    from torch_qode.bridge.dissipation import smooth_density
 
     dens = smooth_density(np.array([-1.0, 0.0, 5.0]), np.array([0.2, 0.5, 0.3]))
     p1 = plot_training_panels([{"step": 0, "spectrum": dens}, {"step": 10, "spectrum": dens}], tmp_path / "d.png")

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from recipes import common, quadratic_ode as rq
-from torch_qode.carleman import carleman, dissipativity
+from torch_qode.core.carleman import carleman, dissipativity
 
 CPU = "configs/quadratic_ode_cpu.yaml"
 TINY = ["n=4", "T=40", "trials=2", "report_times=[10, 40]", "--no-progress", "--threads", "1"]

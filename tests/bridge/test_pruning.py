@@ -1,4 +1,4 @@
-"""torch_qode.pruning: exact global magnitude pruning, ties, supports, reports, state round trip."""
+"""torch_qode.bridge.pruning: exact global magnitude pruning, ties, supports, reports, state round trip."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
-from torch_qode.pruning import MagnitudePruner, SparsityReport
+from torch_qode.bridge.pruning import MagnitudePruner, SparsityReport
 
 
 def _net(seed=0):

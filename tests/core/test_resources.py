@@ -1,4 +1,4 @@
-"""The quantum resource ledger (torch_qode.resources; Theorems II.3/II.4, Eq. II.76, II.106, Sec. II D)."""
+"""The quantum resource ledger (torch_qode.core.resources; Theorems II.3/II.4, Eq. II.76, II.106, Sec. II D)."""
 import math
 
 import numpy as np
@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from torch_qode.carleman import carleman, carleman_error_bound
-from torch_qode.linsolve import solve_window
-from torch_qode.ode import MatrixFreeTerm, PolynomialODE
-from torch_qode.resources import Resources, estimate_resources
+from torch_qode.core.carleman import carleman, carleman_error_bound
+from torch_qode.core.linsolve import solve_window
+from torch_qode.core.ode import MatrixFreeTerm, PolynomialODE
+from torch_qode.core.resources import Resources, estimate_resources
 
 
 def small_ode():

@@ -5,7 +5,7 @@ import scipy.sparse as sp
 import torch
 from hypothesis import given, settings, strategies as st
 
-from reference import exact_map, random_coefficients
+from tests.reference import exact_map, random_coefficients
 from torch_qode import MatrixFreeTerm, NonFiniteError, PolynomialODE
 
 
@@ -104,7 +104,7 @@ def test_complex_F0_is_refused_constant_or_callable():
 @pytest.mark.parametrize("kind", ["numpy", "torch", "scipy"])
 def test_coefficients_are_copied_at_construction(kind):
     """Editing the caller's arrays afterwards changes neither the step nor A(t), b(t) nor the cached nnz."""
-    from torch_qode.carleman import carleman
+    from torch_qode.core.carleman import carleman
 
     F0, F1 = np.zeros(2), F1_REAL * np.eye(2)
     F2 = np.zeros((2, 4))
@@ -155,7 +155,7 @@ def test_dtype_must_be_a_torch_dtype_and_float32_still_works():
 
 @pytest.mark.parametrize("layout", ["coo", "csr", "csc"])
 def test_torch_sparse_coefficients_match_dense(layout):
-    from torch_qode.carleman import carleman
+    from torch_qode.core.carleman import carleman
 
     rng = np.random.default_rng(0)
     n = 3

@@ -5,9 +5,9 @@ import scipy.sparse as sp
 import torch
 from hypothesis import given, settings, strategies as st
 
-from reference import carleman_dense, exact_map, lift_dense, random_coefficients
+from tests.reference import carleman_dense, exact_map, lift_dense, random_coefficients
 from torch_qode import MatrixFreeTerm, PolynomialODE
-from torch_qode.carleman import (CarlemanTooLarge, carleman, carleman_error_bound, dissipativity,
+from torch_qode.core.carleman import (CarlemanTooLarge, carleman, carleman_error_bound, dissipativity,
                                  required_order)
 
 CASES = [(q, N, n) for q in (2, 3) for N in (1, 2, 3, 4) for n in ((3,) if N < 4 else (2,))]

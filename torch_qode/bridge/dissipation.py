@@ -38,7 +38,7 @@ import scipy.special
 import torch
 import torch.nn as nn
 
-from . import _flat
+from . import flat as _flat
 
 _pyhessian_module = importlib.import_module("pyhessian.hessian")  # the module (the package re-exports the class)
 _pyhessian_utils = importlib.import_module("pyhessian.utils")

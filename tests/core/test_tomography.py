@@ -1,4 +1,4 @@
-"""Simulated sparse-state tomography (torch_qode.tomography; paper Sec. II D, Eq. II.121–II.123)."""
+"""Simulated sparse-state tomography (torch_qode.core.tomography; paper Sec. II D, Eq. II.121–II.123)."""
 import math
 import time
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from torch_qode.tomography import (DEFAULT_SPLIT, coupon_collector_expected_draws, coupon_cost,
+from torch_qode.core.tomography import (DEFAULT_SPLIT, coupon_collector_expected_draws, coupon_cost,
                                    shadow_cost, tomography)
-from torch_qode.tomography import _pow2_ceil, qubits
+from torch_qode.core.tomography import _pow2_ceil, qubits
 
 
 def sparse_vector(n, r, seed, low=0.1, high=1.0):

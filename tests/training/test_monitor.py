@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_qode.callbacks import DissipationMonitor, paper_schedule
-from torch_qode.dissipation import DissipationCheck
-from torch_qode.optim import QODE
+from torch_qode.training.monitor import DissipationMonitor, paper_schedule
+from torch_qode.bridge.dissipation import DissipationCheck
+from torch_qode.training.qode import QODE
 
 
 def bn_model(seed=0):
@@ -126,7 +126,7 @@ def test_attached_to_qode_records_uploads_windows_and_plots(tmp_path):
 
 def test_monitor_numbers_are_the_checks_numbers():
     """The probe spectrum's proxy and positive fraction equal what DissipationCheck computes on it."""
-    from torch_qode.taylor import TaylorExpansion
+    from torch_qode.bridge.taylor import TaylorExpansion
 
     model = bn_model(4)
     model.eval()
@@ -292,7 +292,7 @@ def test_panel_records_put_drift_where_its_proxy_and_accuracy_are(tmp_path):
 
 
 def test_training_panels_proxy_note_and_bad_arguments(tmp_path, monkeypatch):
-    import torch_qode.callbacks as cb
+    import torch_qode.training.monitor as cb
 
     figs = _capture(monkeypatch, cb)
     cb.plot_training_panels([{"step": 0, "test_acc": 0.5}], tmp_path / "a.png", proxy_note="no check ran")

@@ -49,9 +49,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import _flat
-from ._flat import decomposed_norms, make_loss_fn
-from .ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
+from . import flat as _flat
+from .flat import decomposed_norms, make_loss_fn
+from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
 
 __all__ = ["TaylorExpansion", "UnsupportedGraphError", "make_loss_fn", "decomposed_norms",
            "EXPLICIT_BUDGET_BYTES", "AUTO_BACKEND"]

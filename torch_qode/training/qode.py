@@ -35,15 +35,15 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _sgd
 
-from . import _flat
-from .carleman import FORMS, carleman, default_max_bytes
-from .dissipation import DissipationCheck
-from .linsolve import METHODS, check_kappa_a, kappa_bound, solve_window
-from .ode import NonFiniteError, PolynomialODE, all_finite
-from .pruning import MagnitudePruner
-from .resources import estimate_resources
-from .taylor import EXPLICIT_BUDGET_BYTES, TaylorExpansion, UnsupportedGraphError
-from .tomography import tomography
+from ..bridge import flat as _flat
+from ..core.carleman import FORMS, carleman, default_max_bytes
+from ..bridge.dissipation import DissipationCheck
+from ..core.linsolve import METHODS, check_kappa_a, kappa_bound, solve_window
+from ..core.ode import NonFiniteError, PolynomialODE, all_finite
+from ..bridge.pruning import MagnitudePruner
+from ..core.resources import estimate_resources
+from ..bridge.taylor import EXPLICIT_BUDGET_BYTES, TaylorExpansion, UnsupportedGraphError
+from ..core.tomography import tomography
 
 __all__ = ["QODE", "CycleReport", "MODES", "UPLOADS", "NOISES"]
 

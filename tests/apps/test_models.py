@@ -225,4 +225,4 @@ def test_polynomial_refuses_strings_and_bools(coeffs):
 def test_models_import_without_torchvision_or_sklearn():
     code = ("import sys, torch_qode.models, torch_qode.data; "
             "bad = [m for m in ('torchvision', 'sklearn') if m in sys.modules]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

@@ -1,4 +1,4 @@
-"""torch_qode.taylor: F0..Fq of a real loss, explicit and matrix-free, against independent references.
+"""torch_qode.bridge.taylor: F0..Fq of a real loss, explicit and matrix-free, against independent references.
 
 References: torch.autograd.functional.hessian / jacobian-of-hessian of a functional_call loss written
 here (tests/_models.py), and central finite differences of Hessians.  The BatchNorm references use
@@ -18,8 +18,8 @@ from hypothesis import given, settings, strategies as st
 
 from tests._models import (assert_unchanged, cnn_batch, flat_params, mlp_batch, reference_loss, state_snapshot,
                            tiny_cnn, tiny_mlp)
-from torch_qode.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
-from torch_qode.taylor import (EXPLICIT_BUDGET_BYTES, TaylorExpansion, UnsupportedGraphError, decomposed_norms,
+from torch_qode.core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
+from torch_qode.bridge.taylor import (EXPLICIT_BUDGET_BYTES, TaylorExpansion, UnsupportedGraphError, decomposed_norms,
                                make_loss_fn)
 
 CE = nn.functional.cross_entropy
@@ -501,7 +501,7 @@ def test_property_support_blocks_and_third_sym(idx, seed):
 @pytest.mark.parametrize("order", [1, 2])
 def test_carleman_accepts_matrix_free_terms(order):
     """The math core's Carleman system runs on the matrix-free F1/F2 and matches the explicit ones."""
-    from torch_qode.carleman import carleman
+    from torch_qode.core.carleman import carleman
 
     model, batch = _case("cnn")
     exp = _from_loss(model, batch, lr=LR, support=torch.arange(0, 51, 2))

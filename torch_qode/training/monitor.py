@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import _flat
-from ._figure import new_figure, positive as _positive, save
-from ._flat import check_model_loss_batch
-from .dissipation import DissipationCheck, hessian_spectrum
+from ..bridge import flat as _flat
+from .._figure import new_figure, positive as _positive, save
+from ..bridge.flat import check_model_loss_batch
+from ..bridge.dissipation import DissipationCheck, hessian_spectrum
 
 __all__ = ["DissipationMonitor", "paper_schedule", "plot_training_panels"]
 

@@ -11,8 +11,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from torch_qode import PolynomialODE
-from torch_qode.carleman import carleman
-from torch_qode.optim import QODE
+from torch_qode.core.carleman import carleman
+from torch_qode.training.qode import QODE
 
 
 def tiny_mlp(seed=0, dtype=torch.float64):
