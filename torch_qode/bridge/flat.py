@@ -8,10 +8,8 @@ increasing flat indices into that vector; ``u`` lives in ``R^|S|``.  ``support=N
 from __future__ import annotations
 
 import contextlib
-import numbers
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,30 +21,7 @@ __all__ = [
 ]
 
 
-# -------------------------------------------------------------------------------------- numbers
-def _scalar(x):
-    """A 0-d numpy array or 0-d torch tensor as its Python / numpy scalar; anything else unchanged."""
-    if isinstance(x, torch.Tensor) and x.dim() == 0 and not (x.dtype == torch.bool or x.is_complex()):
-        return x.item()
-    if isinstance(x, np.ndarray) and x.ndim == 0:
-        return x[()]
-    return x
-
-
-def as_real(x) -> Optional[float]:
-    """``x`` as a float if it is a real number (Python, numpy scalar, 0-d array / tensor; not bool), else None."""
-    x = _scalar(x)
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
-        return None
-    return float(x)
-
-
-def as_int(x) -> Optional[int]:
-    """``x`` as an int if it is an integer (Python, numpy integer, 0-d integer array / tensor; not bool), else None."""
-    x = _scalar(x)
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
-        return None
-    return int(x)
+from .._checks import as_int, as_real  # noqa: F401  (re-exported for the bridge's callers)
 
 
 def forked_rng(tensors: Sequence[torch.Tensor]):
