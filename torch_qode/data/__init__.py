@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .._checks import check_int
 from .cifar import CIFAR100_MEAN, CIFAR100_STD, DatasetNotFoundError, cifar100, cifar100_transform
 from .digits import DIGITS_CLASSES, digits, digits_split_sizes, digits_tensors
 from .fixtures import FIXTURE_MARKER, write_cifar100_fixture
@@ -25,10 +26,8 @@ def loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False, seed:
            num_workers: int = 0, drop_last: bool = False) -> DataLoader:
     """A DataLoader; with ``shuffle`` the order comes from a ``torch.Generator`` seeded with ``seed``
     (the same seed gives the same batches, independent of the global RNG)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    batch_size = check_int(batch_size, "batch_size", 1)
+    num_workers = check_int(num_workers, "num_workers", 0)
     generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=num_workers, drop_last=drop_last)

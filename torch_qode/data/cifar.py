@@ -14,6 +14,7 @@ import pickle
 from pathlib import Path
 from typing import Optional, Union
 
+from .._checks import check_bool
 from .fixtures import CIFAR100_FOLDER, FIXTURE_MARKER
 
 __all__ = ["cifar100", "cifar100_transform", "CIFAR100_MEAN", "CIFAR100_STD", "DatasetNotFoundError"]
@@ -103,8 +104,7 @@ def cifar100(root: Union[str, os.PathLike], train: bool = True, download: bool =
     """
     from torchvision.datasets import CIFAR100
 
-    if not isinstance(train, bool):
-        raise TypeError(f"train must be a bool, got {type(train).__name__}")
+    train = check_bool(train, "train")
     if augment is not None and not isinstance(augment, bool):
         raise TypeError(f"augment must be a bool or None, got {type(augment).__name__}")
     root = Path(os.path.expanduser(os.fspath(root)))

@@ -14,17 +14,15 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .._checks import check_bool, check_int, check_real
+
 __all__ = ["digits", "digits_tensors", "digits_split_sizes", "DIGITS_CLASSES"]
 
 DIGITS_CLASSES = 10
 
 
 def _check_test_fraction(test_fraction) -> float:
-    if isinstance(test_fraction, (bool, np.bool_)) or not isinstance(test_fraction, (int, float, np.integer,
-                                                                                         np.floating)) \
-            or not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
-    return float(test_fraction)
+    return check_real(test_fraction, "test_fraction", 0.0, 1.0, low_open=True, high_open=True)
 
 
 def _test_counts(labels: np.ndarray, test_fraction: float) -> np.ndarray:
@@ -75,17 +73,15 @@ def digits_tensors(split: str = "train", test_fraction: float = 0.2, seed: int =
     """
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    _check_test_fraction(test_fraction)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    if not isinstance(image, bool):
-        raise TypeError(f"image must be a bool, got {type(image).__name__}")
+    test_fraction = _check_test_fraction(test_fraction)
+    seed = check_int(seed, "seed", 0)
+    check_bool(image, "image")
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = np.asarray(bunch.data, dtype=np.float64) / 16.0
     y = np.asarray(bunch.target, dtype=np.int64)
-    train_idx, test_idx = _split_indices(y, float(test_fraction), int(seed))
+    train_idx, test_idx = _split_indices(y, test_fraction, seed)
     mean, std = x[train_idx].mean(), x[train_idx].std()
     x = (x - mean) / std
     idx = {"train": train_idx, "test": test_idx, "all": np.arange(len(y))}[split]

@@ -31,6 +31,8 @@ from typing import Dict, Union
 
 import numpy as np
 
+from .._checks import check_int
+
 __all__ = ["write_cifar100_fixture", "FIXTURE_MARKER", "CIFAR100_FOLDER",
            "CIFAR100_FINE_LABELS", "CIFAR100_COARSE_LABELS", "CIFAR100_FINE_TO_COARSE"]
 
@@ -90,12 +92,6 @@ def _py2_pickle(obj) -> bytes:
     return buf.getvalue()
 
 
-def _check_count(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _images(labels: np.ndarray, prototypes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """uint8 (N, 3072): the class prototype (3×32×32) plus Gaussian pixel noise, channel-planar."""
     noise = rng.normal(0.0, 24.0, size=(len(labels), 3, 32, 32))
@@ -111,9 +107,9 @@ def write_cifar100_fixture(root: Union[str, os.PathLike], n_train: int = 500, n_
     ``n ≥ 100``); coarse labels follow the real fine-to-coarse map. Returns the dataset folder
     ``root/cifar-100-python``. Existing files there are overwritten.
     """
-    n_train = _check_count(n_train, "n_train", 1)
-    n_test = _check_count(n_test, "n_test", 1)
-    seed = _check_count(seed, "seed", 0)
+    n_train = check_int(n_train, "n_train", 1)
+    n_test = check_int(n_test, "n_test", 1)
+    seed = check_int(seed, "seed", 0)
     folder = Path(root) / CIFAR100_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -7,11 +7,12 @@ finite degree (Theorem III.1); tanh and ReLU are offered for comparison.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Sequence, Tuple, Union
 
 import torch
 from torch import nn
+
+from .._checks import as_int, as_real
 
 __all__ = ["Polynomial", "mlp"]
 
@@ -28,12 +29,9 @@ class Polynomial(nn.Module):
         if isinstance(coefficients, (str, bytes)) or not hasattr(coefficients, "__iter__"):
             raise TypeError(f"coefficients must be a sequence of numbers (c0, c1, …, cs), got {coefficients!r}")
         coefficients = list(coefficients)
-        if any(isinstance(c, (bool, str, bytes)) for c in coefficients):
-            raise TypeError(f"coefficients must be numbers (not bools or strings), got {list(coefficients)!r}")
-        try:
-            coeffs = [float(c) for c in coefficients]
-        except (TypeError, ValueError) as exc:
-            raise TypeError("coefficients must be a sequence of numbers (c0, c1, …, cs)") from exc
+        coeffs = [as_real(c) for c in coefficients]
+        if any(c is None for c in coeffs):
+            raise TypeError(f"coefficients must be numbers (not bools or strings), got {coefficients!r}")
         if not coeffs or all(c == 0.0 for c in coeffs):
             raise ValueError("coefficients must hold at least one non-zero number")
         if not all(torch.isfinite(torch.tensor(coeffs))):
@@ -46,7 +44,7 @@ class Polynomial(nn.Module):
     @classmethod
     def monomial(cls, degree: int) -> "Polynomial":
         """``σ(z) = z^degree``."""
-        if not _is_int(degree) or degree < 1:
+        if as_int(degree) is None or degree < 1:
             raise ValueError(f"degree must be an int >= 1, got {degree!r}")
         return cls([0.0] * int(degree) + [1.0])
 
@@ -58,11 +56,6 @@ class Polynomial(nn.Module):
 
     def extra_repr(self) -> str:
         return f"coefficients={self.coefficients}"
-
-
-def _is_int(v) -> bool:
-    """An integer (Python or numpy), not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v).__name__ != "bool_"
 
 
 Activation = Union[str, Tuple[str, Union[int, Sequence[float]]], nn.Module, type]
@@ -103,7 +96,7 @@ def mlp(widths: Sequence[int], activation: Activation = "tanh", bias: bool = Tru
     if len(widths) < 2:
         raise ValueError(f"widths must list at least the input and output sizes, got {widths}")
     for w in widths:
-        if not _is_int(w) or w < 1:
+        if as_int(w) is None or w < 1:
             raise ValueError(f"widths must be ints >= 1, got {widths}")
     widths = [int(w) for w in widths]
     if not isinstance(bias, bool):

@@ -15,21 +15,20 @@ Build the large one on the meta device to count or inspect it without allocating
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
+
+from .._checks import as_int, check_int
 
 __all__ = ["BasicBlock", "CIFARResNet", "cifar_resnet", "cifar_resnet_num_params"]
 
 
 def _check_int(value, name: str, minimum: int) -> int:
-    """An integer (Python or numpy, not a bool) ``>= minimum``, returned as a Python int."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Integral):
+    """An integer (Python or numpy, not a bool) ``>= minimum``, returned as a Python int: a
+    ``TypeError`` for another type, a ``ValueError`` (:func:`torch_qode._checks.check_int`) below it."""
+    if as_int(value) is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    return check_int(value, name, minimum)
 
 
 def _blocks_per_stage(depth) -> int:
