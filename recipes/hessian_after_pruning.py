@@ -32,13 +32,14 @@ from typing import Optional, Sequence
 import numpy as np
 from torch import nn
 
-from recipes import common
+from recipes import classification, cli, config, loop
+from torch_qode._checks import as_int, as_real
 
 DEFAULTS = {
     "seed": 0,
     "device": "auto",
     "gpu": False,                 # true: sized for a GPU; refuses to run without CUDA unless --device cpu
-    "data": dict(common.DATA_DEFAULTS),
+    "data": dict(classification.DATA_DEFAULTS),
     "model": {"depth": 8, "widen": 1},  # in_channels and classes come from the data
     "checkpoint": None,           # state_dict file (weights_only); skips pre-training
     "pretrain": {"epochs": 30, "batch_size": 64, "lr": 0.1, "momentum": 0.9, "weight_decay": 2.0e-4,
@@ -56,7 +57,7 @@ def spectrum_stats(spectrum, lr: float, cutoff: float, T: int, report_times: Seq
     (``report_times``: integers in ``0..T``)."""
     from torch_qode.bridge.dissipation import error_proxy, positive_fraction
 
-    bad = [t for t in report_times if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t <= T]
+    bad = [t for t in report_times if as_int(t) is None or not 0 <= t <= T]
     if bad:
         raise ValueError(f"report_times must be integers in 0..T = 0..{T}, got {list(report_times)!r}")
 
@@ -94,56 +95,56 @@ def _check(cfg: dict) -> None:
     from torch_qode.models import cifar_resnet
     from torch_qode.bridge.pruning import MagnitudePruner
 
-    common.check_classification(cfg)
+    classification.check_classification(cfg)
     h, p = cfg["hessian"], cfg["proxy"]
     if h["mode"] not in ("eval", "train"):
-        raise common.ConfigError(f"hessian.mode must be 'eval' or 'train', got {h['mode']!r}")
+        raise config.ConfigError(f"hessian.mode must be 'eval' or 'train', got {h['mode']!r}")
     if h["backend"] not in ("torch", "pyhessian"):
-        raise common.ConfigError(f"hessian.backend must be 'torch' or 'pyhessian', got {h['backend']!r}")
+        raise config.ConfigError(f"hessian.backend must be 'torch' or 'pyhessian', got {h['backend']!r}")
     if h["support"] not in ("all", "kept"):
-        raise common.ConfigError(f"hessian.support must be 'all' (dense upload) or 'kept' (the unpruned "
+        raise config.ConfigError(f"hessian.support must be 'all' (dense upload) or 'kept' (the unpruned "
                                  f"entries, sparse upload), got {h['support']!r}")
     if h["support"] == "kept" and h["backend"] != "torch":
-        raise common.ConfigError("hessian.support=kept needs hessian.backend=torch")
+        raise config.ConfigError("hessian.support=kept needs hessian.backend=torch")
     for key in ("batch_size", "steps", "runs", "trace_samples", "top_k"):
-        common.check_int(h[key], f"hessian.{key}", 1)
-    common.check_int(h["grid"], "hessian.grid", 2)
+        config.check_int(h[key], f"hessian.{key}", 1)
+    config.check_int(h["grid"], "hessian.grid", 2)
     sparsity = cfg["prune"]["sparsity"]
-    if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
-        raise common.ConfigError(f"prune.sparsity must lie in [0, 1), got {sparsity!r}")
-    common.check_real(p["lr"], "proxy.lr", 0.0, low_open=True)
-    common.check_real(p["cutoff"], "proxy.cutoff", 0.0)
-    T = common.check_int(p["T"], "proxy.T", 0)
-    common.check_int_list(p["report_times"], "proxy.report_times", 0, T, nonempty=False, high_name="proxy.T")
+    if as_real(sparsity) is None or not 0 <= sparsity < 1:
+        raise config.ConfigError(f"prune.sparsity must lie in [0, 1), got {sparsity!r}")
+    config.check_real(p["lr"], "proxy.lr", 0.0, low_open=True)
+    config.check_real(p["cutoff"], "proxy.cutoff", 0.0)
+    T = config.check_int(p["T"], "proxy.T", 0)
+    config.check_int_list(p["report_times"], "proxy.report_times", 0, T, nonempty=False, high_name="proxy.T")
     # top_k Lanczos eigenvalues need a Hessian of at least top_k rows: the parameters of the run's model
     # (hessian.support=kept: those that survive pruning); counted on the meta device, no memory used
-    classes, channels = common.DATASETS[cfg["data"]["name"]]
+    classes, channels = classification.DATASETS[cfg["data"]["name"]]
     with torch.device("meta"):
         net = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], classes, channels)
     n = sum(q.numel() for q in net.parameters())
     if h["support"] == "kept":
         n -= MagnitudePruner(net, sparsity).n_pruned_target()
     if h["top_k"] > n:
-        raise common.ConfigError(f"hessian.top_k must be at most the Hessian's size n = {n:,} "
+        raise config.ConfigError(f"hessian.top_k must be at most the Hessian's size n = {n:,} "
                                  f"({'kept' if h['support'] == 'kept' else 'all'} parameters of the model), "
                                  f"got {h['top_k']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the recipe; returns ``{"out", "dense", "pruned", "sparsity", "accuracy", "figures"}``."""
-    with common.setup("hessian_after_pruning", DEFAULTS, argv, description=__doc__, data=True,
-                      check=_check) as run:
+    with cli.setup("hessian_after_pruning", DEFAULTS, argv, description=__doc__, data=True,
+                   check=_check) as run:
         cfg, dev = run.cfg, run.device
         from torch_qode.bridge.dissipation import hessian_spectrum
         from torch_qode.plotting import plot_curves, plot_density
         from torch_qode.bridge.pruning import MagnitudePruner
 
-        start = common.pretrained_resnet(run, "pretrained.pt")
+        start = classification.pretrained_resnet(run, "pretrained.pt")
         data, model, test_loader, n_params = start["data"], start["model"], start["test_loader"], start["params"]
         acc_dense = start["dense"]
 
         h, px = cfg["hessian"], cfg["proxy"]
-        batch = common.fixed_batch(data["plain_train"], h["batch_size"], cfg["seed"], dev)
+        batch = loop.fixed_batch(data["plain_train"], h["batch_size"], cfg["seed"], dev)
         loss_fn = nn.CrossEntropyLoss()
         model.train(h["mode"] == "train")
 
@@ -165,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         rep = pruner.report()
         run.log.write("pruned", sparsity=cfg["prune"]["sparsity"], global_sparsity=rep.global_sparsity,
                       total_sparsity=rep.total_sparsity, n_prunable=rep.n_prunable, n_total=rep.n_total)
-        acc_pruned = common.evaluate(model, test_loader, dev)
+        acc_pruned = loop.evaluate(model, test_loader, dev)
         model.train(h["mode"] == "train")
         run.log.write("pruned_eval", **acc_pruned)
         support = pruner.support() if h["support"] == "kept" else None
@@ -204,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    "N_c λ>0 share": st["dissipative_share_Nc"]}
             row.update({f"proxy@{k}": v for k, v in st["proxy_at"].items()})
             rows.append(row)
-        print(common.format_table(rows))
+        print(loop.format_table(rows))
         print(f"model: cifar_resnet({cfg['model']['depth']}, {cfg['model']['widen']}) with {n_params:,} parameters; "
               f"pruned {rep.global_sparsity:.1%} of the prunable weights ({rep.total_sparsity:.1%} of all)")
         print(f"figures: {', '.join(str(p) for p in figs.values())}")

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recipes import common
+from recipes import cli, config, loop
 from torch_qode.models import Polynomial, mlp
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -91,7 +91,7 @@ def activation_module(s_p: int, kind: str = "full") -> Polynomial:
             f = f * k if k else 1.0
             coeffs.append(1.0 / f)
         return Polynomial(coeffs)
-    raise common.ConfigError(f"activation must be 'full' or 'monomial', got {kind!r}")
+    raise config.ConfigError(f"activation must be 'full' or 'monomial', got {kind!r}")
 
 
 def build_mlp(L: int, s_p: int, cfg: dict) -> nn.Sequential:
@@ -284,21 +284,21 @@ def check_setting(L: int, s_p: int, cfg: dict, rng: np.random.Generator) -> dict
 def _check(cfg: dict) -> None:
     """Every option, before anything is written; errors name the key."""
     for key in ("inputs", "width", "outputs", "samples", "lines"):
-        common.check_int(cfg[key], key, 1)
-    common.check_int_list(cfg["layers"], "layers", 1)
-    common.check_int_list(cfg["degrees"], "degrees", 1)
+        config.check_int(cfg[key], key, 1)
+    config.check_int_list(cfg["layers"], "layers", 1)
+    config.check_int_list(cfg["degrees"], "degrees", 1)
     if cfg["activation"] not in ("full", "monomial"):
-        raise common.ConfigError(f"activation must be 'full' or 'monomial', got {cfg['activation']!r}")
-    common.check_real(cfg["span"], "span", 0.0, low_open=True)
-    common.check_real(cfg["direction_scale"], "direction_scale", 0.0, low_open=True)
-    common.check_real(cfg["threshold"], "threshold", 1.0, low_open=True)
-    common.check_int(cfg["extra_orders"], "extra_orders", 1)
-    common.check_int(cfg["check_max_degree"], "check_max_degree", 0)
+        raise config.ConfigError(f"activation must be 'full' or 'monomial', got {cfg['activation']!r}")
+    config.check_real(cfg["span"], "span", 0.0, low_open=True)
+    config.check_real(cfg["direction_scale"], "direction_scale", 0.0, low_open=True)
+    config.check_real(cfg["threshold"], "threshold", 1.0, low_open=True)
+    config.check_int(cfg["extra_orders"], "extra_orders", 1)
+    config.check_int(cfg["check_max_degree"], "check_max_degree", 0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the recipe; returns ``{"out", "rows", "figures"}``."""
-    with common.setup("mlp_ode_order", DEFAULTS, argv, description=__doc__, check=_check) as run:
+    with cli.setup("mlp_ode_order", DEFAULTS, argv, description=__doc__, check=_check) as run:
         cfg = run.cfg
         rng = np.random.default_rng(cfg["seed"])
         rows, diffs = [], []
@@ -323,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         cols = ["L", "s_p", "params", "deg_z_L", "q_symbolic", "q_numeric", "loss_numeric", "q_paper",
                 "q_paper_B", "ratio_q", "ratio_q+1", "consistent", "grad_vs_autograd"]
         # the results first (table and log), the figure after: a failing figure loses nothing
-        print(common.format_table(rows, cols, floatfmt=".2g"))
+        print(loop.format_table(rows, cols, floatfmt=".2g"))
         print("q_symbolic = 2(s_p^L - 1)/(s_p - 1) - 1; q_paper: Eq. III.11 read as "
               "s_p(s_p^(L-1)-1)/(s_p-1) + 1 + (L-1) + Σ_{l<L}(s_p^l - 1); q_paper_B: sum term read as D_l")
         for r in rows:

@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from recipes import common
+from recipes import cli, config, loop
+from torch_qode._checks import as_int, as_real
 from torch_qode.core.carleman import FORMS, carleman, dissipativity
 from torch_qode.core.ode import NonFiniteError, PolynomialODE
 
@@ -114,36 +115,36 @@ def median_curve(curves: Sequence[np.ndarray]) -> np.ndarray:
 def _check(cfg: dict) -> None:
     """Every option, before anything is written; errors name the key."""
     def bad(key, msg):
-        raise common.ConfigError(f"{key} {msg}")
+        raise config.ConfigError(f"{key} {msg}")
 
-    common.check_real(cfg["blowup"], "blowup", 0.0, low_open=True, allow_inf=True)   # .inf: never diverged
-    common.check_real(cfg["error_threshold"], "error_threshold", 0.0, low_open=True)
+    config.check_real(cfg["blowup"], "blowup", 0.0, low_open=True, allow_inf=True)   # .inf: never diverged
+    config.check_real(cfg["error_threshold"], "error_threshold", 0.0, low_open=True)
     for key in ("n", "T", "trials", "order_b"):
-        common.check_int(cfg[key], key, 1)
-    if not (common._is_real(cfg["u0_norm"]) and 0 < cfg["u0_norm"] < 1):
+        config.check_int(cfg[key], key, 1)
+    if as_real(cfg["u0_norm"]) is None or not 0 < cfg["u0_norm"] < 1:
         bad("u0_norm", f"must lie in (0, 1) (Eq. II.68 asks ||u|| < 1), got {cfg['u0_norm']!r}")
-    common.check_int_list(cfg["orders"], "orders", 1)
-    if not cfg["fs"] or any(not common._is_real(f) or not 0 <= f <= 1 for f in cfg["fs"]):
+    config.check_int_list(cfg["orders"], "orders", 1)
+    if not cfg["fs"] or any(as_real(f) is None or not 0 <= f <= 1 for f in cfg["fs"]):
         bad("fs", f"must be a non-empty list of fractions in [0, 1], got {cfg['fs']!r}")
     if not cfg["forms"] or any(not isinstance(f, str) or f not in FORMS for f in cfg["forms"]):
         bad("forms", f"must be a non-empty list drawn from {FORMS}, got {cfg['forms']!r}")
     c = cfg["coordinate"]
-    if c is not None and (not common._is_int(c) or not 0 <= c < cfg["n"]):
+    if c is not None and (as_int(c) is None or not 0 <= c < cfg["n"]):
         bad("coordinate", f"must be null (random) or an integer in 0..{cfg['n'] - 1}, got {c!r}")
     # U(lo, hi) draws: the positive (dissipative) eigenvalues in [0, 2) (|1 - λ| < 1 needs 0 < λ < 2),
     # the negative (divergent) ones <= 0
     for key, lo_min, hi_max, what in (("eig_pos", 0.0, 2.0, "0 <= lo <= hi <= 2"),
                                       ("eig_neg", -math.inf, 0.0, "lo <= hi <= 0")):
         v = cfg[key]
-        if not (isinstance(v, list) and len(v) == 2 and all(common._is_real(x) and math.isfinite(x) for x in v)
+        if not (isinstance(v, list) and len(v) == 2 and all(as_real(x) is not None and math.isfinite(x) for x in v)
                 and lo_min <= v[0] <= v[1] <= hi_max):
             bad(key, f"must be a list [lo, hi] of two finite numbers with {what} (the range of U(lo, hi)), "
                      f"got {v!r}")
-    common.check_real(cfg["f2_scale"], "f2_scale", 0.0)
-    common.check_int_list(cfg["report_times"], "report_times", 0, cfg["T"], nonempty=False, high_name="T")
+    config.check_real(cfg["f2_scale"], "f2_scale", 0.0)
+    config.check_int_list(cfg["report_times"], "report_times", 0, cfg["T"], nonempty=False, high_name="T")
     r = cfg["resources"]
-    common.check_real(r["eps"], "resources.eps", 0.0, 1.0, low_open=True, high_open=True)
-    common.check_int(r["max_bytes"], "resources.max_bytes", 1)
+    config.check_real(r["eps"], "resources.eps", 0.0, 1.0, low_open=True, high_open=True)
+    config.check_int(r["max_bytes"], "resources.max_bytes", 1)
 
 
 def _ledger(system, T: int, u0_norm: float, res_cfg: dict) -> Optional[dict]:
@@ -158,7 +159,7 @@ def _ledger(system, T: int, u0_norm: float, res_cfg: dict) -> Optional[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the recipe; returns ``{"out", "summary" (rows of the table), "curves", "figures"}``."""
-    with common.setup("quadratic_ode", DEFAULTS, argv, description=__doc__, check=_check) as run:
+    with cli.setup("quadratic_ode", DEFAULTS, argv, description=__doc__, check=_check) as run:
         cfg = run.cfg
         n, T, forms = cfg["n"], cfg["T"], list(cfg["forms"])
         # every (f, N, form) is simulated once; panel (a) is f = 1 over orders, (b) order_b over fs
@@ -235,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         figs["fig4b"] = plot_curves(panels_b, run.path("fig4b_error_vs_fraction.png"),
                                     ylabel="|error| of one coordinate", sharey=False,
                                     suptitle=f"Fig. 4(b): n={n}, median of {cfg['trials']} systems")
-        table = common.format_table(summary)
+        table = loop.format_table(summary)
         print(table)
         if any(str(r.get("s", "")).endswith("*") for r in summary):
             print("s*: Theorem V.1 bound (A too large to build within resources.max_bytes); otherwise measured")

@@ -33,13 +33,14 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from recipes import common
+from recipes import classification, cli, config, loop
+from torch_qode._checks import as_int
 
 DEFAULTS = {
     "seed": 0,
     "device": "auto",
     "gpu": False,                    # true: sized for a GPU; refuses to run without CUDA unless --device cpu
-    "data": dict(common.DATA_DEFAULTS),
+    "data": dict(classification.DATA_DEFAULTS),
     "model": {"depth": 32, "widen": 4},
     "checkpoint": None,              # dense state_dict (weights_only) instead of pre-training
     "pretrain": {"epochs": 50, "batch_size": 512, "lr": 0.1, "momentum": 0.9, "weight_decay": 2.0e-4,
@@ -51,7 +52,7 @@ DEFAULTS = {
              "noise": "stream", "explicit": None, "track_sgd": True, "eps": 0.01,
              # keyword arguments of torch_qode.core.tomography() that QODE passes through (sign_method, norm,
              # norm_scale, split); QODE sets v, shots, seed, top_r and eps itself
-             "tomography_kwargs": common.OpenSection({"sign_method": "pairs"})},
+             "tomography_kwargs": config.OpenSection({"sign_method": "pairs"})},
     "dissipation": {"max_error_proxy": 1.0, "min_positive_fraction": 0.5, "cutoff": 0.4, "steps": 64},
     "monitor": {"enabled": True, "probe_batch": 512, "steps": 64, "schedule": "paper", "backend": "torch"},
     "eval_batch_size": 1000,
@@ -97,37 +98,37 @@ def _check(cfg: dict) -> None:
     from torch_qode.models import cifar_resnet
     from torch_qode.training.qode import QODE
 
-    common.check_classification(cfg)
-    common.check_int(cfg["train"]["steps"], "train.steps", 1)
-    common.check_int(cfg["train"]["batch_size"], "train.batch_size", 1)
+    classification.check_classification(cfg)
+    config.check_int(cfg["train"]["steps"], "train.steps", 1)
+    config.check_int(cfg["train"]["batch_size"], "train.batch_size", 1)
     q = cfg["qode"]
-    common.check_real(q["lr"], "qode.lr", 0.0, low_open=True)
-    cycle = common.check_int(q["cycle"], "qode.cycle", 1)
-    if not common._is_int(q["classical_steps"]) or not 0 <= q["classical_steps"] < cycle:
-        raise common.ConfigError(f"qode.classical_steps must be an integer in 0..qode.cycle-1 = 0..{cycle - 1} "
+    config.check_real(q["lr"], "qode.lr", 0.0, low_open=True)
+    cycle = config.check_int(q["cycle"], "qode.cycle", 1)
+    if as_int(q["classical_steps"]) is None or not 0 <= q["classical_steps"] < cycle:
+        raise config.ConfigError(f"qode.classical_steps must be an integer in 0..qode.cycle-1 = 0..{cycle - 1} "
                                  f"(leaving a quantum window of >= 1 step), got {q['classical_steps']!r}")
-    if q["shots"] is not None and (not common._is_int(q["shots"]) or q["shots"] < 1):
-        raise common.ConfigError(f"qode.shots must be null (exact readout) or an integer >= 1, got {q['shots']!r}"
+    if q["shots"] is not None and (as_int(q["shots"]) is None or q["shots"] < 1):
+        raise config.ConfigError(f"qode.shots must be null (exact readout) or an integer >= 1, got {q['shots']!r}"
                                  + (" (write it as an integer, e.g. 10000000, not 1e7)"
                                     if isinstance(q["shots"], (str, float)) else ""))
     if q["kappa_a"] is not None:
-        common.check_real(q["kappa_a"], "qode.kappa_a", 1.0)
+        config.check_real(q["kappa_a"], "qode.kappa_a", 1.0)
     if q["explicit"] is not None and not isinstance(q["explicit"], bool):
-        raise common.ConfigError(f"qode.explicit must be null (automatic), true or false, got {q['explicit']!r}")
+        raise config.ConfigError(f"qode.explicit must be null (automatic), true or false, got {q['explicit']!r}")
     d = cfg["dissipation"]
     try:
         check = DissipationCheck(seed=cfg["seed"], **d)
     except (TypeError, ValueError) as exc:
-        raise common.keyed_error("dissipation", exc, d) from None
+        raise config.keyed_error("dissipation", exc, d) from None
     m = cfg["monitor"]
-    common.check_int(m["probe_batch"], "monitor.probe_batch", 1)
-    common.check_choice(m["schedule"], "monitor.schedule", ("paper",))
-    common.check_choice(m["backend"], "monitor.backend", ("torch", "pyhessian"))
+    config.check_int(m["probe_batch"], "monitor.probe_batch", 1)
+    config.check_choice(m["schedule"], "monitor.schedule", ("paper",))
+    config.check_choice(m["backend"], "monitor.backend", ("torch", "pyhessian"))
     try:
         probe_check = DissipationCheck(seed=cfg["seed"], **{**d, "steps": m["steps"]})
     except (TypeError, ValueError) as exc:
-        raise common.keyed_error("monitor", exc, ("steps",)) from None
-    classes, channels = common.DATASETS[cfg["data"]["name"]]
+        raise config.keyed_error("monitor", exc, ("steps",)) from None
+    classes, channels = classification.DATASETS[cfg["data"]["name"]]
     with torch.device("meta"):      # the run's model shape, no memory, no random numbers
         net = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], classes, channels)
     names = [n for n, _ in net.named_parameters()]
@@ -142,14 +143,14 @@ def _check(cfg: dict) -> None:
                     key = "qode.tomography_kwargs"
                 except (TypeError, ValueError):
                     key = "qode.shots"
-                raise common.ConfigError(f"{key}: {exc}") from None
-            raise common.keyed_error("qode", exc, q) from None
+                raise config.ConfigError(f"{key}: {exc}") from None
+            raise config.keyed_error("qode", exc, q) from None
     try:
         probe = (torch.zeros(1, channels, 8, 8, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
         DissipationMonitor(net, F.cross_entropy, probe, lr=q["lr"], window=cycle - q["classical_steps"],
                            schedule=m["schedule"], backend=m["backend"], check=probe_check)
     except (TypeError, ValueError) as exc:
-        raise common.keyed_error("monitor", exc, m) from None
+        raise config.keyed_error("monitor", exc, m) from None
 
 
 def _batches(dataset, batch_size: int, seed: int, device):
@@ -183,15 +184,15 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
     """Run the recipe; returns ``{"out", "rows", "table", "reports", "figures"}``.  ``name`` is the
     command shown by ``--help`` and logged (``recipes.demo`` runs this recipe as ``demo``);
     ``cli_defaults``: defaults of the command-line options (``recipes.demo``: its config, one thread)."""
-    with common.setup(name, DEFAULTS, argv, description=__doc__, data=True, check=_check,
-                      cli_defaults=cli_defaults) as run:
+    with cli.setup(name, DEFAULTS, argv, description=__doc__, data=True, check=_check,
+                   cli_defaults=cli_defaults) as run:
         cfg, dev = run.cfg, run.device
         from torch_qode.training.monitor import DissipationMonitor
         from torch_qode.bridge.dissipation import DissipationCheck
         from torch_qode.training.qode import QODE
         from torch_qode.bridge.taylor import decomposed_norms
 
-        start = common.pretrained_resnet(run, "dense.pt")
+        start = classification.pretrained_resnet(run, "dense.pt")
         data, model, test_dl, n_params = start["data"], start["model"], start["test_loader"], start["params"]
         dense_acc = start["dense"]["acc"]
 
@@ -200,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
         baseline = copy.deepcopy(model) if cfg["train"]["baseline"] else None
         monitor = None
         if cfg["monitor"]["enabled"]:
-            probe = common.fixed_batch(data["plain_train"], cfg["monitor"]["probe_batch"], cfg["seed"] + 1, dev)
+            probe = loop.fixed_batch(data["plain_train"], cfg["monitor"]["probe_batch"], cfg["seed"] + 1, dev)
             m = cfg["monitor"]
             probe_check = DissipationCheck(seed=cfg["seed"], **{**cfg["dissipation"], "steps": m["steps"]})
             monitor = DissipationMonitor(model, F.cross_entropy, probe, lr=q["lr"],
@@ -247,8 +248,8 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", mode=opt.reports[-1].mode)
             if (k + 1) % q["cycle"] == 0 or k + 1 == cfg["train"]["steps"]:
                 rep = opt.reports[-1]
-                acc = common.evaluate(model, test_dl, dev)["acc"]
-                acc_sgd = common.evaluate(baseline, test_dl, dev)["acc"] if baseline is not None else None
+                acc = loop.evaluate(model, test_dl, dev)["acc"]
+                acc_sgd = loop.evaluate(baseline, test_dl, dev)["acc"] if baseline is not None else None
                 row = cycle_row(rep, acc, acc_sgd)
                 rows.append(row)
                 run.log.write("cycle", step=k + 1, row=row, report=rep.as_dict(),
@@ -256,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
                 if monitor is not None:
                     monitor.record({"step": k + 1, "event": "eval", "test_acc": acc, "test_acc_sgd": acc_sgd})
         bar.close()
-        table = common.format_table(rows, TABLE_COLUMNS)
+        table = loop.format_table(rows, TABLE_COLUMNS)
         print(f"\n{n_params:,}-parameter ResNet-{cfg['model']['depth']} (widen {cfg['model']['widen']}), "
               f"dense test accuracy {dense_acc:.3f}; {cfg['train']['steps']} steps, cycle {q['cycle']}, "
               f"{q['classical_steps']} classical steps, sparsity {q['sparsity']}, Carleman order "

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes import common, hessian_after_pruning as rh
+from recipes import config, hessian_after_pruning as rh
 from torch_qode.data import DatasetNotFoundError, write_cifar100_fixture
 from torch_qode.models import cifar_resnet_num_params
 
@@ -81,7 +81,7 @@ def test_missing_dataset_names_both_remedies(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"--data-root.*--download"):
         rh.main(["--config", CPU, "--out", str(tmp_path / "o"), "--data-root", str(tmp_path / "empty"),
                  "data.name=cifar100"] + TINY)
-    with pytest.raises(common.ConfigError, match="--data-root"):
+    with pytest.raises(config.ConfigError, match="--data-root"):
         rh.main(["--config", CPU, "--out", str(tmp_path / "o2"), "data.name=cifar100"] + TINY)
 
 
@@ -103,13 +103,13 @@ def test_missing_dataset_names_both_remedies(tmp_path):
     ("data.root=5", r"data\.root must be null or a folder"),
 ])
 def test_bad_config_raises(tmp_path, override, match):
-    with pytest.raises(common.ConfigError, match=match):
+    with pytest.raises(config.ConfigError, match=match):
         rh.main(["--config", CPU, "--out", str(tmp_path / "o")] + TINY + [override])
     assert not (tmp_path / "o").exists()          # before the output folder and any pre-training
 
 
 def test_hessian_top_k_is_checked_against_the_kept_support(tmp_path):
-    with pytest.raises(common.ConfigError,
+    with pytest.raises(config.ConfigError,
                        match=r"hessian\.top_k must be at most the Hessian's size n = 8,389 \(kept parameters"):
         rh.main(["--config", CPU, "--out", str(tmp_path / "o")] + TINY
                 + ["hessian.support=kept", "hessian.top_k=70000"])
@@ -117,7 +117,7 @@ def test_hessian_top_k_is_checked_against_the_kept_support(tmp_path):
 
 def test_checkpoint_must_fit_and_be_finite(result, tmp_path):
     ckpt = result["out"] / "pretrained.pt"
-    with pytest.raises(common.ConfigError, match=r"checkpoint .* does not fit the model cifar_resnet\(depth=14, .* "
+    with pytest.raises(config.ConfigError, match=r"checkpoint .* does not fit the model cifar_resnet\(depth=14, .* "
                                                  r"model\.depth, model\.widen and data\.name"):
         rh.main(["--config", CPU, "--out", str(tmp_path / "a"), f"checkpoint={ckpt}", "model.depth=14"] + TINY)
     recs = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl", encoding="utf-8")]
@@ -125,13 +125,13 @@ def test_checkpoint_must_fit_and_be_finite(result, tmp_path):
     state = torch.load(ckpt, weights_only=True)
     state["fc.bias"][0] = float("nan")
     torch.save(state, tmp_path / "nan.pt")
-    with pytest.raises(common.ConfigError, match=r"nan\.pt' holds non-finite values .*fc\.bias"):
+    with pytest.raises(config.ConfigError, match=r"nan\.pt' holds non-finite values .*fc\.bias"):
         rh.main(["--config", CPU, "--out", str(tmp_path / "b"), f"checkpoint={tmp_path / 'nan.pt'}"] + TINY)
 
 
 def test_an_existing_run_folder_is_not_reused(result):
     log = (result["out"] / "log.jsonl").read_text()
-    with pytest.raises(common.ConfigError, match="not empty"):
+    with pytest.raises(config.ConfigError, match="not empty"):
         rh.main(["--config", CPU, "--out", str(result["out"])] + TINY)
     assert (result["out"] / "log.jsonl").read_text() == log
 
@@ -150,12 +150,12 @@ def test_single_point_proxy_is_drawn(tmp_path, monkeypatch):
 
 
 def test_gpu_config_is_valid_and_marked():
-    cfg = common.merge(rh.DEFAULTS, rh.DEFAULTS, common.load_config(GPU))
-    common.validate(common.coerce_floats(cfg, rh.DEFAULTS), rh.DEFAULTS)
+    cfg = config.merge(rh.DEFAULTS, rh.DEFAULTS, config.load_config(GPU))
+    config.validate(config.coerce_floats(cfg, rh.DEFAULTS), rh.DEFAULTS)
     rh._check(cfg)
     assert cfg["gpu"] is True and "GPU-SIZED" in open(GPU, encoding="utf-8").read()
     assert cfg["data"]["name"] == "cifar100" and cfg["prune"]["sparsity"] == 0.9
     assert cifar_resnet_num_params(cfg["model"]["depth"], cfg["model"]["widen"], 100) == 103_024_340
-    cpu = common.merge(rh.DEFAULTS, rh.DEFAULTS, common.load_config(CPU))
-    common.validate(cpu, rh.DEFAULTS)
+    cpu = config.merge(rh.DEFAULTS, rh.DEFAULTS, config.load_config(CPU))
+    config.validate(cpu, rh.DEFAULTS)
     assert cpu["gpu"] is False

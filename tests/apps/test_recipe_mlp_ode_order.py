@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from recipes import common, mlp_ode_order as rm
+from recipes import config, mlp_ode_order as rm
 
 CPU = "configs/mlp_ode_order_cpu.yaml"
 FAST = ["lines=1", "--no-progress", "--threads", "1"]
@@ -112,6 +112,6 @@ def test_disagreeing_lines_are_reported_and_plotted(tmp_path, capsys):
     ("lines=null", r"'lines' may not be null"),
 ])
 def test_bad_config_raises(tmp_path, override, match):
-    with pytest.raises(common.ConfigError, match=match):
+    with pytest.raises(config.ConfigError, match=match):
         rm.main(["--config", CPU, "--out", str(tmp_path / "o")] + FAST + [override])
     assert not (tmp_path / "o").exists()

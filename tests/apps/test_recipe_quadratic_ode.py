@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import yaml
 
-from recipes import common, quadratic_ode as rq
+from recipes import config, quadratic_ode as rq
 from torch_qode.core.carleman import carleman, dissipativity
 
 CPU = "configs/quadratic_ode_cpu.yaml"
@@ -97,7 +97,7 @@ def test_system_construction():
     ("T=null", r"'T' may not be null"),
 ])
 def test_bad_config_raises(tmp_path, override, match):
-    with pytest.raises(common.ConfigError, match=match):
+    with pytest.raises(config.ConfigError, match=match):
         rq.main(["--config", CPU, "--out", str(tmp_path / "o")] + TINY + [override])
     assert not (tmp_path / "o").exists()
 

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from recipes import common, demo, train_resnet_cifar100 as recipe
-from recipes.common import ConfigError
+from recipes import cli, demo, train_resnet_cifar100 as recipe
+from recipes.config import ConfigError, apply_overrides, coerce_floats, load_config, merge, validate
 
 CPU = "configs/train_resnet_cifar100_cpu.yaml"
 GPU = "configs/train_resnet_cifar100.yaml"
@@ -75,9 +75,9 @@ def test_missing_cifar_and_bad_overrides_are_clear(tmp_path):
 
 def _cfg(*overrides, config=CPU):
     """The merged, validated config of the CPU (or GPU) config file with ``overrides``."""
-    cfg = common.merge(recipe.DEFAULTS, recipe.DEFAULTS, common.load_config(config))
-    cfg = common.apply_overrides(cfg, list(overrides), recipe.DEFAULTS)
-    common.validate(common.coerce_floats(cfg, recipe.DEFAULTS), recipe.DEFAULTS)
+    cfg = merge(recipe.DEFAULTS, recipe.DEFAULTS, load_config(config))
+    cfg = apply_overrides(cfg, list(overrides), recipe.DEFAULTS)
+    validate(coerce_floats(cfg, recipe.DEFAULTS), recipe.DEFAULTS)
     return cfg
 
 
@@ -138,7 +138,7 @@ def test_tomography_kwargs_take_every_option_qode_passes_through():
 
 
 def test_gpu_config_refuses_to_run_on_the_cpu_silently(tmp_path, monkeypatch):
-    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"train_resnet_cifar100\.yaml' is sized for a GPU .*--device cpu"):
         recipe.main(["--config", GPU, "--out", str(tmp_path / "o"), "--data-root", str(tmp_path / "cifar")])
     assert not (tmp_path / "o").exists()

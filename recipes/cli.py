@@ -1,0 +1,269 @@
+"""The recipes' command line and run: argparse, the output folder, device, threads and seeds.
+
+Every recipe is a module with a ``DEFAULTS`` dict (the complete, typed schema of its config, see
+:mod:`recipes.config`) and a ``main(argv=None)`` that starts with :func:`setup` and runs inside the
+returned :class:`Run`::
+
+    DEFAULTS = {"seed": 0, "device": "auto", "n": 8, "model": {"depth": 8}}
+
+    def check(cfg):     # every option, before anything is written: ConfigErrors naming the key
+        config.check_int(cfg["n"], "n", 1)
+
+    def main(argv=None):
+        with cli.setup("my_recipe", DEFAULTS, argv, description=__doc__, check=check) as run:
+            run.log.write("step", step=0, loss=1.0)
+            for t in run.progress(range(10), desc="steps"):
+                ...
+            return {"out": str(run.out)}
+
+Command line (``python -m recipes.NAME --config configs/NAME.yaml [key=value ...]``):
+
+``--config PATH``
+    YAML file, read with ``yaml.safe_load`` only; its keys must exist in ``DEFAULTS``.  A syntax
+    error is a :class:`~recipes.config.ConfigError` naming the file and the line.
+``key=value`` (any number, after the options)
+    Dotted overrides (``model.depth=8``, ``lr=0.01``, ``flag=true``, ``fs=[1, 0.5]``); values are
+    parsed with ``yaml.safe_load``. Unknown keys are an error naming the key and the allowed ones.
+``--out DIR``
+    Output folder (default ``runs/NAME/<YYYYmmdd-HHMMSS>``); receives ``config.yaml`` (the merged,
+    validated config; non-finite floats as ``.inf`` / ``-.inf`` / ``.nan``, so ``--config
+    DIR/config.yaml`` re-runs it), ``log.jsonl`` and the figures.  An existing folder must be empty:
+    two runs are never mixed in one folder.
+``--seed N``, ``--device {auto,cpu,cuda,cuda:1,...}``
+    Shortcuts for the ``seed`` / ``device`` keys; ``auto`` is CUDA when available, else CPU.  A config
+    with ``gpu: true`` is sized for a GPU: without CUDA it refuses to start unless the command line
+    asks for the CPU explicitly (``--device cpu`` or ``device=cpu``).
+``--data-root DIR``, ``--download``
+    Only for recipes built with ``data=True``: shortcuts for ``data.root`` / ``data.download``
+    (they need ``data.name=cifar100``).
+``--threads {auto,N}``
+    ``torch.set_num_threads`` for the run (restored afterwards).  ``auto`` (the default) takes the
+    cores that the 1-minute load average leaves free, at least one: with two threads, OpenMP's
+    spinning made PyTorch up to 60x slower while another process held a core.
+``--no-progress``
+    No tqdm bars (they are also off when stderr is not a terminal).
+
+Precedence: ``DEFAULTS`` < ``--config`` file < ``key=value`` overrides < dedicated flags.
+Every key is checked (``setup``'s ``check``) before the output folder is created or any training starts.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import math
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from recipes.config import ConfigError, apply_overrides, check_int, coerce_floats, load_config, merge, validate
+from recipes.loop import JsonlLogger, progress, to_jsonable
+
+__all__ = ["Run", "setup", "build_parser", "seed_everything", "resolve_device", "resolve_threads", "free_cores",
+           "default_out"]
+
+
+# ------------------------------------------------------------------------------------ environment
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global RNG and torch (CPU and CUDA)."""
+    seed = check_int(seed, "seed", 0)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``"auto"`` → ``cuda`` if available else ``cpu``; otherwise ``"cpu"``, ``"cuda"`` or ``"cuda:N"``,
+    and a CUDA device must be present (the recipes run on nothing else: no mps, meta, xpu, ...)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    msg = f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}"
+    if not isinstance(spec, str):
+        raise ConfigError(msg)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(msg) from exc
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise ConfigError(msg)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} requested but CUDA is not available; use device=cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                              f"exist (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
+# ---------------------------------------------------------------------------------------- the run
+def default_out(name: str) -> Path:
+    """``runs/NAME/<YYYYmmdd-HHMMSS>`` (with a numeric suffix if it already exists)."""
+    base = Path("runs") / name / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, i = base, 1
+    while out.exists():
+        out, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return out
+
+
+def build_parser(name: str, description: Optional[str] = None, data: bool = False) -> argparse.ArgumentParser:
+    """The common command line (see the module docstring)."""
+    p = argparse.ArgumentParser(prog=f"python -m recipes.{name}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (read with yaml.safe_load); default: built-in defaults")
+    p.add_argument("--out", help=f"output folder (default runs/{name}/<timestamp>)")
+    p.add_argument("--seed", type=int, help="random seed (overrides the config's seed)")
+    p.add_argument("--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--threads", default="auto", help="torch CPU threads for this run (torch.set_num_threads): "
+                   "a number, or auto (default: the cores the load average leaves free, at least 1)")
+    p.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
+    if data:
+        p.add_argument("--data-root", help="folder holding an existing dataset copy (sets data.root)")
+        p.add_argument("--download", action="store_true",
+                       help="download the dataset where a network exists (sets data.download=true)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides with dotted keys, values parsed as YAML (model.depth=8, fs=[1,0.5])")
+    return p
+
+
+def free_cores() -> int:
+    """Cores this process may use that the 1-minute load average leaves idle (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):       # no load average on this platform
+        return cores
+    return max(1, min(cores, cores - math.floor(busy + 0.5)))
+
+
+def resolve_threads(threads) -> int:
+    """``--threads``: ``"auto"`` (see :func:`free_cores`) or an integer ≥ 1 (also as a string)."""
+    if threads == "auto":
+        return free_cores()
+    try:
+        n = int(threads)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--threads must be 'auto' or an integer >= 1, got {threads!r}") from None
+    if n < 1 or str(n) != str(threads).strip():
+        raise ConfigError(f"--threads must be 'auto' or an integer >= 1, got {threads!r}")
+    return n
+
+
+class Run:
+    """One recipe run: the merged ``cfg``, the output folder ``out``, the JSON-lines ``log``, the
+    torch ``device`` and a ``progress`` factory. Use as a context manager (closes the log)."""
+
+    def __init__(self, name: str, cfg: dict, out: Path, device: torch.device, show_progress: bool,
+                 threads: Optional[int] = None):
+        self.name, self.cfg, self.out, self.device = name, cfg, Path(out), device
+        self.show_progress = show_progress
+        self._threads_before = None
+        if threads is not None:
+            threads = resolve_threads(threads)
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        self.log = JsonlLogger(self.out / "log.jsonl")
+
+    def path(self, filename: str) -> Path:
+        """A file in the output folder."""
+        return self.out / filename
+
+    def progress(self, iterable: Optional[Iterable] = None, **kwargs):
+        return progress(iterable, self.show_progress, **kwargs)
+
+    def close(self) -> None:
+        """Close the log and restore the torch thread count changed by ``--threads``."""
+        self.log.close()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.log.write("error", type=exc_type.__name__, message=str(exc))
+        self.close()
+
+
+def _check_out(out: Path) -> None:
+    """An output folder must be new or empty: a second run would append to ``log.jsonl`` and
+    ``monitor.jsonl`` and overwrite ``config.yaml``, mixing two runs."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        held = sorted(p.name for p in out.iterdir())
+        raise ConfigError(f"--out {str(out)!r} already exists and is not empty (holds {', '.join(held[:5])}"
+                          f"{', ...' if len(held) > 5 else ''}): runs are never mixed in one folder; choose a "
+                          f"new --out (or leave it out for runs/NAME/<timestamp>), or empty that folder")
+
+
+def _check_gpu(cfg: Mapping, device: torch.device, explicit_cpu: bool, config_file) -> None:
+    """``gpu: true`` marks a config sized for a GPU: refuse to fall back to the CPU silently."""
+    if cfg.get("gpu") is True and device.type != "cuda" and not explicit_cpu:
+        src = f"config {str(config_file)!r}" if config_file else "this config"
+        raise ConfigError(f"{src} is sized for a GPU (gpu: true) but the run would use {device} "
+                          f"(device={cfg['device']!r}, CUDA available: {torch.cuda.is_available()}); run it on a "
+                          f"machine with CUDA, use the CPU config (configs/*_cpu.yaml), or pass --device cpu to "
+                          f"run it on the CPU anyway (slow)")
+
+
+def setup(name: str, defaults: Mapping, argv: Optional[Sequence[str]] = None,
+          description: Optional[str] = None, data: bool = False,
+          check: Optional[Callable[[dict], None]] = None, cli_defaults: Optional[Mapping] = None) -> Run:
+    """Parse ``argv``, build and validate the config, run ``check(cfg)`` (the recipe's own checks,
+    raising :class:`ConfigError`), resolve the device, refuse a non-empty ``--out``, then create the
+    output folder, save ``config.yaml``, seed everything and open the log: nothing is written before
+    every check has passed.  ``defaults`` must hold ``seed`` and ``device``, and ``data.root`` /
+    ``data.download`` when ``data`` is true.  ``cli_defaults``: defaults of the command-line options
+    (``{"config": PATH, "threads": "1"}``; the command line still overrides them, in every spelling)."""
+    import yaml
+
+    parser = build_parser(name, description, data)
+    if cli_defaults:
+        parser.set_defaults(**cli_defaults)
+    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    cfg = copy.deepcopy(dict(defaults))
+    if args.config:
+        cfg = merge(defaults, cfg, load_config(args.config))
+    cfg = apply_overrides(cfg, args.overrides, defaults)
+    device_overridden = any(o.partition("=")[0].strip() == "device" for o in args.overrides)
+    if args.seed is not None:
+        cfg["seed"] = args.seed
+    if args.device is not None:
+        cfg["device"] = args.device
+    if data:
+        if args.data_root is not None:
+            cfg["data"]["root"] = args.data_root
+        if args.download:
+            cfg["data"]["download"] = True
+    validate(coerce_floats(cfg, defaults), defaults)
+    check_int(cfg["seed"], "seed", 0)
+    if check is not None:
+        check(cfg)
+    device = resolve_device(cfg["device"])
+    _check_gpu(cfg, device, explicit_cpu=(args.device is not None or device_overridden) and cfg["device"] == "cpu",
+               config_file=args.config)
+    out = Path(args.out) if args.out else default_out(name)
+    _check_out(out)
+    if args.threads is not None:
+        resolve_threads(args.threads)
+    seed_everything(cfg["seed"])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "config.yaml", "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_jsonable(cfg, keep_nonfinite=True), fh, sort_keys=False)
+    run = Run(name, cfg, out, device, show_progress=not args.no_progress, threads=args.threads)
+    run.log.write("start", recipe=name, config=cfg, config_file=args.config, device=str(device),
+                  argv=list(argv) if argv is not None else sys.argv[1:],
+                  torch=torch.__version__, out=str(out), threads=run.threads)
+    return run
+
+
