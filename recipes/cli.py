@@ -56,7 +56,7 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -175,7 +175,8 @@ class Run:
         """A file in the output folder."""
         return self.out / filename
 
-    def progress(self, iterable: Optional[Iterable] = None, **kwargs):
+    def progress(self, iterable: Optional[Iterable] = None, **kwargs) -> Any:
+        """A tqdm bar (see :func:`recipes.loop.progress`), off with ``--no-progress``."""
         return progress(iterable, self.show_progress, **kwargs)
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ from recipes.config import ConfigError
 if TYPE_CHECKING:       # pragma: no cover
     from recipes.cli import Run
 
-__all__ = ["to_jsonable", "JsonlLogger", "progress", "format_table", "fixed_batch", "evaluate", "train_classifier"]
+__all__ = ["to_jsonable", "JsonlLogger", "progress", "format_table", "batch_stream", "fixed_batch", "evaluate",
+           "train_classifier"]
 
 
 def to_jsonable(obj: Any, keep_nonfinite: bool = False) -> Any:
@@ -75,7 +76,7 @@ class JsonlLogger:
             self._fh.close()
 
 
-def progress(iterable: Optional[Iterable] = None, enabled: bool = True, **kwargs):
+def progress(iterable: Optional[Iterable] = None, enabled: bool = True, **kwargs) -> Any:
     """A tqdm bar, disabled when ``enabled`` is false or stderr is not a terminal."""
     from tqdm.auto import tqdm
 
@@ -104,6 +105,17 @@ def format_table(rows: Sequence[Mapping], columns: Optional[Sequence[str]] = Non
     sep = "  ".join("-" * w for w in widths)
     body = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
     return "\n".join([line, sep, *body])
+
+
+def batch_stream(dataset, batch_size: int, seed: int, device) -> Iterator[tuple]:
+    """An endless stream of random ``(inputs, targets)`` batches on ``device`` (a fresh permutation
+    per epoch, seeded)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True,
+                                         drop_last=len(dataset) >= batch_size,
+                                         generator=torch.Generator().manual_seed(seed))
+    while True:
+        for x, y in loader:
+            yield x.to(device), y.to(device)
 
 
 def fixed_batch(dataset, size: int, seed: int = 0, device=None) -> tuple:

@@ -153,16 +153,6 @@ def _check(cfg: dict) -> None:
         raise config.keyed_error("monitor", exc, m) from None
 
 
-def _batches(dataset, batch_size: int, seed: int, device):
-    """An endless stream of random batches (a fresh permutation per epoch, seeded)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True,
-                                         drop_last=len(dataset) >= batch_size,
-                                         generator=torch.Generator().manual_seed(seed))
-    while True:
-        for x, y in loader:
-            yield x.to(device), y.to(device)
-
-
 def panel_records(monitor, cfg: dict) -> tuple:
     """``(records, proxy_note)`` for :func:`~torch_qode.training.monitor.plot_training_panels`: the
     monitor's records, plus ``error_proxy ≡ 1`` at every step with ``qode.mode=classical`` (no
@@ -230,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
                 return loss
             return closure
 
-        stream = _batches(data["train"], cfg["train"]["batch_size"], cfg["seed"], dev)
+        stream = loop.batch_stream(data["train"], cfg["train"]["batch_size"], cfg["seed"], dev)
         rows, t0 = [], time.perf_counter()
         bar = run.progress(total=cfg["train"]["steps"], desc="QODE")
         for k in range(cfg["train"]["steps"]):
