@@ -25,8 +25,7 @@ from torch_qode import _checks
 from torch_qode._checks import as_int, as_real
 
 __all__ = ["ConfigError", "OpenSection", "load_config", "merge", "apply_overrides", "coerce_floats", "validate",
-           "keyed_error", "check_int", "check_real", "check_choice", "check_optional_str", "check_int_list",
-           "as_int", "as_real"]
+           "keyed_error", "check_int", "check_real", "check_choice", "check_optional_str", "check_int_list"]
 
 
 class ConfigError(ValueError):
