@@ -300,12 +300,12 @@ class FactoredLevel2:
 
     def _explicit_F2(self, term, Z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         n = self.n
-        dense = term.dense() if hasattr(term, "dense") else None
-        if dense is not None and dense.layout == torch.strided:
-            # (n, n²) @ vec(Z Λ Zᵀ): the matrix itself already holds n³ numbers
+        nnz = getattr(term, "nnz", None)
+        if nnz is None or nnz > n**3 // 2:
+            # mostly dense: (n, n²) @ vec(Z Λ Zᵀ) — the matrix itself already holds ~n³ numbers
             Y = (Z * lam[None, :]) @ Z.T
-            return (dense.to(self.dtype) @ Y.reshape(-1))
-        if self._sparse_F2 is None:   # CSR: only the entries of Y2 its columns touch
+            return term.matmat(Y.reshape(-1, 1))[:, 0]
+        if self._sparse_F2 is None:   # sparse: only the entries of Y2 that its columns touch
             csr = term.scipy()
             rows = np.repeat(np.arange(n), np.diff(csr.indptr))
             cols = csr.indices.astype(np.int64)
