@@ -373,20 +373,29 @@ def test_non_finite_values_raise_naming_them_and_leave_the_state(where):
 
 
 # ------------------------------------------------------------------------- a real expansion
-def test_real_taylor_expansion_window_matches_dense_order2():
-    from tests._models import flat_params, mlp_batch, reference_loss, tiny_mlp
+@pytest.mark.parametrize("model_kind,wd,streamed", [("mlp", 1e-3, True), ("mlp", 0.0, False),
+                                                    ("cnn_batchnorm", 1e-3, True)])
+def test_real_taylor_expansion_window_matches_dense_order2(model_kind, wd, streamed):
+    """A matrix-free window of a real expansion (HVPs, third-order products through the graph): the
+    factored state equals the dense order-2 state (and the explicit-coefficient factored state)."""
+    import torch.nn.functional as F
+
+    from tests._models import cnn_batch, flat_params, mlp_batch, reference_loss, tiny_cnn, tiny_mlp
     from torch_qode import TaylorExpansion
 
-    model = tiny_mlp(0)
-    batch = mlp_batch(12)
-    lf = reference_loss(model, batch)
-    theta0 = flat_params(model)
-    T = 4
-    noise = torch.randn(T + 1, theta0.numel(), generator=torch.Generator().manual_seed(5),
-                        dtype=torch.float64) * 1e-2
-    with TaylorExpansion.from_function(lf, theta0, lr=0.5, weight_decay=1e-3) as exp:
+    if model_kind == "mlp":
+        model, batch = tiny_mlp(0), mlp_batch(12)
+        exp = TaylorExpansion.from_function(reference_loss(model, batch), flat_params(model), lr=0.5,
+                                            weight_decay=wd)
+        T = 4
+    else:   # Conv -> BatchNorm (decomposed, batch statistics) -> tanh -> Linear
+        model, batch = tiny_cnn(0), cnn_batch(6)
+        exp = TaylorExpansion.from_model(model, F.cross_entropy, batch, lr=0.5, weight_decay=wd)
+        T = 3
+    noise = torch.randn(T + 1, exp.n, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 1e-2
+    with exp:
         g0 = -0.5 * exp.gradient()
-        F0 = lambda t: g0 + noise[t]   # noqa: E731  (streamed noise)
+        F0 = (lambda t: g0 + noise[t]) if streamed else g0   # noqa: E731
         mf = exp.ode(F0=F0, explicit=False)
         ex = exp.ode(F0=F0, explicit=True)
         n = exp.n
@@ -398,7 +407,7 @@ def test_real_taylor_expansion_window_matches_dense_order2():
             y = sys_.step(y, t)
             fs.step()
             fe.step()
-        scale = float(y.abs().max())
-        assert _err(fs, y, n) < 1e-10 * max(1.0, scale)
-        assert _err(fe, y, n) < 1e-10 * max(1.0, scale)
+        scale = max(1.0, float(y.abs().max()))
+        assert _err(fs, y, n) < 1e-10 * scale
+        assert _err(fe, y, n) < 1e-10 * scale
         assert fs.products["F2"] >= 1 and fs.order_gap > 0
