@@ -411,3 +411,14 @@ def test_real_taylor_expansion_window_matches_dense_order2(model_kind, wd, strea
         assert _err(fs, y, n) < 1e-10 * scale
         assert _err(fe, y, n) < 1e-10 * scale
         assert fs.products["F2"] >= 1 and fs.order_gap > 0
+
+
+def test_linear_ode_degree_one_and_F1_absent():
+    """Degree 1 (F2 ≡ 0): level 2 is still carried (g gᵀ terms) and equals the dense order-2 state;
+    F1 = None (G1 = I) works too."""
+    n, T = 4, 5
+    coeffs, f0, _ = _problem(21, n, T)
+    for ode in (PolynomialODE([f0, coeffs[1]]), PolynomialODE([f0, None, coeffs[2]])):
+        for t, fs, y in _run_both(ode, T):
+            assert _err(fs, y, n) < 1e-12
+        assert fs.k > 0
