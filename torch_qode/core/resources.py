@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
-from .carleman import CarlemanSystem, CarlemanTooLarge
+from .carleman import CarlemanSystem
 from .carleman import required_order as _required_order
 from .linsolve import kappa_bound
 from .tomography import _check_count as _int, coupon_cost, qubits, shadow_cost
@@ -279,12 +279,12 @@ def estimate_resources(system: CarlemanSystem, T: int, kappa_a: Optional[float] 
     # row sparsity: measured from the explicit A(t), else the Theorem V.1 bound
     s_bound = int(system.sparsity_bound())
     s_M = None
-    try:
-        A = system.matrix(t, max_bytes=max_bytes)
-    except (TypeError, CarlemanTooLarge) as exc:
+    why = system.matrix_refusal(t, max_bytes=max_bytes)   # matrix-free or over budget: no exception
+    if why is not None:
         s, source = s_bound, "bound"
-        notes.append(f"s from the Theorem V.1 bound: {exc}")
+        notes.append(f"s from the Theorem V.1 bound: {why}")
     else:
+        A = system.matrix(t, max_bytes=max_bytes)
         s, source = (int(np.diff(A.indptr).max()) if A.shape[0] else 0), "measured"
         IA = (A + sp.identity(system.dim, format="csr")).tocsr()
         IA.eliminate_zeros()
@@ -354,7 +354,7 @@ def _default_rate(system: CarlemanSystem) -> Optional[float]:
     F1 = system.ode.terms[1]
     if system.n > 2000 or (F1 is not None and not F1.explicit):
         return None
-    G = np.eye(system.n) + (F1.scipy().toarray() if F1 is not None else 0.0)
+    G = np.eye(system.n) + (F1.to_scipy().toarray() if F1 is not None else 0.0)
     rate = 1.0 - float(np.linalg.norm(G, 2))
     return rate if rate > 0 else None
 
