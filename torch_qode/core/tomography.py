@@ -36,13 +36,16 @@ import scipy.integrate
 import scipy.special
 import torch
 
+from .readout import SIGN_SCHEMES
+from .readout import hadamard_signs as _hadamard_signs, pair_signs as _pair_signs  # noqa: F401
+
 __all__ = ["tomography", "TomographyResult", "coupon_collector_expected_draws", "coupon_cost",
-           "shadow_cost", "DEFAULT_SPLIT", "SIGN_METHODS"]
+           "shadow_cost", "DEFAULT_SPLIT", "SIGN_METHODS", "SIGN_SCHEMES"]
 
 #: Default share of a shot budget per stage (renormalised over the stages that actually run).
 DEFAULT_SPLIT = {"support": 0.5, "signs": 0.4, "norm": 0.1}
-#: Sign-stage circuits of :func:`tomography`.
-SIGN_METHODS = ("pairs", "hadamard")
+#: Sign-stage circuits of :func:`tomography`: the registry of :mod:`torch_qode.core.readout`.
+SIGN_METHODS = SIGN_SCHEMES
 _STAGES = ("support", "signs", "norm")
 
 
@@ -240,8 +243,9 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
         :data:`DEFAULT_SPLIT`, partial dicts update it); renormalised over the stages that run
         (no ``"norm"`` stage when the norm is given).  Each running stage gets ≥ 1 shot.
     sign_method:
-        ``"pairs"`` (default; interference of each component with a reference component) or
-        ``"hadamard"`` (interference with a reference state); see below.
+        A name in ``SIGN_SCHEMES`` (:mod:`torch_qode.core.readout`): ``"pairs"`` (default;
+        interference of each component with a reference component) or ``"hadamard"``
+        (interference with a reference state); see below.
 
     Sign circuits, ``sign_method="pairs"``
     --------------------------------------
@@ -300,8 +304,7 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
                              "success probability (||v||/norm_scale)² would exceed 1")
     if eps is not None:
         eps = _check_positive(eps, "eps")
-    if sign_method not in SIGN_METHODS:
-        raise ValueError(f"sign_method must be one of {SIGN_METHODS}, got {sign_method!r}")
+    scheme = SIGN_SCHEMES.lookup(sign_method, "sign_method")()
     fractions = _check_split(split)
     p = (vals / true_norm) ** 2
     p /= p.sum()
@@ -333,10 +336,7 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
         # 2. magnitudes (unit norm) from the same counts
         mags = np.sqrt(c / budget["support"])
         # 3. signs
-        if sign_method == "pairs":
-            signs = _pair_signs(rng, vals[kept] / true_norm, mags, budget["signs"])
-        else:
-            signs = _hadamard_signs(rng, vals[kept] / true_norm, mags, budget["signs"])
+        signs = scheme.signs(rng, vals[kept] / true_norm, mags, budget["signs"])
         # 4. norm
         if norm_source == "measured":
             alpha = norm_scale if norm_scale is not None else _pow2_ceil(true_norm)
@@ -365,7 +365,7 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
         estimate=estimate, support=support, shots=budget, norm=float(used_norm),
         norm_source=norm_source, missed_mass=float(p[missed].sum()),
         pruned_mass=float(p[dropped].sum()), relative_error=rel_err, sign_errors=sign_errors,
-        reference=int(nz[ref]) if shots is not None and sign_method == "pairs" else None,
+        reference=int(nz[ref]) if shots is not None and scheme.reports_reference else None,
         n=n, r=r, m=qubits(n),
         coupon_cost=coupon_cost(r_cost), shadow_cost=shadow_cost(r_cost, n, shadow_eps),
         shadow_eps=float(shadow_eps), eps_source=eps_source, split=used_split,
@@ -373,41 +373,6 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
 
 
 # ------------------------------------------------------------------------------------ internals
-def _hadamard_signs(rng: np.random.Generator, w: np.ndarray, mags: np.ndarray, shots: int) -> np.ndarray:
-    """Signs from one Hadamard test against ``|φ>`` (``w = v_kept/||v||``, ``φ = mags`` normalised)."""
-    phi = mags / np.linalg.norm(mags)
-    p0 = (w + phi) ** 2 / 4
-    p1 = (w - phi) ** 2 / 4
-    p_else = max(0.0, 1.0 - float(p0.sum() + p1.sum()))
-    pv = np.concatenate([p0, p1, [p_else]])
-    counts = rng.multinomial(shots, pv / pv.sum())
-    k = w.size
-    return np.where(counts[:k] >= counts[k:2 * k], 1.0, -1.0)
-
-
-def _pair_signs(rng: np.random.Generator, w: np.ndarray, mags: np.ndarray, shots: int) -> np.ndarray:
-    """Signs of the kept components (``w = v_kept / ||v||``, ``w[0]`` the reference)."""
-    k = w.size
-    per = np.full(k, shots // k, dtype=np.int64)
-    per[: shots % k] += 1                       # global test first, then pairs by decreasing count
-    rel = np.ones(k)
-    if k > 1:
-        wa, wr = w[1:], w[0]
-        p_plus = (wa + wr) ** 2 / 2
-        p_minus = (wa - wr) ** 2 / 2
-        p_else = np.clip(1.0 - p_plus - p_minus, 0.0, 1.0)
-        pv = np.stack([p_plus, p_minus, p_else], axis=1)
-        pv /= pv.sum(axis=1, keepdims=True)
-        outcomes = rng.multinomial(per[1:], pv)
-        rel[1:] = np.where(outcomes[:, 0] >= outcomes[:, 1], 1.0, -1.0)
-    # global sign: Hadamard test against the normalised relative-sign estimate
-    w_hat = rel * mags
-    w_hat /= np.linalg.norm(w_hat)
-    overlap = float(np.clip(np.dot(w_hat, w), -1.0, 1.0))
-    n0 = rng.binomial(per[0], (1.0 + overlap) / 2)
-    return rel if 2 * n0 >= per[0] else -rel
-
-
 def _exact_readout(vals: np.ndarray, top_r: Optional[int]):
     idx = np.arange(vals.size)
     if top_r is None:
