@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Union
 
+from .._checks import check_choice
 from .carleman import CarlemanSystem
 from .ode import _check_T
 from .solvers import SOLVERS, WindowSolver, check_kappa_a, filtered_fidelity, make_solver
@@ -45,8 +46,7 @@ def solve_window(system: CarlemanSystem, u0, T: int, method: Union[str, WindowSo
     T = _check_T(T)
     if isinstance(method, str) and method not in SOLVERS:
         raise ValueError(f"method must be one of {SOLVERS}, got {method!r}")
-    if kappa not in ("auto", None):
-        raise ValueError(f"kappa must be 'auto' or None, got {kappa!r}")
+    check_choice(kappa, "kappa", ("auto", None))
     options = dict(solver_options or {})
     if kappa_a is not None:
         options["kappa_a"] = kappa_a

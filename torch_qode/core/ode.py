@@ -24,6 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .._checks import check_int
 from .operator import LinearOperator, NotExplicitError
 
 __all__ = ["PolynomialODE", "MatrixFreeTerm", "ExplicitTerm", "NonFiniteError", "as_tensor", "like", "all_finite"]
@@ -196,10 +197,7 @@ class MatrixFreeTerm(LinearOperator):
                  symmetric: bool = False, norm: Optional[float] = None,
                  power: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  row_nnz: Optional[np.ndarray] = None, dtype: Optional[torch.dtype] = None, device=None):
-        if not (isinstance(n, int) and n >= 1):
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        if not (isinstance(k, int) and k >= 1):
-            raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
+        n, k = check_int(n, "n", 1), check_int(k, "k", 1)
         if not callable(matmat):
             raise TypeError("matmat must be callable: Y (n**k, m) -> (n, m)")
         self.n, self.k = n, k
@@ -432,6 +430,4 @@ class PolynomialODE:
 
 
 def _check_T(T) -> int:
-    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 0:
-        raise ValueError(f"T must be a non-negative integer number of steps, got {T!r}")
-    return int(T)
+    return check_int(T, "T", 0, hint=" (a non-negative number of steps)")

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Real
 from typing import Optional, Union
 
 import numpy as np
 import scipy.sparse as sp
 
+from .._checks import check_bool, expect_real
 from .carleman import CarlemanSystem
 from .carleman import required_order as _required_order
 from .solvers import SOLVERS, WindowSolver, filtered_gates, make_solver, qlsa_gates
@@ -206,8 +206,8 @@ class Resources:
                 kappa_a = solver_obj.kappa_a
         if filtering is None:
             filtering = kappa_a is not None
-        elif not isinstance(filtering, bool):
-            raise TypeError(f"filtering must be True, False or None, got {filtering!r}")
+        else:
+            filtering = check_bool(filtering, "filtering")
         kappa_a = float(kb) if kappa_a is None else _real(kappa_a, "kappa_a", low=1.0, closed=True)
         if solver_obj is None:
             solver_obj = SOLVERS["filtered"](kappa_a=kappa_a) if filtering else SOLVERS["forward"]()
@@ -387,13 +387,5 @@ def _default_rate(system: CarlemanSystem) -> Optional[float]:
 def _real(x, name: str, low: float, high: float = math.inf, closed: bool = False,
           closed_low: bool = False) -> float:
     """A finite real in ``(low, high)``; ``closed`` closes both ends, ``closed_low`` the lower."""
-    if isinstance(x, bool) or not isinstance(x, Real):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    lo_ok = x >= low if (closed or closed_low) else x > low
-    hi_ok = x <= high if closed else x < high
-    if not (math.isfinite(x) and lo_ok and hi_ok):
-        lb = "[" if (closed or closed_low) else "("
-        rb = "]" if closed else ")"
-        raise ValueError(f"{name} must lie in {lb}{low}, {high}{rb}, got {x!r}")
-    return x
+    return expect_real(x, name, low, None if math.isinf(high) else high,
+                       low_open=not (closed or closed_low), high_open=not closed)

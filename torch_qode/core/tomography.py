@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Integral, Real
 from typing import Mapping, Optional, Union
 
 import numpy as np
@@ -36,6 +35,7 @@ import scipy.integrate
 import scipy.special
 import torch
 
+from .._checks import check_real, expect_int, expect_real
 from .readout import SIGN_SCHEMES
 from .readout import hadamard_signs as _hadamard_signs, pair_signs as _pair_signs  # noqa: F401
 
@@ -67,8 +67,7 @@ def shadow_cost(r: int, n: int, eps: float) -> float:
     """
     r = _check_count(r, "r", minimum=0)
     n = _check_count(n, "n", minimum=1)
-    if isinstance(eps, bool) or not isinstance(eps, Real) or not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number ≥ 0, got {eps!r}")
+    eps = check_real(eps, "eps", 0.0)
     m = qubits(n)
     if r == 0:
         return 0.0
@@ -443,23 +442,17 @@ def _like(vals: np.ndarray, support: np.ndarray, n: int, kind):
 def _check_shots(shots) -> Optional[int]:
     if shots is None:
         return None
-    if isinstance(shots, bool) or not isinstance(shots, Real):
-        raise TypeError(f"shots must be a positive integer or None (exact readout), got {type(shots).__name__}")
-    if not math.isfinite(shots) or shots != int(shots):
+    hint = " (a positive integer) or None (exact readout)"
+    v = expect_real(shots, "shots", 0.0, low_open=True, hint=hint)
+    if v != int(v):
         raise ValueError(f"shots must be a positive integer or None (exact readout), got {shots!r}")
-    if shots <= 0:
-        raise ValueError(f"shots must be a positive integer or None (exact readout), got {shots!r}")
-    return int(shots)
+    return int(v)
 
 
 def _check_top_r(top_r, n: int) -> Optional[int]:
     if top_r is None:
         return None
-    if isinstance(top_r, bool) or not isinstance(top_r, Integral):
-        raise TypeError(f"top_r must be None or an integer in 1..n = {n}, got {type(top_r).__name__}")
-    if not 1 <= top_r <= n:
-        raise ValueError(f"top_r must be None or an integer in 1..n = {n}, got {top_r!r}")
-    return int(top_r)
+    return expect_int(top_r, "top_r", 1, n, hint=f" (1..n = {n}) or None")
 
 
 def _check_norm(norm, true_norm: float):
@@ -474,12 +467,8 @@ def _check_norm(norm, true_norm: float):
 
 def _check_positive(x, name: str) -> float:
     if isinstance(x, torch.Tensor) and x.numel() == 1:
-        x = x.item()
-    if isinstance(x, bool) or not isinstance(x, Real):
-        raise TypeError(f"{name} must be a positive finite number, got {type(x).__name__}")
-    if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {x!r}")
-    return float(x)
+        x = x.reshape(())
+    return expect_real(x, name, 0.0, low_open=True)
 
 
 def _check_split(split) -> dict:
@@ -496,11 +485,7 @@ def _check_split(split) -> dict:
 
 
 def _check_count(x, name: str, minimum: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, Integral):
-        raise TypeError(f"{name} must be an integer ≥ {minimum}, got {type(x).__name__}")
-    if x < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {x!r}")
-    return int(x)
+    return expect_int(x, name, minimum)
 
 
 def qubits(n: int) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..._checks import as_int
+from ..._checks import check_int
 from ..ode import NonFiniteError, PolynomialODE, _check_T, all_finite, as_tensor, like
 from .budget import BYTES_PER_NNZ, CarlemanTooLarge, budget as _budget, check_max_bytes as _check_max_bytes, gib as _gib
 from .budget import refuse_over_budget
@@ -55,8 +55,7 @@ class CarlemanSystem:
         from . import FORMS
         if not isinstance(ode, PolynomialODE):
             raise TypeError(f"ode must be a PolynomialODE, got {type(ode).__name__}")
-        if as_int(order) is None or order < 1:
-            raise ValueError(f"order must be an integer N ≥ 1, got {order!r}")
+        order = check_int(order, "order", 1, hint=" (the Carleman order N)")
         form = self.name if form is None else form
         if form not in FORMS or (self.name and form != self.name):
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
