@@ -4,6 +4,11 @@ A degree-2 discrete system (the paper's Fig. 4 kind: F1 = −H with eigenvalues 
 is run for T steps two ways, in one process so the ratio is fair on a shared machine:
   * matrix-free ``CarlemanSystem.simulate`` (mode-by-mode tensor contractions),
   * build ``A = sys.matrix()`` with scipy and step ``y ← y + A y + b`` with sparse mat-vecs.
+Then the window matrix M of Eq. (II.102) applied matrix-free, one product M x, three ways in the same run:
+  * before: the scipy LinearOperator of the old ``linsolve._operator`` (numpy -> torch -> numpy and
+    one Carleman step per time slice), reproduced below as the baseline,
+  * ``WindowOperator.matvec`` (torch on the system's device, the T slices in one batched step),
+  * ``WindowOperator.scipy_operator().matvec`` (the same, adapted at the scipy boundary).
 Usage: python benchmarks/carleman_window.py [--T 100] [--repeat 3]
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 
 from torch_qode import PolynomialODE
 from torch_qode.core.carleman import CarlemanTooLarge, carleman
+from torch_qode.core.window import WindowOperator
 
 
 def fig4_like(n: int, seed: int = 0) -> PolynomialODE:
@@ -69,6 +75,35 @@ def run(n: int, N: int, T: int, repeat: int) -> dict:
     return row
 
 
+def old_operator_matvec(system, T: int):
+    """The pre-redesign matrix-free M (``linsolve._operator``): a numpy round trip and a loop over t."""
+    D = system.dim
+
+    def matvec(x):
+        X = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(T + 1, D))
+        out = X.clone()
+        for t in range(T):
+            out[t + 1] -= system.apply(X[t][:, None].to(system.ode.device), t)[:, 0].cpu()
+        return out.numpy().reshape(-1)
+
+    return matvec
+
+
+def run_window(n: int, N: int, T: int, repeat: int) -> dict:
+    sys_ = carleman(fig4_like(n), N, "discrete")
+    op = WindowOperator(sys_, T)
+    x = np.random.default_rng(2).normal(size=op.shape[0])
+    xt = torch.as_tensor(x)
+    old = old_operator_matvec(sys_, T)
+    row = {"n": n, "N": N, "dim": sys_.dim, "N_b": op.shape[0]}
+    row["old_s"] = best_of(lambda: old(x), repeat)
+    row["new_s"] = best_of(lambda: op.matvec(xt), repeat)
+    sci = op.scipy_operator()
+    row["scipy_s"] = best_of(lambda: sci.matvec(x), repeat)
+    row["max_diff"] = float(np.abs(old(x) - op.matvec(xt).numpy()).max())
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, default=100)
@@ -86,6 +121,14 @@ def main() -> None:
         else:
             print(f"| {r['n']} | {r['N']} | {r['dim']:,} | {r['nnz']:,} | {r['matrix_free_s']:.3f} s | "
                   f"{r['build_s']:.2f} s + {r['step_s']:.2f} s | {r['speedup']:.0f}× | {r['max_diff']:.1e} |")
+    wrows = [run_window(n, N, args.T, args.repeat) for n, N in ((8, 4), (16, 3), (32, 2))]
+    print(f"\nOne product M x with the matrix-free window matrix (T = {args.T}), best of {args.repeat}\n")
+    print("| n | N | (T+1)Δ | before (numpy round trip, loop over t) | WindowOperator.matvec | via scipy_operator | "
+          "speed-up | max |diff| |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in wrows:
+        print(f"| {r['n']} | {r['N']} | {r['N_b']:,} | {r['old_s'] * 1e3:.1f} ms | {r['new_s'] * 1e3:.1f} ms | "
+              f"{r['scipy_s'] * 1e3:.1f} ms | {r['old_s'] / r['new_s']:.1f}× | {r['max_diff']:.1e} |")
 
 
 if __name__ == "__main__":

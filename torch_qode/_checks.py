@@ -101,3 +101,23 @@ def check_bool(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return bool(value)
+
+
+def expect_int(value, name: str, low: Optional[int] = None, high: Optional[int] = None, *, hint: str = "") -> int:
+    """:func:`check_int` with the math core's exception types: ``TypeError`` when ``value`` is not an
+    integer at all (a float, a string, a bool), ``ValueError`` when it is one outside ``[low, high]``."""
+    if as_int(value) is None:
+        raise TypeError(f"{name} must be an integer{_range(low, high)}{hint}, got {type(value).__name__} {value!r}")
+    return check_int(value, name, low, high, hint=hint)
+
+
+def expect_real(value, name: str, low: Optional[float] = None, high: Optional[float] = None, *,
+                low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
+    """:func:`check_real` (finite) with the math core's exception types: ``TypeError`` when ``value`` is
+    not a real number at all, ``ValueError`` when it is NaN, infinite or outside the interval."""
+    if as_real(value) is None:
+        lo = None if low is None else float(low)
+        hi = None if high is None else float(high)
+        raise TypeError(f"{name} must be a finite number{_range(lo, hi, low_open, high_open)}{hint}, "
+                        f"got {type(value).__name__} {value!r}")
+    return check_real(value, name, low, high, low_open=low_open, high_open=high_open, hint=hint)

@@ -306,3 +306,28 @@ def test_bad_vectors(v, exc):
 def test_coupon_bad_input(p, exc):
     with pytest.raises(exc, match="p"):
         coupon_collector_expected_draws(p)
+
+
+# ------------------------------------------------------------------ pair-sign ties (issue 10)
+def test_pair_with_zero_shots_reads_plus():
+    """Documented: a pair with 0 shots (a 0:0 tie) reads "+" relative to the reference.
+
+    Ten equal positive components, 1 sign shot: the global test gets it and all nine pairs get 0
+    shots.  With equal magnitudes a pair can never land on "−", so every sign is "+" exactly when
+    ties read "+"; reading them "−" makes sign errors whatever the global test says.
+    """
+    v = np.ones(10)
+    res = tomography(v, 1000, seed=0, norm="exact", split={"support": 1.0, "signs": 0.002})
+    assert res.shots["signs"] == 1 and res.support.size == 10
+    assert res.sign_errors == 0
+    assert np.all(res.estimate > 0)
+
+
+def test_pair_signs_ties_read_plus_directly():
+    from torch_qode.core.readout import pair_signs
+
+    w = np.array([0.6, 0.5, 0.4, 0.3])
+    w = w / np.linalg.norm(w)
+    for seed in range(5):
+        signs = pair_signs(np.random.default_rng(seed), w, w.copy(), 1)   # pairs 1..3 get 0 shots
+        np.testing.assert_array_equal(signs, np.ones(4))

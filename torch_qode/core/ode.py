@@ -7,11 +7,12 @@ The gradient-descent map of a Taylor-expanded loss is (Eq. II.1, V.5; DESIGN.md 
 with ``Fk`` of shape ``(n, n**k)`` acting on the row-major Kronecker power ``u^{⊗k}`` and ``F0``
 either a constant vector or a callable ``t -> (n,)`` (the stochastic-gradient noise of each batch).
 
-Every coefficient ``Fk`` (k ≥ 1) is held as a *term* with one operation, ``matmat(Y)`` mapping a
-``(n**k, m)`` block of columns to ``(n, m)``.  A term is either *explicit* (a dense or
-scipy.sparse array, which can also be handed out as a scipy matrix) or *matrix-free*
-(:class:`MatrixFreeTerm`, e.g. Hessian-vector and third-derivative products from autograd).
-Everything downstream (Carleman step, window solve) only ever calls ``matmat``.
+Every coefficient ``Fk`` (k ≥ 1) is held as a *term*, a :class:`~torch_qode.core.operator.LinearOperator`
+of shape ``(n, n**k)`` whose ``matmat(Y)`` maps a ``(n**k, m)`` block of columns to ``(n, m)``.  A term
+is either *explicit* (:class:`ExplicitTerm`: a dense or scipy.sparse array, ``explicit = True``, so
+``dense()`` and ``to_scipy()`` work) or *matrix-free* (:class:`MatrixFreeTerm`, e.g. Hessian-vector
+and third-derivative products from autograd, ``explicit = False``).  Everything downstream (Carleman
+step, window solve) only ever calls ``matmat``; what else a term can do is read from its flags.
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from .._checks import check_int
+from .operator import LinearOperator, NotExplicitError
 
 __all__ = ["PolynomialODE", "MatrixFreeTerm", "ExplicitTerm", "NonFiniteError", "as_tensor", "like", "all_finite"]
 
@@ -84,14 +88,16 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- terms
-class ExplicitTerm:
-    """An explicit coefficient ``Fk`` of shape ``(n, n**k)``: dense or scipy.sparse."""
+class ExplicitTerm(LinearOperator):
+    """An explicit coefficient ``Fk`` of shape ``(n, n**k)``: dense or scipy.sparse (Eq. II.1)."""
 
     explicit = True
+    transposable = True
 
     def __init__(self, value, n: int, k: int, dtype: torch.dtype, device, name: str):
         self.n, self.k = n, k
         expected = (n, n**k)
+        self.shape, self.dtype, self.device, self.label = expected, dtype, torch.device(device), name
         if isinstance(value, torch.Tensor) and value.layout != torch.strided:
             value = _torch_sparse_to_scipy(value, name)
         if sp.issparse(value):
@@ -128,13 +134,24 @@ class ExplicitTerm:
         """``Fk @ Y`` for ``Y`` of shape ``(n**k, m)``."""
         return self._torch @ Y
 
-    def scipy(self) -> sp.csr_matrix:
+    def rmatmat(self, W: torch.Tensor) -> torch.Tensor:
+        """``Fkᵀ @ W`` for ``W`` of shape ``(n, m)``."""
+        return self._torch.t() @ W
+
+    def to_scipy(self) -> sp.csr_matrix:
         """The coefficient as a scipy CSR matrix (float64)."""
         if self._scipy is None:
             self._scipy = sp.csr_matrix(self._torch.detach().cpu().numpy())
         return self._scipy
 
+    scipy = to_scipy   # the name used before the operator protocol
+
+    def power(self, u: torch.Tensor) -> torch.Tensor:
+        """``Fk u^{⊗k}`` (forms the Kronecker power)."""
+        return self.matmat(_kron_power(u, self.k)[:, None])[:, 0]
+
     def dense(self) -> torch.Tensor:
+        """The coefficient as a dense torch tensor."""
         return self._torch.to_dense() if self._torch.layout != torch.strided else self._torch
 
     def norm(self) -> float:
@@ -148,8 +165,8 @@ class ExplicitTerm:
         return float(svds(self.scipy(), k=1, return_singular_vectors=False)[0])
 
 
-class MatrixFreeTerm:
-    """A coefficient ``Fk`` known only by its action.
+class MatrixFreeTerm(LinearOperator):
+    """A coefficient ``Fk`` known only by its action (``explicit = False``).
 
     Parameters
     ----------
@@ -157,13 +174,20 @@ class MatrixFreeTerm:
         The term maps ``(n**k, m)`` column blocks to ``(n, m)``.
     matmat:
         ``Y -> Fk @ Y`` on torch tensors.
+    rmatmat:
+        Optional ``W -> Fk.T @ W`` (then ``transposable = True``).
+    symmetric:
+        ``Fk = Fkᵀ`` (only meaningful for ``k == 1``: a Hessian).
     norm:
         ``||Fk||`` if known (used by the error bounds); otherwise :meth:`norm` estimates it by
-        power iteration when ``rmatmat`` (``W -> Fk.T @ W``) is given, or for ``k == 1`` when
-        ``symmetric`` is true (a Hessian).
+        power iteration when ``rmatmat`` is given, or for ``k == 1`` when ``symmetric`` is true.
     power:
         Optional fast path ``u -> Fk u^{⊗k}`` (e.g. one third-order directional derivative) that
         avoids forming ``u^{⊗k}``.
+    row_nnz:
+        Optional non-zeros per row (for the sparsity bound of Theorem V.1); default: dense rows.
+    dtype, device:
+        Where ``matmat`` computes; default: those of the :class:`PolynomialODE` the term joins.
     """
 
     explicit = False
@@ -172,37 +196,51 @@ class MatrixFreeTerm:
                  rmatmat: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  symmetric: bool = False, norm: Optional[float] = None,
                  power: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 row_nnz: Optional[np.ndarray] = None):
-        if not (isinstance(n, int) and n >= 1):
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        if not (isinstance(k, int) and k >= 1):
-            raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
+                 row_nnz: Optional[np.ndarray] = None, dtype: Optional[torch.dtype] = None, device=None):
+        n, k = check_int(n, "n", 1), check_int(k, "k", 1)
         if not callable(matmat):
             raise TypeError("matmat must be callable: Y (n**k, m) -> (n, m)")
         self.n, self.k = n, k
+        self.shape, self.label = (n, n**k), f"the degree-{k} term"
+        #: dtype/device given by the caller (else set by the PolynomialODE the term joins)
+        self._placed = dtype is not None or device is not None
+        self.dtype = torch.float64 if dtype is None else dtype
+        self.device = torch.device("cpu" if device is None else device)
         self._matmat, self._rmatmat, self._power = matmat, rmatmat, power
         self.symmetric = symmetric and k == 1
+        self.transposable = rmatmat is not None or self.symmetric
         self._norm = norm
         self.row_nnz = row_nnz
         self.nnz = None if row_nnz is None else int(np.sum(row_nnz))
 
     def matmat(self, Y: torch.Tensor) -> torch.Tensor:
+        """``Fk @ Y`` by the user's callable; its output shape is checked."""
         out = self._matmat(Y)
         if tuple(out.shape) != (self.n, Y.shape[1]):
             raise ValueError(f"matmat of the degree-{self.k} term returned shape {tuple(out.shape)}, "
                              f"expected {(self.n, Y.shape[1])}")
         return out
 
+    def rmatmat(self, W: torch.Tensor) -> torch.Tensor:
+        """``Fkᵀ @ W`` (given ``rmatmat=``, or ``symmetric``)."""
+        if self._rmatmat is not None:
+            return self._rmatmat(W)
+        return super().rmatmat(W)
+
     def power(self, u: torch.Tensor) -> torch.Tensor:
+        """``Fk u^{⊗k}``, by the ``power`` fast path when given."""
         if self._power is not None:
             return self._power(u)
         return self.matmat(_kron_power(u, self.k)[:, None])[:, 0]
 
-    def scipy(self):
-        raise TypeError(f"the degree-{self.k} term is matrix-free: it has no explicit matrix; "
-                        "use the matrix-free CarlemanSystem.step/simulate instead")
+    def _not_explicit(self) -> NotExplicitError:
+        return NotExplicitError(f"the degree-{self.k} term is matrix-free: it has no explicit matrix; "
+                                "use the matrix-free CarlemanSystem.step/simulate instead")
+
+    scipy = LinearOperator.to_scipy   # the name used before the operator protocol (raises here)
 
     def norm(self, iters: int = 50, seed: int = 0) -> float:
+        """``||Fk||``: the given value, else power iteration on ``FkᵀFk`` (cached)."""
         if self._norm is not None:
             return float(self._norm)
         if self._rmatmat is None and not self.symmetric:
@@ -290,6 +328,8 @@ class PolynomialODE:
                 if (c.n, c.k) != (self.n, k):
                     raise ValueError(f"{name} is a matrix-free term for (n, k) = {(c.n, c.k)}, "
                                      f"expected {(self.n, k)}")
+                if not c._placed:
+                    c.dtype, c.device = dtype, self.device
                 self.terms.append(c)
             else:
                 self.terms.append(ExplicitTerm(c, self.n, k, dtype, self.device, name))
@@ -352,10 +392,7 @@ class PolynomialODE:
             term = self.terms[k]
             if term is None:
                 continue
-            if isinstance(term, MatrixFreeTerm):
-                out += term.power(x)
-            else:
-                out += term.matmat(_kron_power(x, k)[:, None])[:, 0]
+            out += term.power(x)
         return like(out, u)
 
     def iterate(self, u0, T: int):
@@ -393,6 +430,4 @@ class PolynomialODE:
 
 
 def _check_T(T) -> int:
-    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 0:
-        raise ValueError(f"T must be a non-negative integer number of steps, got {T!r}")
-    return int(T)
+    return check_int(T, "T", 0, hint=" (a non-negative number of steps)")

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Real
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import scipy.sparse as sp
 
-from .carleman import CarlemanSystem, CarlemanTooLarge
+from .._checks import check_bool, expect_real
+from .carleman import CarlemanSystem
 from .carleman import required_order as _required_order
-from .linsolve import kappa_bound
+from .solvers import SOLVERS, WindowSolver, filtered_gates, make_solver, qlsa_gates
+from .window import kappa_bound
 from .tomography import _check_count as _int, coupon_cost, qubits, shadow_cost
 
 __all__ = ["Resources", "estimate_resources"]
@@ -70,7 +71,9 @@ class Resources:
         Effective condition number of Theorem II.4 (default ``2(T+1)``, the paper's choice
         after Eq. II.118).
     filtering:
-        Whether the truncated solver (Theorem II.4) is the one costed in ``total_gates``.
+        Whether the costed solver filters (Theorem II.4: the ``|well>`` flag and ``P(|well>)`` count).
+    solver:
+        Name of the window solver whose own gate formula gives ``total_gates``.
     eps:
         Target error ``ε``.
     gates_qlsa:
@@ -98,8 +101,9 @@ class Resources:
         ``m² r³ / ε²`` shots of the shadow scheme (Sec. II D).
     total_gates:
         ``gates × (support draws + shadow shots) / (success_probability · level1_fraction ·
-        well_probability)`` (unknown factors as 1), ``gates`` = ``gates_filtered`` when filtering
-        else ``gates_qlsa``: every shot needs a fresh state, no amplitude amplification.
+        well_probability)`` (unknown factors as 1), ``gates`` = the solver's own formula
+        (``WindowSolver.gates``: ``gates_qlsa`` for forward/direct, ``gates_filtered`` for filtered):
+        every shot needs a fresh state, no amplitude amplification.
     notes:
         Why a quantity is a bound or missing.
     """
@@ -137,6 +141,7 @@ class Resources:
     tomography_shadow_shots: float
     total_gates: float
     notes: list = field(default_factory=list)
+    solver: Optional[str] = None
 
     def as_dict(self) -> dict:
         """All fields as a plain dict (copies of ``ancillas`` and ``notes``)."""
@@ -164,14 +169,17 @@ class Resources:
                      required_order: Optional[int] = None,
                      block_encoding_ancillas: Optional[int] = None,
                      form: Optional[str] = None, sparsity_source: str = "given",
-                     notes: Optional[list] = None) -> "Resources":
+                     notes: Optional[list] = None,
+                     solver: Union[None, str, WindowSolver] = None) -> "Resources":
         """The ledger from plain numbers.
 
         ``s`` is the row sparsity of ``A``; ``kappa`` a known ``κ(M)`` (default: the bound
         ``2(T+1)``); ``kappa_a`` the Theorem II.4 cut-off (default ``2(T+1)``); ``filtering``
         defaults to ``kappa_a is not None``; ``r`` defaults to ``n``; ``s_M`` defaults to the bound
-        ``s + 2``; ``success_probability`` defaults to ``1/(T+1)``.  Everything else: see the
-        class docstring.
+        ``s + 2``; ``success_probability`` defaults to ``1/(T+1)``.  ``solver`` (a name in
+        ``SOLVERS`` or a :class:`~torch_qode.core.solvers.WindowSolver`) gives the gate formula of
+        ``total_gates``; by default the filtered solver with ``kappa_a`` when ``filtering``, else the
+        forward one (Theorem II.3).  Everything else: see the class docstring.
         """
         n = _int(n, "n", 1)
         order = _int(order, "order", 1)
@@ -186,11 +194,23 @@ class Resources:
             kappa_v, kappa_source = float(kb), "bound"
         else:
             kappa_v, kappa_source = _real(kappa, "kappa", low=1.0, closed=True), "measured"
+        solver_obj = None
+        if solver is not None:
+            solver_obj = make_solver(solver)
+            if filtering is not None and filtering != solver_obj.filtering:
+                raise ValueError(f"filtering={filtering!r} contradicts solver={solver_obj!r}; pass one of them")
+            filtering = solver_obj.filtering
+            if solver_obj.kappa_a is not None:
+                if kappa_a is not None and _real(kappa_a, "kappa_a", low=1.0, closed=True) != solver_obj.kappa_a:
+                    raise ValueError(f"kappa_a={kappa_a!r} contradicts solver={solver_obj!r}; pass one of them")
+                kappa_a = solver_obj.kappa_a
         if filtering is None:
             filtering = kappa_a is not None
-        elif not isinstance(filtering, bool):
-            raise TypeError(f"filtering must be True, False or None, got {filtering!r}")
+        else:
+            filtering = check_bool(filtering, "filtering")
         kappa_a = float(kb) if kappa_a is None else _real(kappa_a, "kappa_a", low=1.0, closed=True)
+        if solver_obj is None:
+            solver_obj = SOLVERS["filtered"](kappa_a=kappa_a) if filtering else SOLVERS["forward"]()
         if s_M is None:
             s_M_v, s_M_source = (1 if T == 0 else s + 2), "bound"
         else:
@@ -201,9 +221,8 @@ class Resources:
                  else _int(block_encoding_ancillas, "block_encoding_ancillas", 0))
         ancillas = {"block_encoding": b_anc, "qlsa": 1, "well_ill_flag": int(filtering)}
         system_qubits = qubits(N_b)
-        polylog = math.log2(N_b / eps)
-        gates_qlsa = s_M_v * kappa_v * polylog
-        gates_filtered = s_M_v**2 * kappa_a**2 * polylog
+        gates_qlsa = qlsa_gates(s_M_v, kappa_v, N_b, eps)
+        gates_filtered = filtered_gates(s_M_v, kappa_a, N_b, eps)
         if success_probability is None:
             p_succ, p_source = 1.0 / (T + 1), "uniform"
         else:
@@ -220,7 +239,7 @@ class Resources:
         m = qubits(n)
         draws = coupon_cost(r)
         shadow = shadow_cost(r, n, eps)
-        gates = gates_filtered if filtering else gates_qlsa
+        gates = solver_obj.gates(s_M=s_M_v, kappa=kappa_v, N_b=N_b, eps=eps)
         p_total = p_succ * (level1_fraction if level1_fraction is not None else 1.0) \
             * (well_probability if well_probability is not None else 1.0)
         total = gates * (draws + shadow) / p_total if p_total > 0 else math.inf
@@ -232,14 +251,15 @@ class Resources:
                    required_order=required_order, success_probability=p_succ, success_source=p_source,
                    level1_fraction=level1_fraction, well_probability=well_probability, r=r, m=m,
                    tomography_support_draws=draws, tomography_shadow_shots=shadow, total_gates=total,
-                   notes=notes)
+                   notes=notes, solver=solver_obj.name)
 
 
 def estimate_resources(system: CarlemanSystem, T: int, kappa_a: Optional[float] = None,
                        eps: float = 1e-3, r: Optional[int] = None, *, solution=None,
                        u_norm: Optional[float] = None, rate: Optional[float] = None,
                        block_encoding_ancillas: Optional[int] = None, t: int = 0,
-                       max_bytes: Optional[int] = None) -> Resources:
+                       max_bytes: Optional[int] = None,
+                       solver: Union[None, str, WindowSolver] = None) -> Resources:
     """The ledger of a window of ``T`` steps of ``system`` (see :class:`Resources`).
 
     Parameters
@@ -250,6 +270,10 @@ def estimate_resources(system: CarlemanSystem, T: int, kappa_a: Optional[float] 
         Window length (steps).
     kappa_a:
         Cut-off of the truncated solver (Theorem II.4); given means ``filtering=True``.
+    solver:
+        The window solver costed (a name in ``SOLVERS`` or a ``WindowSolver``, e.g.
+        ``make_solver("filtered", {"kappa_a": 50})``); its ``gates`` formula gives ``total_gates``.
+        Default: from ``kappa_a`` as above.
     eps:
         Target error in ``(0, 1)`` (QLSA, Carleman truncation and tomography alike).
     r:
@@ -279,12 +303,12 @@ def estimate_resources(system: CarlemanSystem, T: int, kappa_a: Optional[float] 
     # row sparsity: measured from the explicit A(t), else the Theorem V.1 bound
     s_bound = int(system.sparsity_bound())
     s_M = None
-    try:
-        A = system.matrix(t, max_bytes=max_bytes)
-    except (TypeError, CarlemanTooLarge) as exc:
+    why = system.matrix_refusal(t, max_bytes=max_bytes)   # matrix-free or over budget: no exception
+    if why is not None:
         s, source = s_bound, "bound"
-        notes.append(f"s from the Theorem V.1 bound: {exc}")
+        notes.append(f"s from the Theorem V.1 bound: {why}")
     else:
+        A = system.matrix(t, max_bytes=max_bytes)
         s, source = (int(np.diff(A.indptr).max()) if A.shape[0] else 0), "measured"
         IA = (A + sp.identity(system.dim, format="csr")).tocsr()
         IA.eliminate_zeros()
@@ -303,7 +327,8 @@ def estimate_resources(system: CarlemanSystem, T: int, kappa_a: Optional[float] 
             p_succ = last_sq / total_sq
         if last_sq > 0:
             level1 = float(np.sum(X[-1, :n] ** 2)) / last_sq
-        if getattr(solution, "method", None) == "filtered":
+        method = getattr(solution, "method", None)
+        if method in SOLVERS and SOLVERS[method].filtering:
             p_well = float(solution.well_probability)
         if u_norm is None:
             u_norm = float(np.max(np.linalg.norm(X[:, :n], axis=1)))
@@ -330,7 +355,7 @@ def estimate_resources(system: CarlemanSystem, T: int, kappa_a: Optional[float] 
         n, N, T, s, eps, kappa=kappa, kappa_a=kappa_a, r=r, s_bound=s_bound, s_M=s_M,
         success_probability=p_succ, level1_fraction=level1, well_probability=p_well,
         required_order=order_needed, block_encoding_ancillas=block_encoding_ancillas,
-        form=system.form, sparsity_source=source, notes=notes)
+        form=system.form, sparsity_source=source, notes=notes, solver=solver)
     if p_succ is not None:
         res.success_source = "solution"
     return res
@@ -354,7 +379,7 @@ def _default_rate(system: CarlemanSystem) -> Optional[float]:
     F1 = system.ode.terms[1]
     if system.n > 2000 or (F1 is not None and not F1.explicit):
         return None
-    G = np.eye(system.n) + (F1.scipy().toarray() if F1 is not None else 0.0)
+    G = np.eye(system.n) + (F1.to_scipy().toarray() if F1 is not None else 0.0)
     rate = 1.0 - float(np.linalg.norm(G, 2))
     return rate if rate > 0 else None
 
@@ -362,13 +387,5 @@ def _default_rate(system: CarlemanSystem) -> Optional[float]:
 def _real(x, name: str, low: float, high: float = math.inf, closed: bool = False,
           closed_low: bool = False) -> float:
     """A finite real in ``(low, high)``; ``closed`` closes both ends, ``closed_low`` the lower."""
-    if isinstance(x, bool) or not isinstance(x, Real):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    lo_ok = x >= low if (closed or closed_low) else x > low
-    hi_ok = x <= high if closed else x < high
-    if not (math.isfinite(x) and lo_ok and hi_ok):
-        lb = "[" if (closed or closed_low) else "("
-        rb = "]" if closed else ")"
-        raise ValueError(f"{name} must lie in {lb}{low}, {high}{rb}, got {x!r}")
-    return x
+    return expect_real(x, name, low, None if math.isinf(high) else high,
+                       low_open=not (closed or closed_low), high_open=not closed)

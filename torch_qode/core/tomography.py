@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Integral, Real
 from typing import Mapping, Optional, Union
 
 import numpy as np
@@ -36,13 +35,17 @@ import scipy.integrate
 import scipy.special
 import torch
 
+from .._checks import check_real, expect_int, expect_real
+from .readout import SIGN_SCHEMES
+from .readout import hadamard_signs as _hadamard_signs, pair_signs as _pair_signs  # noqa: F401
+
 __all__ = ["tomography", "TomographyResult", "coupon_collector_expected_draws", "coupon_cost",
-           "shadow_cost", "DEFAULT_SPLIT", "SIGN_METHODS"]
+           "shadow_cost", "DEFAULT_SPLIT", "SIGN_METHODS", "SIGN_SCHEMES"]
 
 #: Default share of a shot budget per stage (renormalised over the stages that actually run).
 DEFAULT_SPLIT = {"support": 0.5, "signs": 0.4, "norm": 0.1}
-#: Sign-stage circuits of :func:`tomography`.
-SIGN_METHODS = ("pairs", "hadamard")
+#: Sign-stage circuits of :func:`tomography`: the registry of :mod:`torch_qode.core.readout`.
+SIGN_METHODS = SIGN_SCHEMES
 _STAGES = ("support", "signs", "norm")
 
 
@@ -64,8 +67,7 @@ def shadow_cost(r: int, n: int, eps: float) -> float:
     """
     r = _check_count(r, "r", minimum=0)
     n = _check_count(n, "n", minimum=1)
-    if isinstance(eps, bool) or not isinstance(eps, Real) or not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number ≥ 0, got {eps!r}")
+    eps = check_real(eps, "eps", 0.0)
     m = qubits(n)
     if r == 0:
         return 0.0
@@ -240,8 +242,9 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
         :data:`DEFAULT_SPLIT`, partial dicts update it); renormalised over the stages that run
         (no ``"norm"`` stage when the norm is given).  Each running stage gets ≥ 1 shot.
     sign_method:
-        ``"pairs"`` (default; interference of each component with a reference component) or
-        ``"hadamard"`` (interference with a reference state); see below.
+        A name in ``SIGN_SCHEMES`` (:mod:`torch_qode.core.readout`): ``"pairs"`` (default;
+        interference of each component with a reference component) or ``"hadamard"``
+        (interference with a reference state); see below.
 
     Sign circuits, ``sign_method="pairs"``
     --------------------------------------
@@ -300,8 +303,7 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
                              "success probability (||v||/norm_scale)² would exceed 1")
     if eps is not None:
         eps = _check_positive(eps, "eps")
-    if sign_method not in SIGN_METHODS:
-        raise ValueError(f"sign_method must be one of {SIGN_METHODS}, got {sign_method!r}")
+    scheme = SIGN_SCHEMES.lookup(sign_method, "sign_method")()
     fractions = _check_split(split)
     p = (vals / true_norm) ** 2
     p /= p.sum()
@@ -333,10 +335,7 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
         # 2. magnitudes (unit norm) from the same counts
         mags = np.sqrt(c / budget["support"])
         # 3. signs
-        if sign_method == "pairs":
-            signs = _pair_signs(rng, vals[kept] / true_norm, mags, budget["signs"])
-        else:
-            signs = _hadamard_signs(rng, vals[kept] / true_norm, mags, budget["signs"])
+        signs = scheme.signs(rng, vals[kept] / true_norm, mags, budget["signs"])
         # 4. norm
         if norm_source == "measured":
             alpha = norm_scale if norm_scale is not None else _pow2_ceil(true_norm)
@@ -365,7 +364,7 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
         estimate=estimate, support=support, shots=budget, norm=float(used_norm),
         norm_source=norm_source, missed_mass=float(p[missed].sum()),
         pruned_mass=float(p[dropped].sum()), relative_error=rel_err, sign_errors=sign_errors,
-        reference=int(nz[ref]) if shots is not None and sign_method == "pairs" else None,
+        reference=int(nz[ref]) if shots is not None and scheme.reports_reference else None,
         n=n, r=r, m=qubits(n),
         coupon_cost=coupon_cost(r_cost), shadow_cost=shadow_cost(r_cost, n, shadow_eps),
         shadow_eps=float(shadow_eps), eps_source=eps_source, split=used_split,
@@ -373,41 +372,6 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
 
 
 # ------------------------------------------------------------------------------------ internals
-def _hadamard_signs(rng: np.random.Generator, w: np.ndarray, mags: np.ndarray, shots: int) -> np.ndarray:
-    """Signs from one Hadamard test against ``|φ>`` (``w = v_kept/||v||``, ``φ = mags`` normalised)."""
-    phi = mags / np.linalg.norm(mags)
-    p0 = (w + phi) ** 2 / 4
-    p1 = (w - phi) ** 2 / 4
-    p_else = max(0.0, 1.0 - float(p0.sum() + p1.sum()))
-    pv = np.concatenate([p0, p1, [p_else]])
-    counts = rng.multinomial(shots, pv / pv.sum())
-    k = w.size
-    return np.where(counts[:k] >= counts[k:2 * k], 1.0, -1.0)
-
-
-def _pair_signs(rng: np.random.Generator, w: np.ndarray, mags: np.ndarray, shots: int) -> np.ndarray:
-    """Signs of the kept components (``w = v_kept / ||v||``, ``w[0]`` the reference)."""
-    k = w.size
-    per = np.full(k, shots // k, dtype=np.int64)
-    per[: shots % k] += 1                       # global test first, then pairs by decreasing count
-    rel = np.ones(k)
-    if k > 1:
-        wa, wr = w[1:], w[0]
-        p_plus = (wa + wr) ** 2 / 2
-        p_minus = (wa - wr) ** 2 / 2
-        p_else = np.clip(1.0 - p_plus - p_minus, 0.0, 1.0)
-        pv = np.stack([p_plus, p_minus, p_else], axis=1)
-        pv /= pv.sum(axis=1, keepdims=True)
-        outcomes = rng.multinomial(per[1:], pv)
-        rel[1:] = np.where(outcomes[:, 0] >= outcomes[:, 1], 1.0, -1.0)
-    # global sign: Hadamard test against the normalised relative-sign estimate
-    w_hat = rel * mags
-    w_hat /= np.linalg.norm(w_hat)
-    overlap = float(np.clip(np.dot(w_hat, w), -1.0, 1.0))
-    n0 = rng.binomial(per[0], (1.0 + overlap) / 2)
-    return rel if 2 * n0 >= per[0] else -rel
-
-
 def _exact_readout(vals: np.ndarray, top_r: Optional[int]):
     idx = np.arange(vals.size)
     if top_r is None:
@@ -478,23 +442,17 @@ def _like(vals: np.ndarray, support: np.ndarray, n: int, kind):
 def _check_shots(shots) -> Optional[int]:
     if shots is None:
         return None
-    if isinstance(shots, bool) or not isinstance(shots, Real):
-        raise TypeError(f"shots must be a positive integer or None (exact readout), got {type(shots).__name__}")
-    if not math.isfinite(shots) or shots != int(shots):
+    hint = " (a positive integer) or None (exact readout)"
+    v = expect_real(shots, "shots", 0.0, low_open=True, hint=hint)
+    if v != int(v):
         raise ValueError(f"shots must be a positive integer or None (exact readout), got {shots!r}")
-    if shots <= 0:
-        raise ValueError(f"shots must be a positive integer or None (exact readout), got {shots!r}")
-    return int(shots)
+    return int(v)
 
 
 def _check_top_r(top_r, n: int) -> Optional[int]:
     if top_r is None:
         return None
-    if isinstance(top_r, bool) or not isinstance(top_r, Integral):
-        raise TypeError(f"top_r must be None or an integer in 1..n = {n}, got {type(top_r).__name__}")
-    if not 1 <= top_r <= n:
-        raise ValueError(f"top_r must be None or an integer in 1..n = {n}, got {top_r!r}")
-    return int(top_r)
+    return expect_int(top_r, "top_r", 1, n, hint=f" (1..n = {n}) or None")
 
 
 def _check_norm(norm, true_norm: float):
@@ -509,12 +467,8 @@ def _check_norm(norm, true_norm: float):
 
 def _check_positive(x, name: str) -> float:
     if isinstance(x, torch.Tensor) and x.numel() == 1:
-        x = x.item()
-    if isinstance(x, bool) or not isinstance(x, Real):
-        raise TypeError(f"{name} must be a positive finite number, got {type(x).__name__}")
-    if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {x!r}")
-    return float(x)
+        x = x.reshape(())
+    return expect_real(x, name, 0.0, low_open=True)
 
 
 def _check_split(split) -> dict:
@@ -531,11 +485,7 @@ def _check_split(split) -> dict:
 
 
 def _check_count(x, name: str, minimum: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, Integral):
-        raise TypeError(f"{name} must be an integer ≥ {minimum}, got {type(x).__name__}")
-    if x < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {x!r}")
-    return int(x)
+    return expect_int(x, name, minimum)
 
 
 def qubits(n: int) -> int:

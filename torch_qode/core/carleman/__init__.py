@@ -1,0 +1,39 @@
+"""Carleman linearisation of a polynomial difference equation (Sec. II A, V B, V E).
+
+The state ``y = (y_1, …, y_N)`` with ``y_j ≈ u^{⊗j}`` (``Δ = n + n² + … + n^N``, Eq. V.103) obeys
+``y(t+1) = y(t) + A(t) y(t) + b(t)``.  One module per form over the shared
+:class:`~torch_qode.core.carleman.base.CarlemanSystem`; :data:`FORMS` maps a name to its class.
+To add a form: a new module with a ``CarlemanSystem`` subclass and one line in ``FORMS`` below.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..ode import PolynomialODE
+from ..registry import Registry
+from .base import CarlemanSystem
+from .bounds import Dissipativity, carleman_error_bound, dissipativity, required_order
+from .budget import CarlemanTooLarge, default_max_bytes, refuse_over_budget
+from .budget import budget as _budget, check_max_bytes as _check_max_bytes, gib as _gib  # noqa: F401
+from .continuous import ContinuousCarleman
+from .discrete import DiscreteCarleman
+
+__all__ = ["carleman", "CarlemanSystem", "CarlemanTooLarge", "FORMS", "required_order",
+           "carleman_error_bound", "dissipativity", "Dissipativity", "default_max_bytes",
+           "DiscreteCarleman", "ContinuousCarleman", "refuse_over_budget"]
+
+#: Carleman forms, name -> CarlemanSystem subclass (prints as the tuple of names)
+FORMS = Registry("Carleman form", {"discrete": DiscreteCarleman, "continuous": ContinuousCarleman})
+
+
+def carleman(ode: PolynomialODE, order: int, form: str = "discrete", *,
+             max_bytes: Optional[int] = None) -> CarlemanSystem:
+    """Carleman-linearise ``ode`` to order ``N = order`` in the form registered as ``form``.
+
+    ``max_bytes`` (a positive integer, or ``None`` for half the available memory) bounds the memory
+    of the matrix-free state (a few copies of ``Δ`` numbers): a system whose state alone would not
+    fit is refused before anything is allocated.  It is also the default budget of the system's
+    later allocations (:meth:`CarlemanSystem.matrix`, :meth:`~CarlemanSystem.simulate`, and the
+    window solvers).
+    """
+    return CarlemanSystem(ode, order, form, max_bytes=max_bytes)
