@@ -46,12 +46,25 @@ def nonfinite_flag(loss, grads: list, found: torch.Tensor) -> torch.Tensor:
     found.zero_()
     if grads:
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _one(found))
-    if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_complex():
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_complex() \
+            and loss.device == found.device:
+        found.add_(loss.detach(), alpha=0)    # 0·loss: 0 if finite, NaN (≠ 0) if not; one kernel
+    elif isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_complex():
         found.add_(~torch.isfinite(loss.detach().reshape(1).to(found.device)))
     return found
 
 
 _ONES: dict = {}
+_ZEROS: dict = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A cached 0-d zero of ``like``'s dtype and device (``torch.where`` with a tensor is cheaper)."""
+    key = (like.dtype, like.device)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return z
 
 
 def _one(found: torch.Tensor) -> torch.Tensor:
@@ -82,12 +95,12 @@ def masked_sgd_update(params: list, grads: list, buffers: list, group: dict, ski
         if momentum != 0:
             buf = buffers[i]
             if buf is None:
-                buf = torch.where(skip, 0.0, grad.detach())
+                buf = torch.where(skip, _zero(grad), grad.detach())
             else:
                 buf = torch.where(skip, buf, buf.mul(momentum).add_(grad, alpha=1 - dampening), out=buf)
             out[i] = buf
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
-        param.add_(torch.where(skip, 0.0, grad), alpha=-lr)
+        param.add_(torch.where(skip, _zero(grad), grad), alpha=-lr)
     return out
 
 
