@@ -8,7 +8,8 @@ import torch
 
 from ..bridge import flat as _flat
 
-__all__ = ["capture_backward", "NoiseTape", "loss_value", "holding", "own_grads", "measuring"]
+__all__ = ["capture_backward", "NoiseTape", "loss_value", "holding", "own_grads", "measuring",
+           "upload_graph"]
 
 
 @contextlib.contextmanager
@@ -123,3 +124,19 @@ def measuring(params: list, model: Optional[torch.nn.Module]):
     if model is not None:
         stack.enter_context(_flat.batch_stats_no_update(model))
     return stack
+
+
+def upload_graph(params: list, cap: dict) -> torch.Tensor:
+    """The loss graph :func:`capture_backward` kept at the upload (``cap`` is emptied); refuses sparse
+    gradients and a closure that did not backward through ``torch.autograd.backward``."""
+    sparse = [i for i, p in enumerate(params) if p.grad is not None and p.grad.is_sparse]
+    if sparse:
+        raise RuntimeError(f"QODE: params[{sparse[0]}] has a sparse gradient (e.g. nn.Embedding(sparse=True)); "
+                           "the quantum window expands the loss densely: use sparse=False, or mode='classical'")
+    graph = cap.pop("loss", None)
+    cap.clear()
+    if graph is None:
+        raise RuntimeError("QODE: the closure did not call loss.backward() or torch.autograd.backward(loss); "
+                           "the upload step needs the loss graph for the Taylor expansion (a backward "
+                           "imported by name, `from torch.autograd import backward`, is not seen)")
+    return graph

@@ -23,8 +23,8 @@ applies to classical steps only and its buffers restart after a quantum window.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
 import time
 from typing import Callable, Optional
 
@@ -35,15 +35,13 @@ from torch.optim import Optimizer
 from ..bridge import flat as _flat
 from ..bridge.dissipation import DissipationCheck
 from ..bridge.pruning import MagnitudePruner
-from ..bridge.taylor import UnsupportedGraphError
-from ..core.ode import NonFiniteError
 from . import window as _w
-from .capture import capture_backward, holding, loss_value, measuring, own_grads
+from .capture import capture_backward, loss_value, measuring, own_grads, upload_graph
 from .classical import MaskedSGD, all_finite_sync, sgd_update
 from .comm import Comm, as_comm
 from .config import MODES, NOISES, UPLOADS, check_budget, check_sgd_settings, check_trainable, make_config
-from .report import CycleReport
-from .shadow import drift, grads_at, measure_losses, shadow_grads, shadow_update, start_shadow
+from .report import CycleReport, download_record
+from .shadow import drift_measurement, grads_at, shadow_grads, shadow_update
 from .window import EXPLICIT_MAX_SUPPORT, KAPPA_MAX_UNKNOWNS  # noqa: F401  (public constants)
 
 __all__ = ["QODE", "CycleReport", "MODES", "UPLOADS", "NOISES"]
@@ -193,13 +191,6 @@ class QODE(Optimizer):
     def _fault(self, message: str) -> None:
         self._report().faults.append(f"step {self._k}: {message}")
 
-    def _measuring(self):
-        return measuring(self._params, self.model)
-
-    def _flat_grads(self) -> torch.Tensor:
-        return _flat.flatten([p.grad.detach() if p.grad is not None else torch.zeros_like(p)
-                              for p in self._params])
-
     @torch.no_grad()
     def _write_params(self, flat: torch.Tensor) -> None:
         for p, v in zip(self._params, _flat.unflatten(flat, self._params)):
@@ -291,10 +282,7 @@ class QODE(Optimizer):
         self._reports.append(rep)
         if self.pruner is not None:
             self.pruner.prune()
-            r = self.pruner.report()
-            rep.download = {"kept": int(self.pruner.support().numel()), "total": int(r.n_total),
-                            "sparsity": float(r.mask_sparsity), "total_sparsity": float(r.total_sparsity),
-                            "layers": {x.name: x.pruned / x.numel for x in r.layers if x.prunable and x.numel}}
+            rep.download = download_record(self.pruner)
 
     # --------------------------------------------------------------------------------- upload
     def _upload(self, closure) -> torch.Tensor:
@@ -312,57 +300,22 @@ class QODE(Optimizer):
             self._fault("non-finite loss or gradient at upload: update skipped")
             return self._go_classical("non-finite loss or gradient at upload", loss, update=False)
         check_trainable(self._params)             # requires_grad may have been switched off since
-        sparse = [i for i, p in enumerate(self._params) if p.grad is not None and p.grad.is_sparse]
-        if sparse:
-            raise RuntimeError(f"QODE: params[{sparse[0]}] has a sparse gradient (e.g. nn.Embedding(sparse=True)); "
-                               "the quantum window expands the loss densely: use sparse=False, or mode='classical'")
-        graph = cap.pop("loss", None)
-        cap.clear()
-        if graph is None:
-            raise RuntimeError("QODE: the closure did not call loss.backward() or torch.autograd.backward(loss); "
-                               "the upload step needs the loss graph for the Taylor expansion (a backward "
-                               "imported by name, `from torch.autograd import backward`, is not seen)")
+        graph = upload_graph(self._params, cap)
         unused = [i for i, p in enumerate(self._params) if p.grad is None]
         if unused:                                   # SGD leaves them alone this step; so does the window
             support = _w.support_without(self._params, unused, support)
             rep.excluded_params = len(unused)
             if support.numel() == 0:
                 return self._go_classical("no parameter received a gradient at upload", loss, update=True)
-        group = self.param_groups[0]
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
-        if lr <= 0:
-            return self._go_classical(f"lr = {lr:g} (e.g. a scheduler reached 0): gradient descent does not "
-                                      "move, there is nothing to linearise", loss, update=True)
-        try:
-            exp = _w.expand(graph, self._params, support, lr, wd, self.cfg)
-        except (UnsupportedGraphError, NonFiniteError) as exc:
-            return self._go_classical(f"Taylor expansion failed: {exc}", loss, update=True)
+        monitor = getattr(self.monitor, "on_upload", None)
+        win, why = _w.open_window(graph, self._params, support, self.param_groups[0], self._buffers(), self.cfg,
+                                  self.comm, self._rng, self.dissipation, rep, monitor=monitor, k=self._k)
         del graph
-        rep.support_size = exp.n
-        if self.mode == "auto":
-            verdict = _w.check_dissipation(exp, self.dissipation, lr, self.window_length, self.comm,
-                                           self._params[0].device)
-            rep.dissipation = verdict.as_dict()
-            if self.monitor is not None and hasattr(self.monitor, "on_upload"):
-                self.monitor.on_upload(self._k, verdict)
-            if not verdict.passed:
-                exp.release()
-                return self._go_classical(f"dissipation check {verdict.reason}", loss, update=True)
-            rep.reason = f"dissipation check {verdict.reason}"
-        else:
-            rep.reason = "mode='quantum'"
-        theta0 = _flat.flatten([p.detach() for p in self._params]).clone()
-        try:
-            self._win = _w.start_window(exp, support, theta0, self._flat_grads(), wd, self.cfg, self.comm, self._rng)
-        except (ValueError, MemoryError) as exc:   # e.g. terms too large for this support: refuse the window
-            self._release()
-            exp.release()
-            return self._go_classical(f"Carleman system not built: {exc}", loss, update=True)
-        rep.carleman = dict(self._win.info)
-        if self.track_sgd:
-            self._win.shadow = start_shadow(self._params, self._buffers(), group["momentum"], support, theta0)
+        if win is None:
+            return self._go_classical(why, loss, update=True)
+        self._win = win
         rep.mode = "quantum"
-        self._advance(self._flat_grads())
+        self._advance(_w.flat_grads(self._params))
         return loss
 
     def _go_classical(self, reason: str, loss, update: bool) -> torch.Tensor:
@@ -393,27 +346,23 @@ class QODE(Optimizer):
     def _window_step(self, closure) -> torch.Tensor:
         w = self._win
         resumed = w.system is None                # a matrix-free window restored by load_state_dict
-        with torch.enable_grad(), capture_backward() as cap:
+        with torch.enable_grad(), (capture_backward() if resumed else contextlib.nullcontext({})) as cap:
             loss = closure()                      # the model holds θ0: ∇L_t(θ0)
-        graph = cap.pop("loss", None) if resumed else None
+        graph = cap.pop("loss", None)
         cap.clear()
         if self.comm.any(not self._finite(loss)):
             self._report().skipped_steps += 1
             self._abort_window("non-finite loss or gradient inside the quantum window")
             return loss
         if resumed:
-            try:
-                if graph is None:
-                    raise KeyError("loss")
-                exp = _w.expand(graph, self._params, w.support, w.lr, w.wd, self.cfg)
-            except (KeyError, UnsupportedGraphError, NonFiniteError) as exc:
-                self._abort_window(f"re-expansion after resume failed: {exc!r}")
+            why = _w.reexpand(w, graph, self._params, self.cfg, self.comm)
+            if why is not None:
+                self._abort_window(f"re-expansion after resume failed: {why}")
                 return loss
-            _w.build_system(w, exp, self.cfg, self.comm)
             self._report().faults.append(
                 f"step {self._k}: resumed a matrix-free window: F1..Fq re-expanded at θ0 on this step's "
                 "batch (the upload batch's autograd graph cannot be saved)")
-        self._advance(self._flat_grads())
+        self._advance(_w.flat_grads(self._params))
         return loss
 
     @torch.no_grad()
@@ -432,12 +381,13 @@ class QODE(Optimizer):
         if self._win is None or self._win.system is not None:
             raise RuntimeError("restore_expansion: no resumed matrix-free window is waiting for its Taylor terms")
         w = self._win
-        with own_grads(self._params), torch.enable_grad(), self._measuring(), capture_backward() as cap:
+        with own_grads(self._params), torch.enable_grad(), measuring(self._params, self.model), \
+                capture_backward() as cap:
             closure()
         if "loss" not in cap:
             raise RuntimeError("restore_expansion: the closure did not call loss.backward()")
         _w.build_system(w, _w.expand(cap.pop("loss"), self._params, w.support, w.lr, w.wd, self.cfg),
-                        self.cfg, self.comm)
+                        self.cfg, self.comm)     # errors raise here: the caller asked for this expansion
 
     def _abort_window(self, why: str) -> None:
         """A fault ends the window: θ0 back in the model, the rest of the window trains classically."""
@@ -465,11 +415,8 @@ class QODE(Optimizer):
         self._write_params(res.new)
         # measurements that run user code (closures, the monitor) wait until the step is complete
         if self.track_sgd:
-            theta_s = _flat.flatten(w.shadow.params).clone()
-            snapshot = {"theta0": w.theta0, "theta_s": theta_s,
-                        "theta_gd": theta_s if w.shadow.gd is None else w.shadow.gd}
-            self._post.append(functools.partial(self._record_drift, rep, res.new, res.lin, snapshot,
-                                                self._closure))
+            self._post.append(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, self._params,
+                                                self._closure, self.model))
         if self.monitor is not None and hasattr(self.monitor, "on_window_end"):
             self._post.append(functools.partial(self.monitor.on_window_end, self._k, rep))
         for p in self._params:                   # momentum restarts after a quantum window
@@ -478,12 +425,6 @@ class QODE(Optimizer):
                 if not self.state[p]:
                     del self.state[p]
         self._release()
-
-    def _record_drift(self, rep: CycleReport, theta_q, theta_lin, snapshot: dict, closure) -> None:
-        """track_sgd: the drift and both losses (see :mod:`~torch_qode.training.shadow`)."""
-        rep.drift = drift(theta_q, theta_lin, snapshot)   # the distances stand if a loss evaluation raises
-        if closure is not None:
-            measure_losses(rep.drift, self._params, closure, self.model, snapshot["theta_s"], theta_q)
 
     # ----------------------------------------------------------------------------- state dict
     def _config(self) -> dict:

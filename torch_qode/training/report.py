@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-__all__ = ["CycleReport"]
+__all__ = ["CycleReport", "download_record"]
 
 #: report fields that are measurements of this machine, not training state: they stay out of
 #: ``QODE.state_dict()`` and of report equality, so two optimizers with the same history compare equal
@@ -44,3 +44,11 @@ class CycleReport:
         for k in TIMING_FIELDS:
             d.pop(k, None)
         return d
+
+
+def download_record(pruner) -> dict:
+    """``CycleReport.download`` after a download: kept, total, sparsity, per-layer pruned fractions."""
+    r = pruner.report()
+    return {"kept": int(pruner.support().numel()), "total": int(r.n_total), "sparsity": float(r.mask_sparsity),
+            "total_sparsity": float(r.total_sparsity),
+            "layers": {x.name: x.pruned / x.numel for x in r.layers if x.prunable and x.numel}}

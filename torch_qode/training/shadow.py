@@ -11,7 +11,7 @@ from ..bridge import flat as _flat
 from .capture import holding, loss_value, measuring, own_grads
 from .classical import sgd_update
 
-__all__ = ["Shadow", "start_shadow", "shadow_grads", "shadow_update", "drift", "grads_at", "measure_losses"]
+__all__ = ["drift_measurement", "Shadow", "start_shadow", "shadow_grads", "shadow_update", "drift", "grads_at", "measure_losses"]
 
 
 @dataclass
@@ -109,3 +109,18 @@ def measure_losses(info: dict, params: list, closure: Callable, model, theta_s: 
         with own_grads(params), holding(params, _flat.unflatten(theta, params)), torch.enable_grad(), \
                 measuring(params, model):
             info[name] = loss_value(closure())
+
+
+def drift_measurement(rep, shadow: Shadow, theta0: torch.Tensor, theta_q: torch.Tensor, theta_lin: torch.Tensor,
+                      params: list, closure: Optional[Callable], model) -> Callable[[], None]:
+    """The window-end measurement, run once the step is complete: ``rep.drift`` (see :func:`drift`)
+    and, with a closure, both losses."""
+    theta_s = _flat.flatten(shadow.params).clone()
+    snapshot = {"theta0": theta0, "theta_s": theta_s, "theta_gd": theta_s if shadow.gd is None else shadow.gd}
+
+    def measure() -> None:
+        rep.drift = drift(theta_q, theta_lin, snapshot)   # the distances stand if a loss evaluation raises
+        if closure is not None:
+            measure_losses(rep.drift, params, closure, model, theta_s, theta_q)
+
+    return measure

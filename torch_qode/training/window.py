@@ -17,7 +17,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..bridge.taylor import TaylorExpansion
+from ..bridge import flat as _flat
+from ..bridge.taylor import TaylorExpansion, UnsupportedGraphError
 from ..core.carleman import carleman
 from ..core.linsolve import kappa_bound, solve_window
 from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE, all_finite
@@ -28,9 +29,9 @@ from .capture import NoiseTape
 from .comm import Comm
 from .config import QODEConfig
 from .report import CycleReport
-from .shadow import Shadow
+from .shadow import Shadow, start_shadow
 
-__all__ = ["WindowState", "WindowResult", "start_window", "build_system", "advance", "finish_window",
+__all__ = ["WindowState", "WindowResult", "open_window", "start_window", "build_system", "advance", "finish_window",
            "window_state_dict", "load_window", "expand", "EXPLICIT_MAX_SUPPORT", "KAPPA_MAX_UNKNOWNS"]
 
 #: ``explicit=None`` builds explicit Taylor terms up to this support size (cheap to build, exact to
@@ -160,6 +161,24 @@ def readout_keep(params: list, pruner) -> Optional[tuple]:
     return flags, pruner.n_prunable - pruner.n_pruned_target()
 
 
+def flat_grads(params: list) -> torch.Tensor:
+    """The parameters' ``.grad`` as one flat vector (zeros where ``None``)."""
+    return _flat.flatten([p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params])
+
+
+def reexpand(win: WindowState, graph: Optional[torch.Tensor], params: list, cfg: QODEConfig,
+             comm: Comm) -> Optional[str]:
+    """A resumed matrix-free window: F1..Fq re-expanded at θ0 from ``graph``; returns why it failed, or None."""
+    if graph is None:
+        return "KeyError('loss')"
+    try:
+        exp = expand(graph, params, win.support, win.lr, win.wd, cfg)
+    except (UnsupportedGraphError, NonFiniteError) as exc:
+        return repr(exc)
+    build_system(win, exp, cfg, comm)
+    return None
+
+
 def use_explicit(cfg: QODEConfig, n: int) -> bool:
     if cfg.explicit is not None:
         return cfg.explicit
@@ -180,6 +199,45 @@ def start_window(exp: TaylorExpansion, support, theta0: torch.Tensor, grads_flat
     win.info = {"n": exp.n, "order": cfg.carleman_order, "form": cfg.form, "dim": win.system.dim,
                 "degree": win.system.degree, "explicit": explicit, "noise": cfg.noise}
     return win
+
+
+def open_window(graph: torch.Tensor, params: list, support, group: dict, buffers: list, cfg: QODEConfig,
+                comm: Comm, rng: np.random.Generator, dissipation, rep: CycleReport, *, monitor=None,
+                k: int = 0) -> tuple:
+    """The upload (DESIGN.md steps 3–5): expand the loss ``graph`` at θ0 on S, run the dissipation
+    check (``mode="auto"``), build the window.  Returns ``(WindowState, "")`` or ``(None, why not)``;
+    the parameters' ``.grad`` hold ∇L_0(θ0)."""
+    lr, wd = float(group["lr"]), float(group["weight_decay"])
+    if lr <= 0:
+        return None, (f"lr = {lr:g} (e.g. a scheduler reached 0): gradient descent does not move, there is "
+                      "nothing to linearise")
+    try:
+        exp = expand(graph, params, support, lr, wd, cfg)
+    except (UnsupportedGraphError, NonFiniteError) as exc:
+        return None, f"Taylor expansion failed: {exc}"
+    del graph
+    rep.support_size = exp.n
+    if cfg.mode == "auto":
+        verdict = check_dissipation(exp, dissipation, lr, cfg.window_length, comm, params[0].device)
+        rep.dissipation = verdict.as_dict()
+        if monitor is not None:
+            monitor(k, verdict)
+        if not verdict.passed:
+            exp.release()
+            return None, f"dissipation check {verdict.reason}"
+        rep.reason = f"dissipation check {verdict.reason}"
+    else:
+        rep.reason = "mode='quantum'"
+    theta0 = _flat.flatten([p.detach() for p in params]).clone()
+    try:
+        win = start_window(exp, support, theta0, flat_grads(params), wd, cfg, comm, rng)
+    except (ValueError, MemoryError) as exc:   # e.g. terms too large for this support: refuse the window
+        exp.release()
+        return None, f"Carleman system not built: {exc}"
+    rep.carleman = dict(win.info)
+    if cfg.track_sgd:
+        win.shadow = start_shadow(params, buffers, group["momentum"], support, theta0)
+    return win, ""
 
 
 def _reduced(term, comm: Comm):
