@@ -184,3 +184,11 @@ def check_budget(cfg: QODEConfig, n_S: int) -> None:
             f"sparsity={cfg.sparsity}) needs a Carleman state of Δ={dim:,} numbers "
             f"(~{4 * 8 * dim / 2**30:.3g} GiB with temporaries), more than the memory allows; lower "
             f"carleman_order or use upload='sparse' with a higher sparsity")
+
+
+def check_saved_config(saved: dict, current: dict) -> None:
+    """A state_dict loads only into a QODE with the settings it was saved with (names both values)."""
+    mismatch = {k: (v, saved.get(k)) for k, v in current.items() if saved.get(k) != v}
+    if mismatch:
+        raise ValueError("state_dict was saved by a QODE with other settings: " + ", ".join(
+            f"{k}={old!r} there vs {new!r} here" for k, (new, old) in mismatch.items()))

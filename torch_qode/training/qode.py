@@ -39,7 +39,8 @@ from . import window as _w
 from .capture import capture_backward, loss_value, measuring, own_grads, upload_graph
 from .classical import MaskedSGD, all_finite_sync, sgd_update
 from .comm import Comm, as_comm
-from .config import MODES, NOISES, UPLOADS, check_budget, check_sgd_settings, check_trainable, make_config
+from .config import (MODES, NOISES, UPLOADS, check_budget, check_saved_config, check_sgd_settings,
+                     check_trainable, make_config)
 from .report import CycleReport, download_record
 from .shadow import drift_measurement, grads_at, shadow_grads, shadow_update
 from .window import EXPLICIT_MAX_SUPPORT, KAPPA_MAX_UNKNOWNS  # noqa: F401  (public constants)
@@ -332,8 +333,8 @@ class QODE(Optimizer):
         """Window step t (window core), with the shadows' closure calls first: if one raises, the
         window is exactly as before the step; finish at t = T."""
         w = self._win
-        shadow = shadow_grads(w.shadow, w.t == 0, self._params,
-                              functools.partial(grads_at, self._params, self._closure, self.model)) if w.shadow is not None else None
+        shadow = None if w.shadow is None else shadow_grads(
+            w.shadow, w.t == 0, self._params, functools.partial(grads_at, self._params, self._closure, self.model))
         fault = _w.advance(w, grads_flat, self.comm)
         if fault is not None:
             self._abort_window(fault)
@@ -453,11 +454,7 @@ class QODE(Optimizer):
         q = state_dict.pop("qode", None)
         if q is None:
             raise ValueError("state_dict: not a QODE state_dict (missing the 'qode' entry)")
-        saved = q.get("config") or {}
-        mismatch = {k: (v, saved.get(k)) for k, v in self._config().items() if saved.get(k) != v}
-        if mismatch:
-            raise ValueError("state_dict was saved by a QODE with other settings: " + ", ".join(
-                f"{k}={old!r} there vs {new!r} here" for k, (new, old) in mismatch.items()))
+        check_saved_config(q.get("config") or {}, self._config())
         super().load_state_dict(state_dict)
         self._release()
         self._k = int(q["k"])

@@ -11,7 +11,8 @@ from ..bridge import flat as _flat
 from .capture import holding, loss_value, measuring, own_grads
 from .classical import sgd_update
 
-__all__ = ["drift_measurement", "Shadow", "start_shadow", "shadow_grads", "shadow_update", "drift", "grads_at", "measure_losses"]
+__all__ = ["drift_measurement", "Shadow", "start_shadow", "shadow_grads", "shadow_update", "drift", "grads_at",
+           "measure_losses"]
 
 
 @dataclass
