@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import torch_qode.training.qode as optim_mod
+import torch_qode.training.window as optim_mod   # the window core calls tomography
 from torch_qode.training.qode import QODE
 
 from tests.training.test_qode import _untimed, batches, closure_for, flat, run, tiny_mlp
@@ -463,7 +463,7 @@ def test_frozen_noise_uses_the_closures_gradient():
         opt.step(closure)
     g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
     assert g.norm() <= 1e-3 * (1 + 1e-6)
-    assert torch.allclose(opt._win["frozen"], -0.05 * g, rtol=0, atol=1e-15)
+    assert torch.allclose(opt._win.frozen, -0.05 * g, rtol=0, atol=1e-15)
 
 
 def test_a_cycle_before_its_upload_is_pending():

@@ -1,0 +1,165 @@
+"""The classical step: ``torch.optim.SGD``'s update, bit for bit, with a device-side skip mask.
+
+:func:`sgd_update` is SGD's own functional call (hence bit-identical).  :func:`masked_sgd_update`
+repeats the same arithmetic as ``torch.optim.sgd._single_tensor_sgd`` / ``_multi_tensor_sgd`` but
+takes a ``found_inf`` flag on the device, as fused optimizers do: when it is set, the parameter and
+momentum-buffer updates are masked out on the device (``torch.where``), so a non-finite loss or
+gradient never reaches the weights and the host never waits for the GPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.optim.sgd import sgd as _sgd
+
+from ..core.ode import all_finite
+from .capture import loss_value
+
+__all__ = ["sgd_update", "masked_sgd_update", "nonfinite_flag", "all_finite_sync", "MaskedSGD"]
+
+
+def sgd_update(params: list, grads: list, buffers: list, group: dict) -> list:
+    """One ``torch.optim.SGD`` update through the same functional call (hence bit-identical).
+
+    Entries with a ``None`` gradient are skipped, as SGD does; returns the new momentum buffers.
+    """
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    bufs = [buffers[i] for i in idx]
+    _sgd([params[i] for i in idx], [grads[i] for i in idx], bufs, weight_decay=group["weight_decay"],
+         momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+         nesterov=group["nesterov"], maximize=False, has_sparse_grad=False, foreach=group["foreach"],
+         fused=group["fused"])
+    out = list(buffers)
+    for j, i in enumerate(idx):
+        out[i] = bufs[j]
+    return out
+
+
+def nonfinite_flag(loss, grads: list, found: torch.Tensor) -> torch.Tensor:
+    """Set ``found`` (a float tensor ``[1]``, zeroed here) non-zero if ``loss`` or any gradient holds NaN/inf.
+
+    No host synchronisation: ``torch._amp_foreach_non_finite_check_and_unscale_`` (GradScaler's check,
+    scale 1: the gradients are unchanged) runs per device and dtype-agnostic.
+    """
+    found.zero_()
+    if grads:
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _one(found))
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_complex() \
+            and loss.device == found.device:
+        found.add_(loss.detach(), alpha=0)    # 0·loss: 0 if finite, NaN (≠ 0) if not; one kernel
+    elif isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_complex():
+        found.add_(~torch.isfinite(loss.detach().reshape(1).to(found.device)))
+    return found
+
+
+_ONES: dict = {}
+_ZEROS: dict = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A cached 0-d zero of ``like``'s dtype and device (``torch.where`` with a tensor is cheaper)."""
+    key = (like.dtype, like.device)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return z
+
+
+def _one(found: torch.Tensor) -> torch.Tensor:
+    one = _ONES.get(found.device)
+    if one is None:
+        one = _ONES[found.device] = torch.ones(1, dtype=torch.float32, device=found.device)
+    return one
+
+
+def masked_sgd_update(params: list, grads: list, buffers: list, group: dict, skip: torch.Tensor) -> list:
+    """SGD's single-tensor update with ``skip`` (a bool tensor ``[1]``) masking it out on the device.
+
+    For ``skip == False`` every number is SGD's (same ops in the same order; ``torch.where`` selects
+    exactly).  For ``skip == True`` parameters and buffers keep their values; a momentum buffer that
+    this step would have created starts at zero (SGD's next step then equals a fresh start when
+    ``dampening = 0``).  Entries with a ``None`` gradient are skipped.  Returns the momentum buffers.
+    """
+    wd, momentum, dampening = group["weight_decay"], group["momentum"], group["dampening"]
+    nesterov, lr = group["nesterov"], group["lr"]
+    if isinstance(lr, torch.Tensor):
+        lr = lr.item()                         # as SGD does (_to_scalar)
+    out = list(buffers)
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        if grad is None:
+            continue
+        if wd != 0:
+            grad = grad.add(param, alpha=wd)
+        if momentum != 0:
+            buf = buffers[i]
+            if buf is None:
+                buf = torch.where(skip, _zero(grad), grad.detach())
+            else:
+                buf = torch.where(skip, buf, buf.mul(momentum).add_(grad, alpha=1 - dampening), out=buf)
+            out[i] = buf
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        param.add_(torch.where(skip, _zero(grad), grad), alpha=-lr)
+    return out
+
+
+def all_finite_sync(loss, params: list) -> bool:
+    """Loss and every gradient finite, read on the host (one reduction per tensor, one host sync):
+    the window's steps, where the answer decides what happens next."""
+    if not isinstance(loss, torch.Tensor):
+        value = loss_value(loss)
+        if value is not None and not math.isfinite(value):
+            return False
+    parts = [p.grad.detach().sum() for p in params if p.grad is not None]
+    if isinstance(loss, torch.Tensor):
+        parts.append(loss.detach().sum())
+    if not parts or bool(torch.isfinite(torch.stack([q.to(torch.float64) for q in parts]).sum())):
+        return True
+    return all(all_finite(q) for q in [p.grad for p in params if p.grad is not None]
+               + ([loss.detach()] if isinstance(loss, torch.Tensor) else []))
+
+
+class MaskedSGD:
+    """Classical steps with no host synchronisation: :func:`masked_sgd_update` with a device flag,
+    and the count of skipped steps kept on the device until :meth:`count_into` reads it (once per
+    cycle, where the loss is read anyway, or when the reports are read)."""
+
+    def __init__(self):
+        self.skipped: Optional[torch.Tensor] = None   # steps skipped since the last count, on the device
+        self.found: Optional[torch.Tensor] = None     # this step's non-finite flag (a reused buffer)
+        self.first: Optional[int] = None              # first step not yet counted
+
+    @staticmethod
+    def maskable(loss, params: list, group: dict) -> bool:
+        """The masked update reproduces SGD's single-tensor path: a tensor loss, CPU gradients, no
+        foreach/fused (elsewhere the synchronous check keeps SGD's own arithmetic)."""
+        return isinstance(loss, torch.Tensor) and not group["foreach"] and not group["fused"] and all(
+            p.grad is None or (p.grad.device.type == "cpu" and not p.grad.is_sparse) for p in params)
+
+    def update(self, loss: torch.Tensor, params: list, buffers: list, group: dict, k: int) -> list:
+        """One masked SGD step at step ``k``; returns the momentum buffers."""
+        grads = [p.grad for p in params]
+        present = [g for g in grads if g is not None]
+        if self.skipped is None:
+            device = present[0].device if present else loss.device
+            self.skipped = torch.zeros(1, dtype=torch.float32, device=device)
+            self.found = torch.zeros_like(self.skipped)
+        skip = nonfinite_flag(loss, present, self.found).bool()
+        bufs = masked_sgd_update(params, grads, buffers, group, skip)
+        self.skipped.add_(skip)
+        if self.first is None:
+            self.first = k
+        return bufs
+
+    def count_into(self, rep, last: int) -> None:
+        """Add the skipped steps since the last count to ``rep`` (``skipped_steps`` and a fault)."""
+        if self.first is None:
+            return
+        n, first = int(self.skipped.item()), self.first
+        self.skipped.zero_()
+        self.first = None
+        if n:
+            rep.skipped_steps += n
+            rep.faults.append(f"steps {first}..{last}: non-finite loss or gradient: update skipped "
+                              f"({n} step{'s' if n > 1 else ''})")

@@ -1,0 +1,76 @@
+"""The window's communication object: every collective a quantum window needs passes through it.
+
+DESIGN.md, "Distributed semantics": under DDP the window's ODE is that of the global batch, so every
+Hessian-vector / third-order product is averaged over the ranks (as DDP averages F0's gradients), and
+every decision — the dissipation verdict, the readout, a fault — is made once and shared.  The window
+core calls, in the same order on every rank:
+
+* :meth:`Comm.reduce_hvp` on each product of F1..Fq (and on the dissipation check's HVPs);
+* :meth:`Comm.agree` on the dissipation verdict;
+* :meth:`Comm.broadcast` on the read-out weight vector;
+* :meth:`Comm.any` on a local fault flag (a NaN on one rank ends the window on all).
+
+:class:`LocalComm` (the default) does nothing.  A torch.distributed implementation is one new
+subclass of :class:`Comm`; nothing in the window core or in ``QODE`` changes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["Comm", "LocalComm", "as_comm"]
+
+
+class Comm:
+    """Interface of the window's collectives (all of them identities in one process)."""
+
+    #: ``True`` when every method is the identity: the window core then skips wrapping its products
+    local: bool = False
+
+    def reduce_hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """The global-batch product from this rank's product ``v`` (mean over ranks)."""
+        raise NotImplementedError
+
+    def agree(self, verdict: Any) -> Any:
+        """One decision for all ranks (e.g. rank 0's dissipation verdict)."""
+        raise NotImplementedError
+
+    def broadcast(self, value: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``value`` on every rank (the tomography readout)."""
+        raise NotImplementedError
+
+    def any(self, flag: bool) -> bool:
+        """``True`` on every rank if ``flag`` is ``True`` on any."""
+        raise NotImplementedError
+
+
+class LocalComm(Comm):
+    """One process: every collective is the identity."""
+
+    local = True
+
+    def reduce_hvp(self, v: torch.Tensor) -> torch.Tensor:
+        return v
+
+    def agree(self, verdict: Any) -> Any:
+        return verdict
+
+    def broadcast(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def any(self, flag: bool) -> bool:
+        return bool(flag)
+
+    def __repr__(self) -> str:
+        return "LocalComm()"
+
+
+def as_comm(comm) -> Comm:
+    """``None`` -> :class:`LocalComm`; a :class:`Comm` as it is; anything else is refused."""
+    if comm is None:
+        return LocalComm()
+    if not isinstance(comm, Comm):
+        raise TypeError(f"comm must be a torch_qode.training.comm.Comm (e.g. LocalComm()) or None, "
+                        f"got {type(comm).__name__}")
+    return comm

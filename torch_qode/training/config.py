@@ -1,0 +1,194 @@
+"""QODE's settings: checked once (clear messages naming the argument), then plain data."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .._checks import as_real, check_bool, check_choice, check_int, check_optional_int, check_real
+from ..bridge.taylor import EXPLICIT_BUDGET_BYTES
+from ..core.carleman import FORMS, default_max_bytes
+from ..core.linsolve import METHODS, check_kappa_a
+from ..core.tomography import tomography
+
+__all__ = ["QODEConfig", "make_config", "check_sgd_settings", "check_trainable", "MODES", "UPLOADS", "NOISES"]
+
+MODES = ("auto", "quantum", "classical")
+UPLOADS = ("dense", "sparse")
+NOISES = ("stream", "frozen")
+#: the options each window solver takes (``solver_options=``)
+SOLVER_OPTIONS = {"forward": (), "direct": (), "filtered": ("kappa_a",)}
+
+
+@dataclass(frozen=True)
+class QODEConfig:
+    """Every QODE setting the cycle and the window core read (see ``QODE``'s docstring)."""
+
+    mode: str
+    cycle: int
+    classical_steps: int
+    sparsity: float
+    upload: str
+    carleman_order: int
+    taylor_degree: int
+    form: str
+    solver: str
+    solver_options: dict
+    shots: Optional[int]
+    noise: str
+    track_sgd: bool
+    seed: int
+    explicit: Optional[bool]
+    eps: float
+    tomography_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def window_length(self) -> int:
+        return self.cycle - self.classical_steps
+
+    @property
+    def kappa_a(self) -> Optional[float]:
+        return self.solver_options.get("kappa_a")
+
+    def readout_options(self) -> dict:
+        """Keyword arguments of ``tomography`` besides the vector, shots, seed and eps."""
+        return {"norm": None if self.shots else "exact", **self.tomography_kwargs}
+
+    def saved(self) -> dict:
+        """The settings a saved state depends on (``load_state_dict`` compares them)."""
+        return {"mode": self.mode, "cycle": self.cycle, "classical_steps": self.classical_steps,
+                "sparsity": self.sparsity, "upload": self.upload, "carleman_order": self.carleman_order,
+                "taylor_degree": self.taylor_degree, "form": self.form, "solver": self.solver,
+                "noise": self.noise, "track_sgd": self.track_sgd, "explicit": self.explicit,
+                "shots": self.shots, "eps": self.eps, "kappa_a": self.kappa_a, "seed": self.seed,
+                "tomography_kwargs": dict(self.tomography_kwargs)}
+
+
+def _check_lr(value, where: str):
+    """``lr``: a finite number ≥ 0, or a one-element tensor holding one (kept as the tensor, as SGD does)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        v = float(value.detach().reshape(()))
+        if v >= 0 and math.isfinite(v):
+            return value
+    check_real(value, f"{where}lr", 0.0)
+    return value
+
+
+def check_sgd_settings(group: dict, where: str = "") -> None:
+    """``lr``, ``momentum``, ``weight_decay``, ``dampening`` finite and ≥ 0; ``nesterov`` consistent;
+    no ``maximize`` (QODE minimises: the window's ODE is gradient *descent*)."""
+    _check_lr(group["lr"], where)
+    for name in ("momentum", "weight_decay", "dampening"):
+        check_real(group[name], f"{where}{name}", 0.0)
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(f"{where}nesterov=True requires momentum > 0 and dampening = 0")
+    if group.get("maximize", False):
+        raise ValueError(f"{where}maximize=True is not supported: QODE minimises the loss")
+
+
+def check_trainable(params) -> None:
+    """Every parameter must be trainable (dense, ``requires_grad``): the window expands the loss in all
+    of them.  SGD skips frozen ones silently; QODE refuses them with the usual fix."""
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad: pass only the "
+                             "trainable parameters, e.g. QODE([p for p in model.parameters() if "
+                             "p.requires_grad], ...)")
+        if p.is_sparse:
+            raise ValueError(f"params[{i}] is a sparse tensor: QODE needs dense parameters")
+
+
+def _solver_options(solver: str, solver_options, kappa_a) -> dict:
+    if solver_options is not None and not isinstance(solver_options, dict):
+        raise TypeError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
+    opts = dict(solver_options or {})
+    if kappa_a is not None:
+        warnings.warn(f"QODE(kappa_a=...) is deprecated: pass solver='filtered', solver_options="
+                      f"{{'kappa_a': {kappa_a!r}}}", DeprecationWarning, stacklevel=4)
+        if "kappa_a" in opts:
+            raise ValueError("kappa_a given twice: pass it only in solver_options={'kappa_a': ...}")
+        opts["kappa_a"] = kappa_a
+    unknown = sorted(set(opts) - set(SOLVER_OPTIONS[solver]) - {"kappa_a"})
+    if unknown:
+        raise ValueError(f"solver_options {unknown} unknown for solver={solver!r}; it takes "
+                         f"{list(SOLVER_OPTIONS[solver]) or 'none'}")
+    check_kappa_a(opts.get("kappa_a"), solver, name="solver")
+    if opts.get("kappa_a") is None:
+        opts.pop("kappa_a", None)
+    return opts
+
+
+def make_config(*, mode, cycle, classical_steps, sparsity, upload, carleman_order, taylor_degree, form,
+                solver, solver_options, kappa_a, shots, noise, track_sgd, seed, explicit, eps,
+                tomography_kwargs) -> QODEConfig:
+    """Check QODE's settings (each message names the argument) and return them as a :class:`QODEConfig`."""
+    check_choice(mode, "mode", MODES)
+    cycle = check_int(cycle, "cycle", 1)
+    classical_steps = check_int(classical_steps, "classical_steps", 0)
+    if classical_steps >= cycle:
+        raise ValueError(f"classical_steps must be < cycle (leaving a window of ≥ 1 step); got "
+                         f"classical_steps={classical_steps}, cycle={cycle}")
+    if as_real(sparsity) is None or not (0 <= as_real(sparsity) < 1):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    check_choice(upload, "upload", UPLOADS)
+    carleman_order = check_int(carleman_order, "carleman_order", 1)
+    taylor_degree = check_int(taylor_degree, "taylor_degree", 1)
+    check_choice(form, "form", FORMS)
+    check_choice(solver, "solver", METHODS)
+    opts = _solver_options(solver, solver_options, kappa_a)
+    shots = check_optional_int(shots, "shots", 1, none="exact readout")
+    check_choice(noise, "noise", NOISES)
+    check_bool(track_sgd, "track_sgd")
+    seed = check_int(seed, "seed", 0)
+    check_choice(explicit, "explicit", (None, True, False))
+    if as_real(eps) is None or not (0 < as_real(eps) < 1):
+        raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+    if tomography_kwargs is not None and not isinstance(tomography_kwargs, dict):
+        raise TypeError(f"tomography_kwargs must be a dict or None, got {type(tomography_kwargs).__name__}")
+    reserved = {"v", "shots", "seed", "top_r", "eps"} & set(tomography_kwargs or {})
+    if reserved:
+        raise ValueError(f"tomography_kwargs may not set {sorted(reserved)}: QODE sets them")
+    if solver != "forward" and explicit is False:
+        raise ValueError(f"solver={solver!r} builds the explicit window matrix: it needs explicit=None or True")
+    cfg = QODEConfig(mode=mode, cycle=cycle, classical_steps=classical_steps, sparsity=float(as_real(sparsity)),
+                     upload=upload, carleman_order=carleman_order, taylor_degree=taylor_degree, form=form,
+                     solver=solver, solver_options=opts, shots=shots, noise=noise, track_sgd=bool(track_sgd),
+                     seed=seed, explicit=explicit, eps=as_real(eps), tomography_kwargs=dict(tomography_kwargs or {}))
+    try:   # reject bad shots / tomography options now, not at the first window's end
+        tomography(np.array([1.0, 0.5, 0.25, 0.125]), shots, seed=0, eps=cfg.eps, **cfg.readout_options())
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"shots={shots!r} / tomography_kwargs={tomography_kwargs!r} rejected by "
+                        f"tomography(): {exc}") from None
+    return cfg
+
+
+def check_budget(cfg: QODEConfig, n_S: int) -> None:
+    """Refuse, before any allocation, a window whose terms or Carleman state cannot fit in memory."""
+    dim = sum(n_S ** j for j in range(1, cfg.carleman_order + 1))
+    q = min(cfg.taylor_degree, cfg.carleman_order)
+    terms_bytes = 8 * sum(n_S ** (k + 1) for k in range(1, q + 1))
+    if (cfg.solver != "forward" or cfg.explicit) and terms_bytes > EXPLICIT_BUDGET_BYTES:
+        raise ValueError(
+            f"solver={cfg.solver!r}" + (", explicit=True" if cfg.explicit else "") + f" needs explicit Taylor "
+            f"terms (and the explicit window matrix); on a support of {n_S:,} weights (upload={cfg.upload!r}) "
+            f"they take {terms_bytes / 2**20:,.0f} MiB > {EXPLICIT_BUDGET_BYTES / 2**20:.0f} MiB: use "
+            f"solver='forward' with matrix-free terms, or a sparser upload")
+    if 4 * 8 * dim > default_max_bytes():
+        raise ValueError(
+            f"carleman_order={cfg.carleman_order} on a support of {n_S:,} weights (upload={cfg.upload!r}, "
+            f"sparsity={cfg.sparsity}) needs a Carleman state of Δ={dim:,} numbers "
+            f"(~{4 * 8 * dim / 2**30:.3g} GiB with temporaries), more than the memory allows; lower "
+            f"carleman_order or use upload='sparse' with a higher sparsity")
+
+
+def check_saved_config(saved: dict, current: dict) -> None:
+    """A state_dict loads only into a QODE with the settings it was saved with (names both values)."""
+    mismatch = {k: (v, saved.get(k)) for k, v in current.items() if saved.get(k) != v}
+    if mismatch:
+        raise ValueError("state_dict was saved by a QODE with other settings: " + ", ".join(
+            f"{k}={old!r} there vs {new!r} here" for k, (new, old) in mismatch.items()))

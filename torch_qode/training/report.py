@@ -1,0 +1,54 @@
+"""What one QODE cycle did: :class:`CycleReport` (plain data, never prints)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+__all__ = ["CycleReport", "download_record"]
+
+#: report fields that are measurements of this machine, not training state: they stay out of
+#: ``QODE.state_dict()`` and of report equality, so two optimizers with the same history compare equal
+TIMING_FIELDS = ("seconds",)
+
+
+@dataclass
+class CycleReport:
+    """What one cycle did (plain data; ``as_dict()`` for logging).  Never prints by itself."""
+
+    cycle: int
+    start_step: int
+    mode: str = "pending"            # "quantum" or "classical" once the upload decides ("pending" before)
+    reason: str = ""                 # why (dissipation verdict, mode, fault, …)
+    window: int = 0                  # T, steps in the window
+    download: Optional[dict] = None  # pruning at c = 0: kept, total, sparsity
+    support_size: Optional[int] = None
+    excluded_params: int = 0         # parameter tensors outside S: no gradient at the upload
+    dissipation: Optional[dict] = None
+    carleman: Optional[dict] = None
+    solver: Optional[dict] = None
+    tomography: Optional[dict] = None
+    resources: Optional[dict] = None
+    drift: Optional[dict] = None     # track_sgd: ||θ_qode − θ_sgd||, relative, losses
+    faults: list = field(default_factory=list)
+    skipped_steps: int = 0           # steps whose update was skipped for a non-finite loss/gradient
+    loss_first: Optional[float] = None   # the closure's loss at the first step of the cycle
+    loss_last: Optional[float] = None    # … and at its last step
+    seconds: float = field(default=0.0, compare=False)   # wall clock (not in state_dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def state(self) -> dict:
+        """``as_dict()`` without the wall-clock fields (what ``QODE.state_dict()`` saves)."""
+        d = self.as_dict()
+        for k in TIMING_FIELDS:
+            d.pop(k, None)
+        return d
+
+
+def download_record(pruner) -> dict:
+    """``CycleReport.download`` after a download: kept, total, sparsity, per-layer pruned fractions."""
+    r = pruner.report()
+    return {"kept": int(pruner.support().numel()), "total": int(r.n_total), "sparsity": float(r.mask_sparsity),
+            "total_sparsity": float(r.total_sparsity),
+            "layers": {x.name: x.pruned / x.numel for x in r.layers if x.prunable and x.numel}}

@@ -1,0 +1,127 @@
+"""``track_sgd``: the SGD and GD shadows of a quantum window, and the drift measured against them."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..bridge import flat as _flat
+from .capture import holding, loss_value, measuring, own_grads
+from .classical import sgd_update
+
+__all__ = ["drift_measurement", "Shadow", "start_shadow", "shadow_grads", "shadow_update", "drift", "grads_at",
+           "measure_losses"]
+
+
+@dataclass
+class Shadow:
+    """SGD run from θ0 on the window's batches (``params``, ``bufs``: momentum, all weights) and, when
+    it differs, the window's own dynamics without linearisation, plain GD on S (``gd``, flat)."""
+
+    params: list
+    bufs: list
+    gd: Optional[torch.Tensor]
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.clone() for s in self.params],
+                "shadow_buf": [None if b is None else b.clone() for b in self.bufs],
+                "gd": None if self.gd is None else self.gd.clone()}
+
+    @classmethod
+    def load(cls, win: dict, device) -> "Shadow":
+        return cls([s.to(device) for s in win["shadow"]],
+                   [None if b is None else b.to(device) for b in win["shadow_buf"]],
+                   None if win["gd"] is None else win["gd"].to(device))
+
+
+def start_shadow(params: list, buffers: list, momentum: float, support, theta0: torch.Tensor) -> Shadow:
+    """Both shadows at θ0 (``buffers``: the optimizer's momentum buffers, copied)."""
+    # the GD shadow is the SGD shadow unless momentum is on or the upload is sparse
+    same = momentum == 0 and support is None
+    return Shadow([p.detach().clone() for p in params], [None if b is None else b.clone() for b in buffers],
+                  None if same else theta0.clone())
+
+
+def shadow_grads(shadow: Shadow, first: bool, params: list, grads_at: Callable[[list], list]):
+    """This step's gradients at both shadows (closure calls through ``grads_at``, nothing changes).
+
+    At ``t = 0`` both sit at θ0, where the closure just left the gradients in ``.grad``; while the two
+    shadows coincide the SGD shadow stands for both.
+    """
+    if first:
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    else:
+        grads = grads_at(shadow.params)
+    g_gd = grads if shadow.gd is None or first else grads_at(_flat.unflatten(shadow.gd, params))
+    return grads, _flat.flatten([torch.zeros_like(p) if g is None else g for p, g in zip(params, g_gd)])
+
+
+def shadow_update(shadow: Shadow, grads: list, g_gd: torch.Tensor, group: dict, lr: float, wd: float,
+                  support) -> None:
+    """Advance both shadows one step (SGD with the group's current settings; GD at the window's lr)."""
+    if shadow.gd is None and float(group["lr"]) != lr:
+        shadow.gd = _flat.flatten(shadow.params).clone()   # a scheduler moved lr: the two part here
+    shadow.bufs = sgd_update(shadow.params, grads, shadow.bufs, group)
+    if shadow.gd is not None:
+        S = slice(None) if support is None else support
+        step = g_gd[S] + wd * shadow.gd[S] if wd else g_gd[S]
+        shadow.gd[S] = shadow.gd[S] - lr * step
+
+
+def _rel(d: float, m: float) -> float:
+    if not (math.isfinite(d) and math.isfinite(m)):
+        return float("nan")
+    return d / m if m > 0 else (float("inf") if d > 0 else 0.0)
+
+
+def drift(theta_q: torch.Tensor, theta_lin: torch.Tensor, snapshot: dict) -> dict:
+    """How far the window landed from SGD on the same batches, and why.
+
+    * ``l2`` / ``relative``: ``||θ_qode − θ_sgd||`` against SGD run from θ0 on the same batches
+      (momentum, all weights), relative to ``||θ_sgd − θ0||``.
+    * ``linearization`` / ``linearization_relative``: ``||θ_lin − θ_gd||`` between the exact Carleman
+      solution ``θ_lin = θ0 + u(T)`` and plain gradient descent on S at the window's lr (``θ_gd``),
+      relative to ``||θ_gd − θ0||``: the error of the Taylor/Carleman model alone.
+    * ``readout``: ``||θ_qode − θ_lin||`` — tomography noise, never-observed components, top-r pruning.
+    """
+    theta0, theta_s, theta_gd = snapshot["theta0"], snapshot["theta_s"], snapshot["theta_gd"]
+    moved, moved_gd = float((theta_s - theta0).norm()), float((theta_gd - theta0).norm())
+    d, d_lin = float((theta_q - theta_s).norm()), float((theta_lin - theta_gd).norm())
+    return {"l2": d, "relative": _rel(d, moved), "linearization": d_lin,
+            "linearization_relative": _rel(d_lin, moved_gd), "readout": float((theta_q - theta_lin).norm()),
+            "sgd_displacement": moved, "gd_displacement": moved_gd, "loss_qode": None, "loss_sgd": None}
+
+
+def grads_at(params: list, closure: Callable, model, tensors) -> list:
+    """``∇L_t`` at other weights on this step's batch, without touching the model (fresh ``.grad``
+    slots, the weights swapped in through ``.data``, a forked RNG, frozen BatchNorm statistics)."""
+    with own_grads(params):
+        with holding(params, tensors), torch.enable_grad(), measuring(params, model):
+            closure()
+        return [None if p.grad is None else p.grad.detach() for p in params]
+
+
+def measure_losses(info: dict, params: list, closure: Callable, model, theta_s: torch.Tensor,
+                   theta_q: torch.Tensor) -> None:
+    """``info["loss_sgd"]``, ``info["loss_qode"]``: the closure's loss at the SGD shadow and at QODE's weights."""
+    for name, theta in (("loss_sgd", theta_s), ("loss_qode", theta_q)):
+        with own_grads(params), holding(params, _flat.unflatten(theta, params)), torch.enable_grad(), \
+                measuring(params, model):
+            info[name] = loss_value(closure())
+
+
+def drift_measurement(rep, shadow: Shadow, theta0: torch.Tensor, theta_q: torch.Tensor, theta_lin: torch.Tensor,
+                      params: list, closure: Optional[Callable], model) -> Callable[[], None]:
+    """The window-end measurement, run once the step is complete: ``rep.drift`` (see :func:`drift`)
+    and, with a closure, both losses."""
+    theta_s = _flat.flatten(shadow.params).clone()
+    snapshot = {"theta0": theta0, "theta_s": theta_s, "theta_gd": theta_s if shadow.gd is None else shadow.gd}
+
+    def measure() -> None:
+        rep.drift = drift(theta_q, theta_lin, snapshot)   # the distances stand if a loss evaluation raises
+        if closure is not None:
+            measure_losses(rep.drift, params, closure, model, theta_s, theta_q)
+
+    return measure

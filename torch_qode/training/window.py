@@ -1,0 +1,404 @@
+"""The quantum window as data and functions (QODE.step delegates here, as ``SGD.step`` to ``sgd()``).
+
+A window (DESIGN.md, steps 4–8) starts at θ0 on the support S with the Taylor expansion of the upload
+step's loss, advances its Carleman state one step per closure (``F0(t) = −η(∇L_t(θ0) + wd·θ0)``),
+and at t = T solves the window system (Eq. II.102), reads ``θ0 + u(T)`` out by tomography (Eq.
+II.123), prunes the read-out to the r largest prunable weights and prices it (Theorems II.3/II.4).
+Every collective goes through the window's :class:`~torch_qode.training.comm.Comm`.
+
+The math core is called in one place each (``_carleman``, ``_solve``, ``_kappa_bound``,
+``_tomography``, ``_resources``) so that its registries replace them with one-line edits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..bridge import flat as _flat
+from ..bridge.taylor import TaylorExpansion, UnsupportedGraphError
+from ..core.carleman import carleman
+from ..core.linsolve import kappa_bound, solve_window
+from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE, all_finite
+from ..core.resources import estimate_resources
+from ..core.state import CarlemanState, DenseLevels, state_from_dict
+from ..core.tomography import tomography
+from .capture import NoiseTape
+from .comm import Comm
+from .config import QODEConfig
+from .report import CycleReport
+from .shadow import Shadow, start_shadow
+
+__all__ = ["WindowState", "WindowResult", "open_window", "start_window", "build_system", "advance", "finish_window",
+           "window_state_dict", "load_window", "expand", "EXPLICIT_MAX_SUPPORT", "KAPPA_MAX_UNKNOWNS"]
+
+#: ``explicit=None`` builds explicit Taylor terms up to this support size (cheap to build, exact to
+#: resume); beyond it the terms are Hessian-vector / third-derivative products (matrix-free).
+EXPLICIT_MAX_SUPPORT = 128
+#: κ(M) is computed for the report when the window system has at most this many unknowns.
+KAPPA_MAX_UNKNOWNS = 5_000
+
+
+# ------------------------------------------------------------------------ the math core, one call each
+def _carleman(ode: PolynomialODE, cfg: QODEConfig):
+    return carleman(ode, cfg.carleman_order, cfg.form)
+
+
+def _solve(system, n: int, T: int, cfg: QODEConfig):
+    return solve_window(system, torch.zeros(n, dtype=torch.float64), T, method=cfg.solver,
+                        kappa_a=cfg.kappa_a if cfg.solver == "filtered" else None)
+
+
+def _kappa_bound(T: int) -> int:
+    return kappa_bound(T)
+
+
+def _tomography(target: torch.Tensor, cfg: QODEConfig, rng: np.random.Generator):
+    return tomography(target, cfg.shots, seed=rng, eps=cfg.eps, **cfg.readout_options())
+
+
+def _resources(system, T: int, cfg: QODEConfig, r: int, sol) -> dict:
+    return estimate_resources(system, T, kappa_a=cfg.kappa_a, eps=cfg.eps, r=r, solution=sol).as_dict()
+
+
+# ------------------------------------------------------------------------------------------ the data
+@dataclass
+class WindowState:
+    """One live quantum window (between the upload and the readout)."""
+
+    theta0: torch.Tensor                 # the full flat parameter vector at the upload
+    support: Optional[torch.Tensor]      # S (indices into theta0); None: all weights
+    lr: float
+    wd: float
+    explicit: bool                       # explicit Taylor terms (resumable bit for bit)
+    tape: NoiseTape                      # F0(t), streamed noise
+    rng: np.random.Generator             # the optimizer's sampler (tomography draws)
+    frozen: Optional[torch.Tensor] = None    # F0 of the upload batch (noise="frozen")
+    t: int = 0
+    state: Optional[CarlemanState] = None
+    expansion: Optional[TaylorExpansion] = None
+    system: Any = None                   # the CarlemanSystem (None: a resumed matrix-free window)
+    shadow: Optional[Shadow] = None      # track_sgd
+    info: dict = field(default_factory=dict)
+
+    def f0_source(self):
+        frozen = self.frozen
+        return (lambda t: frozen) if frozen is not None else self.tape
+
+    def f0_from_grads(self, grads_flat: torch.Tensor) -> torch.Tensor:
+        """``F0(t) = −η (∇L_t(θ0) + wd·θ0)`` on S, in float64."""
+        S = self.support
+        f0 = (grads_flat if S is None else grads_flat[S]).to(torch.float64, copy=True)
+        if self.wd:
+            th = self.theta0 if S is None else self.theta0[S]
+            f0.add_(th.to(torch.float64), alpha=self.wd)
+        return f0.mul_(-self.lr)
+
+    def embed(self, values_S: torch.Tensor) -> torch.Tensor:
+        """The full flat parameter vector: θ0 with its support entries replaced by ``values_S``."""
+        full = self.theta0.clone()
+        if self.support is None:
+            full.copy_(values_S.to(full.dtype))
+        else:
+            full[self.support] = values_S.to(full.dtype)
+        return full
+
+    def release(self) -> None:
+        """Drop the autograd graph, the system and the state (nothing outlives the window)."""
+        if self.expansion is not None:
+            self.expansion.release()
+        self.expansion, self.system, self.state, self.shadow = None, None, None, None
+
+
+@dataclass
+class WindowResult:
+    """What :func:`finish_window` produced: the weights to write back, or why the window failed."""
+
+    new: Optional[torch.Tensor] = None       # full flat vector θ0 + û(T)
+    lin: Optional[torch.Tensor] = None       # full flat vector θ0 + u(T) (before the readout)
+    fault: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------- functions
+def expand(loss: torch.Tensor, params: list, support, lr: float, wd: float, cfg: QODEConfig) -> TaylorExpansion:
+    """The window's Taylor expansion of ``loss`` at the current parameters (degree ≤ N: Carleman
+    truncation at order N never reaches higher terms)."""
+    with torch.enable_grad():                    # step() runs under no_grad; derivatives need a graph
+        return TaylorExpansion.from_loss(loss, params, lr=lr, support=support,
+                                         degree=min(cfg.taylor_degree, cfg.carleman_order), weight_decay=wd)
+
+
+def support_without(params: list, unused: list, support: Optional[torch.Tensor]) -> torch.Tensor:
+    """``support`` (``None``: all entries) minus the entries of the parameters ``unused``."""
+    keep = torch.ones(sum(p.numel() for p in params), dtype=torch.bool, device=params[0].device)
+    ends = np.cumsum([0] + [p.numel() for p in params])
+    for i in unused:
+        keep[int(ends[i]):int(ends[i + 1])] = False
+    return torch.nonzero(keep).reshape(-1) if support is None else support[keep[support]]
+
+
+def check_dissipation(exp: TaylorExpansion, dissipation, lr: float, T: int, comm: Comm, device):
+    """The dissipation check (Eq. III.12–III.15) on the upload batch's Hessian, its products through
+    ``comm``; one verdict for all ranks."""
+    # the Lanczos basis holds steps·n numbers: float64 unless that passes 1 GiB (then float32)
+    steps = getattr(dissipation, "steps", 64)
+    dtype = torch.float64 if 8 * steps * exp.n <= 2**30 else torch.float32
+    hvp = exp.hvp if comm.local else (lambda V: comm.reduce_hvp(exp.hvp(V)))
+    with torch.enable_grad():
+        verdict = dissipation(hvp, exp.n, lr=lr, T=T, dtype=dtype, device=device)
+    return comm.agree(verdict)
+
+
+def readout_keep(params: list, pruner) -> Optional[tuple]:
+    """``(flags, keep)`` for :func:`readout_prune`: the prunable entries of the full vector and how
+    many of them the download keeps (``None`` without pruning)."""
+    if pruner is None:
+        return None
+    flags = torch.cat([torch.full((p.numel(),), f, dtype=torch.bool, device=params[0].device)
+                       for p, f in zip(params, pruner.prunable)])
+    return flags, pruner.n_prunable - pruner.n_pruned_target()
+
+
+def flat_grads(params: list) -> torch.Tensor:
+    """The parameters' ``.grad`` as one flat vector (zeros where ``None``)."""
+    return _flat.flatten([p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params])
+
+
+def reexpand(win: WindowState, graph: Optional[torch.Tensor], params: list, cfg: QODEConfig,
+             comm: Comm) -> Optional[str]:
+    """A resumed matrix-free window: F1..Fq re-expanded at θ0 from ``graph``; returns why it failed, or None."""
+    if graph is None:
+        return "KeyError('loss')"
+    try:
+        exp = expand(graph, params, win.support, win.lr, win.wd, cfg)
+    except (UnsupportedGraphError, NonFiniteError) as exc:
+        return repr(exc)
+    build_system(win, exp, cfg, comm)
+    return None
+
+
+def use_explicit(cfg: QODEConfig, n: int) -> bool:
+    if cfg.explicit is not None:
+        return cfg.explicit
+    return cfg.solver != "forward" or n <= EXPLICIT_MAX_SUPPORT
+
+
+def start_window(exp: TaylorExpansion, support, theta0: torch.Tensor, grads_flat: torch.Tensor, wd: float,
+                 cfg: QODEConfig, comm: Comm, rng: np.random.Generator) -> WindowState:
+    """Build the window's Carleman system at θ0 (the model keeps holding θ0 until the end)."""
+    explicit = use_explicit(cfg, exp.n)
+    # an explicit window keeps all of F0(0..T-1): the window system is rebuilt at the end
+    win = WindowState(theta0=theta0, support=support, lr=exp.lr, wd=wd, explicit=explicit,
+                      tape=NoiseTape(keep=explicit), rng=rng)
+    if cfg.noise == "frozen":   # the upload step's .grad, as "stream" uses each step's (clipping included)
+        win.frozen = win.f0_from_grads(grads_flat)
+    build_system(win, exp, cfg, comm)
+    win.state = DenseLevels.zeros(win.system, device=theta0.device)
+    win.info = {"n": exp.n, "order": cfg.carleman_order, "form": cfg.form, "dim": win.system.dim,
+                "degree": win.system.degree, "explicit": explicit, "noise": cfg.noise}
+    return win
+
+
+def open_window(graph: torch.Tensor, params: list, support, group: dict, buffers: list, cfg: QODEConfig,
+                comm: Comm, rng: np.random.Generator, dissipation, rep: CycleReport, *, monitor=None,
+                k: int = 0) -> tuple:
+    """The upload (DESIGN.md steps 3–5): expand the loss ``graph`` at θ0 on S, run the dissipation
+    check (``mode="auto"``), build the window.  Returns ``(WindowState, "")`` or ``(None, why not)``;
+    the parameters' ``.grad`` hold ∇L_0(θ0)."""
+    lr, wd = float(group["lr"]), float(group["weight_decay"])
+    if lr <= 0:
+        return None, (f"lr = {lr:g} (e.g. a scheduler reached 0): gradient descent does not move, there is "
+                      "nothing to linearise")
+    try:
+        exp = expand(graph, params, support, lr, wd, cfg)
+    except (UnsupportedGraphError, NonFiniteError) as exc:
+        return None, f"Taylor expansion failed: {exc}"
+    del graph
+    rep.support_size = exp.n
+    if cfg.mode == "auto":
+        verdict = check_dissipation(exp, dissipation, lr, cfg.window_length, comm, params[0].device)
+        rep.dissipation = verdict.as_dict()
+        if monitor is not None:
+            monitor(k, verdict)
+        if not verdict.passed:
+            exp.release()
+            return None, f"dissipation check {verdict.reason}"
+        rep.reason = f"dissipation check {verdict.reason}"
+    else:
+        rep.reason = "mode='quantum'"
+    theta0 = _flat.flatten([p.detach() for p in params]).clone()
+    try:
+        win = start_window(exp, support, theta0, flat_grads(params), wd, cfg, comm, rng)
+    except (ValueError, MemoryError) as exc:   # e.g. terms too large for this support: refuse the window
+        exp.release()
+        return None, f"Carleman system not built: {exc}"
+    rep.carleman = dict(win.info)
+    if cfg.track_sgd:
+        win.shadow = start_shadow(params, buffers, group["momentum"], support, theta0)
+    return win, ""
+
+
+def _reduced(term, comm: Comm):
+    """A Taylor term whose every product passes through ``comm.reduce_hvp`` (the global batch's)."""
+    if term is None:
+        return None
+    if getattr(term, "explicit", True):
+        return comm.reduce_hvp(term.dense())
+    red = comm.reduce_hvp
+    rmat = term._rmatmat
+    return MatrixFreeTerm(term.n, term.k, lambda Y: red(term.matmat(Y)), symmetric=term.symmetric,
+                          rmatmat=None if rmat is None else (lambda W: red(rmat(W))),
+                          power=lambda u: red(term.power(u)))
+
+
+def build_system(win: WindowState, exp: TaylorExpansion, cfg: QODEConfig, comm: Comm) -> None:
+    """The window's ODE (Taylor terms of ``exp``, F0 from the tape) and its Carleman system."""
+    ode = exp.ode(F0=win.f0_source(), explicit=win.explicit, dtype=torch.float64)
+    if not comm.local:
+        ode = PolynomialODE([win.f0_source()] + [_reduced(ode.terms[k], comm) for k in range(1, ode.degree + 1)],
+                            dtype=torch.float64, device=ode.device)
+    win.expansion = exp
+    win.system = _carleman(ode, cfg)
+
+
+def advance(win: WindowState, grads_flat: torch.Tensor, comm: Comm) -> Optional[str]:
+    """Window step t: record F0(t) and advance the Carleman state; returns a fault, or None."""
+    t = win.t
+    if win.frozen is None:
+        win.tape.record(t, win.f0_from_grads(grads_flat))
+    fault = None
+    try:
+        with torch.enable_grad():
+            win.state.advance(win.system, t)
+    except NonFiniteError as exc:
+        fault = f"{exc}"
+    except RuntimeError as exc:
+        if "inplace operation" in str(exc):
+            raise RuntimeError(
+                "QODE: the parameters or buffers (e.g. BatchNorm running statistics) were modified in "
+                "place during a quantum window (model.load_state_dict, an EMA, a manual write), which "
+                "invalidates the upload batch's Hessian-vector products; load model weights together "
+                "with QODE.load_state_dict, or between windows (QODE.in_quantum_window is False)") from exc
+        raise
+    if comm.any(fault is not None):
+        return fault or "a non-finite Carleman state on another rank"
+    win.t = t + 1
+    return None
+
+
+@torch.enable_grad()
+def finish_window(win: WindowState, cfg: QODEConfig, comm: Comm, rep: CycleReport,
+                  readout_keep: Optional[tuple] = None) -> WindowResult:
+    """Solve (Eq. II.102), read θ0 + u(T) on S back by tomography, prune to r, price it.
+
+    ``readout_keep``: ``(flags, keep)`` for a dense upload with pruning — the full-vector prunable
+    flags and how many prunable weights the download keeps.
+    """
+    sys_, T = win.system, cfg.window_length
+    n = sys_.n
+    u_forward = win.state.level1()
+    sol = None
+    solver_info = {"method": cfg.solver, "kappa": None, "kappa_bound": _kappa_bound(T), "fidelity": 1.0}
+    try:
+        if cfg.solver != "forward" or (win.explicit and (T + 1) * sys_.dim <= KAPPA_MAX_UNKNOWNS):
+            sol = _solve(sys_, n, T, cfg)
+            solver_info.update(sol.as_dict())
+            solver_info["kappa_bound"] = _kappa_bound(T)
+            u_T = torch.as_tensor(sol.final).to(u_forward)
+            solver_info["max_abs_diff_vs_forward"] = float((u_T - u_forward).abs().max())
+            if cfg.solver == "forward":
+                u_T = u_forward
+        else:
+            u_T = u_forward
+    except (ValueError, MemoryError) as exc:
+        return WindowResult(fault=f"window solve failed: {exc}")
+    rep.solver = solver_info
+    S = win.support
+    theta0_S = (win.theta0 if S is None else win.theta0[S]).to(torch.float64)
+    target = theta0_S + u_T
+    if not all_finite(target):
+        return WindowResult(fault="the solved weights are not finite")
+    if not bool(target.any()):
+        return WindowResult(fault="the solved weight vector is zero: nothing to read out")
+    try:
+        res = _tomography(target, cfg, win.rng)
+    except (ValueError, TypeError) as exc:
+        return WindowResult(fault=f"tomography failed: {exc}")
+    rep.tomography = res.as_dict(arrays=False)
+    estimate = comm.broadcast(torch.as_tensor(res.estimate).to(device=target.device, dtype=torch.float64))
+    if not bool(estimate.any()):
+        return WindowResult(fault=f"tomography read out a zero vector (shots={cfg.shots}: no norm-stage shot "
+                                  "succeeded), which would erase the model")
+    r = None if readout_keep is None else readout_prune(estimate, win, *readout_keep, rep)
+    new = win.embed(estimate)
+    try:
+        rep.resources = _resources(sys_, T, cfg, r if r is not None else n, sol)
+    except (ValueError, TypeError, MemoryError) as exc:  # the ledger must never stop training
+        rep.resources = {"error": str(exc)}
+    return WindowResult(new=new, lin=win.embed(target))
+
+
+def readout_prune(estimate: torch.Tensor, win: WindowState, flags: torch.Tensor, keep: int,
+                  rep: CycleReport) -> int:
+    """Keep the ``keep`` largest read-out weights among the *prunable* entries (the paper's "tomography
+    reads the r largest components"); biases and norm scales, never pruned, are read as they are.
+    In place; returns r, the components read out."""
+    S = win.support
+    if S is not None:   # weights outside S keep θ0: count their non-zeros against r
+        outside = flags.clone()
+        outside[S] = False
+        keep = max(0, keep - int(torch.count_nonzero(win.theta0[outside])))
+        flags = flags[S]
+    idx = torch.nonzero(flags).reshape(-1)
+    order = torch.sort(estimate[idx].abs(), descending=True, stable=True).indices  # ties: lower index
+    drop = idx[order[keep:]]
+    dropped = estimate[drop]
+    total = float(estimate.pow(2).sum())
+    estimate[drop] = 0
+    rep.tomography["readout_pruned"] = int(torch.count_nonzero(dropped))
+    rep.tomography["readout_pruned_mass"] = float(dropped.pow(2).sum()) / total if total > 0 else 0.0
+    return int(estimate.numel() - idx.numel() + keep)
+
+
+# ---------------------------------------------------------------------------------------- resume
+def window_state_dict(win: WindowState, track_sgd: bool) -> dict:
+    """The live window as plain tensors (``QODE.state_dict()['qode']['window']``)."""
+    sd = {"t": win.t, "lr": win.lr, "wd": win.wd, "explicit": win.explicit, "theta0": win.theta0.clone(),
+          "support": None if win.support is None else win.support.clone(),
+          "frozen": None if win.frozen is None else win.frozen.clone(),
+          "tape": {int(t): v.clone() for t, v in win.tape.rows.items()},
+          "terms": ([win.system.ode.terms[k].dense().clone() for k in range(1, win.system.degree + 1)]
+                    if win.explicit else None)}
+    st = win.state.state_dict()
+    if st.get("kind") == DenseLevels.kind:
+        sd["y"] = st["y"]                    # the format of earlier versions
+    else:
+        sd["carleman_state"] = st
+    if track_sgd and win.shadow is not None:
+        sd.update(win.shadow.state_dict())
+    return sd
+
+
+def load_window(sd: dict, cfg: QODEConfig, comm: Comm, rng: np.random.Generator, device) -> WindowState:
+    """The window saved by :func:`window_state_dict`; a matrix-free one waits for its expansion
+    (``system`` is ``None`` until ``QODE.restore_expansion`` or the next step re-expands)."""
+    tape = NoiseTape(keep=bool(sd["explicit"]))
+    tape.rows = {int(t): v.to(device) for t, v in sd["tape"].items()}
+    win = WindowState(theta0=sd["theta0"].to(device), lr=float(sd["lr"]), wd=float(sd["wd"]),
+                      support=None if sd["support"] is None else sd["support"].to(device),
+                      explicit=bool(sd["explicit"]), tape=tape, rng=rng, t=int(sd["t"]),
+                      frozen=None if sd["frozen"] is None else sd["frozen"].to(device))
+    if "carleman_state" in sd:
+        win.state = state_from_dict(sd["carleman_state"], device=device)
+    else:
+        win.state = DenseLevels(sd["y"].to(device), sd["theta0"].numel() if sd["support"] is None
+                                else sd["support"].numel())
+    if sd["terms"] is not None:
+        ode = PolynomialODE([win.f0_source()] + [T.to(device) for T in sd["terms"]], dtype=torch.float64,
+                            device=device)        # saved after comm.reduce_hvp: the global batch's terms
+        win.system = _carleman(ode, cfg)
+    if cfg.track_sgd and "shadow" in sd:
+        win.shadow = Shadow.load(sd, device)
+    return win
