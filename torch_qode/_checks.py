@@ -13,7 +13,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["as_real", "as_int", "check_int", "check_real", "check_choice", "check_bool", "check_optional_int"]
+__all__ = ["as_real", "as_int", "check_int", "check_real", "check_choice", "check_bool", "check_optional_int",
+           "require_real", "require_int"]
 
 
 def _scalar(x):
@@ -101,3 +102,20 @@ def check_bool(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return bool(value)
+
+
+def require_real(value, name: str, what: str = "a real number") -> float:
+    """``value`` as a float; ``TypeError("name must be what, got <type>")`` when it is no real number at all
+    (a wrong kind of value, told apart from a wrong value, which the range checks above report)."""
+    v = as_real(value)
+    if v is None:
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return v
+
+
+def require_int(value, name: str, what: str = "an integer") -> int:
+    """``value`` as an int; ``TypeError("name must be what, got …")`` when it is no integer (bools refused)."""
+    v = as_int(value)
+    if v is None:
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    return v
