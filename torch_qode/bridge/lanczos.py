@@ -95,7 +95,8 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, *, 
     The Lanczos vectors live in ``dtype`` on ``device``; α, β are accumulated in float64.
 
     ``reorthogonalize``:
-      ``"full"`` — classical Gram–Schmidt twice against every previous vector (robust, O(k n) memory);
+      ``"full"`` — classical Gram–Schmidt against every previous vector, as matrix-vector products
+      with the preallocated basis, a second pass when the first cancelled much (DGKS; O(k n) memory);
       ``"selective"`` — Parlett–Scott: only against the Ritz vectors that have converged
       (residual bound β_j |s_ji| ≤ √ε ‖T‖), which is where orthogonality is lost;
       ``None`` — plain three-term recurrence (O(n) memory; ghost copies of converged eigenvalues
@@ -122,45 +123,69 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, *, 
             raise ValueError("v0 must be finite and non-zero")
         v = v / nv
     eps = float(torch.finfo(dtype).eps)
-    Q = torch.empty(steps, n, dtype=dtype, device=device) if reorthogonalize else None
+    Q = torch.empty(steps, n, dtype=dtype, device=device) if reorthogonalize else None  # the basis, preallocated
     alphas: list[float] = []
     betas: list[float] = []
     v_prev, beta_prev = None, 0.0
     anorm = 0.0
     for j in range(steps):
+        last = j == steps - 1
         if Q is not None:
             Q[j] = v
         w = _apply(hvp, v, n)
         alpha = float(torch.dot(w.double(), v.double())) if dtype != torch.float64 else float(torch.dot(w, v))
         w = w - alpha * v
         if v_prev is not None:
-            w = w - beta_prev * v_prev
-        if reorthogonalize == "full":
-            B = Q[: j + 1]
-            for _ in range(2):
-                w = w - B.T @ (B @ w)
-        elif reorthogonalize == "selective" and j > 0:
-            vals, S = _tridiag_eig(alphas + [alpha], betas, vectors="all")
-            beta_est = float(w.norm())
-            tnorm = max(abs(vals[0]), abs(vals[-1]), 1e-300)
-            conv = np.nonzero(beta_est * np.abs(S[-1]) <= math.sqrt(eps) * tnorm)[0]
-            if conv.size:
-                Y = torch.as_tensor(S[:, conv].T, dtype=dtype, device=device) @ Q[: j + 1]
-                Y = torch.linalg.qr(Y.T).Q.T if conv.size > 1 else Y / Y.norm()
-                for _ in range(2):
-                    w = w - Y.T @ (Y @ w)
-        beta = float(w.norm())
+            w.sub_(v_prev, alpha=beta_prev)
+        if last:               # α_k is all the last step adds: its residual is only checked for finiteness
+            beta = float(w.norm())
+        elif reorthogonalize == "full":
+            beta = _full_reorth(w, Q[: j + 1])
+        else:
+            if reorthogonalize == "selective" and j > 0:
+                _selective_reorth(w, Q[: j + 1], alphas + [alpha], betas, eps)
+            beta = float(w.norm())
         alphas.append(alpha)
         if not (math.isfinite(alpha) and math.isfinite(beta)):
             raise FloatingPointError("hvp produced non-finite values during Lanczos")
         anorm = max(anorm, abs(alpha) + beta + beta_prev)
-        if j == steps - 1 or beta <= 100 * eps * max(anorm, 1e-300):
+        if last or beta <= 100 * eps * max(anorm, 1e-300):
             break
         if stop is not None and stop(np.asarray(alphas), np.asarray(betas), beta):
             break
         betas.append(beta)
         v_prev, v, beta_prev = v, w / beta, beta
     return Lanczos(np.asarray(alphas, dtype=np.float64), np.asarray(betas, dtype=np.float64))
+
+
+def _full_reorth(w: torch.Tensor, B: torch.Tensor) -> float:
+    """Orthogonalise ``w`` in place against the rows of ``B`` (the basis so far) and return ‖w‖.
+
+    Classical Gram–Schmidt as two matrix-vector products against the stored basis, repeated when
+    the pass cancelled much of ``w`` (Daniel–Gragg–Kaufman–Stewart, "twice is enough": ‖w‖ fell below
+    1/√2 of ‖w₀‖, i.e. below ‖h‖ since ‖w₀‖² = ‖w‖² + ‖h‖²).  In Lanczos the recurrence leaves ``w``
+    nearly orthogonal already, so one pass is the rule.  One host synchronisation per call."""
+    h = B @ w
+    w.addmv_(B.T, h, alpha=-1)
+    h_norm, after = torch.stack((h.norm(), w.norm())).tolist()
+    if after < h_norm:
+        w.addmv_(B.T, B @ w, alpha=-1)
+        after = float(w.norm())
+    return after
+
+
+def _selective_reorth(w: torch.Tensor, B: torch.Tensor, alphas: list, betas: list, eps: float) -> None:
+    """Parlett–Scott: orthogonalise ``w`` in place against the Ritz vectors that have converged
+    (residual bound β_j |s_ji| ≤ √ε ‖T‖)."""
+    vals, S = _tridiag_eig(alphas, betas, vectors="all")
+    beta_est = float(w.norm())
+    tnorm = max(abs(vals[0]), abs(vals[-1]), 1e-300)
+    conv = np.nonzero(beta_est * np.abs(S[-1]) <= math.sqrt(eps) * tnorm)[0]
+    if conv.size:
+        Y = torch.as_tensor(S[:, conv].T, dtype=B.dtype, device=B.device) @ B
+        Y = torch.linalg.qr(Y.T).Q.T if conv.size > 1 else Y / Y.norm()
+        for _ in range(2):
+            w.sub_(Y.T @ (Y @ w))
 
 
 def _check_tol(tol) -> float:
