@@ -6,8 +6,8 @@ Four floors, one package each, each importing only the ones below (``tests/test_
 """
 from .training.monitor import DissipationMonitor
 from .core.carleman import CarlemanSystem, CarlemanTooLarge, carleman, dissipativity, required_order
-from .bridge.dissipation import (DissipationCheck, PyHessianAdapter, Verdict, error_proxy, hessian_spectrum,
-                          positive_fraction, slq_density)
+from .bridge.dissipation import (DissipationCheck, Verdict, error_proxy, hessian_spectrum, positive_fraction,
+                                 slq_density)
 from .core.linsolve import kappa_bound, solve_window, window_system
 from .core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
 from .training.qode import QODE, CycleReport
@@ -28,3 +28,12 @@ __all__ = [
     "QODE", "CycleReport", "DissipationMonitor",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``PyHessianAdapter`` on first use: ``import torch_qode`` does not load ``pyhessian``."""
+    if name == "PyHessianAdapter":
+        from .bridge.pyhessian import PyHessianAdapter
+
+        return PyHessianAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

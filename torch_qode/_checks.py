@@ -13,7 +13,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["as_real", "as_int", "check_int", "check_real", "check_choice", "check_bool", "check_optional_int"]
+__all__ = ["as_real", "as_int", "check_int", "check_real", "check_choice", "check_bool", "check_optional_int",
+           "require_real", "require_int", "expect_int", "expect_real"]
 
 
 def _scalar(x):
@@ -103,11 +104,27 @@ def check_bool(value, name: str) -> bool:
     return bool(value)
 
 
+def require_real(value, name: str, what: str = "a real number") -> float:
+    """``value`` as a float; ``TypeError("name must be what, got <type>")`` when it is no real number at all
+    (a wrong kind of value, told apart from a wrong value, which the range checks above report)."""
+    v = as_real(value)
+    if v is None:
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    return v
+
+
+def require_int(value, name: str, what: str = "an integer") -> int:
+    """``value`` as an int; ``TypeError("name must be what, got …")`` when it is no integer (bools refused)."""
+    v = as_int(value)
+    if v is None:
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    return v
+
+
 def expect_int(value, name: str, low: Optional[int] = None, high: Optional[int] = None, *, hint: str = "") -> int:
     """:func:`check_int` with the math core's exception types: ``TypeError`` when ``value`` is not an
     integer at all (a float, a string, a bool), ``ValueError`` when it is one outside ``[low, high]``."""
-    if as_int(value) is None:
-        raise TypeError(f"{name} must be an integer{_range(low, high)}{hint}, got {type(value).__name__} {value!r}")
+    require_int(value, name, f"an integer{_range(low, high)}{hint}")
     return check_int(value, name, low, high, hint=hint)
 
 
@@ -115,9 +132,7 @@ def expect_real(value, name: str, low: Optional[float] = None, high: Optional[fl
                 low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
     """:func:`check_real` (finite) with the math core's exception types: ``TypeError`` when ``value`` is
     not a real number at all, ``ValueError`` when it is NaN, infinite or outside the interval."""
-    if as_real(value) is None:
-        lo = None if low is None else float(low)
-        hi = None if high is None else float(high)
-        raise TypeError(f"{name} must be a finite number{_range(lo, hi, low_open, high_open)}{hint}, "
-                        f"got {type(value).__name__} {value!r}")
+    lo = None if low is None else float(low)
+    hi = None if high is None else float(high)
+    require_real(value, name, f"a finite number{_range(lo, hi, low_open, high_open)}{hint}")
     return check_real(value, name, low, high, low_open=low_open, high_open=high_open, hint=hint)

@@ -183,7 +183,7 @@ def test_matrix_free_window_equals_explicit(track_sgd):
         assert outs[0][1]["loss_sgd"] == pytest.approx(outs[1][1]["loss_sgd"], rel=1e-12)
 
 
-@pytest.mark.parametrize("solver,kw", [("direct", {}), ("filtered", {"kappa_a": 1e12})])
+@pytest.mark.parametrize("solver,kw", [("direct", {}), ("filtered", {"solver_options": {"kappa_a": 1e12}})])
 def test_direct_and_filtered_solvers_match_forward(solver, kw):
     outs = {}
     for s, k in (("forward", {}), (solver, kw)):
@@ -201,7 +201,7 @@ def test_direct_and_filtered_solvers_match_forward(solver, kw):
 def test_filtered_solver_with_small_kappa_reports_fidelity():
     model = tiny_mlp(2)
     opt = QODE(model.parameters(), lr=0.5, mode="quantum", cycle=8, classical_steps=1, sparsity=0.0,
-               carleman_order=1, solver="filtered", kappa_a=2.0)
+               carleman_order=1, solver="filtered", solver_options={"kappa_a": 2.0})
     run(model, opt, batches(8, seed=4))
     info = opt.reports[0].solver
     assert info["dropped"] > 0 and 0 < info["fidelity"] < 1
@@ -320,7 +320,7 @@ def test_invalid_arguments_name_the_argument():
     bad = [dict(lr=-1), dict(momentum=-0.1), dict(weight_decay=float("nan")), dict(sparsity=1.0),
            dict(sparsity=-0.1), dict(carleman_order=0), dict(classical_steps=10, cycle=10), dict(cycle=0),
            dict(mode="hybrid"), dict(form="euler"), dict(solver="hhl"), dict(noise="white"), dict(upload="qram"),
-           dict(solver="filtered"), dict(kappa_a=5.0), dict(shots=0), dict(taylor_degree=0), dict(eps=2.0),
+           dict(solver="filtered"), dict(solver_options={"kappa_a": 5.0}), dict(shots=0), dict(taylor_degree=0), dict(eps=2.0),
            dict(explicit="yes"), dict(nesterov=True)]
     names = ["lr", "momentum", "weight_decay", "sparsity", "sparsity", "carleman_order", "classical_steps", "cycle",
              "mode", "form", "solver", "noise", "upload", "kappa_a", "kappa_a", "shots", "taylor_degree", "eps",

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import flat as _flat
+from .._checks import require_real
 
 __all__ = ["MagnitudePruner", "SparsityReport", "LayerSparsity"]
 
@@ -123,9 +124,7 @@ class MagnitudePruner:
             self._offsets.append(self._offsets[-1] + p.numel())
 
     def _check_sparsity(self, sparsity) -> float:
-        s = _flat.as_real(sparsity)
-        if s is None:
-            raise TypeError(f"sparsity must be a float in [0, 1), got {type(sparsity).__name__}")
+        s = require_real(sparsity, "sparsity", "a float in [0, 1)")
         if not (math.isfinite(s) and 0.0 <= s < 1.0):
             raise ValueError(f"sparsity must be in [0, 1) (fraction of prunable entries zeroed), got {sparsity!r}")
         if s > 0 and self.n_prunable == 0:

@@ -50,7 +50,10 @@ import numpy as np
 import torch
 
 from . import flat as _flat
-from .flat import decomposed_norms, make_loss_fn
+from .._checks import as_real, check_int, check_real, require_real
+from .engines import FuncEngine, GraphEngine
+from .flat import make_loss_fn
+from .norms import decomposed_norms, fused_norm_nodes
 from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
 
 __all__ = ["TaylorExpansion", "UnsupportedGraphError", "make_loss_fn", "decomposed_norms",
@@ -73,144 +76,6 @@ class UnsupportedGraphError(ValueError):
     """The loss graph holds an op whose third derivatives PyTorch cannot compute correctly."""
 
 
-# ======================================================================================= engines
-class _GraphEngine:
-    """Derivatives by repeated backward through ``g = autograd.grad(loss, leaves, create_graph=True)``."""
-
-    def __init__(self, leaves: list[torch.Tensor], g_flat: torch.Tensor, chunk: int):
-        self.leaves, self.g, self.chunk = leaves, g_flat, chunk
-        self.N = g_flat.numel()
-
-    def _vjp(self, out: torch.Tensor, W: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
-        """Rows ``W_i^T ∂out/∂θ`` for ``W (m, *out.shape)``: ``(m, N)``."""
-        m = W.shape[0]
-        if not out.requires_grad:
-            return W.new_zeros(m, self.N)
-        rows = []
-        for s in range(0, m, self.chunk):
-            Wc = W[s:s + self.chunk]
-            batched = Wc.shape[0] > 1
-            gs = torch.autograd.grad(out, self.leaves, grad_outputs=Wc if batched else Wc[0],
-                                     retain_graph=True, create_graph=create_graph, allow_unused=True,
-                                     materialize_grads=True, is_grads_batched=batched)
-            m_c = Wc.shape[0]
-            # materialize_grads gives unbatched zeros for leaves outside the graph: broadcast them
-            rows.append(torch.cat([(t if not batched or t.dim() == lf.dim() + 1
-                                    else t.expand(m_c, *lf.shape)).reshape(m_c, -1)
-                                   for t, lf in zip(gs, self.leaves)], dim=1))
-        return torch.cat(rows) if len(rows) > 1 else rows[0]
-
-    def hvp(self, V: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
-        return self._vjp(self.g, V, create_graph)
-
-    def third(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """Rows ``∇³L[a_i, b_i]``: per pair one HVP with graph and one backward of ``a_i·H(θ)b_i``.
-
-        Pairs are *not* batched: a batched backward through a batched HVP graph costs (batch)² —
-        54 s instead of 1.4 s for 8 pairs on the benchmark ResNet.
-        """
-        out = []
-        for i in range(A.shape[0]):
-            h = self.hvp(B[i:i + 1], create_graph=True)[0]
-            out.append(self._vjp((h * A[i]).sum(), A.new_ones(1))[0])
-        return torch.stack(out)
-
-    def sym_sum(self, V: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """``Σ_r lam_r ∇³L[v_r, v_r]`` as ``(N,)``: one backward of ``Σ_r lam_r v_r·H(θ)v_r``."""
-        total = V.new_zeros(self.N)
-        for s in range(0, V.shape[0], self.chunk):
-            Vc = V[s:s + self.chunk]
-            h = self.hvp(Vc, create_graph=True)
-            val = ((h * Vc).sum(dim=1) * lam[s:s + self.chunk]).sum()
-            total += self._vjp(val, val.new_ones(1))[0]
-        return total
-
-    def jacobian_rows(self, out: torch.Tensor, support, create_graph: bool) -> torch.Tensor:
-        """``∂ out / ∂θ_S`` for a vector ``out`` (with graph) as ``(out.numel(), n)``."""
-        flat = out.reshape(-1)
-        eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
-        J = self._vjp(flat, eye, create_graph)
-        return J if support is None else J[:, support]
-
-    def derivative(self, k: int, support, n: int) -> torch.Tensor:
-        """Dense ``∇^k L`` on S, ``(n,)*k``.  The last index is one batched Jacobian of a vector
-        with its own small graph; the leading k−2 indices loop over rows, each differentiated on a
-        separate single-vector graph (differentiating rows of one batched graph would cost n times
-        more)."""
-        g = self.g if support is None else self.g[support]
-        E = torch.eye(n, dtype=g.dtype, device=g.device)
-
-        def rec(vec, level):
-            if level == k - 1:
-                return self.jacobian_rows(vec, support, create_graph=False)
-            out = []
-            for a in range(n):
-                nxt = self._vjp(vec, E[a:a + 1], create_graph=True)[0]
-                out.append(rec(nxt if support is None else nxt[support], level + 1))
-            return torch.stack(out)
-
-        return rec(g, 1)
-
-    def release(self):
-        self.leaves = self.g = None
-
-
-class _FuncEngine:
-    """Derivatives with torch.func: ``jvp(grad(L))`` (and one more ``jvp`` for third order)."""
-
-    def __init__(self, loss_fn: Callable, theta0: torch.Tensor, chunk: int):
-        self.f, self.theta0, self.chunk = loss_fn, theta0, chunk
-        self.grad_f = torch.func.grad(loss_fn)
-        self.N = theta0.numel()
-
-    def _hvp_at(self, theta, v):
-        return torch.func.jvp(self.grad_f, (theta,), (v,))[1]
-
-    def hvp(self, V: torch.Tensor) -> torch.Tensor:
-        fn = torch.func.vmap(lambda v: self._hvp_at(self.theta0, v), randomness="same", chunk_size=self.chunk)
-        return fn(V)
-
-    def third(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        def one(a, b):
-            return torch.func.jvp(lambda t: self._hvp_at(t, b), (self.theta0,), (a,))[1]
-
-        return torch.func.vmap(one, randomness="same", chunk_size=self.chunk)(A, B)
-
-    def sym_sum(self, V: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        return lam @ self.third(V, V)
-
-    def derivative_fn(self, k: int, support, n: int) -> torch.Tensor:
-        """Dense ``∇^k L`` on S, ``(n,)*k``, by nested torch.func transforms (chunked outer vmap)."""
-        theta0 = self.theta0
-
-        def lift(u):  # flat tangent on S -> full tangent
-            if support is None:
-                return u
-            return torch.zeros_like(theta0).index_put((support,), u)
-
-        def restrict(x):
-            return x if support is None else x[..., support]
-
-        E = torch.eye(n, dtype=theta0.dtype, device=theta0.device)
-
-        def D(j):
-            if j == 1:
-                return lambda th: restrict(self.grad_f(th))
-            inner = D(j - 1)
-            chunk = max(1, (self.chunk * 8) // max(1, n ** (j - 2)))
-
-            def dj(th):
-                col = lambda e: torch.func.jvp(inner, (th,), (lift(e),))[1]
-                return torch.func.vmap(col, randomness="same", chunk_size=chunk)(E)
-            return dj
-
-        return D(k)(theta0)
-
-    def release(self):
-        self.f = self.grad_f = self.theta0 = None
-
-
-# ===================================================================================== expansion
 class TaylorExpansion:
     """Derivatives of a loss at θ0 restricted to a support, and the polynomial ODE they define.
 
@@ -262,7 +127,7 @@ class TaylorExpansion:
         if not bool(torch.isfinite(loss.detach()).all()):
             raise NonFiniteError(f"loss is not finite ({float(loss.detach())})")
         if degree >= 2:
-            bad = _flat.fused_norm_nodes(loss)
+            bad = fused_norm_nodes(loss)
             if bad:
                 raise UnsupportedGraphError(
                     f"loss: its graph holds {', '.join(bad)}, whose third derivatives PyTorch refuses or gets "
@@ -286,7 +151,7 @@ class TaylorExpansion:
             raise
         g_flat = _flat.flatten(g)
         theta0 = _flat.flatten([p.detach() for p in params])
-        engine = _GraphEngine(params, g_flat, chunk)
+        engine = GraphEngine(params, g_flat, chunk)
         return cls(engine=engine, theta0_full=theta0, grad_full=g_flat.detach(), lr=lr, support=S,
                    degree=degree, weight_decay=wd, backend="double_backward")
 
@@ -324,7 +189,7 @@ class TaylorExpansion:
         if not bool(torch.isfinite(loss.detach()).all()):
             raise NonFiniteError(f"loss_fn(theta0) is not finite ({float(loss.detach())})")
         if degree >= 2 and loss.requires_grad:
-            bad = _flat.fused_norm_nodes(loss)
+            bad = fused_norm_nodes(loss)
             if bad:
                 raise UnsupportedGraphError(
                     f"loss_fn: it runs {', '.join(bad)}, whose third derivatives PyTorch refuses or gets wrong "
@@ -336,13 +201,13 @@ class TaylorExpansion:
                                            materialize_grads=True)
             else:
                 g = torch.zeros_like(leaf)
-            engine = _GraphEngine([leaf], g, chunk)
+            engine = GraphEngine([leaf], g, chunk)
             grad_full = g.detach()
         else:
             grad_full = (torch.autograd.grad(loss.reshape(()), leaf, allow_unused=True, materialize_grads=True)[0]
                          if loss.requires_grad else torch.zeros_like(leaf))
             del loss, leaf
-            engine = _FuncEngine(loss_fn, theta0, chunk)
+            engine = FuncEngine(loss_fn, theta0, chunk)
         return cls(engine=engine, theta0_full=theta0, grad_full=grad_full, lr=lr, support=S, degree=degree,
                    weight_decay=wd, backend=resolved)
 
@@ -443,15 +308,13 @@ class TaylorExpansion:
         backward passes (``is_grads_batched``) or nested torch.func ``jvp``/``vmap`` — n**(k-1)
         products, so for small n only.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.degree + 1:
-            raise ValueError(f"k must be an integer in 1..{self.degree + 1} (degree + 1), got {k!r}")
-        k = int(k)
+        k = check_int(k, "k", 1, self.degree + 1, hint=" (degree + 1)")
         n = self.n
         if k == 1:
             return self.gradient().reshape(n, 1)
         eng = self._live()
         with torch.enable_grad():
-            if isinstance(eng, _GraphEngine):
+            if isinstance(eng, GraphEngine):
                 D = eng.derivative(k, self.support, n).detach()
             else:
                 D = eng.derivative_fn(k, self.support, n).detach()
@@ -476,8 +339,7 @@ class TaylorExpansion:
         self._live()
         if explicit not in (None, True, False):
             raise ValueError(f"explicit must be None (decide by memory), True or False; got {explicit!r}")
-        if not isinstance(budget_bytes, (int, np.integer)) or budget_bytes < 0:
-            raise ValueError(f"budget_bytes must be a non-negative integer, got {budget_bytes!r}")
+        budget_bytes = check_int(budget_bytes, "budget_bytes", 0)
         device = self.device if device is None else torch.device(device)
         n, q = self.n, self.degree
         need = 8 * sum(n ** (k + 1) for k in range(1, q + 1))
@@ -540,7 +402,7 @@ class TaylorExpansion:
         self._need_third()
         rows, _ = self._cols(w, "w")
         with torch.enable_grad():
-            if isinstance(eng, _GraphEngine):
+            if isinstance(eng, GraphEngine):
                 h = self._restrict(eng.hvp(rows, create_graph=True))[0]
                 M = eng.jacobian_rows(h, self.support, create_graph=False).detach()
             else:
@@ -577,24 +439,15 @@ class TaylorExpansion:
 
 # ====================================================================================== checks
 def _check_lr(lr) -> float:
-    x = _flat.as_real(lr)
-    if x is None:
-        raise TypeError(f"lr must be a positive float, got {type(lr).__name__}")
-    if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"lr must be a positive finite float, got {x}")
-    return x
+    return check_real(require_real(lr, "lr", "a positive float"), "lr", 0.0, low_open=True)
 
 
 def _check_degree(degree) -> int:
-    if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
-        raise ValueError(f"degree must be an integer >= 1 (1: linear ODE, 2: quadratic, ...), got {degree!r}")
-    return int(degree)
+    return check_int(degree, "degree", 1, hint=" (1: linear ODE, 2: quadratic, ...)")
 
 
 def _check_chunk(chunk) -> int:
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer (columns per batched product), got {chunk!r}")
-    return int(chunk)
+    return check_int(chunk, "chunk", 1, hint=" (columns per batched product)")
 
 
 def _check_weight_decay(weight_decay, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -604,7 +457,7 @@ def _check_weight_decay(weight_decay, params: Sequence[torch.Tensor]) -> torch.T
     N = _flat.numel(params)
     kinds = ("weight_decay must be a float, a list of floats (one per parameter tensor) or a flat "
              f"({N},) tensor / array")
-    scalar = _flat.as_real(weight_decay)
+    scalar = as_real(weight_decay)
     if scalar is not None:
         wd = torch.tensor(scalar, dtype=ref.dtype, device=ref.device)
     elif isinstance(weight_decay, (torch.Tensor, np.ndarray)) and weight_decay.ndim == 1:
@@ -619,7 +472,7 @@ def _check_weight_decay(weight_decay, params: Sequence[torch.Tensor]) -> torch.T
         if len(weight_decay) != len(params):
             raise ValueError(f"weight_decay as a list needs one float per parameter tensor ({len(params)}), "
                              f"got {len(weight_decay)}; pass a flat ({N},) tensor for per-entry values")
-        vals = [_flat.as_real(w) for w in weight_decay]
+        vals = [as_real(w) for w in weight_decay]
         if any(v is None for v in vals):
             raise TypeError(f"{kinds}; the list holds {weight_decay!r}")
         wd = torch.cat([torch.full((p.numel(),), v, dtype=ref.dtype, device=ref.device)

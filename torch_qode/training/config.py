@@ -12,7 +12,7 @@ import torch
 from .._checks import as_real, check_bool, check_choice, check_int, check_optional_int, check_real
 from ..bridge.taylor import EXPLICIT_BUDGET_BYTES
 from ..core.carleman import FORMS, default_max_bytes
-from ..core.linsolve import METHODS, check_kappa_a
+from ..core.solvers import SOLVERS, WindowSolver, make_solver
 from ..core.tomography import tomography
 
 __all__ = ["QODEConfig", "make_config", "check_sgd_settings", "check_trainable", "MODES", "UPLOADS", "NOISES"]
@@ -20,8 +20,6 @@ __all__ = ["QODEConfig", "make_config", "check_sgd_settings", "check_trainable",
 MODES = ("auto", "quantum", "classical")
 UPLOADS = ("dense", "sparse")
 NOISES = ("stream", "frozen")
-#: the options each window solver takes (``solver_options=``)
-SOLVER_OPTIONS = {"forward": (), "direct": (), "filtered": ("kappa_a",)}
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class QODEConfig:
     taylor_degree: int
     form: str
     solver: str
-    solver_options: dict
+    window_solver: WindowSolver      # the registry's solver object: its options and its cost formula
     shots: Optional[int]
     noise: str
     track_sgd: bool
@@ -51,8 +49,12 @@ class QODEConfig:
         return self.cycle - self.classical_steps
 
     @property
+    def solver_options(self) -> dict:
+        return self.window_solver.options
+
+    @property
     def kappa_a(self) -> Optional[float]:
-        return self.solver_options.get("kappa_a")
+        return self.window_solver.kappa_a
 
     def readout_options(self) -> dict:
         """Keyword arguments of ``tomography`` besides the vector, shots, seed and eps."""
@@ -103,24 +105,17 @@ def check_trainable(params) -> None:
             raise ValueError(f"params[{i}] is a sparse tensor: QODE needs dense parameters")
 
 
-def _solver_options(solver: str, solver_options, kappa_a) -> dict:
-    if solver_options is not None and not isinstance(solver_options, dict):
-        raise TypeError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
-    opts = dict(solver_options or {})
+def _window_solver(solver, solver_options, kappa_a) -> WindowSolver:
+    """The registry's solver for ``solver`` with ``solver_options``; ``kappa_a=`` is the old spelling."""
     if kappa_a is not None:
         warnings.warn(f"QODE(kappa_a=...) is deprecated: pass solver='filtered', solver_options="
                       f"{{'kappa_a': {kappa_a!r}}}", DeprecationWarning, stacklevel=4)
-        if "kappa_a" in opts:
+        if solver_options is not None and not isinstance(solver_options, dict):
+            raise TypeError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
+        if "kappa_a" in (solver_options or {}):
             raise ValueError("kappa_a given twice: pass it only in solver_options={'kappa_a': ...}")
-        opts["kappa_a"] = kappa_a
-    unknown = sorted(set(opts) - set(SOLVER_OPTIONS[solver]) - {"kappa_a"})
-    if unknown:
-        raise ValueError(f"solver_options {unknown} unknown for solver={solver!r}; it takes "
-                         f"{list(SOLVER_OPTIONS[solver]) or 'none'}")
-    check_kappa_a(opts.get("kappa_a"), solver, name="solver")
-    if opts.get("kappa_a") is None:
-        opts.pop("kappa_a", None)
-    return opts
+        solver_options = {**(solver_options or {}), "kappa_a": kappa_a}
+    return make_solver(solver, solver_options)
 
 
 def make_config(*, mode, cycle, classical_steps, sparsity, upload, carleman_order, taylor_degree, form,
@@ -139,8 +134,7 @@ def make_config(*, mode, cycle, classical_steps, sparsity, upload, carleman_orde
     carleman_order = check_int(carleman_order, "carleman_order", 1)
     taylor_degree = check_int(taylor_degree, "taylor_degree", 1)
     check_choice(form, "form", FORMS)
-    check_choice(solver, "solver", METHODS)
-    opts = _solver_options(solver, solver_options, kappa_a)
+    window_solver = _window_solver(solver, solver_options, kappa_a)
     shots = check_optional_int(shots, "shots", 1, none="exact readout")
     check_choice(noise, "noise", NOISES)
     check_bool(track_sgd, "track_sgd")
@@ -153,11 +147,11 @@ def make_config(*, mode, cycle, classical_steps, sparsity, upload, carleman_orde
     reserved = {"v", "shots", "seed", "top_r", "eps"} & set(tomography_kwargs or {})
     if reserved:
         raise ValueError(f"tomography_kwargs may not set {sorted(reserved)}: QODE sets them")
-    if solver != "forward" and explicit is False:
+    if window_solver.needs_explicit and explicit is False:
         raise ValueError(f"solver={solver!r} builds the explicit window matrix: it needs explicit=None or True")
     cfg = QODEConfig(mode=mode, cycle=cycle, classical_steps=classical_steps, sparsity=float(as_real(sparsity)),
                      upload=upload, carleman_order=carleman_order, taylor_degree=taylor_degree, form=form,
-                     solver=solver, solver_options=opts, shots=shots, noise=noise, track_sgd=bool(track_sgd),
+                     solver=window_solver.name, window_solver=window_solver, shots=shots, noise=noise, track_sgd=bool(track_sgd),
                      seed=seed, explicit=explicit, eps=as_real(eps), tomography_kwargs=dict(tomography_kwargs or {}))
     try:   # reject bad shots / tomography options now, not at the first window's end
         tomography(np.array([1.0, 0.5, 0.25, 0.125]), shots, seed=0, eps=cfg.eps, **cfg.readout_options())
@@ -172,7 +166,7 @@ def check_budget(cfg: QODEConfig, n_S: int) -> None:
     dim = sum(n_S ** j for j in range(1, cfg.carleman_order + 1))
     q = min(cfg.taylor_degree, cfg.carleman_order)
     terms_bytes = 8 * sum(n_S ** (k + 1) for k in range(1, q + 1))
-    if (cfg.solver != "forward" or cfg.explicit) and terms_bytes > EXPLICIT_BUDGET_BYTES:
+    if (cfg.window_solver.needs_explicit or cfg.explicit) and terms_bytes > EXPLICIT_BUDGET_BYTES:
         raise ValueError(
             f"solver={cfg.solver!r}" + (", explicit=True" if cfg.explicit else "") + f" needs explicit Taylor "
             f"terms (and the explicit window matrix); on a support of {n_S:,} weights (upload={cfg.upload!r}) "

@@ -6,8 +6,8 @@ and at t = T solves the window system (Eq. II.102), reads ``θ0 + u(T)`` out by 
 II.123), prunes the read-out to the r largest prunable weights and prices it (Theorems II.3/II.4).
 Every collective goes through the window's :class:`~torch_qode.training.comm.Comm`.
 
-The math core is called in one place each (``_carleman``, ``_solve``, ``_kappa_bound``,
-``_tomography``, ``_resources``) so that its registries replace them with one-line edits.
+The solver, its options and its cost formula come from the core's registry (``cfg.window_solver``,
+:func:`~torch_qode.core.solvers.make_solver`); the Carleman form from ``FORMS`` through ``carleman``.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import torch
 from ..bridge import flat as _flat
 from ..bridge.taylor import TaylorExpansion, UnsupportedGraphError
 from ..core.carleman import carleman
-from ..core.linsolve import kappa_bound, solve_window
+from ..core.window import kappa_bound
+from ..core.linsolve import solve_window
 from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE, all_finite
 from ..core.resources import estimate_resources
 from ..core.state import CarlemanState, DenseLevels, state_from_dict
@@ -42,25 +43,12 @@ KAPPA_MAX_UNKNOWNS = 5_000
 
 
 # ------------------------------------------------------------------------ the math core, one call each
-def _carleman(ode: PolynomialODE, cfg: QODEConfig):
-    return carleman(ode, cfg.carleman_order, cfg.form)
-
-
-def _solve(system, n: int, T: int, cfg: QODEConfig):
-    return solve_window(system, torch.zeros(n, dtype=torch.float64), T, method=cfg.solver,
-                        kappa_a=cfg.kappa_a if cfg.solver == "filtered" else None)
-
-
-def _kappa_bound(T: int) -> int:
-    return kappa_bound(T)
-
-
 def _tomography(target: torch.Tensor, cfg: QODEConfig, rng: np.random.Generator):
     return tomography(target, cfg.shots, seed=rng, eps=cfg.eps, **cfg.readout_options())
 
 
 def _resources(system, T: int, cfg: QODEConfig, r: int, sol) -> dict:
-    return estimate_resources(system, T, kappa_a=cfg.kappa_a, eps=cfg.eps, r=r, solution=sol).as_dict()
+    return estimate_resources(system, T, eps=cfg.eps, r=r, solution=sol, solver=cfg.window_solver).as_dict()
 
 
 # ------------------------------------------------------------------------------------------ the data
@@ -182,7 +170,7 @@ def reexpand(win: WindowState, graph: Optional[torch.Tensor], params: list, cfg:
 def use_explicit(cfg: QODEConfig, n: int) -> bool:
     if cfg.explicit is not None:
         return cfg.explicit
-    return cfg.solver != "forward" or n <= EXPLICIT_MAX_SUPPORT
+    return cfg.window_solver.needs_explicit or n <= EXPLICIT_MAX_SUPPORT
 
 
 def start_window(exp: TaylorExpansion, support, theta0: torch.Tensor, grads_flat: torch.Tensor, wd: float,
@@ -260,7 +248,7 @@ def build_system(win: WindowState, exp: TaylorExpansion, cfg: QODEConfig, comm: 
         ode = PolynomialODE([win.f0_source()] + [_reduced(ode.terms[k], comm) for k in range(1, ode.degree + 1)],
                             dtype=torch.float64, device=ode.device)
     win.expansion = exp
-    win.system = _carleman(ode, cfg)
+    win.system = carleman(ode, cfg.carleman_order, cfg.form)
 
 
 def advance(win: WindowState, grads_flat: torch.Tensor, comm: Comm) -> Optional[str]:
@@ -300,12 +288,12 @@ def finish_window(win: WindowState, cfg: QODEConfig, comm: Comm, rep: CycleRepor
     n = sys_.n
     u_forward = win.state.level1()
     sol = None
-    solver_info = {"method": cfg.solver, "kappa": None, "kappa_bound": _kappa_bound(T), "fidelity": 1.0}
+    solver_info = {"method": cfg.solver, "kappa": None, "kappa_bound": kappa_bound(T), "fidelity": 1.0}
     try:
-        if cfg.solver != "forward" or (win.explicit and (T + 1) * sys_.dim <= KAPPA_MAX_UNKNOWNS):
-            sol = _solve(sys_, n, T, cfg)
+        if cfg.window_solver.needs_explicit or (win.explicit and (T + 1) * sys_.dim <= KAPPA_MAX_UNKNOWNS):
+            sol = solve_window(sys_, torch.zeros(n, dtype=torch.float64), T, method=cfg.window_solver)
             solver_info.update(sol.as_dict())
-            solver_info["kappa_bound"] = _kappa_bound(T)
+            solver_info["kappa_bound"] = kappa_bound(T)
             u_T = torch.as_tensor(sol.final).to(u_forward)
             solver_info["max_abs_diff_vs_forward"] = float((u_T - u_forward).abs().max())
             if cfg.solver == "forward":
@@ -398,7 +386,7 @@ def load_window(sd: dict, cfg: QODEConfig, comm: Comm, rng: np.random.Generator,
     if sd["terms"] is not None:
         ode = PolynomialODE([win.f0_source()] + [T.to(device) for T in sd["terms"]], dtype=torch.float64,
                             device=device)        # saved after comm.reduce_hvp: the global batch's terms
-        win.system = _carleman(ode, cfg)
+        win.system = carleman(ode, cfg.carleman_order, cfg.form)
     if cfg.track_sgd and "shadow" in sd:
         win.shadow = Shadow.load(sd, device)
     return win
