@@ -4,8 +4,10 @@ Measured per model (an MLP and a small CIFAR ResNet), interleaving the optimizer
 machine noise hits both alike, median over steps:
 
 * classical QODE step (``mode="classical"``, ``sparsity=0``) / SGD step        — bar ≤ 1.10
-* quantum-window step at Carleman order N = 1, streamed noise / SGD step        — bar ≤ 3
-  (one closure at θ0 + one Hessian-vector product on the retained upload graph + the Carleman step);
+* quantum-window step at Carleman order N = 1, streamed noise / (one closure + one Hessian-vector
+  product on a retained graph, timed in the same loop)                          — bar ≤ 1.20
+  (issue 10 restates the old bar of 3 SGD steps against that floor: an exact HVP alone costs 3.0
+  forward+backward passes on ResNet-8 on this CPU, ``benchmarks/hvp_floor.py``);
   the upload (Taylor expansion + dissipation check) and the window end (solve + tomography) are
   reported separately, they happen once per window;
 * classical QODE / SGD on a 257-parameter MLP (30-8-1), where Python overhead shows      — bar ≤ 1.10,
@@ -50,6 +52,21 @@ def closure_for(model, opt, x, y):
     return closure
 
 
+def floor_step(model, x, y):
+    """What a window step cannot go below: one closure (forward + backward) and one exact
+    Hessian-vector product by double backward on a retained graph (the upload's)."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+    v = [torch.randn_like(p) for p in params]
+
+    def step():
+        for p in params:
+            p.grad = None
+        F.cross_entropy(model(x), y).backward()
+        torch.autograd.grad(grads, params, v, retain_graph=True)
+    return step
+
+
 def timed(opt, closure) -> float:
     t0 = time.perf_counter()
     opt.step(closure)
@@ -69,15 +86,22 @@ def bench(make, shape, steps: int) -> dict:
                               cycle=cycle, classical_steps=1),
             "quantum": QODE(models["quantum"].parameters(), lr=0.01, mode="quantum", sparsity=0.0, cycle=cycle,
                             classical_steps=1, carleman_order=1, noise="stream")}
-    times = {k: [] for k in opts}
+    floor_model = make()
+    floor_model.load_state_dict(base.state_dict())
+    floor = floor_step(floor_model, x, y)
+    times = {k: [] for k in (*opts, "floor")}
     for k in range(cycle):
         for name, opt in opts.items():
             dt = timed(opt, closure_for(models[name], opt, x, y))
             times[name].append(dt)
+        t0 = time.perf_counter()
+        floor()
+        times["floor"].append(time.perf_counter() - t0)
     win = times["quantum"][2:-1]          # window steps, without the upload (1) and the end (last)
     med = {k: statistics.median(v[2:-1]) for k, v in times.items()}
     return {"sgd_ms": 1e3 * med["sgd"], "classical_ratio": med["classical"] / med["sgd"],
             "window_ratio": statistics.median(win) / med["sgd"],
+            "floor_ratio": statistics.median(win) / med["floor"],
             "upload_s": times["quantum"][1], "end_s": times["quantum"][-1]}
 
 
@@ -153,13 +177,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s), {args.steps} window steps, median per step\n")
-    print("| model | SGD step | classical QODE / SGD (bar ≤ 1.10) | quantum window step, N=1 / SGD (bar ≤ 3) "
-          "| upload (once) | window end (once) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | SGD step | classical QODE / SGD (bar ≤ 1.10) | window step, N=1 / SGD "
+          "| window step / (closure + HVP) (bar ≤ 1.20) | upload (once) | window end (once) |")
+    print("|---|---|---|---|---|---|---|")
     for name, (make, shape) in CASES.items():
         r = bench(make, shape, args.steps)
         print(f"| {name} | {r['sgd_ms']:.2f} ms | {r['classical_ratio']:.2f} | {r['window_ratio']:.2f} "
-              f"| {r['upload_s']:.2f} s | {r['end_s']:.2f} s |")
+              f"| {r['floor_ratio']:.2f} | {r['upload_s']:.2f} s | {r['end_s']:.2f} s |")
     r = bench_small(args.steps)
     print(f"\nMLP 30-8-1 ({r['n']} params), batch 32, momentum 0.9: SGD step {r['sgd_us']:.0f} µs, classical QODE "
           f"{r['classical_us']:.0f} µs, ratio {r['ratio']:.3f} (bar ≤ 1.10); host syncs per classical step: "
