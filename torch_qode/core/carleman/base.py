@@ -145,9 +145,10 @@ class CarlemanSystem:
 
     def _level1(self, levels, f0) -> torch.Tensor:
         """Level 1, the same in every form: ``y_1 + F0 y_0 + Σ_{k=1}^{min(q,N)} Fk y_k``."""
-        acc = levels[1].clone()
-        if f0 is not None and levels[0] is not None:
-            acc += f0[:, None] * levels[0]
+        if f0 is not None and levels[0] is not None:   # levels[0] is y_0 = 1 (the offset): F0·y_0 = F0 exactly
+            acc = levels[1] + f0[:, None]
+        else:
+            acc = levels[1].clone()
         for k in range(1, min(self.degree, self.order) + 1):
             term = self.ode.terms[k]
             if term is not None:
