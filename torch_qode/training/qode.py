@@ -20,6 +20,12 @@ Classical steps — every step of ``mode="classical"`` and of a classical window
 ``torch.optim.SGD`` (same ``lr``, ``momentum``, ``dampening``, ``nesterov``, ``weight_decay``).
 A quantum window runs plain gradient descent (the paper's Eq. I.3) on ``L + (wd/2)||θ||²``; momentum
 applies to classical steps only and its buffers restart after a quantum window.
+
+``QODE`` schedules the cycle and keeps the ``Optimizer`` contract (the parameter group, state_dict,
+hooks, copies); what the steps do lives below it: a classical step is
+:func:`~torch_qode.training.classical.classical_step`, the quantum steps (upload, window step, window
+end) are the functions of :mod:`~torch_qode.training.cycle`, and their maths the window core
+(:mod:`~torch_qode.training.window`).
 """
 from __future__ import annotations
 
