@@ -154,8 +154,12 @@ def test_bad_arguments():
         DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, backend="jax")
     with pytest.raises(TypeError, match="model"):
         DissipationMonitor(lambda x: x, F.cross_entropy, (X, y), lr=0.1)
-    with pytest.raises(ValueError, match="window"):
+    with pytest.raises(ValueError, match="window must be an integer ≥ 0"):
         DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, window=-1)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got -0.5"):
+        DissipationMonitor(model, F.cross_entropy, (X, y), lr=-0.5)
+    with pytest.raises(ValueError, match=r"backend must be one of \('torch', 'pyhessian'\), got 'jax'"):
+        DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, backend="jax")
     with pytest.raises(TypeError, match="check"):
         DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, check=0.4)
 
@@ -206,7 +210,7 @@ def test_schedule_forms_and_refusals():
     for bad in (1.5, 1.0, "1", True):
         with pytest.raises(TypeError, match="step must be an integer"):
             mon.scheduled(bad)
-        with pytest.raises(TypeError, match="step must be an integer"):
+        with pytest.raises(TypeError, match=r"step must be an integer \(a training step\), got"):
             mon.step(bad, force=True)
     assert mon.records == []
 

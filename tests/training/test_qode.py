@@ -583,3 +583,22 @@ def test_gradient_accumulation_closure_expands_the_summed_loss():
     for _ in range(cycle - cs):
         u = u - lr * g - lr * (H @ u)
     torch.testing.assert_close(flat(model), theta0 + u, atol=1e-10, rtol=0)
+
+
+def test_momentum_helpers_over_the_optimizers_state():
+    """classical.py's helpers: with momentum 0 nothing is stored per parameter (as SGD); a restart
+    drops the buffers and the entries they leave empty, never another key."""
+    from collections import defaultdict
+
+    from torch_qode.training.classical import keep_buffers, momentum_buffers, reset_momentum
+
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    a.grad, b.grad = torch.ones(2), None
+    state = defaultdict(dict)
+    keep_buffers([a, b], state, {"momentum": 0.0}, [torch.ones(2), None])
+    assert len(state) == 0 and momentum_buffers([a, b], state) == [None, None]
+    keep_buffers([a, b], state, {"momentum": 0.9}, [torch.ones(2), torch.ones(3)])
+    assert list(state) == [a] and momentum_buffers([a, b], state)[1] is None   # b had no gradient
+    state[b]["other"] = 1
+    reset_momentum([a, b], state)
+    assert a not in state and state[b] == {"other": 1}

@@ -5,6 +5,10 @@ repeats the same arithmetic as ``torch.optim.sgd._single_tensor_sgd`` / ``_multi
 takes a ``found_inf`` flag on the device, as fused optimizers do: when it is set, the parameter and
 momentum-buffer updates are masked out on the device (``torch.where``), so a non-finite loss or
 gradient never reaches the weights and the host never waits for the GPU.
+
+:func:`classical_step` is QODE's classical step over the optimizer's parts (its parameters, its one
+parameter group, its ``state`` with the momentum buffers): the closure, then the masked update where
+it reproduces SGD's arithmetic, else SGD's own after a synchronous finiteness check.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from torch.optim.sgd import sgd as _sgd
 from ..core.ode import all_finite
 from .capture import loss_value
 
-__all__ = ["sgd_update", "masked_sgd_update", "nonfinite_flag", "all_finite_sync", "MaskedSGD"]
+__all__ = ["sgd_update", "masked_sgd_update", "nonfinite_flag", "all_finite_sync", "MaskedSGD", "classical_step",
+           "sgd_step", "momentum_buffers", "keep_buffers", "reset_momentum"]
 
 
 def sgd_update(params: list, grads: list, buffers: list, group: dict) -> list:
@@ -163,3 +168,48 @@ class MaskedSGD:
             rep.skipped_steps += n
             rep.faults.append(f"steps {first}..{last}: non-finite loss or gradient: update skipped "
                               f"({n} step{'s' if n > 1 else ''})")
+
+
+# ------------------------------------------------------------------ over the optimizer's parts
+def momentum_buffers(params: list, state: dict) -> list:
+    """The momentum buffers ``state`` holds for ``params`` (``None`` where there is none), as SGD reads them."""
+    return [state[p].get("momentum_buffer") if p in state else None for p in params]
+
+
+def keep_buffers(params: list, state: dict, group: dict, bufs: list) -> None:
+    """Store the buffers an update returned; with momentum 0 ``state`` holds nothing per parameter, as SGD's."""
+    if group["momentum"] != 0:
+        for p, b in zip(params, bufs):
+            if p.grad is not None:
+                state[p]["momentum_buffer"] = b
+
+
+def reset_momentum(params: list, state: dict) -> None:
+    """Momentum restarts (after a quantum window): the buffers go, and the entries they leave empty."""
+    for p in params:
+        if p in state:
+            state[p].pop("momentum_buffer", None)
+            if not state[p]:
+                del state[p]
+
+
+def sgd_step(params: list, group: dict, state: dict) -> None:
+    """An SGD step of ``params`` with the gradients the closure left in ``.grad``."""
+    bufs = sgd_update(params, [p.grad for p in params], momentum_buffers(params, state), group)
+    keep_buffers(params, state, group, bufs)
+
+
+def classical_step(closure, params: list, group: dict, state: dict, masked: MaskedSGD, rep, k: int):
+    """QODE's classical step ``k``: SGD's update, masked on the device when the loss or a gradient is
+    not finite (no host sync); where the mask cannot reproduce SGD, a synchronous check skips the
+    update and ``rep`` (the cycle's report) says so.  Returns the closure's loss."""
+    with torch.enable_grad():
+        loss = closure()
+    if masked.maskable(loss, params, group):
+        keep_buffers(params, state, group, masked.update(loss, params, momentum_buffers(params, state), group, k))
+    elif not all_finite_sync(loss, params):
+        rep.skipped_steps += 1
+        rep.faults.append(f"step {k}: non-finite loss or gradient: update skipped")
+    else:
+        sgd_step(params, group, state)
+    return loss

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..bridge import flat as _flat
+from .._checks import as_int, check_choice, check_int, check_real, require_int
 from .._figure import new_figure, positive as _positive, save
+from ..bridge import flat as _flat
 from ..bridge.flat import check_model_loss_batch
 from ..bridge.dissipation import DissipationCheck, hessian_spectrum
 
@@ -39,13 +40,6 @@ __all__ = ["DissipationMonitor", "paper_schedule", "plot_training_panels"]
 #: Keys :meth:`DissipationMonitor.step` computes itself; ``**extra`` may not override them.
 _STEP_KEYS = ("step", "event", "top_eigenvalue", "positive_fraction", "proxy_T", "proxy_curve", "spectrum",
               "seconds")
-
-
-def _check_step(step, name: str = "step") -> int:
-    s = _flat.as_int(step)
-    if s is None:
-        raise TypeError(f"{name} must be an integer (a training step), got {step!r}")
-    return s
 
 
 def paper_schedule(step: int) -> bool:
@@ -96,14 +90,10 @@ class DissipationMonitor:
                  check: Optional[DissipationCheck] = None, support=None, params=None,
                  metric: Optional[Callable[[nn.Module], float]] = None, log_path=None):
         check_model_loss_batch(model, loss_fn, probe_batch, ("model", "loss_fn", "probe_batch"))
-        lr_f, window_i = _flat.as_real(lr), _flat.as_int(window)
-        if lr_f is None or not (lr_f > 0 and math.isfinite(lr_f)):
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-        if window_i is None or window_i < 0:
-            raise ValueError(f"window must be a non-negative integer, got {window!r}")
+        lr_f = check_real(lr, "lr", 0.0, low_open=True)
+        window_i = check_int(window, "window", 0, hint=" (the proxy's horizon T)")
         self._scheduled = self._check_schedule(schedule)
-        if backend not in ("torch", "pyhessian"):
-            raise ValueError(f"backend must be 'torch' or 'pyhessian', got {backend!r}")
+        check_choice(backend, "backend", ("torch", "pyhessian"))
         if metric is not None and not callable(metric):
             raise TypeError("metric must be callable: model -> float")
         if check is not None and not isinstance(check, DissipationCheck):
@@ -142,7 +132,7 @@ class DissipationMonitor:
                 from None
         steps = set()
         for s in items:
-            i = _flat.as_int(s)
+            i = as_int(s)
             if i is None:
                 raise TypeError(f"{msg}; schedule holds {s!r}, which is not an integer")
             steps.add(i)
@@ -151,7 +141,7 @@ class DissipationMonitor:
     # ---------------------------------------------------------------------------- recording
     def scheduled(self, step: int) -> bool:
         """Whether the schedule takes a spectrum at integer ``step``."""
-        return bool(self._scheduled(_check_step(step)))
+        return bool(self._scheduled(require_int(step, "step", "an integer (a training step)")))
 
     def step(self, step: int, force: bool = False, **extra) -> Optional[dict]:
         """At a scheduled ``step`` (or with ``force``), take the probe spectrum and record it.
@@ -159,7 +149,7 @@ class DissipationMonitor:
         ``extra`` keys are added to the record; they may not override the computed ones
         (``step``, ``event``, ``top_eigenvalue``, …, and ``test_acc`` when a ``metric`` is set).
         """
-        step = _check_step(step)
+        step = require_int(step, "step", "an integer (a training step)")
         reserved = _STEP_KEYS + (("test_acc",) if self.metric is not None else ())
         clash = sorted(k for k in extra if k in reserved)
         if clash:
@@ -341,7 +331,7 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
     ``test_acc`` / ``test_acc_sgd`` (float in [0, 1] or percent)
         Test accuracy of the trained model / of the SGD reference.  Panel (d).
     """
-    early_i, every_i = _flat.as_int(early_steps), _flat.as_int(every)
+    early_i, every_i = as_int(early_steps), as_int(every)
     if early_i is None or early_i < 0:
         raise ValueError(f"early_steps must be an integer >= 0, got {early_steps!r}")
     if every_i is None or every_i < 1:
@@ -353,7 +343,7 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
     for i, r in enumerate(records):
         if not isinstance(r, Mapping):
             raise TypeError(f"records[{i}] must be a dict, got {type(r).__name__}")
-        step = _flat.as_int(r.get("step"))
+        step = as_int(r.get("step"))
         if step is None:
             raise ValueError(f"records[{i}] needs an integer 'step' (a training step), got {r.get('step', '(none)')!r}")
         checked.append({**r, "step": step})

@@ -20,11 +20,15 @@ Classical steps — every step of ``mode="classical"`` and of a classical window
 ``torch.optim.SGD`` (same ``lr``, ``momentum``, ``dampening``, ``nesterov``, ``weight_decay``).
 A quantum window runs plain gradient descent (the paper's Eq. I.3) on ``L + (wd/2)||θ||²``; momentum
 applies to classical steps only and its buffers restart after a quantum window.
+
+``QODE`` schedules the cycle and keeps the ``Optimizer`` contract (the parameter group, state_dict,
+hooks, copies); what the steps do lives below it: a classical step is
+:func:`~torch_qode.training.classical.classical_step`, the quantum steps (upload, window step, window
+end) are the functions of :mod:`~torch_qode.training.cycle`, and their maths the window core
+(:mod:`~torch_qode.training.window`).
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import time
 from typing import Callable, Optional
 
@@ -35,14 +39,13 @@ from torch.optim import Optimizer
 from ..bridge import flat as _flat
 from ..bridge.dissipation import DissipationCheck
 from ..bridge.pruning import MagnitudePruner
-from . import window as _w
-from .capture import capture_backward, loss_value, measuring, own_grads, upload_graph
-from .classical import MaskedSGD, all_finite_sync, sgd_update
+from . import cycle as _cycle, window as _w
+from .capture import loss_value
+from .classical import MaskedSGD, classical_step
 from .comm import Comm, as_comm
 from .config import (MODES, NOISES, UPLOADS, check_budget, check_saved_config, check_sgd_settings,
                      check_trainable, make_config)
 from .report import CycleReport, download_record
-from .shadow import drift_measurement, grads_at, shadow_grads, shadow_update
 from .window import EXPLICIT_MAX_SUPPORT, KAPPA_MAX_UNKNOWNS  # noqa: F401  (public constants)
 
 __all__ = ["QODE", "CycleReport", "MODES", "UPLOADS", "NOISES"]
@@ -146,8 +149,6 @@ class QODE(Optimizer):
         self._reports: list[CycleReport] = []
         self._k = 0
         self._win: Optional[_w.WindowState] = None   # the live quantum window
-        self._closure = None
-        self._post: list = []                 # window-end measurements, run once the step is complete
         self._masked = MaskedSGD()            # classical steps without a host sync
         self._own_keys = tuple(k for k in self.__dict__ if k not in base_keys)
 
@@ -186,52 +187,10 @@ class QODE(Optimizer):
     def _system(self):
         return None if self._win is None else self._win.system
 
-    def _report(self) -> CycleReport:
-        return self._reports[-1]
-
-    def _fault(self, message: str) -> None:
-        self._report().faults.append(f"step {self._k}: {message}")
-
-    @torch.no_grad()
-    def _write_params(self, flat: torch.Tensor) -> None:
-        for p, v in zip(self._params, _flat.unflatten(flat, self._params)):
-            p.copy_(v)
-
-    def _buffers(self) -> list:
-        return [self.state[p].get("momentum_buffer") if p in self.state else None for p in self._params]
-
-    # ------------------------------------------------------------------------ classical steps
-    def _finite(self, loss) -> bool:
-        return all_finite_sync(loss, self._params)
-
-    def _classical_step(self, closure) -> torch.Tensor:
-        """SGD's update, masked on the device when the loss or a gradient is not finite (no host sync)."""
-        with torch.enable_grad():
-            loss = closure()
-        if self._masked.maskable(loss, self._params, self.param_groups[0]):
-            self._keep_buffers(self._masked.update(loss, self._params, self._buffers(), self.param_groups[0], self._k))
-        elif not self._finite(loss):
-            self._report().skipped_steps += 1
-            self._fault("non-finite loss or gradient: update skipped")
-        else:
-            self._sgd_update()
-        return loss
-
     def _count_skipped(self, last: Optional[int] = None) -> None:
         """Move the device count of masked (skipped) classical steps into the report (one host read)."""
         if self._reports:
             self._masked.count_into(self._reports[-1], self._k - 1 if last is None else last)
-
-    def _sgd_update(self) -> None:
-        """An SGD step of the model's parameters with the gradients the closure left in ``.grad``."""
-        bufs = sgd_update(self._params, [p.grad for p in self._params], self._buffers(), self.param_groups[0])
-        self._keep_buffers(bufs)
-
-    def _keep_buffers(self, bufs: list) -> None:
-        if self.param_groups[0]["momentum"] != 0:
-            for p, b in zip(self._params, bufs):
-                if p.grad is not None:
-                    self.state[p]["momentum_buffer"] = b
 
     # ----------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -244,19 +203,19 @@ class QODE(Optimizer):
         if c == 0:
             self._download()
         t0 = time.perf_counter()
-        self._closure = closure
-        try:
-            if c < self.classical_steps:
-                loss = self._classical_step(closure)
-            elif c == self.classical_steps:
-                loss = self._upload(closure)
-            elif self._win is not None:
-                loss = self._window_step(closure)
-            else:
-                loss = self._classical_step(closure)
-        finally:
-            self._closure = None
-        rep = self._reports[-1]
+        rep, post = self._reports[-1], ()
+        if c == self.classical_steps and self.mode == "classical":
+            rep.mode, rep.reason = "classical", "mode='classical'"
+        if c < self.classical_steps or self.mode == "classical" or (c > self.classical_steps and self._win is None):
+            loss = classical_step(closure, self._params, self.param_groups[0], self.state, self._masked, rep, self._k)
+        else:                                        # the upload, or a step inside the window
+            s = self._context(closure, rep)
+            try:
+                loss = (_cycle.upload(s, self._rng, self.dissipation) if c == self.classical_steps
+                        else _cycle.window_step(s))
+            finally:
+                self._win = s.win
+            post = s.post
         if c in (0, self.cycle - 1):   # two host syncs per cycle, not one per step
             value = loss_value(loss)
             if c == 0:
@@ -265,7 +224,6 @@ class QODE(Optimizer):
                 rep.loss_last = value
                 self._count_skipped(last=self._k)
         self._k += 1
-        post, self._post = self._post, []
         try:       # the step is complete: an exception from a measurement leaves a consistent optimizer
             for action in post:
                 action()
@@ -285,86 +243,10 @@ class QODE(Optimizer):
             self.pruner.prune()
             rep.download = download_record(self.pruner)
 
-    # --------------------------------------------------------------------------------- upload
-    def _upload(self, closure) -> torch.Tensor:
-        rep = self._report()
-        if self.mode == "classical":
-            rep.mode, rep.reason = "classical", "mode='classical'"
-            return self._classical_step(closure)
-        support = None
-        if self.upload == "sparse" and self.pruner is not None:
-            self.pruner.prune()                      # the uploaded state must be r-sparse
-            support = self.pruner.support()
-        with torch.enable_grad(), capture_backward() as cap:
-            loss = closure()
-        if not self._finite(loss):
-            self._fault("non-finite loss or gradient at upload: update skipped")
-            return self._go_classical("non-finite loss or gradient at upload", loss, update=False)
-        check_trainable(self._params)             # requires_grad may have been switched off since
-        graph = upload_graph(self._params, cap)
-        unused = [i for i, p in enumerate(self._params) if p.grad is None]
-        if unused:                                   # SGD leaves them alone this step; so does the window
-            support = _w.support_without(self._params, unused, support)
-            rep.excluded_params = len(unused)
-            if support.numel() == 0:
-                return self._go_classical("no parameter received a gradient at upload", loss, update=True)
-        monitor = getattr(self.monitor, "on_upload", None)
-        win, why = _w.open_window(graph, self._params, support, self.param_groups[0], self._buffers(), self.cfg,
-                                  self.comm, self._rng, self.dissipation, rep, monitor=monitor, k=self._k)
-        del graph
-        if win is None:
-            return self._go_classical(why, loss, update=True)
-        self._win = win
-        rep.mode = "quantum"
-        self._advance(_w.flat_grads(self._params))
-        return loss
-
-    def _go_classical(self, reason: str, loss, update: bool) -> torch.Tensor:
-        rep = self._report()
-        rep.mode, rep.reason = "classical", reason
-        if update and self._finite(loss):
-            self._sgd_update()
-        else:
-            rep.skipped_steps += 1
-        return loss
-
-    # ---------------------------------------------------------------------------------- window
-    def _advance(self, grads_flat: torch.Tensor) -> None:
-        """Window step t (window core), with the shadows' closure calls first: if one raises, the
-        window is exactly as before the step; finish at t = T."""
-        w = self._win
-        shadow = None if w.shadow is None else shadow_grads(
-            w.shadow, w.t == 0, self._params, functools.partial(grads_at, self._params, self._closure, self.model))
-        fault = _w.advance(w, grads_flat, self.comm)
-        if fault is not None:
-            self._abort_window(fault)
-            return
-        if shadow is not None:
-            shadow_update(w.shadow, *shadow, self.param_groups[0], w.lr, w.wd, w.support)
-        if w.t == self.window_length:
-            self._finish_window()
-
-    def _window_step(self, closure) -> torch.Tensor:
-        w = self._win
-        resumed = w.system is None                # a matrix-free window restored by load_state_dict
-        with torch.enable_grad(), (capture_backward() if resumed else contextlib.nullcontext({})) as cap:
-            loss = closure()                      # the model holds θ0: ∇L_t(θ0)
-        graph = cap.pop("loss", None)
-        cap.clear()
-        if self.comm.any(not self._finite(loss)):
-            self._report().skipped_steps += 1
-            self._abort_window("non-finite loss or gradient inside the quantum window")
-            return loss
-        if resumed:
-            why = _w.reexpand(w, graph, self._params, self.cfg, self.comm)
-            if why is not None:
-                self._abort_window(f"re-expansion after resume failed: {why}")
-                return loss
-            self._report().faults.append(
-                f"step {self._k}: resumed a matrix-free window: F1..Fq re-expanded at θ0 on this step's "
-                "batch (the upload batch's autograd graph cannot be saved)")
-        self._advance(_w.flat_grads(self._params))
-        return loss
+    def _context(self, closure, rep: CycleReport) -> _cycle.StepContext:
+        """What a quantum step works on (:mod:`~torch_qode.training.cycle`): the optimizer's parts."""
+        return _cycle.StepContext(self._params, self.param_groups[0], self.state, self.cfg, self.comm, rep,
+                                  self._k, closure, self._win, self.pruner, self.monitor, self.model)
 
     @torch.no_grad()
     def restore_expansion(self, closure: Callable[[], torch.Tensor]) -> None:
@@ -381,51 +263,12 @@ class QODE(Optimizer):
             raise TypeError("restore_expansion needs a closure over the upload step's batch")
         if self._win is None or self._win.system is not None:
             raise RuntimeError("restore_expansion: no resumed matrix-free window is waiting for its Taylor terms")
-        w = self._win
-        with own_grads(self._params), torch.enable_grad(), measuring(self._params, self.model), \
-                capture_backward() as cap:
-            closure()
-        if "loss" not in cap:
-            raise RuntimeError("restore_expansion: the closure did not call loss.backward()")
-        _w.build_system(w, _w.expand(cap.pop("loss"), self._params, w.support, w.lr, w.wd, self.cfg),
-                        self.cfg, self.comm)     # errors raise here: the caller asked for this expansion
-
-    def _abort_window(self, why: str) -> None:
-        """A fault ends the window: θ0 back in the model, the rest of the window trains classically."""
-        w = self._win
-        self._write_params(w.theta0)
-        self._release()
-        rep = self._report()
-        rep.mode = "classical"
-        rep.reason = f"quantum window aborted at t={w.t}: {why}; parameters restored to θ0"
-        self._fault(why)
+        _cycle.restore_expansion(self._win, closure, self._params, self.cfg, self.comm, self.model)
 
     def _release(self) -> None:
         if self._win is not None:
             self._win.release()
         self._win = None
-
-    def _finish_window(self) -> None:
-        """The window core's readout written back; drift and the monitor run once the step is complete."""
-        w, rep = self._win, self._report()
-        keep = _w.readout_keep(self._params, self.pruner) if self.upload == "dense" else None
-        res = _w.finish_window(w, self.cfg, self.comm, rep, keep)
-        if res.fault is not None:
-            self._abort_window(res.fault)
-            return
-        self._write_params(res.new)
-        # measurements that run user code (closures, the monitor) wait until the step is complete
-        if self.track_sgd:
-            self._post.append(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, self._params,
-                                                self._closure, self.model))
-        if self.monitor is not None and hasattr(self.monitor, "on_window_end"):
-            self._post.append(functools.partial(self.monitor.on_window_end, self._k, rep))
-        for p in self._params:                   # momentum restarts after a quantum window
-            if p in self.state:
-                self.state[p].pop("momentum_buffer", None)
-                if not self.state[p]:
-                    del self.state[p]
-        self._release()
 
     # ----------------------------------------------------------------------------- state dict
     def _config(self) -> dict:
@@ -480,7 +323,7 @@ class QODE(Optimizer):
         state.update({k: self.__dict__[k] for k in self._own_keys})   # not what others attached (an
         state["_own_keys"] = self._own_keys                            # LR scheduler's step wrapper)
         state["_win_saved"] = None if self._win is None else _w.window_state_dict(self._win, self.track_sgd)
-        state["_win"], state["_closure"], state["_post"] = None, None, []
+        state["_win"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -1,0 +1,192 @@
+"""The quantum steps of a cycle: the upload, a window step, the window's end and its abort.
+
+``QODE`` schedules the cycle (which step ``k mod cycle`` is) and owns the ``Optimizer`` contract;
+what a quantum step does is here, as functions of one :class:`StepContext` — the optimizer's parts
+and this step's closure, report and live window — around the window core's maths (:mod:`.window`).
+Classical steps are :func:`~torch_qode.training.classical.classical_step`.
+
+A function here never leaves a half-done window: a fault ends it with θ0 written back
+(:func:`abort`), and a closure that raises leaves the window exactly as it was before the step.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from ..bridge import flat as _flat
+from . import window as _w
+from .capture import capture_backward, measuring, own_grads, upload_graph
+from .classical import all_finite_sync, momentum_buffers, reset_momentum, sgd_step
+from .comm import Comm
+from .config import QODEConfig, check_trainable
+from .report import CycleReport
+from .shadow import drift_measurement, grads_at, shadow_grads, shadow_update
+
+__all__ = ["StepContext", "upload", "window_step", "advance", "finish", "abort", "go_classical",
+           "restore_expansion", "write_params"]
+
+
+@dataclass
+class StepContext:
+    """What one quantum step works on (``QODE`` builds it per step; ``win`` is read back afterwards)."""
+
+    params: list
+    group: dict                          # the one parameter group (lr, momentum, weight decay, …)
+    state: dict                          # the optimizer's per-parameter state (momentum buffers)
+    cfg: QODEConfig
+    comm: Comm
+    rep: CycleReport                     # this cycle's report
+    k: int                               # the step
+    closure: Callable
+    win: Optional[_w.WindowState] = None     # the live window; ``None`` once it closed
+    pruner: Any = None
+    monitor: Any = None
+    model: Optional[torch.nn.Module] = None
+    post: list = field(default_factory=list)  # measurements that run user code once the step is complete
+
+    def fault(self, message: str) -> None:
+        self.rep.faults.append(f"step {self.k}: {message}")
+
+
+@torch.no_grad()
+def write_params(params: list, flat: torch.Tensor) -> None:
+    """Copy the full flat vector ``flat`` into the parameters."""
+    for p, v in zip(params, _flat.unflatten(flat, params)):
+        p.copy_(v)
+
+
+# --------------------------------------------------------------------------------------- upload
+def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
+    """c = classical_steps (``mode`` quantum or auto): expand this step's loss at θ0 on S and open
+    the window (its step t = 0 included), or train the step classically and say why."""
+    rep, params = s.rep, s.params
+    support = None
+    if s.cfg.upload == "sparse" and s.pruner is not None:
+        s.pruner.prune()                         # the uploaded state must be r-sparse
+        support = s.pruner.support()
+    with torch.enable_grad(), capture_backward() as cap:
+        loss = s.closure()
+    if not all_finite_sync(loss, params):
+        s.fault("non-finite loss or gradient at upload: update skipped")
+        return go_classical(s, "non-finite loss or gradient at upload", loss, update=False)
+    check_trainable(params)                      # requires_grad may have been switched off since
+    graph = upload_graph(params, cap)
+    unused = [i for i, p in enumerate(params) if p.grad is None]
+    if unused:                                   # SGD leaves them alone this step; so does the window
+        support = _w.support_without(params, unused, support)
+        rep.excluded_params = len(unused)
+        if support.numel() == 0:
+            return go_classical(s, "no parameter received a gradient at upload", loss, update=True)
+    monitor = getattr(s.monitor, "on_upload", None)
+    win, why = _w.open_window(graph, params, support, s.group, momentum_buffers(params, s.state), s.cfg,
+                              s.comm, rng, dissipation, rep, monitor=monitor, k=s.k)
+    del graph
+    if win is None:
+        return go_classical(s, why, loss, update=True)
+    s.win = win
+    rep.mode = "quantum"
+    advance(s, _w.flat_grads(params))
+    return loss
+
+
+def go_classical(s: StepContext, reason: str, loss, update: bool) -> Any:
+    """The upload trains classically: SGD's update with this step's gradients (``update``, when
+    finite), or none."""
+    rep = s.rep
+    rep.mode, rep.reason = "classical", reason
+    if update and all_finite_sync(loss, s.params):
+        sgd_step(s.params, s.group, s.state)
+    else:
+        rep.skipped_steps += 1
+    return loss
+
+
+# --------------------------------------------------------------------------------------- window
+def window_step(s: StepContext) -> Any:
+    """A step inside the window: the closure's ∇L_t(θ0) advances the Carleman state (a matrix-free
+    window restored by ``load_state_dict`` first re-expands on this step's batch)."""
+    w = s.win
+    resumed = w.system is None
+    with torch.enable_grad(), (capture_backward() if resumed else contextlib.nullcontext({})) as cap:
+        loss = s.closure()                       # the model holds θ0: ∇L_t(θ0)
+    graph = cap.pop("loss", None)
+    cap.clear()
+    if s.comm.any(not all_finite_sync(loss, s.params)):
+        s.rep.skipped_steps += 1
+        abort(s, "non-finite loss or gradient inside the quantum window")
+        return loss
+    if resumed:
+        why = _w.reexpand(w, graph, s.params, s.cfg, s.comm)
+        if why is not None:
+            abort(s, f"re-expansion after resume failed: {why}")
+            return loss
+        s.fault("resumed a matrix-free window: F1..Fq re-expanded at θ0 on this step's batch (the upload "
+                "batch's autograd graph cannot be saved)")
+    advance(s, _w.flat_grads(s.params))
+    return loss
+
+
+def advance(s: StepContext, grads_flat: torch.Tensor) -> None:
+    """Window step t (window core), with the shadows' closure calls first: if one raises, the
+    window is exactly as before the step; finish at t = T."""
+    w = s.win
+    shadow = None if w.shadow is None else shadow_grads(
+        w.shadow, w.t == 0, s.params, functools.partial(grads_at, s.params, s.closure, s.model))
+    fault = _w.advance(w, grads_flat, s.comm)
+    if fault is not None:
+        abort(s, fault)
+        return
+    if shadow is not None:
+        shadow_update(w.shadow, *shadow, s.group, w.lr, w.wd, w.support)
+    if w.t == s.cfg.window_length:
+        finish(s)
+
+
+def finish(s: StepContext) -> None:
+    """The window core's readout written back; drift and the monitor run once the step is complete;
+    momentum restarts."""
+    w, rep = s.win, s.rep
+    keep = _w.readout_keep(s.params, s.pruner) if s.cfg.upload == "dense" else None
+    res = _w.finish_window(w, s.cfg, s.comm, rep, keep)
+    if res.fault is not None:
+        abort(s, res.fault)
+        return
+    write_params(s.params, res.new)
+    # measurements that run user code (closures, the monitor) wait until the step is complete
+    if s.cfg.track_sgd:
+        s.post.append(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, s.params, s.closure, s.model))
+    if s.monitor is not None and hasattr(s.monitor, "on_window_end"):
+        s.post.append(functools.partial(s.monitor.on_window_end, s.k, rep))
+    reset_momentum(s.params, s.state)            # momentum restarts after a quantum window
+    w.release()
+    s.win = None
+
+
+def abort(s: StepContext, why: str) -> None:
+    """A fault ends the window: θ0 back in the model, the rest of the window trains classically."""
+    w = s.win
+    write_params(s.params, w.theta0)
+    w.release()
+    s.win = None
+    rep = s.rep
+    rep.mode = "classical"
+    rep.reason = f"quantum window aborted at t={w.t}: {why}; parameters restored to θ0"
+    s.fault(why)
+
+
+# --------------------------------------------------------------------------------------- resume
+def restore_expansion(win: _w.WindowState, closure: Callable, params: list, cfg: QODEConfig, comm: Comm,
+                      model: Optional[torch.nn.Module]) -> None:
+    """A resumed matrix-free window's Taylor terms rebuilt from ``closure`` (the upload batch's), a
+    measuring evaluation (own ``.grad`` slots, forked RNG, frozen BatchNorm statistics with ``model``)."""
+    with own_grads(params), torch.enable_grad(), measuring(params, model), capture_backward() as cap:
+        closure()
+    if "loss" not in cap:
+        raise RuntimeError("restore_expansion: the closure did not call loss.backward()")
+    _w.build_system(win, _w.expand(cap.pop("loss"), params, win.support, win.lr, win.wd, cfg),
+                    cfg, comm)                   # errors raise here: the caller asked for this expansion
