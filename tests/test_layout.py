@@ -55,3 +55,23 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     (fake / "bad.py").write_text("from ..training.qode import QODE\nimport torch_qode.bridge.flat\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path / "torch_qode")
     assert [n for _, n in _imports(fake / "bad.py")] == ["training", "bridge"]
+
+
+#: issue 10's size limits: modules stay readable, and no class grows back into a god object
+MAX_MODULE_LINES, MAX_CLASS_LINES = 600, 400
+
+
+def _python_files():
+    top = ROOT.parent
+    return sorted(p for d in ("torch_qode", "recipes") for p in (top / d).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _python_files(), ids=lambda p: str(p.relative_to(ROOT.parent)))
+def test_module_and_class_sizes(path):
+    text = path.read_text()
+    lines = text.count("\n") + 1
+    assert lines <= MAX_MODULE_LINES, f"{path.name}: {lines} lines > {MAX_MODULE_LINES}: split it by concern"
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ClassDef):
+            size = node.end_lineno - node.lineno + 1
+            assert size <= MAX_CLASS_LINES, f"{path.name}: class {node.name} has {size} lines > {MAX_CLASS_LINES}"
