@@ -389,7 +389,26 @@ class TaylorExpansion:
         def power(u):
             return (c * self.third(u, u)).to(dtype=u.dtype, device=u.device)
 
-        return MatrixFreeTerm(n, 2, matmat, rmatmat=rmatmat, power=power)
+        term = MatrixFreeTerm(n, 2, matmat, rmatmat=rmatmat, power=power)
+        # Σ_l λ_l F2(z_l ⊗ z_l) in one batched call (the factored level-2 state's product)
+        term.sym_sum = lambda Z, lam: (c * self.third_sym_sum(Z, lam)).to(dtype=Z.dtype, device=Z.device)
+        return term
+
+    def third_sym_sum(self, Z, lam) -> torch.Tensor:
+        """``Σ_l lam_l ∇³L[z_l, z_l]`` restricted to S for ``Z`` of shape ``(n, m)`` and ``lam`` ``(m,)``:
+        ``(n,)``.  One backward of ``Σ_l lam_l z_l·H(θ)z_l`` (chunked); the columns are scattered onto
+        the support for a sparse upload.  ``F2``'s ``sym_sum`` is ``−(η/2)`` times this."""
+        eng = self._live()
+        self._need_third()
+        rows, _ = self._cols(Z, "Z")
+        lam = torch.as_tensor(lam).detach().to(dtype=self.dtype, device=self.device).reshape(-1)
+        if lam.numel() != rows.shape[0]:
+            raise ValueError(f"lam must have one entry per column of Z ({rows.shape[0]}); got {lam.numel()}")
+        if rows.shape[0] == 0:
+            return torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        with torch.enable_grad():
+            out = eng.sym_sum(rows, lam).detach()
+        return out if self.support is None else out[self.support]
 
     def _need_third(self):
         if self.degree < 2:

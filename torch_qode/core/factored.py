@@ -119,6 +119,23 @@ class FactoredLevel2:
         self._gnorm_log: list[float] = []    # ‖g(t)‖ of each step (for truncation_bound)
         self.products = {"F1": 0, "F2": 0}
 
+    def bind(self, ode: PolynomialODE) -> None:
+        """Step through ``ode`` from now on (the same window's coefficients rebuilt, e.g. a resumed
+        matrix-free window re-expanded at θ0): same ``n``, dtype and device, degree ≤ 2."""
+        if ode is self.ode:
+            return
+        if not isinstance(ode, PolynomialODE):
+            raise TypeError(f"ode must be a PolynomialODE, got {type(ode).__name__}")
+        if (ode.n, ode.dtype, ode.device) != (self.n, self.dtype, self.device):
+            raise ValueError(f"ode must have n={self.n}, dtype={self.dtype}, device={self.device} (this state's); "
+                             f"got n={ode.n}, dtype={ode.dtype}, device={ode.device}")
+        if ode.degree > 2:
+            raise ValueError(f"ode must have degree ≤ 2 for the factored level 2, got degree {ode.degree}")
+        self.ode = ode
+        self._F1 = ode.terms[1]
+        self._F2 = ode.terms[2] if ode.degree >= 2 else None
+        self._sparse_F2 = None
+
     # ------------------------------------------------------------------------------------ reads
     @property
     def k(self) -> int:

@@ -14,7 +14,10 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["CarlemanState", "DenseLevels", "STATES", "state_from_dict"]
+from .factored import FactoredLevel2
+from .ode import MatrixFreeTerm, PolynomialODE
+
+__all__ = ["CarlemanState", "DenseLevels", "FactoredLevels", "STATES", "state_from_dict"]
 
 
 class CarlemanState(abc.ABC):
@@ -26,11 +29,13 @@ class CarlemanState(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def zeros(cls, system: Any, *, device=None) -> "CarlemanState":
-        """The state ``y(0) = 0`` of ``system`` (a :class:`~torch_qode.core.carleman.CarlemanSystem`)."""
+        """The state ``y(0) = 0`` of ``system`` (a :class:`~torch_qode.core.carleman.CarlemanSystem`;
+        for a factored state, the :class:`~torch_qode.core.ode.PolynomialODE` itself: no dense system)."""
 
     @abc.abstractmethod
     def advance(self, system: Any, t: int) -> None:
-        """One step through ``system``: ``y ← y + A y + b(t)`` (raises ``NonFiniteError`` on NaN/inf)."""
+        """One step through ``system`` (as given to :meth:`zeros`): ``y ← y + A y + b(t)`` (raises
+        ``NonFiniteError`` on NaN/inf)."""
 
     @abc.abstractmethod
     def level1(self) -> torch.Tensor:
@@ -81,8 +86,94 @@ class DenseLevels(CarlemanState):
         return self.y.numel() * self.y.element_size()
 
 
+def _ode_of(system: Any) -> PolynomialODE:
+    """The ODE behind ``system``: a :class:`PolynomialODE` itself, or a CarlemanSystem's ``.ode``."""
+    if isinstance(system, PolynomialODE):
+        return system
+    ode = getattr(system, "ode", None)
+    if not isinstance(ode, PolynomialODE):
+        raise TypeError(f"system must be a PolynomialODE (or a CarlemanSystem), got {type(system).__name__}")
+    if getattr(system, "order", 2) != 2 or getattr(system, "form", "discrete") != "discrete":
+        raise ValueError("the factored state is the discrete form's order-2 state; got a system of order "
+                         f"{system.order}, form {system.form!r}")
+    return ode
+
+
+def _unbound(n: int, device, dtype: torch.dtype) -> PolynomialODE:
+    """A placeholder ODE for a loaded state whose coefficients are not rebuilt yet (no n² allocation)."""
+    def refuse(Y):
+        raise RuntimeError("this factored state was loaded without its ODE: advance(ode, t) binds it")
+    return PolynomialODE([None, MatrixFreeTerm(n, 1, refuse)], dtype=dtype, device=device)
+
+
+class FactoredLevels(CarlemanState):
+    """Carleman order 2, discrete form: ``y1`` and the level 2 as ``Y2 = W C Wᵀ``
+    (:class:`~torch_qode.core.factored.FactoredLevel2`; DESIGN.md "The factored level-2 state").
+
+    Memory ``n·(k + 3)`` numbers (``k ≤ 2t``, or ``≤ max_rank + 2``) instead of ``n + n²``: the state
+    works from the window's :class:`PolynomialODE` and never builds the dense order-2 system.  With
+    ``embedded=True`` it also carries the order-1 level-1 state (``order_gap``).
+    """
+
+    kind = "factored"
+
+    def __init__(self, level2: FactoredLevel2):
+        self.level2 = level2
+
+    @classmethod
+    def zeros(cls, system: Any, *, device=None, max_rank: Optional[int] = None,
+              embedded: bool = False) -> "FactoredLevels":
+        ode = _ode_of(system)
+        if device is not None and torch.device(device) != ode.device:
+            raise ValueError(f"device={device} differs from the ODE's device {ode.device}")
+        return cls(FactoredLevel2(ode, max_rank=max_rank, embedded=embedded))
+
+    def advance(self, system: Any, t: int) -> None:
+        if int(t) != self.level2.t:
+            raise ValueError(f"t={t}: the factored state is at step {self.level2.t} (steps go in order)")
+        self.level2.bind(_ode_of(system))
+        self.level2.step()
+
+    def level1(self) -> torch.Tensor:
+        return self.level2.level1()
+
+    def level1_order1(self) -> torch.Tensor:
+        return self.level2.level1_order1()
+
+    @property
+    def embedded(self) -> bool:
+        return self.level2.embedded
+
+    @property
+    def order_gap(self) -> float:
+        return self.level2.order_gap
+
+    @property
+    def rank(self) -> int:
+        return self.level2.rank
+
+    @property
+    def truncation(self) -> float:
+        return self.level2.truncation
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "level2": self.level2.state_dict()}
+
+    @classmethod
+    def load(cls, sd: dict, *, device=None) -> "FactoredLevels":
+        st = sd["level2"]
+        dev = st["W"].device if device is None else torch.device(device)
+        fl = FactoredLevel2(_unbound(int(st["n"]), dev, st["W"].dtype), max_rank=st["max_rank"], embedded=st["embedded"])
+        fl.load_state_dict(st)
+        return cls(fl)
+
+    @property
+    def nbytes(self) -> int:
+        return self.level2.nbytes
+
+
 #: kind -> class; a new representation is one class above and one line here
-STATES: dict = {DenseLevels.kind: DenseLevels}
+STATES: dict = {DenseLevels.kind: DenseLevels, FactoredLevels.kind: FactoredLevels}
 
 
 def state_from_dict(sd: dict, *, device: Optional[torch.device] = None) -> CarlemanState:

@@ -15,11 +15,18 @@ from ..core.carleman import FORMS, default_max_bytes
 from ..core.solvers import SOLVERS, WindowSolver, make_solver
 from ..core.tomography import tomography
 
-__all__ = ["QODEConfig", "make_config", "check_sgd_settings", "check_trainable", "MODES", "UPLOADS", "NOISES"]
+__all__ = ["QODEConfig", "make_config", "check_sgd_settings", "check_trainable", "MODES", "UPLOADS", "NOISES",
+           "CARLEMAN_STATES", "EXPLICIT_MAX_SUPPORT", "use_explicit", "carleman_state_for"]
 
 MODES = ("auto", "quantum", "classical")
 UPLOADS = ("dense", "sparse")
 NOISES = ("stream", "frozen")
+#: how a window holds its Carleman state (core/state.py): "auto" picks per window
+CARLEMAN_STATES = ("auto", "factored", "dense")
+
+#: ``explicit=None`` builds explicit Taylor terms up to this support size (cheap to build, exact to
+#: resume); beyond it the terms are Hessian-vector / third-derivative products (matrix-free).
+EXPLICIT_MAX_SUPPORT = 128
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,8 @@ class QODEConfig:
     explicit: Optional[bool]
     eps: float
     tomography_kwargs: dict = field(default_factory=dict)
+    carleman_state: str = "auto"     # "auto" | "factored" | "dense" (see carleman_state_for)
+    max_rank: Optional[int] = None   # rank cap of the factored level 2 (None: exact)
 
     @property
     def window_length(self) -> int:
@@ -67,7 +76,40 @@ class QODEConfig:
                 "taylor_degree": self.taylor_degree, "form": self.form, "solver": self.solver,
                 "noise": self.noise, "track_sgd": self.track_sgd, "explicit": self.explicit,
                 "shots": self.shots, "eps": self.eps, "kappa_a": self.kappa_a, "seed": self.seed,
-                "tomography_kwargs": dict(self.tomography_kwargs)}
+                "tomography_kwargs": dict(self.tomography_kwargs), "carleman_state": self.carleman_state,
+                "max_rank": self.max_rank}
+
+#: settings added after the first saved states: a state saved without them had these values
+_SAVED_DEFAULTS = {"carleman_state": "auto", "max_rank": None}
+
+
+def use_explicit(cfg: QODEConfig, n: int) -> bool:
+    """Explicit Taylor terms for a window on ``n`` weights (``explicit=None``: the solver needs them, or
+    ``n ≤ EXPLICIT_MAX_SUPPORT``)."""
+    if cfg.explicit is not None:
+        return cfg.explicit
+    return cfg.window_solver.needs_explicit or n <= EXPLICIT_MAX_SUPPORT
+
+
+def factored_refusal(cfg: QODEConfig) -> Optional[str]:
+    """Why the factored state cannot run these settings (``None``: it can)."""
+    if cfg.carleman_order != 2:
+        return f"carleman_order={cfg.carleman_order} (the factored state is Carleman order 2; order 3 stays dense)"
+    if cfg.form != "discrete":
+        return f"form={cfg.form!r} (the factored level 2 is that of the discrete form)"
+    if cfg.window_solver.needs_explicit:
+        return (f"solver={cfg.solver!r} (it builds the explicit window matrix M from the dense state; the "
+                "factored state runs with solver='forward')")
+    return None
+
+
+def carleman_state_for(cfg: QODEConfig, explicit: bool) -> str:
+    """The Carleman state a window uses: ``"auto"`` takes ``"factored"`` for matrix-free windows at order 2
+    in the discrete form with the forward solver, ``"dense"`` otherwise (explicit windows stay dense)."""
+    if cfg.carleman_state != "auto":
+        return cfg.carleman_state
+    return "factored" if not explicit and factored_refusal(cfg) is None else "dense"
+
 
 
 def _check_lr(value, where: str):
@@ -120,7 +162,7 @@ def _window_solver(solver, solver_options, kappa_a) -> WindowSolver:
 
 def make_config(*, mode, cycle, classical_steps, sparsity, upload, carleman_order, taylor_degree, form,
                 solver, solver_options, kappa_a, shots, noise, track_sgd, seed, explicit, eps,
-                tomography_kwargs) -> QODEConfig:
+                tomography_kwargs, carleman_state="auto", max_rank=None) -> QODEConfig:
     """Check QODE's settings (each message names the argument) and return them as a :class:`QODEConfig`."""
     check_choice(mode, "mode", MODES)
     cycle = check_int(cycle, "cycle", 1)
@@ -149,10 +191,22 @@ def make_config(*, mode, cycle, classical_steps, sparsity, upload, carleman_orde
         raise ValueError(f"tomography_kwargs may not set {sorted(reserved)}: QODE sets them")
     if window_solver.needs_explicit and explicit is False:
         raise ValueError(f"solver={solver!r} builds the explicit window matrix: it needs explicit=None or True")
+    check_choice(carleman_state, "carleman_state", CARLEMAN_STATES)
+    max_rank = check_optional_int(max_rank, "max_rank", 1, none="exact factored level 2")
     cfg = QODEConfig(mode=mode, cycle=cycle, classical_steps=classical_steps, sparsity=float(as_real(sparsity)),
                      upload=upload, carleman_order=carleman_order, taylor_degree=taylor_degree, form=form,
                      solver=window_solver.name, window_solver=window_solver, shots=shots, noise=noise, track_sgd=bool(track_sgd),
-                     seed=seed, explicit=explicit, eps=as_real(eps), tomography_kwargs=dict(tomography_kwargs or {}))
+                     seed=seed, explicit=explicit, eps=as_real(eps), tomography_kwargs=dict(tomography_kwargs or {}),
+                     carleman_state=carleman_state, max_rank=max_rank)
+    why = factored_refusal(cfg)
+    if carleman_state == "factored" and why is not None:
+        raise ValueError(f"carleman_state='factored' cannot run {why}; use carleman_state='dense' or 'auto'")
+    unused = ("carleman_state='dense'" if carleman_state == "dense" else why if why is not None
+              else "explicit=True (explicit windows stay dense under carleman_state='auto')"
+              if explicit is True and carleman_state == "auto" else None)
+    if max_rank is not None and unused is not None:
+        raise ValueError(f"max_rank={max_rank} applies to the factored Carleman state only, which these settings "
+                         f"do not use: {unused}; leave max_rank=None")
     try:   # reject bad shots / tomography options now, not at the first window's end
         tomography(np.array([1.0, 0.5, 0.25, 0.125]), shots, seed=0, eps=cfg.eps, **cfg.readout_options())
     except (ValueError, TypeError) as exc:
@@ -162,8 +216,15 @@ def make_config(*, mode, cycle, classical_steps, sparsity, upload, carleman_orde
 
 
 def check_budget(cfg: QODEConfig, n_S: int) -> None:
-    """Refuse, before any allocation, a window whose terms or Carleman state cannot fit in memory."""
-    dim = sum(n_S ** j for j in range(1, cfg.carleman_order + 1))
+    """Refuse, before any allocation, a window whose terms or Carleman state cannot fit in memory
+    (the factored state holds ``n·(k + 3)`` numbers, ``k ≤ 2T``, instead of ``Δ = n + n²``)."""
+    factored = carleman_state_for(cfg, use_explicit(cfg, n_S)) == "factored"
+    if factored:
+        T = cfg.window_length
+        k = 2 * T if cfg.max_rank is None else min(2 * T, cfg.max_rank + 2)
+        dim = n_S * (k + 3)
+    else:
+        dim = sum(n_S ** j for j in range(1, cfg.carleman_order + 1))
     q = min(cfg.taylor_degree, cfg.carleman_order)
     terms_bytes = 8 * sum(n_S ** (k + 1) for k in range(1, q + 1))
     if (cfg.window_solver.needs_explicit or cfg.explicit) and terms_bytes > EXPLICIT_BUDGET_BYTES:
@@ -175,14 +236,16 @@ def check_budget(cfg: QODEConfig, n_S: int) -> None:
     if 4 * 8 * dim > default_max_bytes():
         raise ValueError(
             f"carleman_order={cfg.carleman_order} on a support of {n_S:,} weights (upload={cfg.upload!r}, "
-            f"sparsity={cfg.sparsity}) needs a Carleman state of Δ={dim:,} numbers "
+            f"sparsity={cfg.sparsity}, carleman_state={cfg.carleman_state!r}: "
+            f"{'factored' if factored else 'dense'}) needs a Carleman state of {'' if factored else 'Δ='}{dim:,} numbers "
             f"(~{4 * 8 * dim / 2**30:.3g} GiB with temporaries), more than the memory allows; lower "
             f"carleman_order or use upload='sparse' with a higher sparsity")
 
 
 def check_saved_config(saved: dict, current: dict) -> None:
     """A state_dict loads only into a QODE with the settings it was saved with (names both values)."""
-    mismatch = {k: (v, saved.get(k)) for k, v in current.items() if saved.get(k) != v}
+    mismatch = {k: (v, saved.get(k, _SAVED_DEFAULTS.get(k))) for k, v in current.items()
+                if saved.get(k, _SAVED_DEFAULTS.get(k)) != v}
     if mismatch:
         raise ValueError("state_dict was saved by a QODE with other settings: " + ", ".join(
             f"{k}={old!r} there vs {new!r} here" for k, (new, old) in mismatch.items()))

@@ -68,6 +68,11 @@ class QODE(Optimizer):
         taylor_degree: degree ``q`` of the Taylor model (terms above degree ``N`` are not computed:
             with ``N = 1`` only ``F0`` and ``F1`` enter the linear system).
         form: ``"discrete"`` (the paper's Sec. V B) or ``"continuous"`` Carleman form.
+        carleman_state: ``"auto"`` (factored for matrix-free windows at order 2, discrete form, forward
+            solver; dense otherwise — explicit windows and order 3 stay dense), ``"factored"``
+            (``Y2 = W C Wᵀ``, memory O(n·T); order 2, discrete, forward only) or ``"dense"``.
+        max_rank: rank cap of the factored level 2 (``None``: exact); the report's ``carleman`` gives
+            ``rank``, ``truncation`` (discarded Frobenius mass) and ``order_gap``.
         solver: ``"forward"``, ``"direct"`` or ``"filtered"`` (Theorem II.4, needs ``kappa_a``).
         solver_options: the solver's own options, e.g. ``solver="filtered", solver_options={"kappa_a": 50}``
             (its effective condition number).  ``kappa_a=`` still works, with a DeprecationWarning.
@@ -108,7 +113,7 @@ class QODE(Optimizer):
                  track_sgd: bool = False, seed: int = 0, explicit: Optional[bool] = None,
                  prunable=None, names=None, monitor=None, eps: float = 1e-2,
                  tomography_kwargs: Optional[dict] = None, model: Optional[torch.nn.Module] = None,
-                 comm: Optional[Comm] = None):
+                 comm: Optional[Comm] = None, carleman_state: str = "auto", max_rank: Optional[int] = None):
         check_sgd_settings(dict(lr=lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening,
                                 nesterov=nesterov))
         if not isinstance(lr, torch.Tensor):          # a tensor lr stays the tensor, as in SGD
@@ -118,7 +123,7 @@ class QODE(Optimizer):
                           upload=upload, carleman_order=carleman_order, taylor_degree=taylor_degree, form=form,
                           solver=solver, solver_options=solver_options, kappa_a=kappa_a, shots=shots, noise=noise,
                           track_sgd=track_sgd, seed=seed, explicit=explicit, eps=eps,
-                          tomography_kwargs=tomography_kwargs)
+                          tomography_kwargs=tomography_kwargs, carleman_state=carleman_state, max_rank=max_rank)
         if dissipation is not None and not callable(dissipation):
             raise TypeError("dissipation must be a DissipationCheck (callable hvp, n, lr=, T=) or None")
         if model is not None and not isinstance(model, torch.nn.Module):

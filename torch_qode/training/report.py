@@ -24,6 +24,9 @@ class CycleReport:
     support_size: Optional[int] = None
     excluded_params: int = 0         # parameter tensors outside S: no gradient at the upload
     dissipation: Optional[dict] = None
+    # n, order, form, dim (Δ), degree, explicit, noise; at the window's end state ("dense"/"factored"),
+    # rank (largest k of Y2 = W C Wᵀ; None when dense), truncation (discarded ‖ΔY2‖_F, 0.0 when exact),
+    # order_gap (‖u⁽²⁾(T) − u⁽¹⁾(T)‖ / ‖u⁽²⁾(T)‖, factored state only, else None), state_bytes
     carleman: Optional[dict] = None
     solver: Optional[dict] = None
     tomography: Optional[dict] = None

@@ -19,25 +19,22 @@ import torch
 
 from ..bridge import flat as _flat
 from ..bridge.taylor import TaylorExpansion, UnsupportedGraphError
-from ..core.carleman import carleman
+from ..core.carleman import carleman, default_max_bytes
 from ..core.window import kappa_bound
 from ..core.linsolve import solve_window
 from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE, all_finite
 from ..core.resources import estimate_resources
-from ..core.state import CarlemanState, DenseLevels, state_from_dict
+from ..core.state import CarlemanState, DenseLevels, FactoredLevels, state_from_dict
 from ..core.tomography import tomography
 from .capture import NoiseTape
 from .comm import Comm
-from .config import QODEConfig
+from .config import EXPLICIT_MAX_SUPPORT, QODEConfig, carleman_state_for, use_explicit
 from .report import CycleReport
 from .shadow import Shadow, start_shadow
 
 __all__ = ["WindowState", "WindowResult", "open_window", "start_window", "build_system", "advance", "finish_window",
            "window_state_dict", "load_window", "expand", "EXPLICIT_MAX_SUPPORT", "KAPPA_MAX_UNKNOWNS"]
 
-#: ``explicit=None`` builds explicit Taylor terms up to this support size (cheap to build, exact to
-#: resume); beyond it the terms are Hessian-vector / third-derivative products (matrix-free).
-EXPLICIT_MAX_SUPPORT = 128
 #: κ(M) is computed for the report when the window system has at most this many unknowns.
 KAPPA_MAX_UNKNOWNS = 5_000
 
@@ -67,7 +64,9 @@ class WindowState:
     t: int = 0
     state: Optional[CarlemanState] = None
     expansion: Optional[TaylorExpansion] = None
-    system: Any = None                   # the CarlemanSystem (None: a resumed matrix-free window)
+    system: Any = None                   # the CarlemanSystem; for a factored state the PolynomialODE
+    #                                      (None: a resumed matrix-free window)
+    kind: str = "dense"                  # the Carleman state: "dense" or "factored" (core/state.py)
     shadow: Optional[Shadow] = None      # track_sgd
     info: dict = field(default_factory=dict)
 
@@ -92,6 +91,11 @@ class WindowState:
         else:
             full[self.support] = values_S.to(full.dtype)
         return full
+
+    @property
+    def ode(self) -> PolynomialODE:
+        """The window's ODE (that of the system, or the system itself for a factored state)."""
+        return self.system if isinstance(self.system, PolynomialODE) else self.system.ode
 
     def release(self) -> None:
         """Drop the autograd graph, the system and the state (nothing outlives the window)."""
@@ -167,25 +171,25 @@ def reexpand(win: WindowState, graph: Optional[torch.Tensor], params: list, cfg:
     return None
 
 
-def use_explicit(cfg: QODEConfig, n: int) -> bool:
-    if cfg.explicit is not None:
-        return cfg.explicit
-    return cfg.window_solver.needs_explicit or n <= EXPLICIT_MAX_SUPPORT
-
-
 def start_window(exp: TaylorExpansion, support, theta0: torch.Tensor, grads_flat: torch.Tensor, wd: float,
                  cfg: QODEConfig, comm: Comm, rng: np.random.Generator) -> WindowState:
     """Build the window's Carleman system at θ0 (the model keeps holding θ0 until the end)."""
     explicit = use_explicit(cfg, exp.n)
     # an explicit window keeps all of F0(0..T-1): the window system is rebuilt at the end
     win = WindowState(theta0=theta0, support=support, lr=exp.lr, wd=wd, explicit=explicit,
-                      tape=NoiseTape(keep=explicit), rng=rng)
+                      tape=NoiseTape(keep=explicit), rng=rng, kind=carleman_state_for(cfg, explicit))
     if cfg.noise == "frozen":   # the upload step's .grad, as "stream" uses each step's (clipping included)
         win.frozen = win.f0_from_grads(grads_flat)
     build_system(win, exp, cfg, comm)
-    win.state = DenseLevels.zeros(win.system, device=theta0.device)
-    win.info = {"n": exp.n, "order": cfg.carleman_order, "form": cfg.form, "dim": win.system.dim,
-                "degree": win.system.degree, "explicit": explicit, "noise": cfg.noise}
+    n = exp.n
+    if win.kind == "factored":   # the PolynomialODE itself: no dense order-2 system is built
+        win.state = FactoredLevels.zeros(win.system, max_rank=cfg.max_rank, embedded=True)
+        dim = sum(n ** j for j in range(1, cfg.carleman_order + 1))
+    else:
+        win.state = DenseLevels.zeros(win.system, device=theta0.device)
+        dim = win.system.dim
+    win.info = {"n": n, "order": cfg.carleman_order, "form": cfg.form, "dim": dim,
+                "degree": win.ode.degree, "explicit": explicit, "noise": cfg.noise, "state": win.kind}
     return win
 
 
@@ -236,9 +240,13 @@ def _reduced(term, comm: Comm):
         return comm.reduce_hvp(term.dense())
     red = comm.reduce_hvp
     rmat = term._rmatmat
-    return MatrixFreeTerm(term.n, term.k, lambda Y: red(term.matmat(Y)), symmetric=term.symmetric,
-                          rmatmat=None if rmat is None else (lambda W: red(rmat(W))),
-                          power=lambda u: red(term.power(u)))
+    out = MatrixFreeTerm(term.n, term.k, lambda Y: red(term.matmat(Y)), symmetric=term.symmetric,
+                         rmatmat=None if rmat is None else (lambda W: red(rmat(W))),
+                         power=lambda u: red(term.power(u)))
+    sym = getattr(term, "sym_sum", None)
+    if callable(sym):                            # the factored state's batched F2 products
+        out.sym_sum = lambda Z, lam: red(sym(Z, lam))
+    return out
 
 
 def build_system(win: WindowState, exp: TaylorExpansion, cfg: QODEConfig, comm: Comm) -> None:
@@ -248,7 +256,7 @@ def build_system(win: WindowState, exp: TaylorExpansion, cfg: QODEConfig, comm: 
         ode = PolynomialODE([win.f0_source()] + [_reduced(ode.terms[k], comm) for k in range(1, ode.degree + 1)],
                             dtype=torch.float64, device=ode.device)
     win.expansion = exp
-    win.system = carleman(ode, cfg.carleman_order, cfg.form)
+    win.system = ode if win.kind == "factored" else carleman(ode, cfg.carleman_order, cfg.form)
 
 
 def advance(win: WindowState, grads_flat: torch.Tensor, comm: Comm) -> Optional[str]:
@@ -284,13 +292,17 @@ def finish_window(win: WindowState, cfg: QODEConfig, comm: Comm, rep: CycleRepor
     ``readout_keep``: ``(flags, keep)`` for a dense upload with pruning — the full-vector prunable
     flags and how many prunable weights the download keeps.
     """
-    sys_, T = win.system, cfg.window_length
+    T = cfg.window_length
+    factored = win.kind == "factored"
+    sys_ = _ledger_system(win, cfg) if factored else win.system
     n = sys_.n
     u_forward = win.state.level1()
+    _carleman_record(win, rep, u_forward)
     sol = None
     solver_info = {"method": cfg.solver, "kappa": None, "kappa_bound": kappa_bound(T), "fidelity": 1.0}
     try:
-        if cfg.window_solver.needs_explicit or (win.explicit and (T + 1) * sys_.dim <= KAPPA_MAX_UNKNOWNS):
+        if not factored and (cfg.window_solver.needs_explicit
+                             or (win.explicit and (T + 1) * sys_.dim <= KAPPA_MAX_UNKNOWNS)):
             sol = solve_window(sys_, torch.zeros(n, dtype=torch.float64), T, method=cfg.window_solver)
             solver_info.update(sol.as_dict())
             solver_info["kappa_bound"] = kappa_bound(T)
@@ -328,6 +340,27 @@ def finish_window(win: WindowState, cfg: QODEConfig, comm: Comm, rep: CycleRepor
     return WindowResult(new=new, lin=win.embed(target))
 
 
+def _ledger_system(win: WindowState, cfg: QODEConfig):
+    """The order-2 CarlemanSystem of a factored window, for the resource ledger only: it describes Δ and
+    the sparsity bound and is never stepped, so its budget only has to admit the description."""
+    dim = sum(win.ode.n ** j for j in range(1, cfg.carleman_order + 1))
+    return carleman(win.ode, cfg.carleman_order, cfg.form, max_bytes=max(default_max_bytes(), 4 * 8 * dim + 1))
+
+
+def _carleman_record(win: WindowState, rep: CycleReport, u_T: torch.Tensor) -> None:
+    """``rep.carleman``'s state fields: ``state``, ``rank`` (largest k), ``truncation`` (discarded
+    Frobenius mass of Y2, 0.0 when exact), ``order_gap`` = ‖u⁽²⁾(T) − u⁽¹⁾(T)‖ / ‖u⁽²⁾(T)‖ (None when not
+    carried), ``state_bytes``."""
+    st = win.state
+    rec = {"state": win.kind, "rank": None, "truncation": 0.0, "order_gap": None, "state_bytes": int(st.nbytes)}
+    if isinstance(st, FactoredLevels):
+        rec.update(rank=int(st.rank), truncation=float(st.truncation),
+                   order_gap=float(st.order_gap) if st.embedded else None)
+    if rep.carleman is None:
+        rep.carleman = {}
+    rep.carleman.update(rec)
+
+
 def readout_prune(estimate: torch.Tensor, win: WindowState, flags: torch.Tensor, keep: int,
                   rep: CycleReport) -> int:
     """Keep the ``keep`` largest read-out weights among the *prunable* entries (the paper's "tomography
@@ -357,7 +390,7 @@ def window_state_dict(win: WindowState, track_sgd: bool) -> dict:
           "support": None if win.support is None else win.support.clone(),
           "frozen": None if win.frozen is None else win.frozen.clone(),
           "tape": {int(t): v.clone() for t, v in win.tape.rows.items()},
-          "terms": ([win.system.ode.terms[k].dense().clone() for k in range(1, win.system.degree + 1)]
+          "terms": ([win.ode.terms[k].dense().clone() for k in range(1, win.ode.degree + 1)]
                     if win.explicit else None)}
     st = win.state.state_dict()
     if st.get("kind") == DenseLevels.kind:
@@ -380,13 +413,14 @@ def load_window(sd: dict, cfg: QODEConfig, comm: Comm, rng: np.random.Generator,
                       frozen=None if sd["frozen"] is None else sd["frozen"].to(device))
     if "carleman_state" in sd:
         win.state = state_from_dict(sd["carleman_state"], device=device)
+        win.kind = win.state.kind
     else:
         win.state = DenseLevels(sd["y"].to(device), sd["theta0"].numel() if sd["support"] is None
                                 else sd["support"].numel())
     if sd["terms"] is not None:
         ode = PolynomialODE([win.f0_source()] + [T.to(device) for T in sd["terms"]], dtype=torch.float64,
                             device=device)        # saved after comm.reduce_hvp: the global batch's terms
-        win.system = carleman(ode, cfg.carleman_order, cfg.form)
+        win.system = ode if win.kind == "factored" else carleman(ode, cfg.carleman_order, cfg.form)
     if cfg.track_sgd and "shadow" in sd:
         win.shadow = Shadow.load(sd, device)
     return win
