@@ -43,10 +43,10 @@ CASES = {"MLP 784-256-10 (203,530 params), batch 128": (mlp, (128, 784)),
          "ResNet-8 (78,042 params), CIFAR 3×32×32, batch 64": (resnet, (64, 3, 32, 32))}
 
 
-def closure_for(model, opt, x, y):
+def closure_for(model, opt, x, y, loss_fn=F.cross_entropy):
     def closure():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         loss.backward()
         return loss
     return closure
@@ -132,15 +132,7 @@ def bench_small(steps: int) -> dict:
             "classical": QODE(models["classical"].parameters(), lr=0.01, momentum=0.9, mode="classical",
                               sparsity=0.0, cycle=cycle, classical_steps=1)}
 
-    def closure_for_mse(model, opt):
-        def closure():
-            opt.zero_grad(set_to_none=True)
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-        return closure
-
-    closures = {k: closure_for_mse(models[k], o) for k, o in opts.items()}
+    closures = {k: closure_for(models[k], o, x, y, F.mse_loss) for k, o in opts.items()}
     times = {k: [] for k in opts}
     for _ in range(10 * steps):
         for name, opt in opts.items():
