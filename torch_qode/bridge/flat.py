@@ -22,7 +22,6 @@ __all__ = [
 ]
 
 
-from .._checks import as_int, as_real  # noqa: F401  (re-exported for the bridge's callers)
 from .norms import batch_stats_no_update, decomposed_norms, fused_norm_nodes  # noqa: F401  (moved; old path kept)
 
 

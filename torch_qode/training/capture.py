@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from .._checks import as_real
 from ..bridge import flat as _flat
 
 __all__ = ["capture_backward", "NoiseTape", "loss_value", "holding", "own_grads", "measuring",
@@ -78,7 +79,7 @@ def loss_value(loss) -> Optional[float]:
     number), else ``None``: like ``torch.optim.SGD``, QODE accepts whatever the closure returns."""
     if isinstance(loss, torch.Tensor):
         return float(loss.detach()) if loss.numel() == 1 and not loss.is_complex() else None
-    return _flat.as_real(loss)
+    return as_real(loss)
 
 
 # ------------------------------------------------------------------- closures evaluated only to measure

@@ -39,15 +39,6 @@ __all__ = ["WindowState", "WindowResult", "open_window", "start_window", "build_
 KAPPA_MAX_UNKNOWNS = 5_000
 
 
-# ------------------------------------------------------------------------ the math core, one call each
-def _tomography(target: torch.Tensor, cfg: QODEConfig, rng: np.random.Generator):
-    return tomography(target, cfg.shots, seed=rng, eps=cfg.eps, **cfg.readout_options())
-
-
-def _resources(system, T: int, cfg: QODEConfig, r: int, sol) -> dict:
-    return estimate_resources(system, T, eps=cfg.eps, r=r, solution=sol, solver=cfg.window_solver).as_dict()
-
-
 # ------------------------------------------------------------------------------------------ the data
 @dataclass
 class WindowState:
@@ -323,7 +314,7 @@ def finish_window(win: WindowState, cfg: QODEConfig, comm: Comm, rep: CycleRepor
     if not bool(target.any()):
         return WindowResult(fault="the solved weight vector is zero: nothing to read out")
     try:
-        res = _tomography(target, cfg, win.rng)
+        res = tomography(target, cfg.shots, seed=win.rng, eps=cfg.eps, **cfg.readout_options())
     except (ValueError, TypeError) as exc:
         return WindowResult(fault=f"tomography failed: {exc}")
     rep.tomography = res.as_dict(arrays=False)
@@ -334,7 +325,8 @@ def finish_window(win: WindowState, cfg: QODEConfig, comm: Comm, rep: CycleRepor
     r = None if readout_keep is None else readout_prune(estimate, win, *readout_keep, rep)
     new = win.embed(estimate)
     try:
-        rep.resources = _resources(sys_, T, cfg, r if r is not None else n, sol)
+        rep.resources = estimate_resources(sys_, T, eps=cfg.eps, r=r if r is not None else n, solution=sol,
+                                           solver=cfg.window_solver).as_dict()
     except (ValueError, TypeError, MemoryError) as exc:  # the ledger must never stop training
         rep.resources = {"error": str(exc)}
     return WindowResult(new=new, lin=win.embed(target))
