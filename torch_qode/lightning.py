@@ -186,9 +186,11 @@ class QODECallback(pl.Callback):
     def _restore(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", opt: QODE) -> None:
         """After a resume: rebuild a matrix-free window's expansion from the saved upload batch."""
         up, self._pending = self._pending, None
-        # ``_system`` is None exactly when a resumed matrix-free window still needs its Taylor terms
-        if not opt.in_quantum_window or opt._system is not None:
+        if up is None or not opt.in_quantum_window:
             return
+        self._upload = up                         # kept for the window's later checkpoints
+        if opt._system is not None:               # None exactly when a resumed matrix-free window still
+            return                                # needs its Taylor terms (explicit ones are in the state)
         if up["step"] // opt.cycle != opt.step_count // opt.cycle:
             raise RuntimeError(f"QODECallback: the checkpoint's upload (step {up['step']}) is not the one of the "
                                f"window the optimizer resumed in (step {opt.step_count}, cycle {opt.cycle})")
@@ -203,7 +205,6 @@ class QODECallback(pl.Callback):
                 self._restore_automatic(trainer, opt, kwargs)
             else:
                 self._restore_manual(trainer, opt, kwargs)
-        self._upload = up
 
     @staticmethod
     def _restore_automatic(trainer: "pl.Trainer", opt: QODE, kwargs: OrderedDict) -> None:

@@ -103,8 +103,9 @@ def fit(lit, tr, ckpt_path=None):
 
 
 # ------------------------------------------------------------------------------------- fit
-def test_fit_equals_a_plain_loop_bit_for_bit():
-    lit, opt = fit(Lit(), trainer(epochs=3, callbacks=[QODECallback()]))
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_fit_equals_a_plain_loop_bit_for_bit(with_callback):
+    lit, opt = fit(Lit(), trainer(epochs=3, callbacks=[QODECallback()] if with_callback else []))
     model = net(0)
     ref = QODE(model.parameters(), **KW)
     for _ in range(3):
