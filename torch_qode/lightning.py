@@ -36,6 +36,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("torch_qode.lightning needs Lightning: pip install 'torch_qode[lightning]' "
                       "(or pip install 'lightning>=2.4')") from exc
 
+from .bridge.flat import forked_rng
 from .training.monitor import DissipationMonitor
 from .training.qode import QODE
 
@@ -198,8 +199,7 @@ class QODECallback(pl.Callback):
         kwargs = OrderedDict(batch=batch)
         if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
             kwargs["batch_idx"] = up["batch_idx"]
-        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []), \
-                _silenced(pl_module):
+        with forked_rng(list(pl_module.parameters())), _silenced(pl_module):
             _set_rng_state(up["rng"], pl_module.device)        # dropout draws the upload's masks again
             if pl_module.automatic_optimization:
                 self._restore_automatic(trainer, opt, kwargs)
