@@ -71,7 +71,7 @@ class Lit(pl.LightningModule):
 def trainer(tmp_path=None, epochs=5, callbacks=(), **kwargs):
     kwargs.setdefault("logger", False)
     return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, deterministic=True,
+                      enable_model_summary=False, default_root_dir=tmp_path,
                       enable_checkpointing=tmp_path is not None, callbacks=list(callbacks), **kwargs)
 
 
