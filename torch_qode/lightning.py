@@ -88,7 +88,8 @@ class QODECallback(pl.Callback):
     ``configure_optimizers`` must return one :class:`~torch_qode.QODE` optimizer (other optimizers
     may sit beside it in manual optimisation), and ``accumulate_grad_batches`` must be 1: QODE's
     upload expands the graph of the closure's loss, which under Lightning's accumulation would be the
-    last micro-batch's alone (accumulate inside one manual closure instead).
+    last micro-batch's alone (accumulate inside one manual closure instead).  A checkpoint holds rank
+    0's upload batch: under DDP the other ranks' own batches are not kept (QODE is one-process yet).
     """
 
     def __init__(self, monitor: Optional[DissipationMonitor] = None):
