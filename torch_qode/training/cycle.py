@@ -24,6 +24,7 @@ from .capture import capture_backward, measuring, own_grads, upload_graph
 from .classical import all_finite_sync, momentum_buffers, reset_momentum, sgd_step
 from .comm import Comm
 from .config import QODEConfig, check_trainable
+from .distributed import NOT_REPLICATED, global_losses
 from .report import CycleReport
 from .shadow import drift_measurement, grads_at, shadow_grads, shadow_update
 
@@ -71,11 +72,14 @@ def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
         support = s.pruner.support()
     with torch.enable_grad(), capture_backward() as cap:
         loss = s.closure()
-    if not all_finite_sync(loss, params):
+    if s.comm.any(not all_finite_sync(loss, params)):   # one rank's NaN: every rank skips
         s.fault("non-finite loss or gradient at upload: update skipped")
         return go_classical(s, "non-finite loss or gradient at upload", loss, update=False)
     check_trainable(params)                      # requires_grad may have been switched off since
     graph = upload_graph(params, cap)
+    if not s.comm.local and not s.comm.replicated(torch.cat([_flat.flatten([p.detach() for p in params]),
+                                                             _w.flat_grads(params)])):
+        raise RuntimeError(NOT_REPLICATED.format(k=s.k))
     unused = [i for i, p in enumerate(params) if p.grad is None]
     if unused:                                   # SGD leaves them alone this step; so does the window
         support = _w.support_without(params, unused, support)
@@ -159,7 +163,8 @@ def finish(s: StepContext) -> None:
     write_params(s.params, res.new)
     # measurements that run user code (closures, the monitor) wait until the step is complete
     if s.cfg.track_sgd:
-        s.post.append(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, s.params, s.closure, s.model))
+        s.post.append(global_losses(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, s.params,
+                                                      s.closure, s.model), rep, s.comm))
     if s.monitor is not None and hasattr(s.monitor, "on_window_end"):
         s.post.append(functools.partial(s.monitor.on_window_end, s.k, rep))
     reset_momentum(s.params, s.state)            # momentum restarts after a quantum window

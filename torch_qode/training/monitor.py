@@ -32,6 +32,7 @@ import torch.nn as nn
 from .._checks import as_int, check_choice, check_int, check_real, require_int
 from .._figure import new_figure, positive as _positive, save
 from ..bridge import flat as _flat
+from ..bridge.collective import hvp_group
 from ..bridge.flat import check_model_loss_batch
 from ..bridge.dissipation import DissipationCheck, hessian_spectrum
 
@@ -84,12 +85,16 @@ class DissipationMonitor:
             paper's code used 256 Lanczos steps).
         metric: optional ``model -> float`` (e.g. test accuracy) evaluated at scheduled steps.
         log_path: JSON-lines file (appended to; not a directory).
+        process_group: under torch.distributed, average the probe spectrum's Hessian-vector products over
+            this group (automatic for a DistributedDataParallel ``model``): each rank passes its shard of
+            the probe batch and every rank records the global batch's spectrum.  Every rank must call
+            :meth:`step` at the same steps; write ``log_path`` from one rank only.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, probe_batch, *, lr: float, window: int = 90,
                  schedule: Union[str, Callable[[int], bool], Iterable[int]] = "paper", backend: str = "torch",
                  check: Optional[DissipationCheck] = None, support=None, params=None,
-                 metric: Optional[Callable[[nn.Module], float]] = None, log_path=None):
+                 metric: Optional[Callable[[nn.Module], float]] = None, log_path=None, process_group=None):
         check_model_loss_batch(model, loss_fn, probe_batch, ("model", "loss_fn", "probe_batch"))
         lr_f = check_real(lr, "lr", 0.0, low_open=True)
         window_i = check_int(window, "window", 0, hint=" (the proxy's horizon T)")
@@ -100,12 +105,14 @@ class DissipationMonitor:
         if check is not None and not isinstance(check, DissipationCheck):
             raise TypeError(f"check must be a DissipationCheck or None, got {type(check).__name__}")
         self.check = check if check is not None else DissipationCheck()
+        hvp_group(model, process_group)               # a bad process_group is refused now, not at the first step
         self.model, self.loss_fn, self.probe_batch = model, loss_fn, tuple(probe_batch)
         self.lr, self.window = lr_f, window_i
         self.backend, self.metric = backend, metric
         c = self.check
         self._spectrum_kw = dict(backend=backend, steps=c.steps, runs=c.runs, grid=c.grid, sigma=c.sigma,
-                                 support=support, params=params, seed=c.seed, trace=False)
+                                 support=support, params=params, seed=c.seed, trace=False,
+                                 process_group=process_group)
         self.records: list[dict] = []
         if log_path is not None and not isinstance(log_path, (str, os.PathLike)):
             raise TypeError(f"log_path must be None or a file path (str or os.PathLike), got {type(log_path).__name__}")

@@ -42,7 +42,9 @@ from ..bridge.pruning import MagnitudePruner
 from . import cycle as _cycle, window as _w
 from .capture import loss_value
 from .classical import MaskedSGD, classical_step
-from .comm import Comm, as_comm
+from ..bridge.collective import refuse_sharded
+from .comm import Comm
+from .distributed import agreed, window_comm
 from .config import (MODES, NOISES, UPLOADS, check_budget, check_saved_config, check_sgd_settings,
                      check_trainable, make_config)
 from .report import CycleReport, download_record
@@ -89,8 +91,14 @@ class QODE(Optimizer):
         monitor: an object with ``on_upload(step, verdict)`` / ``on_window_end(step, report)``
             (e.g. :class:`~torch_qode.callbacks.DissipationMonitor`).
         eps: target error used in the resource ledger.
-        comm: the window's communication object (:class:`~torch_qode.training.comm.Comm`; default
-            :class:`~torch_qode.training.comm.LocalComm`, one process).
+        comm: the window's communication object (:class:`~torch_qode.training.comm.Comm`; default:
+            :class:`~torch_qode.training.distributed.DistComm` when torch.distributed is initialised with
+            ≥ 2 ranks, else :class:`~torch_qode.training.comm.LocalComm`).
+        process_group: the torch.distributed group the window averages its Hessian products over and
+            shares its decisions in (default: the default group, when initialised).  QODE expects the
+            gradients DDP-averaged (wrap the model in DistributedDataParallel); it checks at every upload
+            that θ0 and ∇L are the same on every rank.  Settings that differ between ranks are refused
+            here, on every rank.
         tomography_kwargs: extra keyword arguments of :func:`~torch_qode.tomography.tomography`
             (``sign_method``, ``split``, ``norm_scale``, …).
         model: the module the parameters belong to (optional).  With it, the closures QODE evaluates
@@ -104,6 +112,7 @@ class QODE(Optimizer):
     reported when it is one number).  ``copy.deepcopy`` and ``pickle`` keep the whole state.
     """
 
+    @agreed
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, *,
                  dampening: float = 0.0, nesterov: bool = False, mode: str = "auto", cycle: int = 100,
                  classical_steps: int = 10, sparsity: float = 0.9, upload: str = "dense",
@@ -113,7 +122,8 @@ class QODE(Optimizer):
                  track_sgd: bool = False, seed: int = 0, explicit: Optional[bool] = None,
                  prunable=None, names=None, monitor=None, eps: float = 1e-2,
                  tomography_kwargs: Optional[dict] = None, model: Optional[torch.nn.Module] = None,
-                 comm: Optional[Comm] = None, carleman_state: str = "auto", max_rank: Optional[int] = None):
+                 comm: Optional[Comm] = None, carleman_state: str = "auto", max_rank: Optional[int] = None,
+                 process_group=None):
         check_sgd_settings(dict(lr=lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening,
                                 nesterov=nesterov))
         if not isinstance(lr, torch.Tensor):          # a tensor lr stays the tensor, as in SGD
@@ -128,7 +138,10 @@ class QODE(Optimizer):
             raise TypeError("dissipation must be a DissipationCheck (callable hvp, n, lr=, T=) or None")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-        comm = as_comm(comm)
+        comm = window_comm(comm, process_group)
+        if not comm.local and getattr(dissipation, "process_group", None) is not None:
+            raise ValueError("dissipation: QODE averages the check's Hessian-vector products through its own comm; "
+                             "pass a DissipationCheck with process_group=None")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=False, foreach=None, fused=None, differentiable=False)
         super().__init__(params, defaults)
@@ -139,6 +152,7 @@ class QODE(Optimizer):
         check_sgd_settings(self.param_groups[0], where="the parameter group's ")
         self._params = self.param_groups[0]["params"]
         check_trainable(self._params)
+        refuse_sharded(self._params, model=model)
         self.cfg, self.comm = cfg, comm
         for k, v in cfg.saved().items():              # opt.mode, opt.cycle, opt.kappa_a, …
             setattr(self, k, v)
@@ -222,7 +236,7 @@ class QODE(Optimizer):
                 self._win = s.win
             post = s.post
         if c in (0, self.cycle - 1):   # two host syncs per cycle, not one per step
-            value = loss_value(loss)
+            value = self.comm.mean(loss_value(loss))   # the global batch's under DDP (equal shards)
             if c == 0:
                 rep.loss_first = value
             if c == self.cycle - 1:
