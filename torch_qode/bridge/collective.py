@@ -48,7 +48,7 @@ def _check_group(process_group, name: str):
     dist = _dist()
     if not initialized():
         raise ValueError(f"{name} was given but torch.distributed is not initialised: call "
-                         "torch.distributed.init_process_group(...) first, or pass {name}=None")
+                         f"torch.distributed.init_process_group(...) first, or pass {name}=None")
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(f"{name} must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD) "
                         f"or None, got {type(process_group).__name__}")
