@@ -122,8 +122,10 @@ def pretrained_resnet(run: Run, checkpoint_name: str = "pretrained.pt") -> dict:
     run.log.write("data", name=data["name"], root=data["root"], is_fixture=data["is_fixture"],
                   train_samples=len(data["train"]), test_samples=len(data["test"]))
     src = {"digits": "scikit-learn's bundled digits"}.get(data["name"], f"CIFAR-100 from {data['root']}")
-    print(f"data: {src} ({len(data['train'])} train / {len(data['test'])} test samples)"
-          + (" -- the torch_qode TEST FIXTURE (synthetic images), not real CIFAR-100" if data["is_fixture"] else ""))
+    if getattr(run, "rank0", True):
+        print(f"data: {src} ({len(data['train'])} train / {len(data['test'])} test samples)"
+              + (" -- the torch_qode TEST FIXTURE (synthetic images), not real CIFAR-100" if data["is_fixture"]
+                 else ""))
     model = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], data["num_classes"],
                          data["in_channels"]).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
@@ -142,7 +144,7 @@ def pretrained_resnet(run: Run, checkpoint_name: str = "pretrained.pt") -> dict:
     elif pt["epochs"] > 0:
         train_classifier(model, train_loader, dev, epochs=pt["epochs"], lr=pt["lr"], momentum=pt["momentum"],
                          weight_decay=pt["weight_decay"], schedule=pt["schedule"], run=run, test_loader=test_loader)
-        if pt["save"]:
+        if pt["save"] and getattr(run, "rank0", True):
             save_checkpoint(model, run.path(checkpoint_name))
     dense = evaluate(model, test_loader, dev)
     run.log.write("dense", **dense)

@@ -42,6 +42,11 @@ Command line (``python -m recipes.NAME --config configs/NAME.yaml [key=value ...
     spinning made PyTorch up to 60x slower while another process held a core.
 ``--no-progress``
     No tqdm bars (they are also off when stderr is not a terminal).
+``--nproc N``
+    Recipes that train or measure on batches (``train_resnet_cifar100``, ``hessian_after_pruning``):
+    N torch.distributed processes on this machine (gloo; NCCL with ``--device cuda``), each with 1/N of
+    every batch; or run the recipe under ``torchrun --nproc_per_node N``.  Rank 0 writes the folder, the
+    log, the figures and the progress bars; ``--threads auto`` splits the free cores over the ranks.
 
 Precedence: ``DEFAULTS`` < ``--config`` file < ``key=value`` overrides < dedicated flags.
 Every key is checked (``setup``'s ``check``) before the output folder is created or any training starts.
@@ -61,6 +66,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from recipes import launch
 from recipes.config import ConfigError, apply_overrides, check_int, coerce_floats, load_config, merge, validate
 from recipes.loop import JsonlLogger, progress, to_jsonable
 
@@ -123,6 +129,8 @@ def build_parser(name: str, description: Optional[str] = None, data: bool = Fals
     p.add_argument("--threads", default="auto", help="torch CPU threads for this run (torch.set_num_threads): "
                    "a number, or auto (default: the cores the load average leaves free, at least 1)")
     p.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
+    p.add_argument("--nproc", type=int, default=1, help="torch.distributed processes (spawned here; or run "
+                   "under torchrun): each takes 1/N of every batch")
     if data:
         p.add_argument("--data-root", help="folder holding an existing dataset copy (sets data.root)")
         p.add_argument("--download", action="store_true",
@@ -145,7 +153,7 @@ def free_cores() -> int:
 def resolve_threads(threads) -> int:
     """``--threads``: ``"auto"`` (see :func:`free_cores`) or an integer ≥ 1 (also as a string)."""
     if threads == "auto":
-        return free_cores()
+        return max(1, free_cores() // launch.world())
     try:
         n = int(threads)
     except (TypeError, ValueError):
@@ -169,7 +177,8 @@ class Run:
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
-        self.log = JsonlLogger(self.out / "log.jsonl")
+        self.rank0 = launch.is_rank0()           # logs, bars and figures come from rank 0 only
+        self.log = JsonlLogger(self.out / "log.jsonl") if self.rank0 else launch.NullLog()
 
     def path(self, filename: str) -> Path:
         """A file in the output folder."""
@@ -177,7 +186,7 @@ class Run:
 
     def progress(self, iterable: Optional[Iterable] = None, **kwargs) -> Any:
         """A tqdm bar (see :func:`recipes.loop.progress`), off with ``--no-progress``."""
-        return progress(iterable, self.show_progress, **kwargs)
+        return progress(iterable, self.show_progress and self.rank0, **kwargs)
 
     def close(self) -> None:
         """Close the log and restore the torch thread count changed by ``--threads``."""
@@ -247,20 +256,32 @@ def setup(name: str, defaults: Mapping, argv: Optional[Sequence[str]] = None,
         if args.download:
             cfg["data"]["download"] = True
     validate(coerce_floats(cfg, defaults), defaults)
+    if args.nproc > 1 and launch.world() == 1:
+        raise ConfigError(f"--nproc {args.nproc}: recipes.{name} runs in one process (--nproc is for "
+                          "train_resnet_cifar100, demo and hessian_after_pruning)")
     check_int(cfg["seed"], "seed", 0)
     if check is not None:
         check(cfg)
     device = resolve_device(cfg["device"])
     _check_gpu(cfg, device, explicit_cpu=(args.device is not None or device_overridden) and cfg["device"] == "cpu",
                config_file=args.config)
+    if device.type == "cuda" and launch.world() > 1:   # one GPU per rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", launch.rank())))
     out = Path(args.out) if args.out else default_out(name)
-    _check_out(out)
+    error = None
+    if launch.is_rank0():                        # the folder is rank 0's; every rank refuses with it
+        try:
+            _check_out(out)
+        except ConfigError as exc:
+            error = exc
+    launch.agree(error)
     if args.threads is not None:
         resolve_threads(args.threads)
     seed_everything(cfg["seed"])
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "config.yaml", "w", encoding="utf-8") as fh:
-        yaml.safe_dump(to_jsonable(cfg, keep_nonfinite=True), fh, sort_keys=False)
+    if launch.is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "config.yaml", "w", encoding="utf-8") as fh:
+            yaml.safe_dump(to_jsonable(cfg, keep_nonfinite=True), fh, sort_keys=False)
     run = Run(name, cfg, out, device, show_progress=not args.no_progress, threads=args.threads)
     run.log.write("start", recipe=name, config=cfg, config_file=args.config, device=str(device),
                   argv=list(argv) if argv is not None else sys.argv[1:],
