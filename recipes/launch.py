@@ -206,7 +206,7 @@ def _recipe_rank(target: str, rank_: int, world_: int, argv: list, kwargs: dict)
         return {"config_error": str(exc)}
 
 
-def maybe_spawn(target: str, argv, name: str, **kwargs):
+def maybe_spawn(target: str, argv, recipe: str, **kwargs):
     """``--nproc N`` (N > 1) outside torch.distributed: start N ranks that each run ``target(argv, **kwargs)``
     (the recipe's ``main``) with the same output folder, and return rank 0's result; else ``None``, the
     caller runs itself (one process, or a rank under ``torchrun`` / this launcher)."""
@@ -227,7 +227,7 @@ def maybe_spawn(target: str, argv, name: str, **kwargs):
     if known.nproc == 1 or world() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
     if known.out is None:
-        argv += ["--out", str(default_out(name))]
+        argv += ["--out", str(default_out(recipe))]
     # NCCL when the command line asks for CUDA; gloo otherwise (it also reduces CUDA tensors)
     device = resolve_device(known.device) if known.device not in (None, "auto") else torch.device("cpu")
     res = spawn(functools.partial(_recipe_rank, target), known.nproc, (argv, kwargs),

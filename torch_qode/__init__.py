@@ -11,6 +11,7 @@ from .bridge.dissipation import (DissipationCheck, Verdict, error_proxy, hessian
 from .core.linsolve import kappa_bound, solve_window, window_system
 from .core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
 from .training.qode import QODE, CycleReport
+from .training.distributed import DistComm
 from .bridge.pruning import MagnitudePruner
 from .core.resources import Resources, estimate_resources
 from .bridge.taylor import TaylorExpansion, UnsupportedGraphError, decomposed_norms, make_loss_fn
@@ -25,7 +26,7 @@ __all__ = [
     "TaylorExpansion", "UnsupportedGraphError", "decomposed_norms", "make_loss_fn", "MagnitudePruner",
     "DissipationCheck", "Verdict", "hessian_spectrum", "slq_density", "error_proxy", "positive_fraction",
     "PyHessianAdapter",
-    "QODE", "CycleReport", "DissipationMonitor",
+    "QODE", "CycleReport", "DissipationMonitor", "DistComm",
 ]
 __version__ = "0.1.0"
 

@@ -132,7 +132,7 @@ def check_same_settings(mine: dict, comm: "DistComm") -> None:
     if diffs:
         raise ValueError("QODE settings differ between ranks: " + "; ".join(diffs) + ". Every rank must build "
                          "QODE with the same settings and model: the window's collectives and decisions are "
-                         "shared")
+                         "shared (independent optimizers per rank: pass comm=LocalComm())")
 
 
 def agreed(init):
