@@ -82,9 +82,9 @@ def run_scenarios(rank, world):
     return out
 
 
-def resume(rank, world, path):
+def resume_and_refusals(rank, world, path):
     """Interrupted inside the first window (step 4), saved on rank 0, loaded on every rank: the rest of the
-    run equals the uninterrupted one bit for bit."""
+    run equals the uninterrupted one bit for bit.  Then the refusals (one spawn for both)."""
     import torch.distributed as dist
 
     kw = SCENARIOS["quantum, exact readout, explicit terms"]
@@ -103,7 +103,8 @@ def resume(rank, world, path):
     model, net, opt = build(kw, world, model)
     opt.load_state_dict(saved["opt"])
     train(net, opt, data(False), rank, world, start=4)
-    return {"whole": whole, "resumed": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
+    return {"whole": whole, "resumed": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+            "refusals": refusals(rank, world)}
 
 
 def refusals(rank, world):
@@ -184,15 +185,21 @@ def test_ranks_are_bit_identical_and_equal_one_process_on_the_global_batch(singl
     assert nan["modes"][1][0] == "quantum"        # the next cycle's window runs again, on both ranks
 
 
-def test_state_dict_saved_on_rank_0_resumes_bit_for_bit_on_every_rank(tmp_path):
-    ranks = run_ranks("tests.training.test_distributed:resume", path=os.path.join(tmp_path, "ckpt.pt"))
+@pytest.fixture(scope="module")
+def resumed_and_refused(tmp_path_factory):
+    path = os.path.join(tmp_path_factory.mktemp("ckpt"), "ckpt.pt")
+    return run_ranks("tests.training.test_distributed:resume_and_refusals", path=path)
+
+
+def test_state_dict_saved_on_rank_0_resumes_bit_for_bit_on_every_rank(resumed_and_refused):
+    ranks = resumed_and_refused
     for r in ranks:
         assert torch.equal(r["whole"], r["resumed"])
     assert torch.equal(ranks[0]["resumed"], ranks[1]["resumed"])
 
 
-def test_refusals_are_raised_on_every_rank_and_name_the_setting():
-    ranks = run_ranks("tests.training.test_distributed:refusals")
+def test_refusals_are_raised_on_every_rank_and_name_the_setting(resumed_and_refused):
+    ranks = [r["refusals"] for r in resumed_and_refused]
     for rank, out in enumerate(ranks):
         assert "settings differ between ranks" in out["seed"] and "seed (rank 0: 0, rank 1: 1)" in out["seed"]
         assert "sparsity (rank 0: 0.0, rank 1: 0.1)" in out["sparsity"] and "cycle (rank 0: 6, rank 1: 7)" \
