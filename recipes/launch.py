@@ -188,11 +188,10 @@ def spawn(target: Union[str, Callable], nproc: int, args: tuple = (), *, backend
             results.append(torch.load(path, weights_only=False) if os.path.exists(path) else None)
     if alive:
         raise TimeoutError(f"ranks {alive} still running after {timeout:.0f} s (a hang?); killed")
-    for r, res in enumerate(results):
-        if res is None:
-            raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
-        if "error" in res:
-            raise RuntimeError(f"rank {r} raised:\n{res['error']}")
+    failed = [f"rank {r} died without a result (exit code {procs[r].exitcode})" if res is None else
+              f"rank {r} raised:\n{res['error']}" for r, res in enumerate(results) if res is None or "error" in res]
+    if failed:                                   # every rank's error: the first is often a peer's echo
+        raise RuntimeError("\n".join(failed))
     return [res["ok"] for res in results]
 
 
