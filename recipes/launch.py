@@ -125,7 +125,7 @@ def from_environment(backend: Optional[str] = None) -> bool:
         return False
     if not dist.is_initialized():
         world = int(os.environ["WORLD_SIZE"])
-        backend = backend or ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo")
+        backend = backend or backend_for("cuda" if torch.cuda.is_available() else "cpu", world)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
         dist.init_process_group(backend, init_method="env://")

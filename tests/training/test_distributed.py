@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch_qode.training.comm import LocalComm
 from torch_qode.training.qode import QODE
 from tests._dist import run_ranks
+from tests.training.test_window_core import _same
 
 GLOBAL_BATCH, STEPS = 16, 12
 BASE = dict(lr=0.1, cycle=6, classical_steps=2, sparsity=0.0, seed=3)
@@ -147,16 +148,6 @@ def single():
         train(net, opt, data("NaN" in name), 0, 1)
         out[name] = outcome(model, opt)
     return out
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def test_ranks_are_bit_identical_and_equal_one_process_on_the_global_batch(single):
