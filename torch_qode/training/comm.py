@@ -10,6 +10,7 @@ core calls, in the same order on every rank:
 * :meth:`Comm.broadcast` on the read-out weight vector;
 * :meth:`Comm.any` on a local fault flag (a NaN on one rank ends the window on all);
 * :meth:`Comm.replicated` on θ0 and the upload gradient (they must be the same on every rank).
+* :meth:`Comm.mean` on the losses a report records (each rank measured its shard).
 
 :class:`LocalComm` (the default) does nothing; :class:`~torch_qode.training.distributed.DistComm` is the
 torch.distributed one (``QODE(process_group=...)``, or automatic under an initialised process group).
