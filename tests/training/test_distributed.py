@@ -200,3 +200,24 @@ def test_refusals_are_raised_on_every_rank_and_name_the_setting(resumed_and_refu
         assert "DTensor" in out["dtensor"] and "DistributedDataParallel" in out["dtensor"]
         assert "differ between ranks" in out["no ddp"] and "DistributedDataParallel" in out["no ddp"]
     assert "refused on rank 1" in ranks[0]["invalid on rank 1"]
+
+
+def test_fsdp_parameters_and_modules_are_refused_with_the_reason():
+    model = mlp()
+    flat_param = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    flat_param._is_flat_param = True              # how torch marks an FSDP FlatParameter (isinstance checks it)
+    with pytest.raises(ValueError, match=r"params\[1\] is an FSDP FlatParameter: sharded parameters are not "
+                                         r"supported.*whole parameter vector"):
+        QODE([model[0].weight, flat_param])
+
+    class FullyShardedDataParallel(nn.Module):    # stands for torch's FSDP wrapper (found by its class name)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    with pytest.raises(ValueError, match="FullyShardedDataParallel module: sharded parameters"):
+        QODE(list(model.parameters()), model=FullyShardedDataParallel(model))
+    with pytest.raises(ValueError, match="comm= and process_group= were both given"):
+        QODE(list(model.parameters()), comm=LocalComm(), process_group=object())
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        QODE(list(model.parameters()), process_group=object())
