@@ -77,3 +77,15 @@ def test_top_eigenvalues_store_only_the_blocks_they_reach():
         _Basis.append = original
     assert abs(top[0] - 100.0) < 1e-6
     assert len(blocks) < 43 and max(blocks) == -(-len(blocks) // 16)
+
+
+def test_the_check_says_when_its_basis_did_not_fit(monkeypatch):
+    from torch_qode.bridge import lanczos as lz
+    from torch_qode.bridge.dissipation import DissipationCheck
+
+    H = _clustered()
+    fits = DissipationCheck(steps=20)(lambda v: H @ v, 43, lr=0.01, T=5)
+    assert "without reorthogonalisation" not in fits.reason
+    monkeypatch.setattr(lz, "BASIS_BUDGET_BYTES_CPU", 100)
+    over = DissipationCheck(steps=20)(lambda v: H @ v, 43, lr=0.01, T=5)
+    assert "without reorthogonalisation" in over.reason and over.density.reorthogonalize is None

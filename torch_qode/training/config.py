@@ -32,9 +32,9 @@ HVPS = ("auto", "retain", "recompute")
 #: (assign to change it; on a GPU the budget is the device's free memory).
 RETAIN_BUDGET_BYTES_CPU = 16 * 2**30
 #: the retained window's memory ≈ this × the upload forward's saved tensors: the forward graph, its
-#: create_graph backward and one product's temporaries (issue 14, Fig. 2 config scaled from CPU:
-#: ~19 GiB saved by the forward, 38–45 GiB retained with the backward, +26 GiB per product).
-RETAIN_GRAPH_FACTOR = 3.5
+#: create_graph backward and a product's temporaries (benchmarks/memory.py, ResNet-8 on CPU: the peak
+#: of a retained window grows 9.3× the saved bytes per sample, a one-batch double backward 5.8×)
+RETAIN_GRAPH_FACTOR = 9.0
 
 #: ``explicit=None`` builds explicit Taylor terms up to this support size (cheap to build, exact to
 #: resume); beyond it the terms are Hessian-vector / third-derivative products (matrix-free).
