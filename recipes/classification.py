@@ -23,7 +23,9 @@ DATA_DEFAULTS = {
     "root": None,           # CIFAR-100: folder holding cifar-100-python/ (a fixture folder works too)
     "download": False,
     "test_fraction": 0.2,   # digits only
-    "num_workers": 0,
+    "num_workers": 0,       # DataLoader worker processes (0: the main thread; keep 0 for the CPU configs)
+    "pin_memory": False,    # page-locked batches, copied to the GPU with non_blocking=True (CUDA only)
+    "persistent_workers": False,   # keep the workers alive between epochs (with num_workers > 0)
 }
 
 #: ``data.name`` → ``(num_classes, in_channels)``.
@@ -43,6 +45,9 @@ def check_classification(cfg: Mapping) -> None:
                           f"(scikit-learn's bundled digits need neither): add data.name=cifar100 to use CIFAR-100, "
                           f"or drop them")
     check_int(d["num_workers"], "data.num_workers", 0)
+    for key in ("pin_memory", "persistent_workers"):
+        if not isinstance(d[key], bool):
+            raise ConfigError(f"data.{key} must be true or false, got {d[key]!r}")
     if name == "digits":
         check_real(d["test_fraction"], "data.test_fraction", 0.0, 1.0, low_open=True, high_open=True)
         from torch_qode.data import digits_split_sizes

@@ -35,13 +35,14 @@ from typing import Optional, Sequence
 import numpy as np
 from torch import nn
 
-from recipes import classification, cli, config, launch, loop
+from recipes import classification, cli, config, launch, loop, memory
 from torch_qode._checks import as_int, as_real
 
 DEFAULTS = {
     "seed": 0,
     "device": "auto",
     "gpu": False,                 # true: sized for a GPU; refuses to run without CUDA unless --device cpu
+    **cli.RUNTIME_DEFAULTS,          # cudnn_benchmark, deterministic (recipes/cli.py)
     "data": dict(classification.DATA_DEFAULTS),
     "model": {"depth": 8, "widen": 1},  # in_channels and classes come from the data
     "checkpoint": None,           # state_dict file (weights_only); skips pre-training
@@ -146,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return spawned
     launch.from_environment()                    # a rank under torchrun
     with cli.setup("hessian_after_pruning", DEFAULTS, argv, description=__doc__, data=True,
-                   check=_check) as run:
+                   check=_check, estimate=memory.hessian_estimate) as run:
         cfg, dev = run.cfg, run.device
         from torch_qode.bridge.dissipation import hessian_spectrum
         from torch_qode.plotting import plot_curves, plot_density

@@ -35,23 +35,26 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from recipes import classification, cli, config, launch, loop
+from recipes import classification, cli, config, launch, loop, memory
 from torch_qode._checks import as_int
 
 DEFAULTS = {
     "seed": 0,
     "device": "auto",
     "gpu": False,                    # true: sized for a GPU; refuses to run without CUDA unless --device cpu
+    **cli.RUNTIME_DEFAULTS,          # cudnn_benchmark, deterministic (recipes/cli.py)
     "data": dict(classification.DATA_DEFAULTS),
     "model": {"depth": 32, "widen": 4},
     "checkpoint": None,              # dense state_dict (weights_only) instead of pre-training
     "pretrain": {"epochs": 50, "batch_size": 512, "lr": 0.1, "momentum": 0.9, "weight_decay": 2.0e-4,
                  "schedule": "cosine", "save": True},
-    "train": {"steps": 1000, "batch_size": 2048, "baseline": True},
+    # micro_batches: the closure backwards the batch in this many parts (gradient accumulation; a BatchNorm
+    # normalises each part with its own statistics): with qode.hvp=recompute the window's peak is one part's
+    "train": {"steps": 1000, "batch_size": 2048, "baseline": True, "micro_batches": 1},
     "qode": {"lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "mode": "auto", "cycle": 100,
              "classical_steps": 10, "sparsity": 0.9, "upload": "dense", "carleman_order": 1,
              "taylor_degree": 2, "form": "discrete", "solver": "forward", "kappa_a": None, "shots": None,
-             "noise": "stream", "explicit": None, "track_sgd": True, "eps": 0.01,
+             "noise": "stream", "explicit": None, "track_sgd": True, "eps": 0.01, "hvp": "auto",
              # keyword arguments of torch_qode.core.tomography() that QODE passes through (sign_method, norm,
              # norm_scale, split); QODE sets v, shots, seed, top_r and eps itself
              "tomography_kwargs": config.OpenSection({"sign_method": "pairs"})},
@@ -109,6 +112,7 @@ def _check(cfg: dict) -> None:
         if isinstance(size, int) and size % launch.world():
             raise config.ConfigError(f"{key} = {size} does not split over {launch.world()} ranks (--nproc): each "
                                      f"rank takes {key} / N samples; pick a multiple of {launch.world()}")
+    config.check_int(cfg["train"]["micro_batches"], "train.micro_batches", 1, cfg["train"]["batch_size"])
     q = cfg["qode"]
     config.check_real(q["lr"], "qode.lr", 0.0, low_open=True)
     cycle = config.check_int(q["cycle"], "qode.cycle", 1)
@@ -189,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
         return spawned
     launch.from_environment()                    # a rank under torchrun
     with cli.setup(name, DEFAULTS, argv, description=__doc__, data=True, check=_check,
-                   cli_defaults=cli_defaults) as run:
+                   cli_defaults=cli_defaults, estimate=memory.train_resnet_estimate) as run:
         cfg, dev = run.cfg, run.device
         ddp = launch.world() > 1
         from torch_qode.training.monitor import DissipationMonitor
@@ -225,24 +229,32 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
             monitor.record({"step": 0, "event": "eval", "test_acc": dense_acc, "test_acc_sgd": dense_acc})
         opt_sgd = None
         if baseline is not None:
-            opt_sgd = QODE(baseline.parameters(), **{**q, "mode": "classical", "track_sgd": False})
+            opt_sgd = QODE(baseline.parameters(), **{**q, "mode": "classical", "track_sgd": False, "hvp": "retain"})
 
         # Carleman order ≥ 2 needs third derivatives, which PyTorch's fused norm layers get wrong:
         # run the QODE model's norms decomposed (same loss, same running-statistics updates).
         norms = (lambda net: decomposed_norms(net, update_running_stats=True)) if q["carleman_order"] >= 2 \
             else (lambda net: contextlib.nullcontext())
 
+        parts = cfg["train"]["micro_batches"]
+
         def closure_for(net, optimizer, x, y):
-            def closure():
+            def closure():                    # micro-batches: each part's graph is freed by its backward
                 optimizer.zero_grad(set_to_none=True)
-                with norms(net):
-                    loss = F.cross_entropy(net(x), y)
-                loss.backward()
-                return loss
+                total = 0.0
+                for xs, ys in zip(x.chunk(parts), y.chunk(parts)):
+                    with norms(net):
+                        loss = F.cross_entropy(net(xs), ys) * (xs.shape[0] / x.shape[0])
+                    loss.backward()
+                    total = total + loss.detach()
+                return total
             return closure
 
+        d = cfg["data"]
         stream = launch.shard_stream(data["train"], cfg["train"]["batch_size"], cfg["seed"], dev) if ddp else \
-            loop.batch_stream(data["train"], cfg["train"]["batch_size"], cfg["seed"], dev)
+            loop.batch_stream(data["train"], cfg["train"]["batch_size"], cfg["seed"], dev,
+                              num_workers=d["num_workers"], pin_memory=d["pin_memory"],
+                              persistent_workers=d["persistent_workers"])
         rows, t0 = [], time.perf_counter()
         bar = run.progress(total=cfg["train"]["steps"], desc="QODE")
         for k in range(cfg["train"]["steps"]):

@@ -193,6 +193,9 @@ class DissipationCheck:
                       f"{pos_s} >= {self.min_positive_fraction:g}")
         else:
             reason = "failed: " + "; ".join(msgs)
+        if dens.reorthogonalize != self.reorthogonalize:     # the basis did not fit (lanczos.basis_budget)
+            reason += (f" [Lanczos without reorthogonalisation: its {self.steps}-step basis exceeds the memory "
+                       "budget; ghost eigenvalues bias the positive fraction]")
         return Verdict(passed, reason, top, pos, proxy, float(lr), int(T), self.cutoff, kept_mass, dens, count[0],
                        time.perf_counter() - t0)
 

@@ -53,6 +53,7 @@ class Density:
     sigma: float
     runs: int = 1
     steps: int = 0
+    reorthogonalize: Optional[str] = "full"   # what the Lanczos runs did (None: the basis did not fit)
 
     def cdf(self, x) -> np.ndarray:
         """Quadrature CDF ``Σ_{nodes ≤ x} weights``."""
@@ -109,22 +110,28 @@ def smooth_density(nodes, weights, *, grid: int = 256, sigma: Optional[float] = 
 
 def slq_density(hvp, n: int, *, steps: int = 64, runs: int = 1, grid: int = 256, sigma: Optional[float] = None,
                 seed: int = 0, reorthogonalize: Optional[str] = "full", dtype: torch.dtype = torch.float64,
-                device=None) -> Density:
+                device=None, max_basis_bytes: Optional[int] = None) -> Density:
     """Stochastic Lanczos quadrature: ``runs`` Lanczos runs of ``min(steps, n)`` steps from
     independent Rademacher vectors, pooled (each run weighted 1/runs) and smoothed
     (:func:`smooth_density`).  ``steps`` larger than n is reduced to n (reported in ``Density.steps``).
+    A basis over ``max_basis_bytes`` (default :func:`~.lanczos.basis_budget`) is not stored: the runs
+    go without reorthogonalisation and ``Density.reorthogonalize`` is ``None``.
     """
     runs, steps = check_int(runs, "runs", 1), check_int(steps, "steps", 1)
     k = min(steps, int(n))
     gen = _generator(seed, None, device)
-    nodes, weights = [], []
+    nodes, weights, used = [], [], reorthogonalize
     for _ in range(int(runs)):
-        lz = lanczos(hvp, n, k, generator=gen, dtype=dtype, device=device, reorthogonalize=reorthogonalize)
+        lz = lanczos(hvp, n, k, generator=gen, dtype=dtype, device=device, reorthogonalize=reorthogonalize,
+                     max_basis_bytes=max_basis_bytes)
+        used = lz.reorthogonalize
         nd, wt = lz.quadrature()
         nodes.append(nd)
         weights.append(wt / runs)
-    return smooth_density(np.concatenate(nodes), np.concatenate(weights), grid=grid, sigma=sigma, steps=k,
+    dens = smooth_density(np.concatenate(nodes), np.concatenate(weights), grid=grid, sigma=sigma, steps=k,
                           runs=int(runs))
+    dens.reorthogonalize = used
+    return dens
 
 
 

@@ -53,6 +53,7 @@ from . import flat as _flat
 from .._checks import as_real, check_int, check_real, require_real
 from .engines import FuncEngine, GraphEngine
 from .flat import make_loss_fn
+from .recompute import RecomputeEngine
 from .norms import decomposed_norms, fused_norm_nodes
 from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
 
@@ -127,13 +128,7 @@ class TaylorExpansion:
         if not bool(torch.isfinite(loss.detach()).all()):
             raise NonFiniteError(f"loss is not finite ({float(loss.detach())})")
         if degree >= 2:
-            bad = fused_norm_nodes(loss)
-            if bad:
-                raise UnsupportedGraphError(
-                    f"loss: its graph holds {', '.join(bad)}, whose third derivatives PyTorch refuses or gets "
-                    "wrong (pytorch/pytorch#186256, #175754); degree >= 2 needs them. Compute the loss inside "
-                    "`with torch_qode.taylor.decomposed_norms(model):`, use TaylorExpansion.from_function with "
-                    "make_loss_fn(model, criterion, batch), or pass degree=1")
+            _refuse_fused(fused_norm_nodes(loss))
         frozen = [i for i, p in enumerate(params) if not p.requires_grad]
         if frozen:
             raise ValueError(f"params{frozen} do not require grad: pass only trainable parameters "
@@ -154,6 +149,34 @@ class TaylorExpansion:
         engine = GraphEngine(params, g_flat, chunk)
         return cls(engine=engine, theta0_full=theta0, grad_full=g_flat.detach(), lr=lr, support=S,
                    degree=degree, weight_decay=wd, backend="double_backward")
+
+    @classmethod
+    def from_replay(cls, replay: Callable, params, grad: torch.Tensor, *, lr: float, support=None,
+                    degree: int = 2, weight_decay=0.0, losses=None, fused=(),
+                    chunk: int = DEFAULT_CHUNK) -> "TaylorExpansion":
+        """Expand around the current parameter values without holding a graph (backend ``"recompute"``).
+
+        ``replay(on_loss)`` re-runs the expansion batch's closure, handing each backward's loss to
+        ``on_loss``; every product block replays it once (:class:`~.recompute.RecomputeEngine`).
+        ``grad``: the flat ``(N,)`` gradient at θ0; ``losses``: the micro-batch losses a replay must
+        reproduce; ``fused``: fused-norm nodes of the closure's graph (refused at ``degree >= 2``).
+        The caller keeps buffers, RNG and ``.grad`` out of the replays' reach."""
+        params = _flat.param_list(params)
+        lr, degree, chunk = _check_lr(lr), _check_degree(degree), _check_chunk(chunk)
+        if degree >= 2:
+            _refuse_fused(list(fused))
+        if not callable(replay):
+            raise TypeError("replay must be callable: replay(on_loss) re-runs the closure")
+        N = _flat.numel(params)
+        if not isinstance(grad, torch.Tensor) or tuple(grad.shape) != (N,):
+            raise ValueError(f"grad must be the flat ({N},) gradient at θ0, got "
+                             f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
+        S = _flat.check_support(support, N, params[0].device)
+        wd = _check_weight_decay(weight_decay, params)
+        engine = RecomputeEngine(replay, params, chunk, losses=losses)
+        theta0 = _flat.flatten([p.detach() for p in params])
+        return cls(engine=engine, theta0_full=theta0, grad_full=grad.detach().to(theta0), lr=lr, support=S,
+                   degree=degree, weight_decay=wd, backend="recompute")
 
     @classmethod
     def from_function(cls, loss_fn: Callable[[torch.Tensor], torch.Tensor], theta0, *, lr: float,
@@ -314,7 +337,7 @@ class TaylorExpansion:
             return self.gradient().reshape(n, 1)
         eng = self._live()
         with torch.enable_grad():
-            if isinstance(eng, GraphEngine):
+            if not isinstance(eng, FuncEngine):
                 D = eng.derivative(k, self.support, n).detach()
             else:
                 D = eng.derivative_fn(k, self.support, n).detach()
@@ -421,9 +444,8 @@ class TaylorExpansion:
         self._need_third()
         rows, _ = self._cols(w, "w")
         with torch.enable_grad():
-            if isinstance(eng, GraphEngine):
-                h = self._restrict(eng.hvp(rows, create_graph=True))[0]
-                M = eng.jacobian_rows(h, self.support, create_graph=False).detach()
+            if not isinstance(eng, FuncEngine):
+                M = eng.hessian_of_dot(rows, self.support)
             else:
                 E = _flat.scatter_rows(torch.eye(self.n, dtype=self.dtype, device=self.device), self.support, self.N)
                 M = self._restrict(eng.third(E, rows.expand(self.n, -1))).detach()
@@ -457,6 +479,15 @@ class TaylorExpansion:
 
 
 # ====================================================================================== checks
+def _refuse_fused(bad: list) -> None:
+    if bad:
+        raise UnsupportedGraphError(
+            f"loss: its graph holds {', '.join(bad)}, whose third derivatives PyTorch refuses or gets "
+            "wrong (pytorch/pytorch#186256, #175754); degree >= 2 needs them. Compute the loss inside "
+            "`with torch_qode.taylor.decomposed_norms(model):`, use TaylorExpansion.from_function with "
+            "make_loss_fn(model, criterion, batch), or pass degree=1")
+
+
 def _check_lr(lr) -> float:
     return check_real(require_real(lr, "lr", "a positive float"), "lr", 0.0, low_open=True)
 

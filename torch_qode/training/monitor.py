@@ -41,7 +41,7 @@ __all__ = ["DissipationMonitor", "paper_schedule", "plot_training_panels"]
 
 #: Keys :meth:`DissipationMonitor.step` computes itself; ``**extra`` may not override them.
 _STEP_KEYS = ("step", "event", "top_eigenvalue", "positive_fraction", "proxy_T", "proxy_curve", "spectrum",
-              "seconds")
+              "seconds", "deferred_from", "deferred_why")
 
 
 def paper_schedule(step: int) -> bool:
@@ -114,6 +114,8 @@ class DissipationMonitor:
                                  support=support, params=params, seed=c.seed, trace=False,
                                  process_group=process_group)
         self.records: list[dict] = []
+        self._holding: Optional[int] = None   # the upload step of a live window that holds its graph
+        self._deferred: list[int] = []        # scheduled steps that fell inside such a window
         if log_path is not None and not isinstance(log_path, (str, os.PathLike)):
             raise TypeError(f"log_path must be None or a file path (str or os.PathLike), got {type(log_path).__name__}")
         self.log_path = None if log_path is None else Path(log_path)
@@ -163,7 +165,13 @@ class DissipationMonitor:
         if clash:
             raise ValueError(f"step(): extra keys {clash} are computed by the monitor and may not be overridden "
                              f"(reserved: {list(reserved)})")
-        if not (force or self.scheduled(step)):
+        due = force or self.scheduled(step)
+        if self._holding is not None:         # never a second graph beside the window's retained one
+            if due:
+                self._deferred.append(step)
+            return None
+        deferred, self._deferred = self._deferred, []
+        if not (due or deferred):
             return None
         spec = hessian_spectrum(self.model, self.loss_fn, self.probe_batch, **self._spectrum_kw)
         dens = spec.density
@@ -172,6 +180,10 @@ class DissipationMonitor:
                "positive_fraction": pos, "proxy_T": float(curve[-1]),
                "proxy_curve": curve, "spectrum": {"grid": dens.grid, "density": dens.values},
                "seconds": float(sum(spec.seconds.values()))}
+        if deferred:
+            rec["deferred_from"] = deferred
+            rec["deferred_why"] = ("scheduled inside a quantum window that held the upload batch's graph (hvp='retain'): "
+                           "taken at the first step after it, so that two graphs never coexist")
         if self.metric is not None:
             rec["test_acc"] = self._metric()
         rec.update(extra)
@@ -221,8 +233,18 @@ class DissipationMonitor:
             rec["spectrum"] = {"grid": dens.grid, "density": dens.values}
         return self.record(rec)
 
+    def on_window_open(self, step: int, carleman: Mapping) -> None:
+        """QODE opened a window at ``step``; while one that keeps its upload graph (``carleman["hvp"]``
+        ``"retain"``) is live, scheduled spectra wait for its end (:meth:`step` says so in the record)."""
+        self._holding = int(step) if carleman.get("hvp", "retain") == "retain" else None
+
+    def on_window_closed(self, step: int) -> None:
+        """QODE's window ended (read out or aborted): deferred spectra are taken at the next :meth:`step`."""
+        self._holding = None
+
     def on_window_end(self, step: int, report) -> dict:
         """QODE's window end: mode, drift vs SGD (track_sgd), readout numbers."""
+        self.on_window_closed(step)
         drift = (report.drift or {}).get("relative")
         tomo = report.tomography or {}
         rec = {"step": int(step), "event": "window_end", "mode": report.mode, "drift": drift,

@@ -88,7 +88,8 @@ class QODE(Optimizer):
             ``True`` or ``False`` (matrix-free Hessian-vector / third-derivative products).
         prunable: which tensors the download prunes (default: ``p.dim() > 1``); see ``MagnitudePruner``.
         names: parameter names for per-layer pruning reports.
-        monitor: an object with ``on_upload(step, verdict)`` / ``on_window_end(step, report)``
+        monitor: an object with ``on_upload(step, verdict)`` / ``on_window_end(step, report)`` (and optionally
+            ``on_window_open(step, carleman)`` / ``on_window_closed(step)``)
             (e.g. :class:`~torch_qode.callbacks.DissipationMonitor`).
         eps: target error used in the resource ledger.
         comm: the window's communication object (:class:`~torch_qode.training.comm.Comm`; default:
@@ -101,6 +102,14 @@ class QODE(Optimizer):
             here, on every rank.
         tomography_kwargs: extra keyword arguments of :func:`~torch_qode.tomography.tomography`
             (``sign_method``, ``split``, ``norm_scale``, …).
+        hvp: how a matrix-free window takes its Hessian-vector (and third-order) products:
+            ``"retain"`` keeps the upload batch's autograd graph for the whole window; ``"recompute"``
+            keeps only the upload closure (its free variables bound at the upload) and replays it on
+            fresh ``.grad`` slots, the upload's RNG state and frozen BatchNorm statistics for every
+            product block, so no graph is held between steps — a closure of micro-batches peaks at one
+            micro-batch's double backward (needs ``model=``); ``"auto"`` retains when the estimated
+            graph fits the free device memory (``config.RETAIN_BUDGET_BYTES_CPU`` off a GPU), else
+            recomputes (without ``model=``: retains).  The report's ``carleman["hvp"]`` says which.
         model: the module the parameters belong to (optional).  With it, the closures QODE evaluates
             only to measure (``track_sgd``'s shadows, ``restore_expansion``) run with BatchNorm
             running statistics frozen, so measuring never changes the trained model (they always
@@ -123,7 +132,7 @@ class QODE(Optimizer):
                  prunable=None, names=None, monitor=None, eps: float = 1e-2,
                  tomography_kwargs: Optional[dict] = None, model: Optional[torch.nn.Module] = None,
                  comm: Optional[Comm] = None, carleman_state: str = "auto", max_rank: Optional[int] = None,
-                 process_group=None):
+                 process_group=None, hvp: str = "auto"):
         check_sgd_settings(dict(lr=lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening,
                                 nesterov=nesterov))
         if not isinstance(lr, torch.Tensor):          # a tensor lr stays the tensor, as in SGD
@@ -133,7 +142,12 @@ class QODE(Optimizer):
                           upload=upload, carleman_order=carleman_order, taylor_degree=taylor_degree, form=form,
                           solver=solver, solver_options=solver_options, kappa_a=kappa_a, shots=shots, noise=noise,
                           track_sgd=track_sgd, seed=seed, explicit=explicit, eps=eps,
-                          tomography_kwargs=tomography_kwargs, carleman_state=carleman_state, max_rank=max_rank)
+                          tomography_kwargs=tomography_kwargs, carleman_state=carleman_state, max_rank=max_rank,
+                          hvp=hvp)
+        if cfg.hvp == "recompute" and model is None:
+            raise ValueError("hvp='recompute' needs model=: each product replays the upload closure, and the "
+                             "replays must leave BatchNorm running statistics alone; pass QODE(..., model=model) "
+                             "or hvp='retain'")
         if dissipation is not None and not callable(dissipation):
             raise TypeError("dissipation must be a DissipationCheck (callable hvp, n, lr=, T=) or None")
         if model is not None and not isinstance(model, torch.nn.Module):

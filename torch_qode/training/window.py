@@ -26,7 +26,7 @@ from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE, all_finite
 from ..core.resources import estimate_resources
 from ..core.state import CarlemanState, DenseLevels, FactoredLevels, state_from_dict
 from ..core.tomography import tomography
-from .capture import NoiseTape
+from .capture import NoiseTape, Replay
 from .comm import Comm
 from .config import EXPLICIT_MAX_SUPPORT, QODEConfig, carleman_state_for, use_explicit
 from .report import CycleReport
@@ -105,12 +105,17 @@ class WindowResult:
 
 
 # ---------------------------------------------------------------------------------------- functions
-def expand(loss: torch.Tensor, params: list, support, lr: float, wd: float, cfg: QODEConfig) -> TaylorExpansion:
-    """The window's Taylor expansion of ``loss`` at the current parameters (degree ≤ N: Carleman
-    truncation at order N never reaches higher terms)."""
+def expand(source, params: list, support, lr: float, wd: float, cfg: QODEConfig) -> TaylorExpansion:
+    """The window's Taylor expansion at the current parameters (degree ≤ N: Carleman truncation at
+    order N never reaches higher terms) of ``source``: a loss graph kept for the window
+    (``hvp="retain"``), or a :class:`~.capture.Replay` of the closure that each product re-runs
+    (``hvp="recompute"``: no graph held between products)."""
+    degree = min(cfg.taylor_degree, cfg.carleman_order)
     with torch.enable_grad():                    # step() runs under no_grad; derivatives need a graph
-        return TaylorExpansion.from_loss(loss, params, lr=lr, support=support,
-                                         degree=min(cfg.taylor_degree, cfg.carleman_order), weight_decay=wd)
+        if isinstance(source, Replay):
+            return TaylorExpansion.from_replay(source, params, source.grad, lr=lr, support=support, degree=degree,
+                                               weight_decay=wd, losses=source.losses, fused=source.fused)
+        return TaylorExpansion.from_loss(source, params, lr=lr, support=support, degree=degree, weight_decay=wd)
 
 
 def support_without(params: list, unused: list, support: Optional[torch.Tensor]) -> torch.Tensor:
