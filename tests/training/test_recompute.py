@@ -255,3 +255,16 @@ def test_explicit_windows_build_the_same_terms_from_replays(order):
     assert o_rec.reports[0].carleman["explicit"] and o_rec.reports[0].carleman["hvp"] == "recompute"
     assert torch.allclose(flat(m_rec), flat(m_ret), rtol=1e-10, atol=1e-12)
     assert not torch.equal(flat(m_rec), flat(make(0)))
+
+
+def test_recompute_is_refused_and_auto_retains_under_a_distributed_comm(monkeypatch):
+    """A replay of a DDP closure would all-reduce gradients inside each product: refused, auto retains."""
+    from tests.training.test_window_core import RecordingComm
+    model = mlp_dropout(0)
+    with pytest.raises(ValueError, match="hvp='recompute' under torch.distributed"):
+        QODE(model.parameters(), hvp="recompute", model=model, comm=RecordingComm(), **BASE)
+    monkeypatch.setattr(qconfig, "RETAIN_BUDGET_BYTES_CPU", 0)     # auto would recompute in one process
+    opt = QODE(model.parameters(), hvp="auto", model=model, comm=RecordingComm(), **BASE)
+    for X, Y in batches(3, seed=3):
+        opt.step(micro_closure(model, opt, X, Y))
+    assert opt.reports[0].carleman["hvp"] == "retain"

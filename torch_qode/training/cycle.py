@@ -115,8 +115,9 @@ def expansion_closure(s: StepContext) -> tuple:
     """How this step's closure runs when its loss is expanded: ``(hvp, run)`` with ``run()`` the
     context (graph kept for ``"retain"``/``"auto"``, the forward's saved bytes measured for
     ``"auto"``; the global RNG's state kept for a replay).  ``hvp="recompute"``/``"auto"`` without
-    ``model=`` retain: a replay must leave BatchNorm statistics alone."""
-    hvp = s.cfg.hvp if s.model is not None else "retain"
+    ``model=`` retain: a replay must leave BatchNorm statistics alone; so does ``"auto"`` under
+    torch.distributed (a replay would run DDP's all-reduce inside each product)."""
+    hvp = s.cfg.hvp if s.model is not None and s.comm.local else "retain"
     deg2 = min(s.cfg.taylor_degree, s.cfg.carleman_order) >= 2
     s.rng_at_closure = None if hvp == "retain" else rng_state(s.params)
 

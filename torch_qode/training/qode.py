@@ -109,7 +109,7 @@ class QODE(Optimizer):
             product block, so no graph is held between steps — a closure of micro-batches peaks at one
             micro-batch's double backward (needs ``model=``); ``"auto"`` retains when the estimated
             graph fits the free device memory (``config.RETAIN_BUDGET_BYTES_CPU`` off a GPU), else
-            recomputes (without ``model=``: retains).  The report's ``carleman["hvp"]`` says which.
+            recomputes (without ``model=`` or under torch.distributed: retains).  The report's ``carleman["hvp"]`` says which.
         model: the module the parameters belong to (optional).  With it, the closures QODE evaluates
             only to measure (``track_sgd``'s shadows, ``restore_expansion``) run with BatchNorm
             running statistics frozen, so measuring never changes the trained model (they always
@@ -153,6 +153,10 @@ class QODE(Optimizer):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         comm = window_comm(comm, process_group)
+        if not comm.local and cfg.hvp == "recompute":
+            raise ValueError("hvp='recompute' under torch.distributed: a replay of a DDP closure would run DDP's "
+                             "gradient all-reduce inside every product (not supported yet); use hvp='retain' "
+                             "(hvp='auto' retains under torch.distributed)")
         if not comm.local and getattr(dissipation, "process_group", None) is not None:
             raise ValueError("dissipation: QODE averages the check's Hessian-vector products through its own comm; "
                              "pass a DissipationCheck with process_group=None")
