@@ -10,7 +10,31 @@ from .._checks import as_real
 from ..bridge import flat as _flat
 
 __all__ = ["capture_backward", "NoiseTape", "loss_value", "holding", "own_grads", "measuring",
-           "upload_graph"]
+           "upload_graph", "NEEDS_CLOSURE", "checked_closure"]
+
+#: ``QODE.step()`` without a closure: why one is needed, and the two-line fix.
+NEEDS_CLOSURE = (
+    "QODE.step() needs a closure that re-evaluates the loss and calls loss.backward(), as torch.optim.LBFGS "
+    "does: a quantum window re-evaluates every batch's gradient at θ0, and the upload differentiates the "
+    "loss graph twice. Move the forward and backward into a closure:\n"
+    "    def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss\n"
+    "    opt.step(closure)")
+
+
+def checked_closure(closure, params: list):
+    """``closure`` that raises, once it has run, if it left every ``.grad`` of ``params`` as it found
+    it (it never called ``backward()``).  QODE wraps the closure of its first step only: the classical
+    hot path pays nothing."""
+    def run():
+        before = [p.grad for p in params]        # held: an accumulation then replaces the tensor
+        versions = [None if g is None else g._version for g in before]
+        out = closure()
+        if all(p.grad is g and (g is None or g._version == v) for p, g, v in zip(params, before, versions)):
+            raise RuntimeError("QODE: the closure did not call loss.backward(): no parameter's .grad changed. "
+                               "The closure must compute the loss and backward it (def closure(): "
+                               "opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss)")
+        return out
+    return run
 
 
 @contextlib.contextmanager

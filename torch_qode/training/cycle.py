@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..bridge import flat as _flat
+from ..bridge.kernels import KERNELS, double_backward_kernels, missing_double_backward
 from . import window as _w
 from .capture import capture_backward, measuring, own_grads, upload_graph
 from .classical import all_finite_sync, momentum_buffers, reset_momentum, sgd_step
@@ -63,14 +64,39 @@ def write_params(params: list, flat: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------- upload
 def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
     """c = classical_steps (``mode`` quantum or auto): expand this step's loss at θ0 on S and open
-    the window (its step t = 0 included), or train the step classically and say why."""
+    the window (its step t = 0 included), or train the step classically and say why.
+
+    The closure runs under :func:`~torch_qode.bridge.kernels.double_backward_kernels` (math attention,
+    compiled code eager): its graph is differentiated twice.  A graph that still has no double
+    backward trains this step classically with the reason; any other exception after the closure
+    leaves the optimizer as before the step (no window, the report as it was), so a retry is the run
+    that never failed."""
     rep, params = s.rep, s.params
     support = None
     if s.cfg.upload == "sparse" and s.pruner is not None:
         s.pruner.prune()                         # the uploaded state must be r-sparse
         support = s.pruner.support()
-    with torch.enable_grad(), capture_backward() as cap:
+    with torch.enable_grad(), double_backward_kernels(), capture_backward() as cap:
         loss = s.closure()
+    before = rep.state()
+    try:
+        return _open(s, rng, dissipation, loss, cap, support)
+    except BaseException as exc:
+        if s.win is not None:                    # the model still holds θ0: nothing was written
+            s.win.release()
+            s.win = None
+        for key, value in before.items():
+            setattr(rep, key, value)
+        why = missing_double_backward(exc)
+        if why is None:
+            raise
+        s.fault(f"upload failed: {why}")
+        return go_classical(s, why, loss, update=True)
+
+
+def _open(s: StepContext, rng: np.random.Generator, dissipation, loss, cap: dict, support) -> Any:
+    """The upload after its closure: the window opened on the captured graph and its step t = 0."""
+    rep, params = s.rep, s.params
     if not all_finite_sync(loss, params):
         s.fault("non-finite loss or gradient at upload: update skipped")
         return go_classical(s, "non-finite loss or gradient at upload", loss, update=False)
@@ -90,6 +116,7 @@ def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
         return go_classical(s, why, loss, update=True)
     s.win = win
     rep.mode = "quantum"
+    rep.carleman["kernels"] = KERNELS
     advance(s, _w.flat_grads(params))
     return loss
 
@@ -112,7 +139,8 @@ def window_step(s: StepContext) -> Any:
     window restored by ``load_state_dict`` first re-expands on this step's batch)."""
     w = s.win
     resumed = w.system is None
-    with torch.enable_grad(), (capture_backward() if resumed else contextlib.nullcontext({})) as cap:
+    with torch.enable_grad(), (double_backward_kernels() if resumed else contextlib.nullcontext()), \
+            (capture_backward() if resumed else contextlib.nullcontext({})) as cap:
         loss = s.closure()                       # the model holds θ0: ∇L_t(θ0)
     graph = cap.pop("loss", None)
     cap.clear()
@@ -121,7 +149,12 @@ def window_step(s: StepContext) -> Any:
         abort(s, "non-finite loss or gradient inside the quantum window")
         return loss
     if resumed:
-        why = _w.reexpand(w, graph, s.params, s.cfg, s.comm)
+        try:
+            why = _w.reexpand(w, graph, s.params, s.cfg, s.comm)
+        except RuntimeError as exc:
+            why = missing_double_backward(exc)
+            if why is None:
+                raise
         if why is not None:
             abort(s, f"re-expansion after resume failed: {why}")
             return loss
@@ -184,7 +217,8 @@ def restore_expansion(win: _w.WindowState, closure: Callable, params: list, cfg:
                       model: Optional[torch.nn.Module]) -> None:
     """A resumed matrix-free window's Taylor terms rebuilt from ``closure`` (the upload batch's), a
     measuring evaluation (own ``.grad`` slots, forked RNG, frozen BatchNorm statistics with ``model``)."""
-    with own_grads(params), torch.enable_grad(), measuring(params, model), capture_backward() as cap:
+    with own_grads(params), torch.enable_grad(), measuring(params, model), double_backward_kernels(), \
+            capture_backward() as cap:
         closure()
     if "loss" not in cap:
         raise RuntimeError("restore_expansion: the closure did not call loss.backward()")

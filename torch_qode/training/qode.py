@@ -30,6 +30,7 @@ end) are the functions of :mod:`~torch_qode.training.cycle`, and their maths the
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -40,11 +41,11 @@ from ..bridge import flat as _flat
 from ..bridge.dissipation import DissipationCheck
 from ..bridge.pruning import MagnitudePruner
 from . import cycle as _cycle, window as _w
-from .capture import loss_value
+from .capture import NEEDS_CLOSURE, checked_closure, loss_value
 from .classical import MaskedSGD, classical_step
 from .comm import Comm, as_comm
 from .config import (MODES, NOISES, UPLOADS, check_budget, check_saved_config, check_sgd_settings,
-                     check_trainable, make_config)
+                     check_trainable, make_config, readout_warning)
 from .report import CycleReport, download_record
 from .window import EXPLICIT_MAX_SUPPORT, KAPPA_MAX_UNKNOWNS  # noqa: F401  (public constants)
 
@@ -155,6 +156,8 @@ class QODE(Optimizer):
         self._k = 0
         self._win: Optional[_w.WindowState] = None   # the live quantum window
         self._masked = MaskedSGD()            # classical steps without a host sync
+        self._closure_checked = False         # the first step checks that the closure calls backward()
+        self._readout_checked = False         # the first window checks that the shots resolve its readout
         self._own_keys = tuple(k for k in self.__dict__ if k not in base_keys)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -199,11 +202,13 @@ class QODE(Optimizer):
 
     # ----------------------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor]):  # type: ignore[override]
-        """One training step; ``closure`` re-evaluates the loss and calls ``backward()`` (as for LBFGS)."""
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):  # type: ignore[override]
+        """One training step; ``closure`` re-evaluates the loss and calls ``backward()`` (as for LBFGS).
+        The first step checks that it does (any ``.grad`` changed)."""
         if closure is None or not callable(closure):
-            raise TypeError("QODE.step needs a closure that re-evaluates the loss and calls loss.backward() "
-                            "(as torch.optim.LBFGS does): the quantum window re-evaluates gradients at θ0")
+            raise TypeError(NEEDS_CLOSURE)
+        if not self._closure_checked:
+            closure = checked_closure(closure, self._params)
         c = self._k % self.cycle
         if c == 0:
             self._download()
@@ -221,6 +226,13 @@ class QODE(Optimizer):
             finally:
                 self._win = s.win
             post = s.post
+            if not self._readout_checked and self._win is not None:
+                self._readout_checked = True      # once: the first window's θ0 on S
+                why = readout_warning(self.cfg, self._win.theta0 if self._win.support is None
+                                      else self._win.theta0[self._win.support])
+                if why is not None:
+                    warnings.warn(why, stacklevel=2)
+        self._closure_checked = True
         if c in (0, self.cycle - 1):   # two host syncs per cycle, not one per step
             value = loss_value(loss)
             if c == 0:
