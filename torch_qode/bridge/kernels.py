@@ -39,7 +39,7 @@ def double_backward_kernels() -> Iterator[None]:
 
 _PATTERNS = (
     (re.compile(r"derivative for (\S+?) is not implemented"), "{0}"),
-    (re.compile(r"aot_autograd does not currently support double backward"),
+    (re.compile(r"aot_autograd does not currently support double backward|compiled with non-empty donated buffers"),
      "a torch.compile'd graph (aot_autograd) that runs compiled during the upload"),
     (re.compile(r"marked with @once_differentiable"), "a custom autograd.Function marked @once_differentiable"),
 )
