@@ -231,7 +231,7 @@ class QODE(Optimizer):
                 why = readout_warning(self.cfg, self._win.theta0 if self._win.support is None
                                       else self._win.theta0[self._win.support])
                 if why is not None:
-                    warnings.warn(why, stacklevel=2)
+                    warnings.warn(why, stacklevel=4)   # the caller of opt.step (no_grad, step hooks)
         self._closure_checked = True
         if c in (0, self.cycle - 1):   # two host syncs per cycle, not one per step
             value = loss_value(loss)
