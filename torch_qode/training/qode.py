@@ -93,7 +93,7 @@ class QODE(Optimizer):
         comm: the window's communication object (:class:`~torch_qode.training.comm.Comm`; default
             :class:`~torch_qode.training.comm.LocalComm`, one process).
         tomography_kwargs: extra keyword arguments of :func:`~torch_qode.tomography.tomography`
-            (``sign_method``, ``split``, ``norm_scale``, …).
+            (``sign_method``: ``"hadamard"`` by default, ``"pairs"``; ``split``, ``norm_scale``, …).
         model: the module the parameters belong to (optional).  With it, the closures QODE evaluates
             only to measure (``track_sgd``'s shadows, ``restore_expansion``) run with BatchNorm
             running statistics frozen, so measuring never changes the trained model (they always
@@ -104,6 +104,8 @@ class QODE(Optimizer):
     sparse gradients train classically only.  The closure may return anything (its value is
     reported when it is one number).  ``copy.deepcopy`` and ``pickle`` keep the whole state.
     """
+
+    _closure_checked = _readout_checked = True   # a QODE pickled before these checks existed skips them
 
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, *,
                  dampening: float = 0.0, nesterov: bool = False, mode: str = "auto", cycle: int = 100,
