@@ -31,9 +31,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``PyHessianAdapter`` on first use: ``import torch_qode`` does not load ``pyhessian``."""
+    """``PyHessianAdapter`` and ``QODECallback`` on first use: ``import torch_qode`` loads neither
+    ``pyhessian`` nor ``lightning`` (an optional extra, so ``QODECallback`` stays out of ``__all__``)."""
     if name == "PyHessianAdapter":
         from .bridge.pyhessian import PyHessianAdapter
 
         return PyHessianAdapter
+    if name == "QODECallback":
+        from .lightning import QODECallback
+
+        return QODECallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

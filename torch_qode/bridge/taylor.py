@@ -368,7 +368,7 @@ class TaylorExpansion:
         lr = self.lr
 
         def matmat(Y):
-            return (-lr * self.hvp(Y)).to(dtype=Y.dtype, device=Y.device)
+            return _scaled(self.hvp(Y), -lr, Y)
 
         def power(u):
             return matmat(u[:, None])[:, 0]
@@ -380,18 +380,18 @@ class TaylorExpansion:
 
         def matmat(Y):
             cols = [self.third_sym(Y[:, j].reshape(n, n)) for j in range(Y.shape[1])]
-            return (c * torch.stack(cols, dim=1)).to(dtype=Y.dtype, device=Y.device)
+            return _scaled(torch.stack(cols, dim=1), c, Y)
 
         def rmatmat(W):
             cols = [self._hessian_of_dot(W[:, j]).reshape(-1) for j in range(W.shape[1])]
-            return (c * torch.stack(cols, dim=1)).to(dtype=W.dtype, device=W.device)
+            return _scaled(torch.stack(cols, dim=1), c, W)
 
         def power(u):
-            return (c * self.third(u, u)).to(dtype=u.dtype, device=u.device)
+            return _scaled(self.third(u, u), c, u)
 
         term = MatrixFreeTerm(n, 2, matmat, rmatmat=rmatmat, power=power)
         # Σ_l λ_l F2(z_l ⊗ z_l) in one batched call (the factored level-2 state's product)
-        term.sym_sum = lambda Z, lam: (c * self.third_sym_sum(Z, lam)).to(dtype=Z.dtype, device=Z.device)
+        term.sym_sum = lambda Z, lam: _scaled(self.third_sym_sum(Z, lam), c, Z)
         return term
 
     def third_sym_sum(self, Z, lam) -> torch.Tensor:
@@ -501,3 +501,11 @@ def _check_weight_decay(weight_decay, params: Sequence[torch.Tensor]) -> torch.T
     if not bool(torch.isfinite(wd).all()) or bool((wd < 0).any()):
         raise ValueError("weight_decay must be finite and >= 0")
     return wd
+
+
+def _scaled(x: torch.Tensor, c: float, like: torch.Tensor) -> torch.Tensor:
+    """``(c * x).to(like's dtype and device)`` in one pass: the product in ``x``'s dtype, cast on
+    write (the same numbers as multiplying first and converting after, without the temporary)."""
+    if x.device != like.device:
+        return (c * x).to(dtype=like.dtype, device=like.device)
+    return torch.mul(x, c, out=torch.empty(x.shape, dtype=like.dtype, device=x.device))

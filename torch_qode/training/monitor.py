@@ -5,9 +5,10 @@ Usable two ways:
 * **attached to QODE** (``QODE(..., monitor=m)``): QODE calls :meth:`DissipationMonitor.on_upload`
   with the dissipation verdict of every upload and :meth:`DissipationMonitor.on_window_end` with
   the cycle report, so the error proxy of every quantum window is recorded as it was predicted;
-* **standalone** in any training loop: ``monitor.step(step)`` (alias ``on_train_batch_end``)
-  records the Hessian spectrum of a fixed probe batch on a schedule — by default the paper's:
-  every 10 steps for the first 200, then every 100.
+* **standalone** in any training loop: ``monitor.step(step)`` records the Hessian spectrum of a
+  fixed probe batch on a schedule — by default the paper's: every 10 steps for the first 200, then
+  every 100.  It is not a Lightning ``Callback`` (this floor does not import Lightning): under a
+  ``Trainer``, ``torch_qode.lightning.QODECallback(monitor=m)`` drives it with Lightning's hooks.
 
 Records are plain dicts, appended to :attr:`DissipationMonitor.records` and, with ``log_path``,
 written as JSON lines.  :meth:`DissipationMonitor.plot` draws the Fig. 2-style panels (needs
@@ -169,7 +170,11 @@ class DissipationMonitor:
         rec.update(extra)
         return self.record(rec)
 
-    on_train_batch_end = step
+    def __getattr__(self, name: str):
+        """Lightning's hooks (``setup``, ``on_*``, ``state_key``) are absent: say what to use instead."""
+        hint = (": DissipationMonitor is not a Lightning Callback; pass it as Trainer(callbacks=[torch_qode.lightning."
+                "QODECallback(monitor=monitor)])") if name in ("setup", "state_key") or name.startswith("on_") else ""
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}{hint}")
 
     def record(self, rec: dict) -> dict:
         """Append a record (any JSON-able dict with a ``step``) and write it to the log.
