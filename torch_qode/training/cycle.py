@@ -69,8 +69,8 @@ def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
     if s.cfg.upload == "sparse" and s.pruner is not None:
         s.pruner.prune()                         # the uploaded state must be r-sparse
         support = s.pruner.support()
-    with torch.enable_grad(), capture_backward() as cap:
-        loss = s.closure()
+    with torch.enable_grad(), capture_backward() as cap, _w.flop_count() as flops:
+        loss = s.closure()                       # FLOPs counted for the ledger's classical cost
     if not all_finite_sync(loss, params):
         s.fault("non-finite loss or gradient at upload: update skipped")
         return go_classical(s, "non-finite loss or gradient at upload", loss, update=False)
@@ -88,6 +88,7 @@ def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
     del graph
     if win is None:
         return go_classical(s, why, loss, update=True)
+    win.closure_flops = flops["flops"]
     s.win = win
     rep.mode = "quantum"
     advance(s, _w.flat_grads(params))
