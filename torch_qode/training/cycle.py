@@ -160,7 +160,8 @@ def finish(s: StepContext) -> None:
     write_params(s.params, res.new)
     # measurements that run user code (closures, the monitor) wait until the step is complete
     if s.cfg.track_sgd:
-        s.post.append(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, s.params, s.closure, s.model))
+        s.post.append(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, s.params, s.closure, s.model,
+                                        theta_lin1=res.lin1))
     if s.monitor is not None and hasattr(s.monitor, "on_window_end"):
         s.post.append(functools.partial(s.monitor.on_window_end, s.k, rep))
     reset_momentum(s.params, s.state)            # momentum restarts after a quantum window

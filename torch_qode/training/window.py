@@ -105,6 +105,7 @@ class WindowResult:
 
     new: Optional[torch.Tensor] = None       # full flat vector θ0 + û(T)
     lin: Optional[torch.Tensor] = None       # full flat vector θ0 + u(T) (before the readout)
+    lin1: Optional[torch.Tensor] = None      # θ0 + u⁽¹⁾(T): the embedded order-1 state (order ≥ 2)
     fault: Optional[str] = None
 
 
@@ -390,7 +391,9 @@ def finish_window(win: WindowState, cfg: QODEConfig, comm: Comm, rep: CycleRepor
             gates=cfg.window_solver.gates(s_M=led.s_M, kappa=led.kappa, N_b=led.N_b, eps=led.eps)).as_dict()
     except (ValueError, TypeError, MemoryError) as exc:  # the ledger must never stop training
         rep.resources = {"error": str(exc)}
-    return WindowResult(new=new, lin=win.embed(target))
+    st = win.state
+    lin1 = win.embed(theta0_S + st.level1_order1()) if getattr(st, "embedded", False) else None
+    return WindowResult(new=new, lin=win.embed(target), lin1=lin1)
 
 
 def _ledger_system(win: WindowState, cfg: QODEConfig):
