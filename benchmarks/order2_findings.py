@@ -11,13 +11,15 @@ measures, on the very same window (same θ0, batches and Taylor terms):
   (checked once against a separate order-1 run: same first window, same number);
 * ``order_gap = ‖u⁽²⁾(T) − u⁽¹⁾(T)‖ / ‖u⁽²⁾(T)‖``, the embedded estimate that needs no SGD shadow.
 
-Models: the tanh MLP 64-16-10 of ``benchmarks/order2.py`` (1,210 weights, float64, batch 256, T = 20)
-and ResNet-8 (``cifar_resnet(8, 1, 10, in_channels=1)``, 77,754 weights, float32, batch 64, norms
+Models: the tanh MLP 64-16-10 of ``benchmarks/order2.py`` (1,210 weights, float64, T = 20) with
+batches of 256 and with the full training set as the batch (every step's loss is the upload's: the
+Taylor terms F1, F2 are then those of every step), and ResNet-8 (batch 64, and full batch on a 256-image
+subset) (``cifar_resnet(8, 1, 10, in_channels=1)``, 77,754 weights, float32, batch 64, norms
 decomposed for third derivatives, T = 10), each pre-trained briefly by SGD first.  It also times a
 third-order product against an HVP on both (the ledger's ``THIRD_ORDER_HVPS`` constant).
 
 Usage (1 thread; the README's table came from this):
-    nice python benchmarks/order2_findings.py [--windows 3] [--quick]
+    nice python benchmarks/order2_findings.py [--windows 3] [--resnet-windows 2] [--quick]
 """
 from __future__ import annotations
 
@@ -116,7 +118,9 @@ def run(make, X, y, *, lr: float, order: int, T: int, windows: int, batch: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--windows", type=int, default=3, help="windows per MLP run")
+    ap.add_argument("--resnet-windows", type=int, default=2, help="windows per ResNet-8 run (batch 64)")
+    ap.add_argument("--resnet-full-windows", type=int, default=1, help="windows per full-batch ResNet-8 run")
     ap.add_argument("--quick", action="store_true", help="one lr per model, 2 windows (a smoke run)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -137,38 +141,47 @@ def main() -> None:
             return copy.deepcopy(m)
         return make
 
-    cases = [("tanh MLP 64-16-10 (1,210)", copy_of(mlp0), Xf, yf, dict(T=20, batch=256, decomposed=False),
-              [0.05, 0.2, 0.5]),
-             ("ResNet-8 (77,754)", copy_of(res0), Xi, yi, dict(T=10, batch=64, decomposed=True),
-              [0.02, 0.05, 0.1])]
-    windows = 2 if args.quick else args.windows
+    full = Xf.shape[0]
+    # (name, model, data, settings, learning rates, windows per run)
+    cases = [("tanh MLP 64-16-10 (1,210), batch 256", copy_of(mlp0), Xf, yf,
+              dict(T=20, batch=256, decomposed=False), [0.05, 0.2, 0.5], args.windows),
+             (f"tanh MLP 64-16-10 (1,210), full batch {full}", copy_of(mlp0), Xf, yf,
+              dict(T=20, batch=full, decomposed=False), [0.05, 0.2, 0.5], args.windows),
+             ("ResNet-8 (77,754), batch 64", copy_of(res0), Xi, yi, dict(T=10, batch=64, decomposed=True),
+              [0.02, 0.05, 0.1], args.resnet_windows),
+             ("ResNet-8 (77,754), full batch 256 (a 256-image subset)", copy_of(res0), Xi[:256], yi[:256],
+              dict(T=10, batch=256, decomposed=True), [0.02, 0.05, 0.1], args.resnet_full_windows)]
+    if args.quick:
+        cases = [c[:6] + (1,) for c in cases]
+    windows = "/".join(str(c[-1]) for c in cases)
     print(f"digits, dense upload, exact readout, mode='quantum', {windows} windows per run, 1 thread\n")
-    for name, make, X, y, kw, lrs in cases:
+    for name, make, X, y, kw, lrs, _ in (cases[0], cases[2]):
         m = make()
         ratio = third_over_hvp(m, X[:kw["batch"]], y[:kw["batch"]], kw["decomposed"])
         print(f"{name}: one third-order product = {ratio:.2f} HVPs in time (ledger constant "
-              f"THIRD_ORDER_HVPS = {THIRD_ORDER_HVPS:g})")
+              f"THIRD_ORDER_HVPS = {THIRD_ORDER_HVPS:g})", flush=True)
     print()
     # the embedded order-1 state is what an order-1 window computes: check it once
-    name, make, X, y, kw, lrs = cases[0]
+    name, make, X, y, kw, lrs, _ = cases[0]
     r1 = run(make, X, y, lr=lrs[1], order=1, windows=1, **kw)[0]
     r2 = run(make, X, y, lr=lrs[1], order=2, windows=1, **kw)[0]
     print(f"check, {name}, lr {lrs[1]}, first window: order-1 run drift_lin {r1['lin2']:.6f}, embedded order-1 "
           f"state {r2['lin1']:.6f} (difference {abs(r1['lin2'] - r2['lin1']):.1e})\n")
 
     print("| model | lr | T | window | drift_lin, order 1 | drift_lin, order 2 | order 2 / order 1 | order_gap "
-          "| rank | HVP-equiv. |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, make, X, y, kw, lrs in cases:
+          "| rank | HVP-equiv. | s / window |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, make, X, y, kw, lrs, windows in cases:
         for lr in (lrs[1:2] if args.quick else lrs):
             rows = run(make, X, y, lr=lr, order=2, windows=windows, **kw)
+            per = rows[-1]["seconds"] / len(rows)
             for i, r in enumerate(rows):
                 if r["mode"] != "quantum" or r["lin2"] is None:
-                    print(f"| {name} | {lr} | {kw['T']} | {i} | window not run: {r['reason'][:60]} |||||")
+                    print(f"| {name} | {lr} | {kw['T']} | {i} | window not run: {r['reason'][:60]} ||||||")
                     continue
                 print(f"| {name} | {lr} | {kw['T']} | {i} | {r['lin1']:.3f} | {r['lin2']:.3f} | "
-                      f"{r['lin2'] / r['lin1']:.2f} | {r['gap']:.3f} | {r['rank']} | {r['hvp_eq']:.0f} |")
-            print(f"|  ({rows[-1]['seconds']:.0f} s) |||||||||", flush=True)
+                      f"{r['lin2'] / r['lin1']:.2f} | {r['gap']:.3f} | {r['rank']} | {r['hvp_eq']:.0f} | {per:.1f} |",
+                      flush=True)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
