@@ -34,9 +34,9 @@ __all__ = ["Resources", "estimate_resources", "ClassicalCost", "classical_cost",
 
 #: A third-order product ``F2(z, z) ∝ ∇_θ(zᵀ H z)`` in HVP units: the reverse-mode gradient of one
 #: Hessian-vector product kept with its graph (one double backward with ``create_graph``, then one
-#: backward through it).  Counted as 3 HVPs: ``benchmarks/order2_findings.py`` measured 2.97 on
-#: ResNet-8 (digits, batch 64), where the products dominate; on a 1,210-weight MLP, where per-call
-#: overhead dominates, 16.
+#: backward through it).  Counted as 3 HVPs: ``benchmarks/order2_findings.py`` measured 2.97 and
+#: 3.28 (two runs) on ResNet-8 (digits, batch 64), where the products dominate; on a 1,210-weight
+#: MLP, where per-call overhead dominates, 7.8–16.
 THIRD_ORDER_HVPS = 3.0
 
 
