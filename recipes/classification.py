@@ -23,7 +23,9 @@ DATA_DEFAULTS = {
     "root": None,           # CIFAR-100: folder holding cifar-100-python/ (a fixture folder works too)
     "download": False,
     "test_fraction": 0.2,   # digits only
-    "num_workers": 0,
+    "num_workers": 0,       # DataLoader worker processes (0: the main thread; keep 0 for the CPU configs)
+    "pin_memory": False,    # page-locked batches, copied to the GPU with non_blocking=True (CUDA only)
+    "persistent_workers": False,   # keep the workers alive between epochs (with num_workers > 0)
 }
 
 #: ``data.name`` → ``(num_classes, in_channels)``.
@@ -43,6 +45,9 @@ def check_classification(cfg: Mapping) -> None:
                           f"(scikit-learn's bundled digits need neither): add data.name=cifar100 to use CIFAR-100, "
                           f"or drop them")
     check_int(d["num_workers"], "data.num_workers", 0)
+    for key in ("pin_memory", "persistent_workers"):
+        if not isinstance(d[key], bool):
+            raise ConfigError(f"data.{key} must be true or false, got {d[key]!r}")
     if name == "digits":
         check_real(d["test_fraction"], "data.test_fraction", 0.0, 1.0, low_open=True, high_open=True)
         from torch_qode.data import digits_split_sizes
@@ -122,8 +127,10 @@ def pretrained_resnet(run: Run, checkpoint_name: str = "pretrained.pt") -> dict:
     run.log.write("data", name=data["name"], root=data["root"], is_fixture=data["is_fixture"],
                   train_samples=len(data["train"]), test_samples=len(data["test"]))
     src = {"digits": "scikit-learn's bundled digits"}.get(data["name"], f"CIFAR-100 from {data['root']}")
-    print(f"data: {src} ({len(data['train'])} train / {len(data['test'])} test samples)"
-          + (" -- the torch_qode TEST FIXTURE (synthetic images), not real CIFAR-100" if data["is_fixture"] else ""))
+    if getattr(run, "rank0", True):
+        print(f"data: {src} ({len(data['train'])} train / {len(data['test'])} test samples)"
+              + (" -- the torch_qode TEST FIXTURE (synthetic images), not real CIFAR-100" if data["is_fixture"]
+                 else ""))
     model = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], data["num_classes"],
                          data["in_channels"]).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
@@ -142,7 +149,7 @@ def pretrained_resnet(run: Run, checkpoint_name: str = "pretrained.pt") -> dict:
     elif pt["epochs"] > 0:
         train_classifier(model, train_loader, dev, epochs=pt["epochs"], lr=pt["lr"], momentum=pt["momentum"],
                          weight_decay=pt["weight_decay"], schedule=pt["schedule"], run=run, test_loader=test_loader)
-        if pt["save"]:
+        if pt["save"] and getattr(run, "rank0", True):
             save_checkpoint(model, run.path(checkpoint_name))
     dense = evaluate(model, test_loader, dev)
     run.log.write("dense", **dense)

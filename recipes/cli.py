@@ -42,6 +42,11 @@ Command line (``python -m recipes.NAME --config configs/NAME.yaml [key=value ...
     spinning made PyTorch up to 60x slower while another process held a core.
 ``--no-progress``
     No tqdm bars (they are also off when stderr is not a terminal).
+``--nproc N``
+    Recipes that train or measure on batches (``train_resnet_cifar100``, ``hessian_after_pruning``):
+    N torch.distributed processes on this machine (gloo; NCCL with ``--device cuda``), each with 1/N of
+    every batch; or run the recipe under ``torchrun --nproc_per_node N``.  Rank 0 writes the folder, the
+    log, the figures and the progress bars; ``--threads auto`` splits the free cores over the ranks.
 
 Precedence: ``DEFAULTS`` < ``--config`` file < ``key=value`` overrides < dedicated flags.
 Every key is checked (``setup``'s ``check``) before the output folder is created or any training starts.
@@ -61,6 +66,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from recipes import launch
 from recipes.config import ConfigError, apply_overrides, check_int, coerce_floats, load_config, merge, validate
 from recipes.loop import JsonlLogger, progress, to_jsonable
 
@@ -69,6 +75,43 @@ __all__ = ["Run", "setup", "build_parser", "seed_everything", "resolve_device", 
 
 
 # ------------------------------------------------------------------------------------ environment
+#: run-time keys of every recipe's config (``setup`` adds them to the recipe's ``DEFAULTS``):
+#: ``cudnn_benchmark`` lets cuDNN time its kernels for the shapes it meets (GPU configs; the fastest
+#: kernel may differ run to run); ``deterministic`` asks for bit-for-bit reruns and resumes on a GPU:
+#: ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic kernel raises),
+#: cuDNN deterministic and not benchmarking, TF32 off, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``.
+RUNTIME_DEFAULTS = {"deterministic": False, "cudnn_benchmark": False}
+
+
+def apply_runtime(cfg: Mapping) -> Callable[[], None]:
+    """Set the torch back-end flags of ``cfg``'s run-time keys; returns the function restoring them."""
+    cudnn, cuda = torch.backends.cudnn, torch.backends.cuda
+    before = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+              cuda.matmul.allow_tf32, cudnn.allow_tf32)
+    if cfg["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        cudnn.deterministic, cudnn.benchmark = True, False
+        cuda.matmul.allow_tf32 = cudnn.allow_tf32 = False
+    else:
+        cudnn.benchmark = bool(cfg["cudnn_benchmark"])
+
+    def restore() -> None:
+        cudnn.benchmark, cudnn.deterministic = before[0], before[1]
+        torch.use_deterministic_algorithms(before[2])
+        cuda.matmul.allow_tf32, cudnn.allow_tf32 = before[3], before[4]
+    return restore
+
+
+def _check_runtime(cfg: Mapping) -> None:
+    for key in RUNTIME_DEFAULTS:
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
+    if cfg["deterministic"] and cfg["cudnn_benchmark"]:
+        raise ConfigError("deterministic=true and cudnn_benchmark=true contradict each other (benchmarking picks "
+                          "kernels by timing): set cudnn_benchmark=false")
+
+
 def seed_everything(seed: int) -> None:
     """Seed python's ``random``, numpy's global RNG and torch (CPU and CUDA)."""
     seed = check_int(seed, "seed", 0)
@@ -123,6 +166,11 @@ def build_parser(name: str, description: Optional[str] = None, data: bool = Fals
     p.add_argument("--threads", default="auto", help="torch CPU threads for this run (torch.set_num_threads): "
                    "a number, or auto (default: the cores the load average leaves free, at least 1)")
     p.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
+    p.add_argument("--nproc", type=int, default=1, help="torch.distributed processes (spawned here; or run "
+                   "under torchrun): each takes 1/N of every batch")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print the predicted peak device memory by component and exit without training (needs "
+                        "no GPU; assumes an 80 GB device unless one is present)")
     if data:
         p.add_argument("--data-root", help="folder holding an existing dataset copy (sets data.root)")
         p.add_argument("--download", action="store_true",
@@ -145,7 +193,7 @@ def free_cores() -> int:
 def resolve_threads(threads) -> int:
     """``--threads``: ``"auto"`` (see :func:`free_cores`) or an integer ≥ 1 (also as a string)."""
     if threads == "auto":
-        return free_cores()
+        return max(1, free_cores() // launch.world())
     try:
         n = int(threads)
     except (TypeError, ValueError):
@@ -169,7 +217,9 @@ class Run:
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
-        self.log = JsonlLogger(self.out / "log.jsonl")
+        self._restore_runtime = apply_runtime({**RUNTIME_DEFAULTS, **cfg})
+        self.rank0 = launch.is_rank0()           # logs, bars and figures come from rank 0 only
+        self.log = JsonlLogger(self.out / "log.jsonl") if self.rank0 else launch.NullLog()
 
     def path(self, filename: str) -> Path:
         """A file in the output folder."""
@@ -177,11 +227,14 @@ class Run:
 
     def progress(self, iterable: Optional[Iterable] = None, **kwargs) -> Any:
         """A tqdm bar (see :func:`recipes.loop.progress`), off with ``--no-progress``."""
-        return progress(iterable, self.show_progress, **kwargs)
+        return progress(iterable, self.show_progress and self.rank0, **kwargs)
 
     def close(self) -> None:
         """Close the log and restore the torch thread count changed by ``--threads``."""
         self.log.close()
+        if self._restore_runtime is not None:
+            self._restore_runtime()
+            self._restore_runtime = None
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
@@ -207,6 +260,16 @@ def _check_out(out: Path) -> None:
                           f"new --out (or leave it out for runs/NAME/<timestamp>), or empty that folder")
 
 
+def _check_fits(est: Mapping) -> None:
+    """Refuse a GPU run whose estimated peak exceeds the device's memory, naming the knobs."""
+    if est["peak"] > est["device_bytes"]:
+        from recipes.memory import GiB, format_estimate
+
+        raise ConfigError(f"the estimated peak device memory {est['peak'] / GiB:.1f} GiB exceeds this device's "
+                          f"{est['device_bytes'] / GiB:.1f} GiB; lower it with {', '.join(est['knobs'])} "
+                          f"(--estimate-memory prints the components)\n{format_estimate(est)}")
+
+
 def _check_gpu(cfg: Mapping, device: torch.device, explicit_cpu: bool, config_file) -> None:
     """``gpu: true`` marks a config sized for a GPU: refuse to fall back to the CPU silently."""
     if cfg.get("gpu") is True and device.type != "cuda" and not explicit_cpu:
@@ -219,15 +282,20 @@ def _check_gpu(cfg: Mapping, device: torch.device, explicit_cpu: bool, config_fi
 
 def setup(name: str, defaults: Mapping, argv: Optional[Sequence[str]] = None,
           description: Optional[str] = None, data: bool = False,
-          check: Optional[Callable[[dict], None]] = None, cli_defaults: Optional[Mapping] = None) -> Run:
+          check: Optional[Callable[[dict], None]] = None, cli_defaults: Optional[Mapping] = None,
+          estimate: Optional[Callable[[dict, int], dict]] = None) -> Run:
     """Parse ``argv``, build and validate the config, run ``check(cfg)`` (the recipe's own checks,
     raising :class:`ConfigError`), resolve the device, refuse a non-empty ``--out``, then create the
     output folder, save ``config.yaml``, seed everything and open the log: nothing is written before
     every check has passed.  ``defaults`` must hold ``seed`` and ``device``, and ``data.root`` /
     ``data.download`` when ``data`` is true.  ``cli_defaults``: defaults of the command-line options
-    (``{"config": PATH, "threads": "1"}``; the command line still overrides them, in every spelling)."""
+    (``{"config": PATH, "threads": "1"}``; the command line still overrides them, in every spelling).
+    ``estimate(cfg, device_bytes)``: the recipe's memory model (:mod:`recipes.memory`); with
+    ``--estimate-memory`` it is printed and the process exits (``SystemExit(0)``) before anything is
+    written, and a CUDA run whose estimate exceeds the device's memory is refused, naming the knobs."""
     import yaml
 
+    defaults = {**RUNTIME_DEFAULTS, **defaults}
     parser = build_parser(name, description, data)
     if cli_defaults:
         parser.set_defaults(**cli_defaults)
@@ -247,20 +315,43 @@ def setup(name: str, defaults: Mapping, argv: Optional[Sequence[str]] = None,
         if args.download:
             cfg["data"]["download"] = True
     validate(coerce_floats(cfg, defaults), defaults)
+    if args.nproc > 1 and launch.world() == 1:
+        raise ConfigError(f"--nproc {args.nproc}: recipes.{name} runs in one process (--nproc is for "
+                          "train_resnet_cifar100, demo and hessian_after_pruning)")
     check_int(cfg["seed"], "seed", 0)
+    _check_runtime(cfg)
     if check is not None:
         check(cfg)
+    if args.estimate_memory:
+        from recipes.memory import DEFAULT_DEVICE_BYTES, format_estimate, no_device_estimate
+
+        gpu = torch.cuda.is_available() and cfg["device"] != "cpu"
+        size = torch.cuda.get_device_properties(resolve_device(cfg["device"])).total_memory if gpu \
+            else DEFAULT_DEVICE_BYTES
+        print(format_estimate((estimate or no_device_estimate)(cfg, size)))
+        raise SystemExit(0)
     device = resolve_device(cfg["device"])
+    if device.type == "cuda" and estimate is not None:
+        _check_fits(estimate(cfg, torch.cuda.get_device_properties(device).total_memory))
     _check_gpu(cfg, device, explicit_cpu=(args.device is not None or device_overridden) and cfg["device"] == "cpu",
                config_file=args.config)
+    if device.type == "cuda" and launch.world() > 1:   # one GPU per rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", launch.rank())))
     out = Path(args.out) if args.out else default_out(name)
-    _check_out(out)
+    error = None
+    if launch.is_rank0():                        # the folder is rank 0's; every rank refuses with it
+        try:
+            _check_out(out)
+        except ConfigError as exc:
+            error = exc
+    launch.agree(error)
     if args.threads is not None:
         resolve_threads(args.threads)
     seed_everything(cfg["seed"])
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "config.yaml", "w", encoding="utf-8") as fh:
-        yaml.safe_dump(to_jsonable(cfg, keep_nonfinite=True), fh, sort_keys=False)
+    if launch.is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "config.yaml", "w", encoding="utf-8") as fh:
+            yaml.safe_dump(to_jsonable(cfg, keep_nonfinite=True), fh, sort_keys=False)
     run = Run(name, cfg, out, device, show_progress=not args.no_progress, threads=args.threads)
     run.log.write("start", recipe=name, config=cfg, config_file=args.config, device=str(device),
                   argv=list(argv) if argv is not None else sys.argv[1:],

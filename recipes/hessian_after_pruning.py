@@ -24,6 +24,9 @@ pre-training recipe (the authors' public code: 50 epochs, lr 0.1, momentum 0.9, 
 GPU (paper-sized, needs CIFAR-100): ``python -m recipes.hessian_after_pruning --config
 configs/hessian_after_pruning.yaml --data-root /path/to/cifar [checkpoint=/path/to/dense.pt]``.
 CPU: ``--config configs/hessian_after_pruning_cpu.yaml`` (a ResNet-8 on scikit-learn digits).
+Distributed: ``--nproc N`` (or under ``torchrun``): each rank takes ``hessian.batch_size / N`` samples of
+the Hessian batch and every Hessian-vector product is averaged over the ranks (the whole batch's
+Hessian; with ``hessian.mode=train`` BatchNorm uses each rank's own batch statistics); rank 0 writes.
 """
 from __future__ import annotations
 
@@ -32,13 +35,14 @@ from typing import Optional, Sequence
 import numpy as np
 from torch import nn
 
-from recipes import classification, cli, config, loop
+from recipes import classification, cli, config, launch, loop, memory
 from torch_qode._checks import as_int, as_real
 
 DEFAULTS = {
     "seed": 0,
     "device": "auto",
     "gpu": False,                 # true: sized for a GPU; refuses to run without CUDA unless --device cpu
+    **cli.RUNTIME_DEFAULTS,          # cudnn_benchmark, deterministic (recipes/cli.py)
     "data": dict(classification.DATA_DEFAULTS),
     "model": {"depth": 8, "widen": 1},  # in_channels and classes come from the data
     "checkpoint": None,           # state_dict file (weights_only); skips pre-training
@@ -108,6 +112,12 @@ def _check(cfg: dict) -> None:
         raise config.ConfigError("hessian.support=kept needs hessian.backend=torch")
     for key in ("batch_size", "steps", "runs", "trace_samples", "top_k"):
         config.check_int(h[key], f"hessian.{key}", 1)
+    if h["batch_size"] % launch.world():
+        raise config.ConfigError(f"hessian.batch_size = {h['batch_size']} does not split over {launch.world()} "
+                                 f"ranks (--nproc): pick a multiple of {launch.world()}")
+    if h["backend"] != "torch" and launch.world() > 1:
+        raise config.ConfigError("hessian.backend=pyhessian computes each rank's own Hessian: use "
+                                 "hessian.backend=torch with --nproc / torchrun")
     config.check_int(h["grid"], "hessian.grid", 2)
     sparsity = cfg["prune"]["sparsity"]
     if as_real(sparsity) is None or not 0 <= sparsity < 1:
@@ -132,8 +142,12 @@ def _check(cfg: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the recipe; returns ``{"out", "dense", "pruned", "sparsity", "accuracy", "figures"}``."""
+    spawned = launch.maybe_spawn("recipes.hessian_after_pruning:main", argv, "hessian_after_pruning")
+    if spawned is not None:                      # --nproc N: rank 0's result
+        return spawned
+    launch.from_environment()                    # a rank under torchrun
     with cli.setup("hessian_after_pruning", DEFAULTS, argv, description=__doc__, data=True,
-                   check=_check) as run:
+                   check=_check, estimate=memory.hessian_estimate) as run:
         cfg, dev = run.cfg, run.device
         from torch_qode.bridge.dissipation import hessian_spectrum
         from torch_qode.plotting import plot_curves, plot_density
@@ -144,14 +158,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         acc_dense = start["dense"]
 
         h, px = cfg["hessian"], cfg["proxy"]
-        batch = loop.fixed_batch(data["plain_train"], h["batch_size"], cfg["seed"], dev)
+        batch = launch.shard(loop.fixed_batch(data["plain_train"], h["batch_size"], cfg["seed"], dev))
         loss_fn = nn.CrossEntropyLoss()
         model.train(h["mode"] == "train")
 
         def spectrum(support=None):
             return hessian_spectrum(model, loss_fn, batch, backend=h["backend"], support=support,
                                     top_k=h["top_k"], trace_samples=h["trace_samples"], steps=h["steps"],
-                                    runs=h["runs"], grid=h["grid"], seed=cfg["seed"])
+                                    runs=h["runs"], grid=h["grid"], seed=cfg["seed"],
+                                    process_group=launch.group())
 
         results = {}
         if h["before_pruning"]:
@@ -176,7 +191,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         run.log.write("spectrum", stage="pruned", **stats,
                       density={"grid": spec.density.grid, "values": spec.density.values})
 
-        # ---- figures and summary
+        # ---- figures and summary (rank 0)
+        if not run.rank0:
+            return {"out": run.out, "dense": results.get("dense", (None, None))[1], "pruned": stats}
         note = (f"{n_params:,} params, {rep.global_sparsity:.0%} of weights pruned\n"
                 f"λ>0 mass {stats['positive_mass']:.3f}, λ<0 mass {stats['negative_mass']:.3f}\n"
                 f"λ_max {stats['top_eigenvalues'][0]:.3g}, trace {stats['trace']:.3g}\n"

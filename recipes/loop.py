@@ -107,15 +107,24 @@ def format_table(rows: Sequence[Mapping], columns: Optional[Sequence[str]] = Non
     return "\n".join([line, sep, *body])
 
 
-def batch_stream(dataset, batch_size: int, seed: int, device) -> Iterator[tuple]:
+def batch_stream(dataset, batch_size: int, seed: int, device, *, num_workers: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = False) -> Iterator[tuple]:
     """An endless stream of random ``(inputs, targets)`` batches on ``device`` (a fresh permutation
-    per epoch, seeded)."""
+    per epoch, seeded).  ``num_workers`` processes prepare the batches (augmentation off the main
+    thread, overlapped with training; the order and, with seeded workers, the draws do not depend on
+    it); ``pin_memory`` (CUDA only) page-locks them so the copies run ``non_blocking``;
+    ``persistent_workers`` keeps the workers between epochs (they draw no fresh seed from the
+    generator per epoch, so from the second epoch on the order differs from a run without them:
+    seeded and reproducible all the same)."""
+    device = torch.device(device)
+    pin = bool(pin_memory) and device.type == "cuda"
     loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True,
                                          drop_last=len(dataset) >= batch_size,
-                                         generator=torch.Generator().manual_seed(seed))
+                                         generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
+                                         pin_memory=pin, persistent_workers=bool(persistent_workers) and num_workers > 0)
     while True:
         for x, y in loader:
-            yield x.to(device), y.to(device)
+            yield x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
 
 
 def fixed_batch(dataset, size: int, seed: int = 0, device=None) -> tuple:

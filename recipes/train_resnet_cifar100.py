@@ -20,7 +20,9 @@ Outputs: ``log.jsonl`` (one ``cycle`` record per cycle with the full QODE report
 (spectra, downloads, uploads, window ends, evaluations), ``fig2.png`` and a per-cycle table on stdout.
 
 GPU (paper-sized): ``python -m recipes.train_resnet_cifar100 --config configs/train_resnet_cifar100.yaml
---data-root /path/to/cifar``.  CPU: ``--config configs/train_resnet_cifar100_cpu.yaml`` (a ResNet-8 on
+--data-root /path/to/cifar``.  Distributed: ``--nproc N`` (or ``torchrun --nproc_per_node N -m
+recipes.train_resnet_cifar100 ...``): DDP, a ``DistributedSampler``, ``train.batch_size / N`` samples per
+rank per step, QODE's products averaged over the ranks; rank 0 logs, evaluates and draws.  CPU: ``--config configs/train_resnet_cifar100_cpu.yaml`` (a ResNet-8 on
 scikit-learn digits; ``make demo`` runs it).
 """
 from __future__ import annotations
@@ -33,24 +35,27 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from recipes import classification, cli, config, loop
+from recipes import classification, cli, config, launch, loop, memory
 from torch_qode._checks import as_int
 
 DEFAULTS = {
     "seed": 0,
     "device": "auto",
     "gpu": False,                    # true: sized for a GPU; refuses to run without CUDA unless --device cpu
+    **cli.RUNTIME_DEFAULTS,          # cudnn_benchmark, deterministic (recipes/cli.py)
     "data": dict(classification.DATA_DEFAULTS),
     "model": {"depth": 32, "widen": 4},
     "checkpoint": None,              # dense state_dict (weights_only) instead of pre-training
     "pretrain": {"epochs": 50, "batch_size": 512, "lr": 0.1, "momentum": 0.9, "weight_decay": 2.0e-4,
                  "schedule": "cosine", "save": True},
-    "train": {"steps": 1000, "batch_size": 2048, "baseline": True},
+    # micro_batches: the closure backwards the batch in this many parts (gradient accumulation; a BatchNorm
+    # normalises each part with its own statistics): with qode.hvp=recompute the window's peak is one part's
+    "train": {"steps": 1000, "batch_size": 2048, "baseline": True, "micro_batches": 1},
     "qode": {"lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "mode": "auto", "cycle": 100,
              "classical_steps": 10, "sparsity": 0.9, "upload": "dense", "carleman_order": 1,
              "carleman_state": "auto", "max_rank": None,
              "taylor_degree": 2, "form": "discrete", "solver": "forward", "kappa_a": None, "shots": None,
-             "noise": "stream", "explicit": None, "track_sgd": True, "eps": 0.01,
+             "noise": "stream", "explicit": None, "track_sgd": True, "eps": 0.01, "hvp": "auto",
              # keyword arguments of torch_qode.core.tomography() that QODE passes through (sign_method, norm,
              # norm_scale, split); QODE sets v, shots, seed, top_r and eps itself
              "tomography_kwargs": config.OpenSection({"sign_method": "pairs"})},
@@ -110,11 +115,18 @@ def _check(cfg: dict) -> None:
     from torch_qode.training.monitor import DissipationMonitor
     from torch_qode.bridge.dissipation import DissipationCheck
     from torch_qode.models import cifar_resnet
+    from torch_qode.training.comm import LocalComm
     from torch_qode.training.qode import QODE
 
     classification.check_classification(cfg)
     config.check_int(cfg["train"]["steps"], "train.steps", 1)
     config.check_int(cfg["train"]["batch_size"], "train.batch_size", 1)
+    for key, size in (("train.batch_size", cfg["train"]["batch_size"]), ("monitor.probe_batch",
+                                                                         cfg["monitor"]["probe_batch"])):
+        if isinstance(size, int) and size % launch.world():
+            raise config.ConfigError(f"{key} = {size} does not split over {launch.world()} ranks (--nproc): each "
+                                     f"rank takes {key} / N samples; pick a multiple of {launch.world()}")
+    config.check_int(cfg["train"]["micro_batches"], "train.micro_batches", 1, cfg["train"]["batch_size"])
     q = cfg["qode"]
     config.check_real(q["lr"], "qode.lr", 0.0, low_open=True)
     cycle = config.check_int(q["cycle"], "qode.cycle", 1)
@@ -148,12 +160,13 @@ def _check(cfg: dict) -> None:
     names = [n for n, _ in net.named_parameters()]
     for opts in ([q] + ([{**q, "mode": "classical", "track_sgd": False}] if cfg["train"]["baseline"] else [])):
         try:
-            QODE(net.parameters(), dissipation=check, seed=cfg["seed"], names=names, model=net, **opts)
+            QODE(net.parameters(), dissipation=check, seed=cfg["seed"], names=names, model=net, comm=LocalComm(),
+                 **opts)
         except (TypeError, ValueError) as exc:
             if str(exc).startswith("shots="):      # tomography() refused: the shots, or the kwargs?
                 try:
                     QODE(net.parameters(), dissipation=check, seed=cfg["seed"], names=names, model=net,
-                         **{**opts, "tomography_kwargs": None})
+                         comm=LocalComm(), **{**opts, "tomography_kwargs": None})
                     key = "qode.tomography_kwargs"
                 except (TypeError, ValueError):
                     key = "qode.shots"
@@ -188,9 +201,15 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
     """Run the recipe; returns ``{"out", "rows", "table", "reports", "figures"}``.  ``name`` is the
     command shown by ``--help`` and logged (``recipes.demo`` runs this recipe as ``demo``);
     ``cli_defaults``: defaults of the command-line options (``recipes.demo``: its config, one thread)."""
+    spawned = launch.maybe_spawn("recipes.train_resnet_cifar100:main", argv, name, name=name,
+                                 cli_defaults=cli_defaults)
+    if spawned is not None:                      # --nproc N: rank 0's result
+        return spawned
+    launch.from_environment()                    # a rank under torchrun
     with cli.setup(name, DEFAULTS, argv, description=__doc__, data=True, check=_check,
-                   cli_defaults=cli_defaults) as run:
+                   cli_defaults=cli_defaults, estimate=memory.train_resnet_estimate) as run:
         cfg, dev = run.cfg, run.device
+        ddp = launch.world() > 1
         from torch_qode.training.monitor import DissipationMonitor
         from torch_qode.bridge.dissipation import DissipationCheck
         from torch_qode.training.qode import QODE
@@ -203,38 +222,53 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
         q = dict(cfg["qode"])
         check = DissipationCheck(seed=cfg["seed"], **cfg["dissipation"])
         baseline = copy.deepcopy(model) if cfg["train"]["baseline"] else None
+        # under DDP the closures run the wrapped models (gradients averaged); QODE, evaluation and the
+        # Hessian tools take the modules themselves (DDP's own forward never runs in a double backward)
+        net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+        net_sgd = torch.nn.parallel.DistributedDataParallel(baseline) if ddp and baseline is not None else baseline
         monitor = None
         if cfg["monitor"]["enabled"]:
-            probe = loop.fixed_batch(data["plain_train"], cfg["monitor"]["probe_batch"], cfg["seed"] + 1, dev)
+            probe = launch.shard(loop.fixed_batch(data["plain_train"], cfg["monitor"]["probe_batch"], cfg["seed"] + 1,
+                                                  dev), "monitor.probe_batch")
             m = cfg["monitor"]
             probe_check = DissipationCheck(seed=cfg["seed"], **{**cfg["dissipation"], "steps": m["steps"]})
-            monitor = DissipationMonitor(model, F.cross_entropy, probe, lr=q["lr"],
+            monitor = DissipationMonitor(net, F.cross_entropy, probe, lr=q["lr"],
                                          window=q["cycle"] - q["classical_steps"], schedule=m["schedule"],
-                                         backend=m["backend"], check=probe_check, log_path=run.path("monitor.jsonl"))
+                                         backend=m["backend"], check=probe_check,
+                                         log_path=run.path("monitor.jsonl") if run.rank0 else None)
         names = [n for n, _ in model.named_parameters()]
         opt = QODE(model.parameters(), dissipation=check, monitor=monitor, seed=cfg["seed"], names=names,
-                   model=model, **q)
+                   model=net, **q)
         if monitor is not None:
             monitor.record({"step": 0, "event": "eval", "test_acc": dense_acc, "test_acc_sgd": dense_acc})
         opt_sgd = None
         if baseline is not None:
-            opt_sgd = QODE(baseline.parameters(), **{**q, "mode": "classical", "track_sgd": False})
+            opt_sgd = QODE(baseline.parameters(), **{**q, "mode": "classical", "track_sgd": False, "hvp": "retain"})
 
         # Carleman order ≥ 2 needs third derivatives, which PyTorch's fused norm layers get wrong:
         # run the QODE model's norms decomposed (same loss, same running-statistics updates).
         norms = (lambda net: decomposed_norms(net, update_running_stats=True)) if q["carleman_order"] >= 2 \
             else (lambda net: contextlib.nullcontext())
 
+        parts = cfg["train"]["micro_batches"]
+
         def closure_for(net, optimizer, x, y):
-            def closure():
+            def closure():                    # micro-batches: each part's graph is freed by its backward
                 optimizer.zero_grad(set_to_none=True)
-                with norms(net):
-                    loss = F.cross_entropy(net(x), y)
-                loss.backward()
-                return loss
+                total = 0.0
+                for xs, ys in zip(x.chunk(parts), y.chunk(parts)):
+                    with norms(net):
+                        loss = F.cross_entropy(net(xs), ys) * (xs.shape[0] / x.shape[0])
+                    loss.backward()
+                    total = total + loss.detach()
+                return total
             return closure
 
-        stream = loop.batch_stream(data["train"], cfg["train"]["batch_size"], cfg["seed"], dev)
+        d = cfg["data"]
+        stream = launch.shard_stream(data["train"], cfg["train"]["batch_size"], cfg["seed"], dev) if ddp else \
+            loop.batch_stream(data["train"], cfg["train"]["batch_size"], cfg["seed"], dev,
+                              num_workers=d["num_workers"], pin_memory=d["pin_memory"],
+                              persistent_workers=d["persistent_workers"])
         rows, t0 = [], time.perf_counter()
         bar = run.progress(total=cfg["train"]["steps"], desc="QODE")
         for k in range(cfg["train"]["steps"]):
@@ -244,13 +278,13 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
                 monitor.step(k)
             x, y = next(stream)
             model.train()
-            loss = opt.step(closure_for(model, opt, x, y))
+            loss = opt.step(closure_for(net, opt, x, y))
             if opt_sgd is not None:
                 baseline.train()
-                opt_sgd.step(closure_for(baseline, opt_sgd, x, y))
+                opt_sgd.step(closure_for(net_sgd, opt_sgd, x, y))
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", mode=opt.reports[-1].mode)
-            if (k + 1) % q["cycle"] == 0 or k + 1 == cfg["train"]["steps"]:
+            if ((k + 1) % q["cycle"] == 0 or k + 1 == cfg["train"]["steps"]) and run.rank0:
                 rep = opt.reports[-1]
                 acc = loop.evaluate(model, test_dl, dev)["acc"]
                 acc_sgd = loop.evaluate(baseline, test_dl, dev)["acc"] if baseline is not None else None
@@ -262,6 +296,8 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
                     monitor.record({"step": k + 1, "event": "eval", "test_acc": acc, "test_acc_sgd": acc_sgd})
         bar.close()
         table = loop.format_table(rows, table_columns(q["carleman_order"]))
+        if not run.rank0:                        # rank 0 prints, draws and returns the run
+            return {"out": str(run.out), "rows": rows, "table": table, "reports": [], "figures": {}}
         print(f"\n{n_params:,}-parameter ResNet-{cfg['model']['depth']} (widen {cfg['model']['widen']}), "
               f"dense test accuracy {dense_acc:.3f}; {cfg['train']['steps']} steps, cycle {q['cycle']}, "
               f"{q['classical_steps']} classical steps, sparsity {q['sparsity']}, Carleman order "

@@ -11,6 +11,7 @@ from .bridge.dissipation import (DissipationCheck, Verdict, error_proxy, hessian
 from .core.linsolve import kappa_bound, solve_window, window_system
 from .core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
 from .training.qode import QODE, CycleReport
+from .training.distributed import DistComm
 from .bridge.pruning import MagnitudePruner
 from .core.resources import Resources, estimate_resources
 from .bridge.taylor import TaylorExpansion, UnsupportedGraphError, decomposed_norms, make_loss_fn
@@ -25,15 +26,20 @@ __all__ = [
     "TaylorExpansion", "UnsupportedGraphError", "decomposed_norms", "make_loss_fn", "MagnitudePruner",
     "DissipationCheck", "Verdict", "hessian_spectrum", "slq_density", "error_proxy", "positive_fraction",
     "PyHessianAdapter",
-    "QODE", "CycleReport", "DissipationMonitor",
+    "QODE", "CycleReport", "DissipationMonitor", "DistComm",
 ]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``PyHessianAdapter`` on first use: ``import torch_qode`` does not load ``pyhessian``."""
+    """``PyHessianAdapter`` and ``QODECallback`` on first use: ``import torch_qode`` loads neither
+    ``pyhessian`` nor ``lightning`` (an optional extra, so ``QODECallback`` stays out of ``__all__``)."""
     if name == "PyHessianAdapter":
         from .bridge.pyhessian import PyHessianAdapter
 
         return PyHessianAdapter
+    if name == "QODECallback":
+        from .lightning import QODECallback
+
+        return QODECallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

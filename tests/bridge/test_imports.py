@@ -17,6 +17,19 @@ def test_import_torch_qode_does_not_load_pyhessian():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+def test_import_torch_qode_does_not_load_lightning():
+    code = ("import sys, torch_qode\n"
+            "from torch_qode import QODE, DissipationMonitor\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'lightning'], 'lightning loaded'\n"
+            "A = torch_qode.QODECallback\n"
+            "from torch_qode.lightning import QODECallback\n"
+            "import lightning.pytorch as pl\n"
+            "assert A is QODECallback and issubclass(A, pl.Callback)\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_unknown_attributes_still_raise():
     import pytest
 

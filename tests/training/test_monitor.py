@@ -351,3 +351,59 @@ def test_plotting_edge_cases(tmp_path, monkeypatch):
     assert p.is_file()
     crosses = [ln for ln in figs[-1].axes[0].lines if ln.get_label() == "lines disagree (per-line q)"]
     assert len(crosses) == 1 and sorted(np.asarray(crosses[0].get_ydata()).tolist()) == [4, 4, 5]
+
+
+@pytest.mark.parametrize("hvp", ["retain", "recompute"])
+def test_spectra_wait_for_the_end_of_a_window_that_holds_its_graph(hvp):
+    """Scheduled inside a retained window (steps 3, 4), the spectrum is taken at the first step after it
+    (6) and its record says so; a recompute window holds no graph, so its spectra are taken on time."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = probe(5)
+    mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.2, window=4, schedule=[0, 3, 4])
+    opt = QODE(model.parameters(), lr=0.2, mode="quantum", cycle=6, classical_steps=2, sparsity=0.0, monitor=mon,
+               explicit=False, model=model, hvp=hvp)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X), y)
+        loss.backward()
+        return loss
+
+    taken = []
+    for k in range(8):
+        if mon.step(k) is not None:
+            taken.append(k)
+        opt.step(closure)
+    assert opt.reports[0].mode == "quantum" and opt.reports[0].carleman["hvp"] == hvp
+    spectra = [r for r in mon.records if r["event"] == "spectrum"]
+    if hvp == "retain":
+        assert taken == [0, 6]
+        assert spectra[1]["deferred_from"] == [3, 4] and "hvp='retain'" in spectra[1]["deferred_why"]
+    else:
+        assert taken == [0, 3, 4]
+        assert all("deferred_from" not in r for r in spectra)
+
+
+def test_an_aborted_window_releases_deferred_spectra():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = probe(5)
+    mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.2, window=4, schedule=[3])
+    opt = QODE(model.parameters(), lr=0.2, mode="quantum", cycle=6, classical_steps=2, sparsity=0.0, monitor=mon,
+               explicit=False, hvp="retain")
+    taken = []
+    for k in range(6):
+        if mon.step(k) is not None:
+            taken.append(k)
+        bad = k == 4
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(X), y) * (float("nan") if bad else 1.0)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    assert opt.reports[0].mode == "classical" and "aborted" in opt.reports[0].reason
+    assert taken == [5]
+    assert mon.records[-1]["deferred_from"] == [3]

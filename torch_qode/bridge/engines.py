@@ -67,6 +67,12 @@ class GraphEngine:
             total += self._vjp(val, val.new_ones(1))[0]
         return total
 
+    def hessian_of_dot(self, w: torch.Tensor, support) -> torch.Tensor:
+        """``∂²(w·∇L)/∂θ_S²`` for one row ``w (1, N)``: ``(n, n)`` (an HVP with graph, then its Jacobian)."""
+        h = self.hvp(w, create_graph=True)[0]
+        h = h if support is None else h[support]
+        return self.jacobian_rows(h, support, create_graph=False).detach()
+
     def jacobian_rows(self, out: torch.Tensor, support, create_graph: bool) -> torch.Tensor:
         """``∂ out / ∂θ_S`` for a vector ``out`` (with graph) as ``(out.numel(), n)``."""
         flat = out.reshape(-1)

@@ -21,7 +21,7 @@ import torch
 
 from .._checks import check_choice, check_int, check_real, require_int
 
-__all__ = ["Lanczos", "lanczos", "top_eigenvalues", "hutchinson_trace"]
+__all__ = ["Lanczos", "lanczos", "top_eigenvalues", "hutchinson_trace", "basis_budget", "BASIS_BUDGET_BYTES_CPU"]
 
 _REORTH = ("full", "selective", None)
 
@@ -35,6 +35,7 @@ class Lanczos(NamedTuple):
 
     alphas: np.ndarray
     betas: np.ndarray
+    reorthogonalize: Optional[str] = "full"   # what ran: None when the basis would not fit the budget
 
     def quadrature(self) -> tuple[np.ndarray, np.ndarray]:
         """Gauss quadrature of the start vector's spectral measure: Ritz ``nodes`` and ``weights``
@@ -54,6 +55,62 @@ def _tridiag_eig(alphas, betas, vectors: str = "first"):
     if vectors == "all":
         return vals, vecs
     return vals, vecs[0] ** 2
+
+
+#: off a GPU, Lanczos stores its basis (``steps · n`` numbers) only within this many bytes; beyond,
+#: it runs without reorthogonalisation (assign to change it; on a GPU: half the free device memory).
+BASIS_BUDGET_BYTES_CPU = 8 * 2**30
+
+
+def basis_budget(device) -> int:
+    """Bytes a Lanczos basis may take on ``device`` (:data:`BASIS_BUDGET_BYTES_CPU`, or half the free
+    memory of a CUDA device)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] // 2)
+    return int(BASIS_BUDGET_BYTES_CPU)
+
+
+class _Basis:
+    """The Lanczos vectors, allocated in blocks of :attr:`BLOCK` rows as the iteration reaches them: a
+    run that stops early (converged top eigenvalues) never holds the rows it did not use."""
+
+    BLOCK = 16
+
+    def __init__(self, n: int, dtype: torch.dtype, device):
+        self.n, self.dtype, self.device = n, dtype, device
+        self.blocks: list = []
+        self.k = 0
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> "_Basis":
+        basis = cls(rows.shape[1], rows.dtype, rows.device)
+        for v in rows:
+            basis.append(v)
+        return basis
+
+    def append(self, v: torch.Tensor) -> None:
+        if self.k % self.BLOCK == 0:
+            self.blocks.append(torch.empty(self.BLOCK, self.n, dtype=self.dtype, device=self.device))
+        self.blocks[-1][self.k % self.BLOCK] = v
+        self.k += 1
+
+    def views(self) -> list:
+        last = self.k - self.BLOCK * (len(self.blocks) - 1)
+        return self.blocks[:-1] + [self.blocks[-1][:last]] if self.blocks else []
+
+    def dot(self, w: torch.Tensor) -> torch.Tensor:
+        """``B w`` (one entry per stored vector)."""
+        return torch.cat([B @ w for B in self.views()])
+
+    def sub(self, w: torch.Tensor, h: torch.Tensor) -> None:
+        """``w −= Bᵀ h`` in place."""
+        for B, hb in zip(self.views(), h.split(self.BLOCK)):
+            w.addmv_(B.T, hb, alpha=-1)
+
+    def combine(self, C: torch.Tensor) -> torch.Tensor:
+        """``C B`` for ``C (m, k)``: ``(m, n)``."""
+        return sum(Cb @ B for B, Cb in zip(self.views(), C.split(self.BLOCK, dim=1)))
 
 
 def _check_n_steps(n, steps, name="steps") -> tuple[int, int]:
@@ -87,8 +144,8 @@ def _apply(hvp, v, n):
 def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, *, v0: Optional[torch.Tensor] = None,
             seed: Optional[int] = 0, generator: Optional[torch.Generator] = None,
             dtype: torch.dtype = torch.float64, device=None,
-            reorthogonalize: Optional[str] = "full", stop: Optional[Callable[[np.ndarray, np.ndarray, float], bool]] = None
-            ) -> Lanczos:
+            reorthogonalize: Optional[str] = "full", stop: Optional[Callable[[np.ndarray, np.ndarray, float], bool]] = None,
+            max_basis_bytes: Optional[int] = None) -> Lanczos:
     """``steps`` Lanczos steps on the symmetric operator ``hvp`` (torch ``(n,) -> (n,)``).
 
     The start vector is ``v0`` or a normalised Rademacher vector drawn from ``generator`` / ``seed``.
@@ -103,7 +160,10 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, *, 
       may appear, which distorts densities).
     ``stop(alphas, betas, beta_next) -> bool`` may end the iteration early.  With reorthogonalisation
     the basis takes ``steps · n`` entries of ``dtype`` (float32 vectors halve it; the tridiagonal is
-    float64 either way).
+    float64 either way), allocated in blocks as the steps go.  A basis of ``steps · n`` entries over
+    ``max_basis_bytes`` (default :func:`basis_budget`) is never stored: the run falls back to
+    ``None`` and says so in ``Lanczos.reorthogonalize`` (the README's Hessian benchmark measures
+    what that costs a density).
     """
     n, steps = _check_n_steps(n, steps)
     check_choice(reorthogonalize, "reorthogonalize", _REORTH)
@@ -123,7 +183,10 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, *, 
             raise ValueError("v0 must be finite and non-zero")
         v = v / nv
     eps = float(torch.finfo(dtype).eps)
-    Q = torch.empty(steps, n, dtype=dtype, device=device) if reorthogonalize else None  # the basis, preallocated
+    budget = basis_budget(device) if max_basis_bytes is None else check_int(max_basis_bytes, "max_basis_bytes", 0)
+    if reorthogonalize and steps * n * (torch.finfo(dtype).bits // 8) > budget:
+        reorthogonalize = None                    # the basis would not fit: the plain recurrence
+    Q = _Basis(n, dtype, device) if reorthogonalize else None
     alphas: list[float] = []
     betas: list[float] = []
     v_prev, beta_prev = None, 0.0
@@ -131,7 +194,7 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, *, 
     for j in range(steps):
         last = j == steps - 1
         if Q is not None:
-            Q[j] = v
+            Q.append(v)
         w = _apply(hvp, v, n)
         alpha = float(torch.dot(w.double(), v.double())) if dtype != torch.float64 else float(torch.dot(w, v))
         w = w - alpha * v
@@ -140,10 +203,10 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, *, 
         if last:               # α_k is all the last step adds: its residual is only checked for finiteness
             beta = float(w.norm())
         elif reorthogonalize == "full":
-            beta = _full_reorth(w, Q[: j + 1])
+            beta = _full_reorth(w, Q)
         else:
             if reorthogonalize == "selective" and j > 0:
-                _selective_reorth(w, Q[: j + 1], alphas + [alpha], betas, eps)
+                _selective_reorth(w, Q, alphas + [alpha], betas, eps)
             beta = float(w.norm())
         alphas.append(alpha)
         if not (math.isfinite(alpha) and math.isfinite(beta)):
@@ -155,26 +218,26 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, *, 
             break
         betas.append(beta)
         v_prev, v, beta_prev = v, w / beta, beta
-    return Lanczos(np.asarray(alphas, dtype=np.float64), np.asarray(betas, dtype=np.float64))
+    return Lanczos(np.asarray(alphas, dtype=np.float64), np.asarray(betas, dtype=np.float64), reorthogonalize)
 
 
-def _full_reorth(w: torch.Tensor, B: torch.Tensor) -> float:
+def _full_reorth(w: torch.Tensor, B: _Basis) -> float:
     """Orthogonalise ``w`` in place against the rows of ``B`` (the basis so far) and return ‖w‖.
 
     Classical Gram–Schmidt as two matrix-vector products against the stored basis, repeated when
     the pass cancelled much of ``w`` (Daniel–Gragg–Kaufman–Stewart, "twice is enough": ‖w‖ fell below
     1/√2 of ‖w₀‖, i.e. below ‖h‖ since ‖w₀‖² = ‖w‖² + ‖h‖²).  In Lanczos the recurrence leaves ``w``
     nearly orthogonal already, so one pass is the rule.  One host synchronisation per call."""
-    h = B @ w
-    w.addmv_(B.T, h, alpha=-1)
+    h = B.dot(w)
+    B.sub(w, h)
     h_norm, after = torch.stack((h.norm(), w.norm())).tolist()
     if after < h_norm:
-        w.addmv_(B.T, B @ w, alpha=-1)
+        B.sub(w, B.dot(w))
         after = float(w.norm())
     return after
 
 
-def _selective_reorth(w: torch.Tensor, B: torch.Tensor, alphas: list, betas: list, eps: float) -> None:
+def _selective_reorth(w: torch.Tensor, B: _Basis, alphas: list, betas: list, eps: float) -> None:
     """Parlett–Scott: orthogonalise ``w`` in place against the Ritz vectors that have converged
     (residual bound β_j |s_ji| ≤ √ε ‖T‖)."""
     vals, S = _tridiag_eig(alphas, betas, vectors="all")
@@ -182,7 +245,7 @@ def _selective_reorth(w: torch.Tensor, B: torch.Tensor, alphas: list, betas: lis
     tnorm = max(abs(vals[0]), abs(vals[-1]), 1e-300)
     conv = np.nonzero(beta_est * np.abs(S[-1]) <= math.sqrt(eps) * tnorm)[0]
     if conv.size:
-        Y = torch.as_tensor(S[:, conv].T, dtype=B.dtype, device=B.device) @ B
+        Y = B.combine(torch.as_tensor(S[:, conv].T, dtype=B.dtype, device=B.device))
         Y = torch.linalg.qr(Y.T).Q.T if conv.size > 1 else Y / Y.norm()
         for _ in range(2):
             w.sub_(Y.T @ (Y @ w))

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from . import flat as _flat
+from .collective import any_flag, hvp_group, mean_all_reduce, refuse_sharded, unwrap
 from .._checks import check_choice, check_int, check_real, require_int
 from .lanczos import _REORTH, _check_tol, _generator, hutchinson_trace, lanczos, top_eigenvalues
 
@@ -52,6 +53,7 @@ class Density:
     sigma: float
     runs: int = 1
     steps: int = 0
+    reorthogonalize: Optional[str] = "full"   # what the Lanczos runs did (None: the basis did not fit)
 
     def cdf(self, x) -> np.ndarray:
         """Quadrature CDF ``Σ_{nodes ≤ x} weights``."""
@@ -108,22 +110,28 @@ def smooth_density(nodes, weights, *, grid: int = 256, sigma: Optional[float] = 
 
 def slq_density(hvp, n: int, *, steps: int = 64, runs: int = 1, grid: int = 256, sigma: Optional[float] = None,
                 seed: int = 0, reorthogonalize: Optional[str] = "full", dtype: torch.dtype = torch.float64,
-                device=None) -> Density:
+                device=None, max_basis_bytes: Optional[int] = None) -> Density:
     """Stochastic Lanczos quadrature: ``runs`` Lanczos runs of ``min(steps, n)`` steps from
     independent Rademacher vectors, pooled (each run weighted 1/runs) and smoothed
     (:func:`smooth_density`).  ``steps`` larger than n is reduced to n (reported in ``Density.steps``).
+    A basis over ``max_basis_bytes`` (default :func:`~.lanczos.basis_budget`) is not stored: the runs
+    go without reorthogonalisation and ``Density.reorthogonalize`` is ``None``.
     """
     runs, steps = check_int(runs, "runs", 1), check_int(steps, "steps", 1)
     k = min(steps, int(n))
     gen = _generator(seed, None, device)
-    nodes, weights = [], []
+    nodes, weights, used = [], [], reorthogonalize
     for _ in range(int(runs)):
-        lz = lanczos(hvp, n, k, generator=gen, dtype=dtype, device=device, reorthogonalize=reorthogonalize)
+        lz = lanczos(hvp, n, k, generator=gen, dtype=dtype, device=device, reorthogonalize=reorthogonalize,
+                     max_basis_bytes=max_basis_bytes)
+        used = lz.reorthogonalize
         nd, wt = lz.quadrature()
         nodes.append(nd)
         weights.append(wt / runs)
-    return smooth_density(np.concatenate(nodes), np.concatenate(weights), grid=grid, sigma=sigma, steps=k,
+    dens = smooth_density(np.concatenate(nodes), np.concatenate(weights), grid=grid, sigma=sigma, steps=k,
                           runs=int(runs))
+    dens.reorthogonalize = used
+    return dens
 
 
 
@@ -230,7 +238,8 @@ def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str
                      params=None, top_k: int = 1, trace_samples: int = 100, steps: int = 64, runs: int = 1,
                      grid: int = 256, sigma: Optional[float] = None, seed: int = 0,
                      reorthogonalize: Optional[str] = "full", density: bool = True, trace: bool = True,
-                     which: Optional[str] = None, eig_iters: int = 100, tol: float = 1e-3) -> Spectrum:
+                     which: Optional[str] = None, eig_iters: int = 100, tol: float = 1e-3,
+                     process_group=None) -> Spectrum:
     """Top eigenvalues, Hutchinson trace and SLQ density of the Hessian of
     ``loss_fn(model(inputs), targets)`` on ``batch = (inputs, targets)``.
 
@@ -244,6 +253,12 @@ def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str
     at most, ``tol``) and its fully
     reorthogonalised Lanczos (``steps``, ``runs``); the whole parameter vector only.  Densities of
     both backends go through :func:`smooth_density`.
+
+    Under torch.distributed, with a DistributedDataParallel ``model`` or ``process_group=``, each rank
+    passes its shard of the batch and every Hessian-vector product is averaged over the ranks (as DDP
+    averages gradients): the spectrum is the global batch's (equal shards, a per-sample mean loss, no
+    training-mode BatchNorm), the same on every rank.  Every rank of the group must call it.  DDP's
+    ``.module`` runs the forward.  ``backend="torch"`` only; sharded (FSDP) parameters are refused.
     """
     from .taylor import TaylorExpansion
 
@@ -262,8 +277,14 @@ def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str
     sigma, tol = _check_sigma(sigma), _check_tol(tol)
     seed = 0 if seed is None else require_int(seed, "seed", "an integer or None (= 0)")
     check_choice(reorthogonalize, "reorthogonalize", _REORTH)
+    group = hvp_group(model, process_group)
+    model = unwrap(model)
     _flat.check_no_torch_prune(model)
     params = _flat.param_list(model if params is None else params)
+    refuse_sharded(params, model=model)
+    if backend == "pyhessian" and group is not None:
+        raise ValueError("backend='pyhessian' computes each rank's own Hessian: under torch.distributed use "
+                         "backend='torch', whose products are averaged over the ranks")
     secs = {}
     if backend == "pyhessian":
         if support is not None:
@@ -294,14 +315,23 @@ def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str
         return Spectrum(top_eigenvalues=top, trace=tr, density=dens, n=n, backend=backend, seconds=secs)
 
     t0 = time.perf_counter()
-    exp = TaylorExpansion.from_model(model, loss_fn, batch, lr=1.0, params=params, support=support, degree=1,
-                                     backend="double_backward")
+    exp, failed = None, None
+    try:
+        exp = TaylorExpansion.from_model(model, loss_fn, batch, lr=1.0, params=params, support=support, degree=1,
+                                         backend="double_backward")
+    except Exception as exc:                     # e.g. a non-finite loss on this rank's shard
+        failed = exc
+    if any_flag(failed is not None, group):
+        if failed is not None:
+            raise failed
+        exp.release()
+        raise RuntimeError("hessian_spectrum: the expansion failed on another rank (see its error)")
     secs["setup"] = time.perf_counter() - t0
     try:
         n, dt, dev = exp.n, exp.dtype, exp.device
         if top_k > n:
             raise ValueError(f"top_k must be an integer in 1..n = 1..{n}, got {top_k}")
-        hvp = exp.hvp
+        hvp = exp.hvp if group is None else (lambda V: mean_all_reduce(exp.hvp(V), group))
         t0 = time.perf_counter()
         top = top_eigenvalues(hvp, n, top_k, which=which, seed=seed, dtype=dt, device=dev)
         secs["top"] = time.perf_counter() - t0

@@ -53,6 +53,7 @@ from . import flat as _flat
 from .._checks import as_real, check_int, check_real, require_real
 from .engines import FuncEngine, GraphEngine
 from .flat import make_loss_fn
+from .recompute import RecomputeEngine
 from .norms import decomposed_norms, fused_norm_nodes
 from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
 
@@ -127,13 +128,7 @@ class TaylorExpansion:
         if not bool(torch.isfinite(loss.detach()).all()):
             raise NonFiniteError(f"loss is not finite ({float(loss.detach())})")
         if degree >= 2:
-            bad = fused_norm_nodes(loss)
-            if bad:
-                raise UnsupportedGraphError(
-                    f"loss: its graph holds {', '.join(bad)}, whose third derivatives PyTorch refuses or gets "
-                    "wrong (pytorch/pytorch#186256, #175754); degree >= 2 needs them. Compute the loss inside "
-                    "`with torch_qode.taylor.decomposed_norms(model):`, use TaylorExpansion.from_function with "
-                    "make_loss_fn(model, criterion, batch), or pass degree=1")
+            _refuse_fused(fused_norm_nodes(loss))
         frozen = [i for i, p in enumerate(params) if not p.requires_grad]
         if frozen:
             raise ValueError(f"params{frozen} do not require grad: pass only trainable parameters "
@@ -154,6 +149,34 @@ class TaylorExpansion:
         engine = GraphEngine(params, g_flat, chunk)
         return cls(engine=engine, theta0_full=theta0, grad_full=g_flat.detach(), lr=lr, support=S,
                    degree=degree, weight_decay=wd, backend="double_backward")
+
+    @classmethod
+    def from_replay(cls, replay: Callable, params, grad: torch.Tensor, *, lr: float, support=None,
+                    degree: int = 2, weight_decay=0.0, losses=None, fused=(),
+                    chunk: int = DEFAULT_CHUNK) -> "TaylorExpansion":
+        """Expand around the current parameter values without holding a graph (backend ``"recompute"``).
+
+        ``replay(on_loss)`` re-runs the expansion batch's closure, handing each backward's loss to
+        ``on_loss``; every product block replays it once (:class:`~.recompute.RecomputeEngine`).
+        ``grad``: the flat ``(N,)`` gradient at θ0; ``losses``: the micro-batch losses a replay must
+        reproduce; ``fused``: fused-norm nodes of the closure's graph (refused at ``degree >= 2``).
+        The caller keeps buffers, RNG and ``.grad`` out of the replays' reach."""
+        params = _flat.param_list(params)
+        lr, degree, chunk = _check_lr(lr), _check_degree(degree), _check_chunk(chunk)
+        if degree >= 2:
+            _refuse_fused(list(fused))
+        if not callable(replay):
+            raise TypeError("replay must be callable: replay(on_loss) re-runs the closure")
+        N = _flat.numel(params)
+        if not isinstance(grad, torch.Tensor) or tuple(grad.shape) != (N,):
+            raise ValueError(f"grad must be the flat ({N},) gradient at θ0, got "
+                             f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
+        S = _flat.check_support(support, N, params[0].device)
+        wd = _check_weight_decay(weight_decay, params)
+        engine = RecomputeEngine(replay, params, chunk, losses=losses)
+        theta0 = _flat.flatten([p.detach() for p in params])
+        return cls(engine=engine, theta0_full=theta0, grad_full=grad.detach().to(theta0), lr=lr, support=S,
+                   degree=degree, weight_decay=wd, backend="recompute")
 
     @classmethod
     def from_function(cls, loss_fn: Callable[[torch.Tensor], torch.Tensor], theta0, *, lr: float,
@@ -314,7 +337,7 @@ class TaylorExpansion:
             return self.gradient().reshape(n, 1)
         eng = self._live()
         with torch.enable_grad():
-            if isinstance(eng, GraphEngine):
+            if not isinstance(eng, FuncEngine):
                 D = eng.derivative(k, self.support, n).detach()
             else:
                 D = eng.derivative_fn(k, self.support, n).detach()
@@ -368,7 +391,7 @@ class TaylorExpansion:
         lr = self.lr
 
         def matmat(Y):
-            return (-lr * self.hvp(Y)).to(dtype=Y.dtype, device=Y.device)
+            return _scaled(self.hvp(Y), -lr, Y)
 
         def power(u):
             return matmat(u[:, None])[:, 0]
@@ -380,18 +403,18 @@ class TaylorExpansion:
 
         def matmat(Y):
             cols = [self.third_sym(Y[:, j].reshape(n, n)) for j in range(Y.shape[1])]
-            return (c * torch.stack(cols, dim=1)).to(dtype=Y.dtype, device=Y.device)
+            return _scaled(torch.stack(cols, dim=1), c, Y)
 
         def rmatmat(W):
             cols = [self._hessian_of_dot(W[:, j]).reshape(-1) for j in range(W.shape[1])]
-            return (c * torch.stack(cols, dim=1)).to(dtype=W.dtype, device=W.device)
+            return _scaled(torch.stack(cols, dim=1), c, W)
 
         def power(u):
-            return (c * self.third(u, u)).to(dtype=u.dtype, device=u.device)
+            return _scaled(self.third(u, u), c, u)
 
         term = MatrixFreeTerm(n, 2, matmat, rmatmat=rmatmat, power=power)
         # Σ_l λ_l F2(z_l ⊗ z_l) in one batched call (the factored level-2 state's product)
-        term.sym_sum = lambda Z, lam: (c * self.third_sym_sum(Z, lam)).to(dtype=Z.dtype, device=Z.device)
+        term.sym_sum = lambda Z, lam: _scaled(self.third_sym_sum(Z, lam), c, Z)
         return term
 
     def third_sym_sum(self, Z, lam) -> torch.Tensor:
@@ -421,9 +444,8 @@ class TaylorExpansion:
         self._need_third()
         rows, _ = self._cols(w, "w")
         with torch.enable_grad():
-            if isinstance(eng, GraphEngine):
-                h = self._restrict(eng.hvp(rows, create_graph=True))[0]
-                M = eng.jacobian_rows(h, self.support, create_graph=False).detach()
+            if not isinstance(eng, FuncEngine):
+                M = eng.hessian_of_dot(rows, self.support)
             else:
                 E = _flat.scatter_rows(torch.eye(self.n, dtype=self.dtype, device=self.device), self.support, self.N)
                 M = self._restrict(eng.third(E, rows.expand(self.n, -1))).detach()
@@ -457,6 +479,15 @@ class TaylorExpansion:
 
 
 # ====================================================================================== checks
+def _refuse_fused(bad: list) -> None:
+    if bad:
+        raise UnsupportedGraphError(
+            f"loss: its graph holds {', '.join(bad)}, whose third derivatives PyTorch refuses or gets "
+            "wrong (pytorch/pytorch#186256, #175754); degree >= 2 needs them. Compute the loss inside "
+            "`with torch_qode.taylor.decomposed_norms(model):`, use TaylorExpansion.from_function with "
+            "make_loss_fn(model, criterion, batch), or pass degree=1")
+
+
 def _check_lr(lr) -> float:
     return check_real(require_real(lr, "lr", "a positive float"), "lr", 0.0, low_open=True)
 
@@ -501,3 +532,11 @@ def _check_weight_decay(weight_decay, params: Sequence[torch.Tensor]) -> torch.T
     if not bool(torch.isfinite(wd).all()) or bool((wd < 0).any()):
         raise ValueError("weight_decay must be finite and >= 0")
     return wd
+
+
+def _scaled(x: torch.Tensor, c: float, like: torch.Tensor) -> torch.Tensor:
+    """``(c * x).to(like's dtype and device)`` in one pass: the product in ``x``'s dtype, cast on
+    write (the same numbers as multiplying first and converting after, without the temporary)."""
+    if x.device != like.device:
+        return (c * x).to(dtype=like.dtype, device=like.device)
+    return torch.mul(x, c, out=torch.empty(x.shape, dtype=like.dtype, device=x.device))

@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+import types
+from typing import Callable, Optional
 
 import torch
 
 from .._checks import as_real
 from ..bridge import flat as _flat
+from ..bridge.recompute import backward_losses, replaying_backward
 
 __all__ = ["capture_backward", "NoiseTape", "loss_value", "holding", "own_grads", "measuring",
-           "upload_graph"]
+           "upload_graph", "Replay", "rng_state", "frozen_closure", "saved_bytes"]
 
 
 @contextlib.contextmanager
-def capture_backward():
+def capture_backward(retain: bool = True, inspect: Optional[Callable] = None):
     """Keep the graph of the loss that the closure backwards (``retain_graph=True``).
 
     QODE needs second and third derivatives of the upload step's loss; a standard closure calls
@@ -24,8 +26,12 @@ def capture_backward():
     gradients over several backward calls gets the sum of its losses, whose gradient is exactly what
     ``.grad`` accumulated.  Backward calls made from inside a backward pass are not the closure's
     and pass through untouched.
+
+    ``retain=False`` (``hvp="recompute"``) keeps no graph: the backward runs as the closure asked
+    and only the losses' detached values are recorded (``captured["values"]``, also kept with
+    ``retain``); ``inspect(loss)`` runs on each loss before its backward (e.g. the fused-norm check).
     """
-    captured: dict = {"losses": []}
+    captured: dict = {"losses": [], "values": [], "inspected": []}
     original = torch.autograd.backward
     depth = [0]
 
@@ -33,18 +39,20 @@ def capture_backward():
                  inputs=None):
         if depth[0]:
             return original(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs=inputs)
-        ts = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
-        gs = grad_tensors if grad_tensors is not None else grad_variables
-        gs = (None,) * len(ts) if gs is None else ((gs,) if isinstance(gs, torch.Tensor) else tuple(gs))
-        for t, g in zip(ts, gs):
-            if isinstance(t, torch.Tensor):
-                captured["losses"].append(t if g is None else (t * g).sum())
-        if captured["losses"]:
-            losses = captured["losses"]
-            captured["loss"] = losses[0] if len(losses) == 1 else sum(losses)
+        losses = backward_losses(tensors, grad_tensors, grad_variables)
+        if losses:
+            total = losses[0] if len(losses) == 1 else sum(losses)
+            captured["values"].append(total.detach())
+            if inspect is not None:
+                captured["inspected"].append(inspect(total))
+            if retain:
+                captured["losses"].extend(losses)
+                losses = captured["losses"]
+                captured["loss"] = losses[0] if len(losses) == 1 else sum(losses)
         depth[0] += 1
         try:
-            return original(tensors, grad_tensors, True, create_graph, grad_variables, inputs=inputs)
+            return original(tensors, grad_tensors, True if retain else retain_graph, create_graph, grad_variables,
+                            inputs=inputs)
         finally:
             depth[0] -= 1
 
@@ -135,9 +143,83 @@ def upload_graph(params: list, cap: dict) -> torch.Tensor:
         raise RuntimeError(f"QODE: params[{sparse[0]}] has a sparse gradient (e.g. nn.Embedding(sparse=True)); "
                            "the quantum window expands the loss densely: use sparse=False, or mode='classical'")
     graph = cap.pop("loss", None)
+    called = bool(cap.get("values"))
     cap.clear()
-    if graph is None:
+    if graph is None and not called:
         raise RuntimeError("QODE: the closure did not call loss.backward() or torch.autograd.backward(loss); "
                            "the upload step needs the loss graph for the Taylor expansion (a backward "
                            "imported by name, `from torch.autograd import backward`, is not seen)")
     return graph
+
+
+# ------------------------------------------------------------------- hvp="recompute": the closure replayed
+def rng_state(params: list) -> tuple:
+    """The global CPU generator's state and those of the CUDA devices ``params`` live on."""
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices]
+
+
+def frozen_closure(closure: Callable) -> Callable:
+    """``closure`` with its free variables bound to their values now.  A closure defined in a loop body
+    reads ``x, y`` through cells that the next iteration rebinds; the copy keeps this batch's."""
+    cells = getattr(closure, "__closure__", None)
+    if not isinstance(closure, types.FunctionType) or not cells:
+        return closure
+    try:
+        values = [c.cell_contents for c in cells]
+    except ValueError:                           # an empty cell: leave the closure as it is
+        return closure
+    copy = types.FunctionType(closure.__code__, closure.__globals__, closure.__name__, closure.__defaults__,
+                              tuple(types.CellType(v) for v in values))
+    copy.__kwdefaults__ = closure.__kwdefaults__
+    return copy
+
+
+class Replay:
+    """An expansion batch's closure, replayable for :class:`~torch_qode.bridge.recompute.RecomputeEngine`.
+
+    Each replay is a measuring evaluation (own ``.grad`` slots, forked RNG set back to the state the
+    closure first ran with — the same dropout masks and augmentation — and, with ``model``, frozen
+    BatchNorm statistics), on the parameters as they were: one modified in place since raises as a
+    retained graph would.  ``grad``: the flat gradient at θ0; ``losses``: the micro-batch loss values a
+    replay must reproduce; ``fused``: fused-norm nodes found in the graph (refused at degree ≥ 2).
+    """
+
+    def __init__(self, closure: Callable, params: list, model: Optional[torch.nn.Module], rng: tuple,
+                 grad: torch.Tensor, losses: Optional[list] = None, fused=()):
+        self.closure, self.params, self.model, self.rng = frozen_closure(closure), params, model, rng
+        self.grad, self.losses, self.fused = grad, losses, list(fused)
+        self.versions = [p._version for p in params]
+
+    def __call__(self, on_loss: Callable) -> None:
+        if [p._version for p in self.params] != self.versions:
+            raise RuntimeError("one of the parameters was modified by an inplace operation since the "
+                               "expansion batch was evaluated (hvp='recompute' replays it at θ0)")
+        cpu, cuda = self.rng
+        with own_grads(self.params), torch.enable_grad(), measuring(self.params, self.model):
+            torch.set_rng_state(cpu)
+            for d, st in cuda:
+                torch.cuda.set_rng_state(st, d)
+            with replaying_backward(on_loss):
+                self.closure()
+
+
+@contextlib.contextmanager
+def saved_bytes():
+    """``box["bytes"]``: the storage bytes of the tensors autograd saved for backward inside the
+    context (the graph a retained loss holds; leaf tensors such as parameters excluded)."""
+    seen: dict = {}
+    box = {"bytes": 0}
+
+    def pack(t):
+        if not t.is_leaf:
+            try:
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+            except (RuntimeError, NotImplementedError):   # sparse / meta tensors: not counted
+                pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield box
+    box["bytes"] = int(sum(seen.values()))

@@ -8,14 +8,16 @@ core calls, in the same order on every rank:
 * :meth:`Comm.reduce_hvp` on each product of F1..Fq (and on the dissipation check's HVPs);
 * :meth:`Comm.agree` on the dissipation verdict;
 * :meth:`Comm.broadcast` on the read-out weight vector;
-* :meth:`Comm.any` on a local fault flag (a NaN on one rank ends the window on all).
+* :meth:`Comm.any` on a local fault flag (a NaN on one rank ends the window on all);
+* :meth:`Comm.replicated` on θ0 and the upload gradient (they must be the same on every rank).
+* :meth:`Comm.mean` on the losses a report records (each rank measured its shard).
 
-:class:`LocalComm` (the default) does nothing.  A torch.distributed implementation is one new
-subclass of :class:`Comm`; nothing in the window core or in ``QODE`` changes.
+:class:`LocalComm` (the default) does nothing; :class:`~torch_qode.training.distributed.DistComm` is the
+torch.distributed one (``QODE(process_group=...)``, or automatic under an initialised process group).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -44,6 +46,17 @@ class Comm:
         """``True`` on every rank if ``flag`` is ``True`` on any."""
         raise NotImplementedError
 
+    def replicated(self, value: torch.Tensor) -> bool:
+        """``True`` on every rank if ``value`` is bit-identical on all ranks (default: trusted)."""
+        return True
+
+    def mean(self, value: Optional[float]) -> Optional[float]:
+        """The mean over the ranks of a number each measured on its shard (a reported loss); ``None``
+        (a closure that returns no number, on every rank) stays ``None``."""
+        if value is None:
+            return None
+        return float(self.reduce_hvp(torch.tensor([float(value)], dtype=torch.float64))[0])
+
 
 class LocalComm(Comm):
     """One process: every collective is the identity."""
@@ -61,6 +74,9 @@ class LocalComm(Comm):
 
     def any(self, flag: bool) -> bool:
         return bool(flag)
+
+    def mean(self, value: Optional[float]) -> Optional[float]:
+        return value
 
     def __repr__(self) -> str:
         return "LocalComm()"

@@ -16,13 +16,25 @@ from ..core.solvers import SOLVERS, WindowSolver, make_solver
 from ..core.tomography import tomography
 
 __all__ = ["QODEConfig", "make_config", "check_sgd_settings", "check_trainable", "MODES", "UPLOADS", "NOISES",
-           "CARLEMAN_STATES", "EXPLICIT_MAX_SUPPORT", "use_explicit", "carleman_state_for"]
+           "CARLEMAN_STATES", "EXPLICIT_MAX_SUPPORT", "use_explicit", "carleman_state_for", "HVPS", "choose_hvp",
+           "RETAIN_BUDGET_BYTES_CPU", "RETAIN_GRAPH_FACTOR"]
 
 MODES = ("auto", "quantum", "classical")
 UPLOADS = ("dense", "sparse")
 NOISES = ("stream", "frozen")
 #: how a window holds its Carleman state (core/state.py): "auto" picks per window
 CARLEMAN_STATES = ("auto", "factored", "dense")
+#: how a matrix-free window takes its Hessian-vector products: "retain" the upload batch's graph for
+#: the whole window, "recompute" it by replaying the upload closure per product, "auto" by memory
+HVPS = ("auto", "retain", "recompute")
+
+#: ``hvp="auto"`` off a GPU retains the upload graph when its estimate fits this many bytes
+#: (assign to change it; on a GPU the budget is the device's free memory).
+RETAIN_BUDGET_BYTES_CPU = 16 * 2**30
+#: the retained window's memory ≈ this × the upload forward's saved tensors: the forward graph, its
+#: create_graph backward and a product's temporaries (benchmarks/memory.py, ResNet-8 on CPU: the peak
+#: of a retained window grows 9.3× the saved bytes per sample, a one-batch double backward 5.8×)
+RETAIN_GRAPH_FACTOR = 9.0
 
 #: ``explicit=None`` builds explicit Taylor terms up to this support size (cheap to build, exact to
 #: resume); beyond it the terms are Hessian-vector / third-derivative products (matrix-free).
@@ -52,6 +64,7 @@ class QODEConfig:
     tomography_kwargs: dict = field(default_factory=dict)
     carleman_state: str = "auto"     # "auto" | "factored" | "dense" (see carleman_state_for)
     max_rank: Optional[int] = None   # rank cap of the factored level 2 (None: exact)
+    hvp: str = "auto"                # "auto" | "retain" | "recompute" (see choose_hvp)
 
     @property
     def window_length(self) -> int:
@@ -89,6 +102,18 @@ def use_explicit(cfg: QODEConfig, n: int) -> bool:
     if cfg.explicit is not None:
         return cfg.explicit
     return cfg.window_solver.needs_explicit or n <= EXPLICIT_MAX_SUPPORT
+
+
+def choose_hvp(saved: int, device: torch.device) -> tuple:
+    """``hvp="auto"``: ``("retain" | "recompute", estimated bytes)`` for an upload whose forward saved
+    ``saved`` bytes; retain when ``RETAIN_GRAPH_FACTOR·saved`` fits the free device memory (on a GPU;
+    the forward's graph already held counts as free) or :data:`RETAIN_BUDGET_BYTES_CPU`."""
+    need = int(RETAIN_GRAPH_FACTOR * saved)
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] + saved
+    else:
+        budget = RETAIN_BUDGET_BYTES_CPU
+    return ("retain" if need <= budget else "recompute"), need
 
 
 def factored_refusal(cfg: QODEConfig) -> Optional[str]:
@@ -166,7 +191,7 @@ def _window_solver(solver, solver_options, kappa_a) -> WindowSolver:
 
 def make_config(*, mode, cycle, classical_steps, sparsity, upload, carleman_order, taylor_degree, form,
                 solver, solver_options, kappa_a, shots, noise, track_sgd, seed, explicit, eps,
-                tomography_kwargs, carleman_state="auto", max_rank=None) -> QODEConfig:
+                tomography_kwargs, carleman_state="auto", max_rank=None, hvp="auto") -> QODEConfig:
     """Check QODE's settings (each message names the argument) and return them as a :class:`QODEConfig`."""
     check_choice(mode, "mode", MODES)
     cycle = check_int(cycle, "cycle", 1)
@@ -197,11 +222,12 @@ def make_config(*, mode, cycle, classical_steps, sparsity, upload, carleman_orde
         raise ValueError(f"solver={solver!r} builds the explicit window matrix: it needs explicit=None or True")
     check_choice(carleman_state, "carleman_state", CARLEMAN_STATES)
     max_rank = check_optional_int(max_rank, "max_rank", 1, none="exact factored level 2")
+    check_choice(hvp, "hvp", HVPS)
     cfg = QODEConfig(mode=mode, cycle=cycle, classical_steps=classical_steps, sparsity=float(as_real(sparsity)),
                      upload=upload, carleman_order=carleman_order, taylor_degree=taylor_degree, form=form,
                      solver=window_solver.name, window_solver=window_solver, shots=shots, noise=noise, track_sgd=bool(track_sgd),
                      seed=seed, explicit=explicit, eps=as_real(eps), tomography_kwargs=dict(tomography_kwargs or {}),
-                     carleman_state=carleman_state, max_rank=max_rank)
+                     carleman_state=carleman_state, max_rank=max_rank, hvp=hvp)
     why = factored_refusal(cfg)
     if carleman_state == "factored" and why is not None:
         raise ValueError(f"carleman_state='factored' cannot run {why}; use carleman_state='dense' or 'auto'")

@@ -20,10 +20,12 @@ import torch
 
 from ..bridge import flat as _flat
 from . import window as _w
-from .capture import capture_backward, measuring, own_grads, upload_graph
+from ..bridge.norms import fused_norm_nodes
+from .capture import Replay, capture_backward, measuring, own_grads, rng_state, saved_bytes, upload_graph
 from .classical import all_finite_sync, momentum_buffers, reset_momentum, sgd_step
 from .comm import Comm
-from .config import QODEConfig, check_trainable
+from .config import QODEConfig, check_trainable, choose_hvp
+from .distributed import NOT_REPLICATED, global_losses
 from .report import CycleReport
 from .shadow import drift_measurement, grads_at, shadow_grads, shadow_update
 
@@ -48,6 +50,8 @@ class StepContext:
     monitor: Any = None
     model: Optional[torch.nn.Module] = None
     post: list = field(default_factory=list)  # measurements that run user code once the step is complete
+    rng_at_closure: Any = None           # the global RNG before an expanded closure (hvp: a replay's)
+    hvp_info: dict = field(default_factory=dict)   # how the window takes its products (the report's)
 
     def fault(self, message: str) -> None:
         self.rep.faults.append(f"step {self.k}: {message}")
@@ -69,13 +73,17 @@ def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
     if s.cfg.upload == "sparse" and s.pruner is not None:
         s.pruner.prune()                         # the uploaded state must be r-sparse
         support = s.pruner.support()
-    with torch.enable_grad(), capture_backward() as cap, _w.flop_count() as flops:
-        loss = s.closure()                       # FLOPs counted for the ledger's classical cost
-    if not all_finite_sync(loss, params):
+    hvp, run = expansion_closure(s)
+    with run() as cap, _w.flop_count() as flops:   # FLOPs counted for the ledger's classical cost
+        loss = detached(s.closure())             # the caller never holds the retained graph
+    if s.comm.any(not all_finite_sync(loss, params)):   # one rank's NaN: every rank skips
         s.fault("non-finite loss or gradient at upload: update skipped")
         return go_classical(s, "non-finite loss or gradient at upload", loss, update=False)
     check_trainable(params)                      # requires_grad may have been switched off since
-    graph = upload_graph(params, cap)
+    if not s.comm.local and not s.comm.replicated(torch.cat([_flat.flatten([p.detach() for p in params]),
+                                                             _w.flat_grads(params)])):
+        raise RuntimeError(NOT_REPLICATED.format(k=s.k))
+    graph = expansion_source(s, hvp, cap)
     unused = [i for i, p in enumerate(params) if p.grad is None]
     if unused:                                   # SGD leaves them alone this step; so does the window
         support = _w.support_without(params, unused, support)
@@ -90,9 +98,58 @@ def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
         return go_classical(s, why, loss, update=True)
     win.closure_flops = flops["flops"]
     s.win = win
+    rep.carleman.update(s.hvp_info)
+    opened = getattr(s.monitor, "on_window_open", None)
+    if opened is not None:                       # the monitor keeps its spectra outside retained windows
+        opened(s.k, dict(rep.carleman))
     rep.mode = "quantum"
     advance(s, _w.flat_grads(params))
     return loss
+
+
+def detached(loss: Any) -> Any:
+    """The closure's return value, a tensor detached from its graph (anything else as it is)."""
+    return loss.detach() if isinstance(loss, torch.Tensor) else loss
+
+
+def expansion_closure(s: StepContext) -> tuple:
+    """How this step's closure runs when its loss is expanded: ``(hvp, run)`` with ``run()`` the
+    context (graph kept for ``"retain"``/``"auto"``, the forward's saved bytes measured for
+    ``"auto"``; the global RNG's state kept for a replay).  ``hvp="recompute"``/``"auto"`` without
+    ``model=`` retain: a replay must leave BatchNorm statistics alone; so does ``"auto"`` under
+    torch.distributed (a replay would run DDP's all-reduce inside each product)."""
+    hvp = s.cfg.hvp if s.model is not None and s.comm.local else "retain"
+    deg2 = min(s.cfg.taylor_degree, s.cfg.carleman_order) >= 2
+    s.rng_at_closure = None if hvp == "retain" else rng_state(s.params)
+
+    @contextlib.contextmanager
+    def run():
+        with torch.enable_grad(), capture_backward(retain=hvp != "recompute",
+                                                   inspect=fused_norm_nodes if hvp == "recompute" and deg2
+                                                   else None) as cap, \
+                (saved_bytes() if hvp == "auto" else contextlib.nullcontext({})) as meter:
+            cap["meter"] = meter
+            yield cap
+    return hvp, run
+
+
+def expansion_source(s: StepContext, hvp: str, cap: dict) -> Any:
+    """What the window expands: the retained loss graph, or a :class:`~.capture.Replay` of the
+    closure (``hvp="auto"`` decides by :func:`~.config.choose_hvp`; ``s.hvp_info`` says which)."""
+    meter, values = cap.pop("meter"), list(cap["values"])
+    inspected = [n for names in cap["inspected"] for n in names]
+    graph = upload_graph(s.params, cap)
+    info = {"hvp": hvp}
+    if hvp == "auto":
+        hvp, need = choose_hvp(meter["bytes"], s.params[0].device)
+        info = {"hvp": hvp, "graph_bytes_estimate": need}
+    s.hvp_info = info
+    if hvp != "recompute":
+        return graph
+    if graph is not None and min(s.cfg.taylor_degree, s.cfg.carleman_order) >= 2:
+        inspected = fused_norm_nodes(graph)
+    del graph
+    return Replay(s.closure, s.params, s.model, s.rng_at_closure, _w.flat_grads(s.params), values, inspected)
 
 
 def go_classical(s: StepContext, reason: str, loss, update: bool) -> Any:
@@ -113,10 +170,11 @@ def window_step(s: StepContext) -> Any:
     window restored by ``load_state_dict`` first re-expands on this step's batch)."""
     w = s.win
     resumed = w.system is None
-    with torch.enable_grad(), (capture_backward() if resumed else contextlib.nullcontext({})) as cap:
-        loss = s.closure()                       # the model holds θ0: ∇L_t(θ0)
-    graph = cap.pop("loss", None)
-    cap.clear()
+    hvp, run = expansion_closure(s) if resumed else (None, lambda: torch.enable_grad())
+    with run() as cap:
+        loss = detached(s.closure())             # the model holds θ0: ∇L_t(θ0)
+    graph = expansion_source(s, hvp, cap) if resumed and (cap.get("values") or cap.get("loss") is not None) \
+        else None
     if s.comm.any(not all_finite_sync(loss, s.params)):
         s.rep.skipped_steps += 1
         abort(s, "non-finite loss or gradient inside the quantum window")
@@ -160,8 +218,8 @@ def finish(s: StepContext) -> None:
     write_params(s.params, res.new)
     # measurements that run user code (closures, the monitor) wait until the step is complete
     if s.cfg.track_sgd:
-        s.post.append(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, s.params, s.closure, s.model,
-                                        theta_lin1=res.lin1))
+        s.post.append(global_losses(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, s.params,
+                                                      s.closure, s.model, theta_lin1=res.lin1), rep, s.comm))
     if s.monitor is not None and hasattr(s.monitor, "on_window_end"):
         s.post.append(functools.partial(s.monitor.on_window_end, s.k, rep))
     reset_momentum(s.params, s.state)            # momentum restarts after a quantum window
@@ -179,6 +237,9 @@ def abort(s: StepContext, why: str) -> None:
     rep.mode = "classical"
     rep.reason = f"quantum window aborted at t={w.t}: {why}; parameters restored to θ0"
     s.fault(why)
+    closed = getattr(s.monitor, "on_window_closed", None)
+    if closed is not None:
+        closed(s.k)
 
 
 # --------------------------------------------------------------------------------------- resume
@@ -186,9 +247,16 @@ def restore_expansion(win: _w.WindowState, closure: Callable, params: list, cfg:
                       model: Optional[torch.nn.Module]) -> None:
     """A resumed matrix-free window's Taylor terms rebuilt from ``closure`` (the upload batch's), a
     measuring evaluation (own ``.grad`` slots, forked RNG, frozen BatchNorm statistics with ``model``)."""
-    with own_grads(params), torch.enable_grad(), measuring(params, model), capture_backward() as cap:
+    recompute = cfg.hvp == "recompute" and model is not None
+    deg2 = min(cfg.taylor_degree, cfg.carleman_order) >= 2
+    rng = rng_state(params)
+    with own_grads(params), torch.enable_grad(), measuring(params, model), \
+            capture_backward(retain=not recompute, inspect=fused_norm_nodes if recompute and deg2 else None) as cap:
         closure()
-    if "loss" not in cap:
+        grad = _w.flat_grads(params)
+    if not cap["values"]:
         raise RuntimeError("restore_expansion: the closure did not call loss.backward()")
-    _w.build_system(win, _w.expand(cap.pop("loss"), params, win.support, win.lr, win.wd, cfg),
+    source = (Replay(closure, params, model, rng, grad, list(cap["values"]),
+                     [n for names in cap["inspected"] for n in names]) if recompute else cap.pop("loss"))
+    _w.build_system(win, _w.expand(source, params, win.support, win.lr, win.wd, cfg),
                     cfg, comm)                   # errors raise here: the caller asked for this expansion

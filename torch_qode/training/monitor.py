@@ -5,9 +5,10 @@ Usable two ways:
 * **attached to QODE** (``QODE(..., monitor=m)``): QODE calls :meth:`DissipationMonitor.on_upload`
   with the dissipation verdict of every upload and :meth:`DissipationMonitor.on_window_end` with
   the cycle report, so the error proxy of every quantum window is recorded as it was predicted;
-* **standalone** in any training loop: ``monitor.step(step)`` (alias ``on_train_batch_end``)
-  records the Hessian spectrum of a fixed probe batch on a schedule — by default the paper's:
-  every 10 steps for the first 200, then every 100.
+* **standalone** in any training loop: ``monitor.step(step)`` records the Hessian spectrum of a
+  fixed probe batch on a schedule — by default the paper's: every 10 steps for the first 200, then
+  every 100.  It is not a Lightning ``Callback`` (this floor does not import Lightning): under a
+  ``Trainer``, ``torch_qode.lightning.QODECallback(monitor=m)`` drives it with Lightning's hooks.
 
 Records are plain dicts, appended to :attr:`DissipationMonitor.records` and, with ``log_path``,
 written as JSON lines.  :meth:`DissipationMonitor.plot` draws the Fig. 2-style panels (needs
@@ -31,6 +32,7 @@ import torch.nn as nn
 from .._checks import as_int, check_choice, check_int, check_real, require_int
 from .._figure import new_figure, positive as _positive, save
 from ..bridge import flat as _flat
+from ..bridge.collective import hvp_group
 from ..bridge.flat import check_model_loss_batch
 from ..bridge.dissipation import DissipationCheck, hessian_spectrum
 
@@ -39,7 +41,7 @@ __all__ = ["DissipationMonitor", "paper_schedule", "plot_training_panels"]
 
 #: Keys :meth:`DissipationMonitor.step` computes itself; ``**extra`` may not override them.
 _STEP_KEYS = ("step", "event", "top_eigenvalue", "positive_fraction", "proxy_T", "proxy_curve", "spectrum",
-              "seconds")
+              "seconds", "deferred_from", "deferred_why")
 
 
 def paper_schedule(step: int) -> bool:
@@ -83,12 +85,16 @@ class DissipationMonitor:
             paper's code used 256 Lanczos steps).
         metric: optional ``model -> float`` (e.g. test accuracy) evaluated at scheduled steps.
         log_path: JSON-lines file (appended to; not a directory).
+        process_group: under torch.distributed, average the probe spectrum's Hessian-vector products over
+            this group (automatic for a DistributedDataParallel ``model``): each rank passes its shard of
+            the probe batch and every rank records the global batch's spectrum.  Every rank must call
+            :meth:`step` at the same steps; write ``log_path`` from one rank only.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, probe_batch, *, lr: float, window: int = 90,
                  schedule: Union[str, Callable[[int], bool], Iterable[int]] = "paper", backend: str = "torch",
                  check: Optional[DissipationCheck] = None, support=None, params=None,
-                 metric: Optional[Callable[[nn.Module], float]] = None, log_path=None):
+                 metric: Optional[Callable[[nn.Module], float]] = None, log_path=None, process_group=None):
         check_model_loss_batch(model, loss_fn, probe_batch, ("model", "loss_fn", "probe_batch"))
         lr_f = check_real(lr, "lr", 0.0, low_open=True)
         window_i = check_int(window, "window", 0, hint=" (the proxy's horizon T)")
@@ -99,13 +105,17 @@ class DissipationMonitor:
         if check is not None and not isinstance(check, DissipationCheck):
             raise TypeError(f"check must be a DissipationCheck or None, got {type(check).__name__}")
         self.check = check if check is not None else DissipationCheck()
+        hvp_group(model, process_group)               # a bad process_group is refused now, not at the first step
         self.model, self.loss_fn, self.probe_batch = model, loss_fn, tuple(probe_batch)
         self.lr, self.window = lr_f, window_i
         self.backend, self.metric = backend, metric
         c = self.check
         self._spectrum_kw = dict(backend=backend, steps=c.steps, runs=c.runs, grid=c.grid, sigma=c.sigma,
-                                 support=support, params=params, seed=c.seed, trace=False)
+                                 support=support, params=params, seed=c.seed, trace=False,
+                                 process_group=process_group)
         self.records: list[dict] = []
+        self._holding: Optional[int] = None   # the upload step of a live window that holds its graph
+        self._deferred: list[int] = []        # scheduled steps that fell inside such a window
         if log_path is not None and not isinstance(log_path, (str, os.PathLike)):
             raise TypeError(f"log_path must be None or a file path (str or os.PathLike), got {type(log_path).__name__}")
         self.log_path = None if log_path is None else Path(log_path)
@@ -155,7 +165,13 @@ class DissipationMonitor:
         if clash:
             raise ValueError(f"step(): extra keys {clash} are computed by the monitor and may not be overridden "
                              f"(reserved: {list(reserved)})")
-        if not (force or self.scheduled(step)):
+        due = force or self.scheduled(step)
+        if self._holding is not None:         # never a second graph beside the window's retained one
+            if due:
+                self._deferred.append(step)
+            return None
+        deferred, self._deferred = self._deferred, []
+        if not (due or deferred):
             return None
         spec = hessian_spectrum(self.model, self.loss_fn, self.probe_batch, **self._spectrum_kw)
         dens = spec.density
@@ -164,12 +180,20 @@ class DissipationMonitor:
                "positive_fraction": pos, "proxy_T": float(curve[-1]),
                "proxy_curve": curve, "spectrum": {"grid": dens.grid, "density": dens.values},
                "seconds": float(sum(spec.seconds.values()))}
+        if deferred:
+            rec["deferred_from"] = deferred
+            rec["deferred_why"] = ("scheduled inside a quantum window that held the upload batch's graph (hvp='retain'): "
+                           "taken at the first step after it, so that two graphs never coexist")
         if self.metric is not None:
             rec["test_acc"] = self._metric()
         rec.update(extra)
         return self.record(rec)
 
-    on_train_batch_end = step
+    def __getattr__(self, name: str):
+        """Lightning's hooks (``setup``, ``on_*``, ``state_key``) are absent: say what to use instead."""
+        hint = (": DissipationMonitor is not a Lightning Callback; pass it as Trainer(callbacks=[torch_qode.lightning."
+                "QODECallback(monitor=monitor)])") if name in ("setup", "state_key") or name.startswith("on_") else ""
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}{hint}")
 
     def record(self, rec: dict) -> dict:
         """Append a record (any JSON-able dict with a ``step``) and write it to the log.
@@ -209,8 +233,18 @@ class DissipationMonitor:
             rec["spectrum"] = {"grid": dens.grid, "density": dens.values}
         return self.record(rec)
 
+    def on_window_open(self, step: int, carleman: Mapping) -> None:
+        """QODE opened a window at ``step``; while one that keeps its upload graph (``carleman["hvp"]``
+        ``"retain"``) is live, scheduled spectra wait for its end (:meth:`step` says so in the record)."""
+        self._holding = int(step) if carleman.get("hvp", "retain") == "retain" else None
+
+    def on_window_closed(self, step: int) -> None:
+        """QODE's window ended (read out or aborted): deferred spectra are taken at the next :meth:`step`."""
+        self._holding = None
+
     def on_window_end(self, step: int, report) -> dict:
         """QODE's window end: mode, drift vs SGD (track_sgd), readout numbers."""
+        self.on_window_closed(step)
         drift = (report.drift or {}).get("relative")
         tomo = report.tomography or {}
         rec = {"step": int(step), "event": "window_end", "mode": report.mode, "drift": drift,

@@ -42,7 +42,9 @@ from ..bridge.pruning import MagnitudePruner
 from . import cycle as _cycle, window as _w
 from .capture import loss_value
 from .classical import MaskedSGD, classical_step
-from .comm import Comm, as_comm
+from ..bridge.collective import refuse_sharded
+from .comm import Comm
+from .distributed import agreed, window_comm
 from .config import (MODES, NOISES, UPLOADS, check_budget, check_saved_config, check_sgd_settings,
                      check_trainable, make_config)
 from .report import CycleReport, download_record
@@ -86,13 +88,28 @@ class QODE(Optimizer):
             ``True`` or ``False`` (matrix-free Hessian-vector / third-derivative products).
         prunable: which tensors the download prunes (default: ``p.dim() > 1``); see ``MagnitudePruner``.
         names: parameter names for per-layer pruning reports.
-        monitor: an object with ``on_upload(step, verdict)`` / ``on_window_end(step, report)``
+        monitor: an object with ``on_upload(step, verdict)`` / ``on_window_end(step, report)`` (and optionally
+            ``on_window_open(step, carleman)`` / ``on_window_closed(step)``)
             (e.g. :class:`~torch_qode.callbacks.DissipationMonitor`).
         eps: target error used in the resource ledger.
-        comm: the window's communication object (:class:`~torch_qode.training.comm.Comm`; default
-            :class:`~torch_qode.training.comm.LocalComm`, one process).
+        comm: the window's communication object (:class:`~torch_qode.training.comm.Comm`; default:
+            :class:`~torch_qode.training.distributed.DistComm` when torch.distributed is initialised with
+            ≥ 2 ranks, else :class:`~torch_qode.training.comm.LocalComm`).
+        process_group: the torch.distributed group the window averages its Hessian products over and
+            shares its decisions in (default: the default group, when initialised).  QODE expects the
+            gradients DDP-averaged (wrap the model in DistributedDataParallel); it checks at every upload
+            that θ0 and ∇L are the same on every rank.  Settings that differ between ranks are refused
+            here, on every rank.
         tomography_kwargs: extra keyword arguments of :func:`~torch_qode.tomography.tomography`
             (``sign_method``, ``split``, ``norm_scale``, …).
+        hvp: how a matrix-free window takes its Hessian-vector (and third-order) products:
+            ``"retain"`` keeps the upload batch's autograd graph for the whole window; ``"recompute"``
+            keeps only the upload closure (its free variables bound at the upload) and replays it on
+            fresh ``.grad`` slots, the upload's RNG state and frozen BatchNorm statistics for every
+            product block, so no graph is held between steps — a closure of micro-batches peaks at one
+            micro-batch's double backward (needs ``model=``); ``"auto"`` retains when the estimated
+            graph fits the free device memory (``config.RETAIN_BUDGET_BYTES_CPU`` off a GPU), else
+            recomputes (without ``model=`` or under torch.distributed: retains).  The report's ``carleman["hvp"]`` says which.
         model: the module the parameters belong to (optional).  With it, the closures QODE evaluates
             only to measure (``track_sgd``'s shadows, ``restore_expansion``) run with BatchNorm
             running statistics frozen, so measuring never changes the trained model (they always
@@ -104,6 +121,7 @@ class QODE(Optimizer):
     reported when it is one number).  ``copy.deepcopy`` and ``pickle`` keep the whole state.
     """
 
+    @agreed
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, *,
                  dampening: float = 0.0, nesterov: bool = False, mode: str = "auto", cycle: int = 100,
                  classical_steps: int = 10, sparsity: float = 0.9, upload: str = "dense",
@@ -113,7 +131,8 @@ class QODE(Optimizer):
                  track_sgd: bool = False, seed: int = 0, explicit: Optional[bool] = None,
                  prunable=None, names=None, monitor=None, eps: float = 1e-2,
                  tomography_kwargs: Optional[dict] = None, model: Optional[torch.nn.Module] = None,
-                 comm: Optional[Comm] = None, carleman_state: str = "auto", max_rank: Optional[int] = None):
+                 comm: Optional[Comm] = None, carleman_state: str = "auto", max_rank: Optional[int] = None,
+                 process_group=None, hvp: str = "auto"):
         check_sgd_settings(dict(lr=lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening,
                                 nesterov=nesterov))
         if not isinstance(lr, torch.Tensor):          # a tensor lr stays the tensor, as in SGD
@@ -123,12 +142,24 @@ class QODE(Optimizer):
                           upload=upload, carleman_order=carleman_order, taylor_degree=taylor_degree, form=form,
                           solver=solver, solver_options=solver_options, kappa_a=kappa_a, shots=shots, noise=noise,
                           track_sgd=track_sgd, seed=seed, explicit=explicit, eps=eps,
-                          tomography_kwargs=tomography_kwargs, carleman_state=carleman_state, max_rank=max_rank)
+                          tomography_kwargs=tomography_kwargs, carleman_state=carleman_state, max_rank=max_rank,
+                          hvp=hvp)
+        if cfg.hvp == "recompute" and model is None:
+            raise ValueError("hvp='recompute' needs model=: each product replays the upload closure, and the "
+                             "replays must leave BatchNorm running statistics alone; pass QODE(..., model=model) "
+                             "or hvp='retain'")
         if dissipation is not None and not callable(dissipation):
             raise TypeError("dissipation must be a DissipationCheck (callable hvp, n, lr=, T=) or None")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-        comm = as_comm(comm)
+        comm = window_comm(comm, process_group)
+        if not comm.local and cfg.hvp == "recompute":
+            raise ValueError("hvp='recompute' under torch.distributed: a replay of a DDP closure would run DDP's "
+                             "gradient all-reduce inside every product (not supported yet); use hvp='retain' "
+                             "(hvp='auto' retains under torch.distributed)")
+        if not comm.local and getattr(dissipation, "process_group", None) is not None:
+            raise ValueError("dissipation: QODE averages the check's Hessian-vector products through its own comm; "
+                             "pass a DissipationCheck with process_group=None")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=False, foreach=None, fused=None, differentiable=False)
         super().__init__(params, defaults)
@@ -139,6 +170,7 @@ class QODE(Optimizer):
         check_sgd_settings(self.param_groups[0], where="the parameter group's ")
         self._params = self.param_groups[0]["params"]
         check_trainable(self._params)
+        refuse_sharded(self._params, model=model)
         self.cfg, self.comm = cfg, comm
         for k, v in cfg.saved().items():              # opt.mode, opt.cycle, opt.kappa_a, …
             setattr(self, k, v)
@@ -222,7 +254,7 @@ class QODE(Optimizer):
                 self._win = s.win
             post = s.post
         if c in (0, self.cycle - 1):   # two host syncs per cycle, not one per step
-            value = loss_value(loss)
+            value = self.comm.mean(loss_value(loss))   # the global batch's under DDP (equal shards)
             if c == 0:
                 rep.loss_first = value
             if c == self.cycle - 1:

@@ -28,7 +28,7 @@ from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE, all_finite
 from ..core.resources import classical_cost, estimate_resources
 from ..core.state import CarlemanState, DenseLevels, FactoredLevels, state_from_dict
 from ..core.tomography import tomography
-from .capture import NoiseTape
+from .capture import NoiseTape, Replay
 from .comm import Comm
 from .config import EXPLICIT_MAX_SUPPORT, QODEConfig, carleman_state_for, use_explicit
 from .report import CycleReport
@@ -110,12 +110,17 @@ class WindowResult:
 
 
 # ---------------------------------------------------------------------------------------- functions
-def expand(loss: torch.Tensor, params: list, support, lr: float, wd: float, cfg: QODEConfig) -> TaylorExpansion:
-    """The window's Taylor expansion of ``loss`` at the current parameters (degree ≤ N: Carleman
-    truncation at order N never reaches higher terms)."""
+def expand(source, params: list, support, lr: float, wd: float, cfg: QODEConfig) -> TaylorExpansion:
+    """The window's Taylor expansion at the current parameters (degree ≤ N: Carleman truncation at
+    order N never reaches higher terms) of ``source``: a loss graph kept for the window
+    (``hvp="retain"``), or a :class:`~.capture.Replay` of the closure that each product re-runs
+    (``hvp="recompute"``: no graph held between products)."""
+    degree = min(cfg.taylor_degree, cfg.carleman_order)
     with torch.enable_grad():                    # step() runs under no_grad; derivatives need a graph
-        return TaylorExpansion.from_loss(loss, params, lr=lr, support=support,
-                                         degree=min(cfg.taylor_degree, cfg.carleman_order), weight_decay=wd)
+        if isinstance(source, Replay):
+            return TaylorExpansion.from_replay(source, params, source.grad, lr=lr, support=support, degree=degree,
+                                               weight_decay=wd, losses=source.losses, fused=source.fused)
+        return TaylorExpansion.from_loss(source, params, lr=lr, support=support, degree=degree, weight_decay=wd)
 
 
 def support_without(params: list, unused: list, support: Optional[torch.Tensor]) -> torch.Tensor:
@@ -157,12 +162,17 @@ def flat_grads(params: list) -> torch.Tensor:
 def reexpand(win: WindowState, graph: Optional[torch.Tensor], params: list, cfg: QODEConfig,
              comm: Comm) -> Optional[str]:
     """A resumed matrix-free window: F1..Fq re-expanded at θ0 from ``graph``; returns why it failed, or None."""
-    if graph is None:
-        return "KeyError('loss')"
-    try:
-        exp = expand(graph, params, win.support, win.lr, win.wd, cfg)
-    except (UnsupportedGraphError, NonFiniteError) as exc:
-        return repr(exc)
+    why = "KeyError('loss')" if graph is None else None
+    exp = None
+    if graph is not None:
+        try:
+            exp = expand(graph, params, win.support, win.lr, win.wd, cfg)
+        except (UnsupportedGraphError, NonFiniteError) as exc:
+            why = repr(exc)
+    if comm.any(exp is None):                    # a failure on one rank ends the window on all
+        if exp is not None:
+            exp.release()
+        return why or "re-expansion failed on another rank"
     build_system(win, exp, cfg, comm)
     return None
 
@@ -200,10 +210,14 @@ def open_window(graph: torch.Tensor, params: list, support, group: dict, buffers
         return None, (f"lr = {lr:g} (e.g. a scheduler reached 0): gradient descent does not move, there is "
                       "nothing to linearise")
     try:
-        exp = expand(graph, params, support, lr, wd, cfg)
+        exp, why = expand(graph, params, support, lr, wd, cfg), ""
     except (UnsupportedGraphError, NonFiniteError) as exc:
-        return None, f"Taylor expansion failed: {exc}"
+        exp, why = None, f"Taylor expansion failed: {exc}"
     del graph
+    if comm.any(exp is None):                    # a failure on one rank ends the upload on all
+        if exp is not None:
+            exp.release()
+        return None, why or "Taylor expansion failed on another rank"
     rep.support_size = exp.n
     if cfg.mode == "auto":
         verdict = check_dissipation(exp, dissipation, lr, cfg.window_length, comm, params[0].device)
@@ -361,19 +375,24 @@ def finish_window(win: WindowState, cfg: QODEConfig, comm: Comm, rep: CycleRepor
         else:
             u_T = u_forward
     except (ValueError, MemoryError) as exc:
+        comm.any(True)                           # matches the other ranks' fault flag below
         return WindowResult(fault=f"window solve failed: {exc}")
     rep.solver = solver_info
     S = win.support
     theta0_S = (win.theta0 if S is None else win.theta0[S]).to(torch.float64)
     target = theta0_S + u_T
+    res, fault = None, None
     if not all_finite(target):
-        return WindowResult(fault="the solved weights are not finite")
-    if not bool(target.any()):
-        return WindowResult(fault="the solved weight vector is zero: nothing to read out")
-    try:
-        res = tomography(target, cfg.shots, seed=win.rng, eps=cfg.eps, **cfg.readout_options())
-    except (ValueError, TypeError) as exc:
-        return WindowResult(fault=f"tomography failed: {exc}")
+        fault = "the solved weights are not finite"
+    elif not bool(target.any()):
+        fault = "the solved weight vector is zero: nothing to read out"
+    else:
+        try:   # every rank samples (same vector, same seed: the samplers stay in step); rank 0's is read
+            res = tomography(target, cfg.shots, seed=win.rng, eps=cfg.eps, **cfg.readout_options())
+        except (ValueError, TypeError) as exc:
+            fault = f"tomography failed: {exc}"
+    if comm.any(fault is not None):
+        return WindowResult(fault=fault or "the readout failed on another rank")
     rep.tomography = res.as_dict(arrays=False)
     estimate = comm.broadcast(torch.as_tensor(res.estimate).to(device=target.device, dtype=torch.float64))
     if not bool(estimate.any()):

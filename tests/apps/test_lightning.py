@@ -1,0 +1,278 @@
+"""QODE under a real Lightning ``Trainer`` (CPU, tiny MLP): torch_qode.lightning.QODECallback.
+
+Four batches an epoch and ``cycle=8, classical_steps=2``: the end of epoch 0 (step 4) and of epoch 2
+(step 12) fall inside a matrix-free quantum window (its steps 2..7), the end of epoch 1 (step 8) on
+a cycle boundary.  Checkpoints are taken at epoch ends, where Lightning resumes its data exactly.
+"""
+import csv
+import warnings
+
+import lightning.pytorch as pl     # in the test extra: make test runs a real Trainer
+import pytest
+import torch
+import torch.nn as nn
+
+from torch_qode import DissipationCheck, DissipationMonitor, QODE
+from torch_qode.lightning import QODECallback
+
+KW = dict(lr=0.05, momentum=0.9, mode="quantum", cycle=8, classical_steps=2, sparsity=0.2, explicit=False,
+          shots=3000, track_sgd=True)
+N_BATCH, BATCH = 4, 6
+
+
+def auto():
+    """mode="auto" with a check this tiny MLP passes (its Hessian has 41-45% positive eigenvalues)."""
+    return dict(mode="auto", dissipation=DissipationCheck(min_positive_fraction=0.35))
+
+
+def data():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(N_BATCH * BATCH, 3, generator=g, dtype=torch.float64), \
+        torch.randn(N_BATCH * BATCH, 2, generator=g, dtype=torch.float64)
+
+
+def loader():
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data()), batch_size=BATCH)
+
+
+def net(seed, dropout=0.0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(dropout), nn.Linear(4, 2)).double()
+
+
+class Lit(pl.LightningModule):
+    def __init__(self, seed=0, manual=False, dropout=0.0, **kwargs):
+        super().__init__()
+        self.net, self.kwargs = net(seed, dropout), {**KW, **kwargs}
+        self.automatic_optimization = not manual
+
+    def loss(self, batch):
+        x, y = batch
+        return ((self.net(x) - y) ** 2).mean()
+
+    def training_step(self, batch, batch_idx):
+        if self.automatic_optimization:
+            loss = self.loss(batch)
+            self.log("train_loss", loss)
+            return loss
+        opt = self.optimizers()
+
+        def closure():
+            opt.zero_grad()
+            loss = self.loss(batch)
+            self.manual_backward(loss)
+            return loss
+        opt.step(closure)
+
+    def configure_optimizers(self):
+        return QODE(self.parameters(), **self.kwargs)
+
+
+def trainer(tmp_path=None, epochs=5, callbacks=(), **kwargs):
+    kwargs.setdefault("logger", False)
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path,
+                      enable_checkpointing=tmp_path is not None, callbacks=list(callbacks), **kwargs)
+
+
+def checkpoints(tmp_path):
+    return pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_epochs=1, save_top_k=-1)
+
+
+def untimed(d):
+    if isinstance(d, dict):
+        return {k: untimed(v) for k, v in d.items() if k != "seconds"}
+    if isinstance(d, list):
+        return [untimed(v) for v in d]
+    return d
+
+
+def reports(opt):
+    return [untimed(r.as_dict()) for r in opt.reports]
+
+
+def same_weights(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def fit(lit, tr, ckpt_path=None):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*(does not have many workers|LightningModule.*checkpoint).*")
+        tr.fit(lit, loader(), ckpt_path=ckpt_path)
+    return lit, tr.optimizers[0]
+
+
+# ------------------------------------------------------------------------------------- fit
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_fit_equals_a_plain_loop_bit_for_bit(with_callback):
+    lit, opt = fit(Lit(), trainer(epochs=3, callbacks=[QODECallback()] if with_callback else []))
+    model = net(0)
+    ref = QODE(model.parameters(), **KW)
+    for _ in range(3):
+        for x, y in loader():
+            def closure():
+                ref.zero_grad()
+                loss = ((model(x) - y) ** 2).mean()
+                loss.backward()
+                return loss
+            ref.step(closure)
+    assert opt.step_count == ref.step_count == 12
+    assert [r.mode for r in ref.reports] == ["quantum", "quantum"]
+    assert same_weights(lit.net, model) and reports(opt) == reports(ref)
+
+
+# ---------------------------------------------------------------------------------- resume
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Five epochs (20 steps) with a checkpoint at every epoch end."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    lit, opt = fit(Lit(), trainer(tmp, callbacks=[QODECallback(), checkpoints(tmp)]))
+    assert [r.mode for r in opt.reports] == ["quantum"] * 3
+    return lit, opt, tmp / "ckpt"
+
+
+@pytest.mark.parametrize("step,where", [(4, "mid-window"), (8, "cycle boundary"), (12, "mid-window")])
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(uninterrupted, step, where):
+    ref, ref_opt, ckpt = uninterrupted
+    saved = torch.load(ckpt / f"step={step}.ckpt", weights_only=True)
+    upload = saved["callbacks"]["QODECallback"]["upload"]
+    assert (upload is None) == (where == "cycle boundary")
+    if upload is not None:
+        assert upload["step"] == step // 8 * 8 + 2 and upload["batch_idx"] == 2
+        assert saved["optimizer_states"][0]["qode"]["window"]["terms"] is None      # matrix-free
+    lit, opt = fit(Lit(seed=7), trainer(callbacks=[QODECallback()]), ckpt_path=ckpt / f"step={step}.ckpt")
+    assert opt.step_count == 20
+    assert same_weights(lit.net, ref.net) and reports(opt) == reports(ref_opt)
+
+
+def test_without_the_callback_a_mid_window_resume_is_not_exact(uninterrupted):
+    """The control: Lightning alone re-expands on the next batch and drifts from the uninterrupted run."""
+    ref, ref_opt, ckpt = uninterrupted
+    lit, opt = fit(Lit(seed=7), trainer(), ckpt_path=ckpt / "step=4.ckpt")
+    assert any("re-expanded" in f for f in opt.reports[0].faults)
+    assert not same_weights(lit.net, ref.net)
+
+
+class KeepRNG(pl.Callback):
+    """The global RNG through a checkpoint (Lightning does not keep it): dropout resumes too."""
+
+    def state_dict(self):
+        return {"rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state):
+        torch.set_rng_state(state["rng"])      # before the resumed epoch's DataLoader draws its seed
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_mid_window_resume_with_dropout_and_manual_optimisation(tmp_path, manual):
+    """The upload's dropout masks are drawn again (its RNG state is in the checkpoint); in manual
+    optimisation the module's own training_step rebuilds the expansion."""
+    make = dict(manual=manual, dropout=0.25)
+    ref, ref_opt = fit(Lit(**make), trainer(tmp_path, epochs=3, callbacks=[QODECallback(), KeepRNG(),
+                                                                             checkpoints(tmp_path)]))
+    lit, opt = fit(Lit(seed=7, **make), trainer(epochs=3, callbacks=[QODECallback(), KeepRNG()]),
+                   ckpt_path=tmp_path / "ckpt" / "step=4.ckpt")
+    assert opt.step_count == 12 and not any("re-expanded" in f for f in opt.reports[0].faults)
+    assert same_weights(lit.net, ref.net) and reports(opt) == reports(ref_opt)
+
+
+# --------------------------------------------------------------------------------- monitor
+def monitor_for(model, log_path=None):
+    x, y = data()
+    return DissipationMonitor(model, lambda out, t: ((out - t) ** 2).mean(), (x[:8], y[:8]), lr=KW["lr"], window=6,
+                              schedule=[0, 3, 8, 12], log_path=log_path)
+
+
+def test_the_monitor_as_a_callback_records_on_schedule(tmp_path):
+    lit = Lit(**auto())
+    mon = monitor_for(lit.net, tmp_path / "monitor.jsonl")
+    lit, opt = fit(lit, trainer(epochs=3, callbacks=[QODECallback(monitor=mon)]))
+    assert opt.monitor is mon
+    events = [(r["event"], r["step"]) for r in mon.records]
+    assert [s for e, s in events if e == "spectrum"] == [0, 3, 8, 12]
+    assert [s for e, s in events if e == "download"] == [0, 8]
+    assert [s for e, s in events if e == "upload"] == [2, 10]
+    assert [r.mode for r in opt.reports] == ["quantum", "quantum"]
+    assert [s for e, s in events if e == "window_end"] == [7]      # the second window ends at step 15
+    assert len((tmp_path / "monitor.jsonl").read_text().splitlines()) == len(mon.records)
+
+    model = net(0)                    # reference: the same monitor driven by hand in a plain loop
+    ref_mon = monitor_for(model)
+    ref = QODE(model.parameters(), **{**KW, **auto()}, monitor=ref_mon)
+    for _ in range(3):
+        for x, y in loader():
+            ref_mon.step(ref.step_count)
+
+            def closure():
+                ref.zero_grad()
+                loss = ((model(x) - y) ** 2).mean()
+                loss.backward()
+                return loss
+            ref.step(closure)
+    ref_mon.step(ref.step_count)
+    key = lambda r: (r["step"], r["event"])                                       # noqa: E731
+    assert sorted(map(untimed, ref_mon.records), key=key) == \
+        sorted((untimed(r) for r in mon.records if r["event"] != "download"), key=key)
+    assert same_weights(lit.net, model)
+
+
+def test_a_bare_monitor_in_the_trainer_says_what_to_use():
+    lit = Lit()
+    with pytest.raises(AttributeError, match=r"not a Lightning Callback.*QODECallback\(monitor=monitor\)"):
+        fit(lit, trainer(epochs=1, callbacks=[monitor_for(lit.net)]))
+
+
+# --------------------------------------------------------------------------------- logging
+def test_each_cycle_is_logged_to_lightning_loggers(tmp_path):
+    logger = pl.loggers.CSVLogger(tmp_path, name="run", version=0)
+    tr = trainer(epochs=4, logger=logger, log_every_n_steps=8, callbacks=[QODECallback()])
+    lit, opt = fit(Lit(**auto()), tr)
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv"))
+            if r.get("qode/cycle")]
+    assert [int(r["step"]) for r in rows] == [7, 15]
+    for row, rep in zip(rows, opt.reports):
+        assert int(float(row["qode/cycle"])) == rep.cycle
+        assert float(row["qode/quantum"]) == float(rep.mode == "quantum")
+        assert float(row["qode/proxy_T"]) == pytest.approx(rep.dissipation["proxy"][-1], rel=1e-6)
+        assert float(row["qode/loss"]) == pytest.approx(rep.loss_last, rel=1e-6)
+        assert int(float(row["qode/support_size"])) == rep.support_size
+        if rep.mode == "quantum":
+            assert float(row["qode/drift"]) == pytest.approx(rep.drift["relative"], rel=1e-6)
+            assert float(row["qode/drift_lin"]) == pytest.approx(rep.drift["linearization_relative"], rel=1e-6)
+    assert [r.mode for r in opt.reports] == ["quantum", "quantum"]
+    last = opt.reports[-1]
+    assert float(tr.callback_metrics["qode/cycle"]) == last.cycle == 1
+    assert float(tr.callback_metrics["qode/loss"]) == pytest.approx(last.loss_last, rel=1e-6)
+
+
+def test_a_log_interval_that_misses_cycle_ends_warns(tmp_path):
+    logger = pl.loggers.CSVLogger(tmp_path, name="run", version=0)
+    with pytest.warns(UserWarning, match=r"log_every_n_steps=3 does not divide cycle=8"):
+        fit(Lit(), trainer(epochs=1, logger=logger, log_every_n_steps=3, callbacks=[QODECallback()]))
+
+
+# ---------------------------------------------------------------------------------- errors
+class SGDLit(Lit):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("lit,kwargs,match", [
+    (SGDLit, {}, r"exactly one torch_qode.QODE optimizer.*\['SGD'\]"),
+    (Lit, {"accumulate_grad_batches": 2}, r"accumulate_grad_batches=2.*use accumulate_grad_batches=1"),
+])
+def test_unsupported_set_ups_are_refused_before_training(lit, kwargs, match):
+    model = lit()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        fit(model, trainer(epochs=1, callbacks=[QODECallback()], **kwargs))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_bad_monitor_arguments():
+    with pytest.raises(TypeError, match="monitor must be a DissipationMonitor or None, got str"):
+        QODECallback(monitor="spectra")
+    lit = Lit()
+    lit.kwargs["monitor"] = monitor_for(lit.net)
+    with pytest.raises(ValueError, match="already has another monitor"):
+        fit(lit, trainer(epochs=1, callbacks=[QODECallback(monitor=monitor_for(lit.net))]))

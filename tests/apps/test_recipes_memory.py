@@ -1,0 +1,119 @@
+"""Issue 14 on the recipes' side: ``--estimate-memory`` (calibrated memory model, printed by component,
+no training, refusal of a GPU run that does not fit), the shipped GPU configs within 75 GiB, the input
+pipeline keys and the run-time flags (cudnn_benchmark, deterministic)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from recipes import cli, config, loop, memory
+from recipes import train_resnet_cifar100 as trr
+from torch_qode.models import cifar_resnet
+from torch_qode.training.capture import saved_bytes
+
+
+def test_per_sample_calibration_predicts_a_larger_batch():
+    """Measured at batches 1 and 2, the saved activations of a ResNet-8 at batch 16 within 2 %."""
+    torch.manual_seed(0)
+    s, b = memory.saved_per_sample(lambda: cifar_resnet(8, 1, 10), (3, 16, 16))
+    model = cifar_resnet(8, 1, 10)
+    model.train()
+    x = torch.randn(16, 3, 16, 16)
+    with saved_bytes() as box:
+        loss = F.cross_entropy(model(x), torch.zeros(16, dtype=torch.long))
+    del loss
+    assert s > 0 and box["bytes"] > 0
+    assert abs(s * 16 + b - box["bytes"]) <= 0.02 * box["bytes"]
+
+
+def _estimate_lines(capsys, module, argv):
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    assert exc.value.code == 0
+    return capsys.readouterr().out.strip().splitlines()
+
+
+@pytest.mark.parametrize("cfg_file", ["configs/train_resnet_cifar100.yaml", "configs/hessian_after_pruning.yaml"])
+def test_shipped_gpu_configs_fit_80_gb_with_margin(capsys, tmp_path, cfg_file):
+    from recipes import hessian_after_pruning
+    module = trr if "train" in cfg_file else hessian_after_pruning
+    out = tmp_path / "never"
+    lines = _estimate_lines(capsys, module, ["--config", cfg_file, "--estimate-memory", "--out", str(out)])
+    assert lines[-1].startswith("estimated peak device memory: ") and lines[-1].endswith(" GiB")
+    gib = float(lines[-1].split(": ")[1].split()[0])
+    assert 1.0 < gib <= 75.0
+    assert not out.exists()                                  # nothing written, nothing trained
+    text = "\n".join(lines)
+    for part in ("parameters", "activations per sample", "Lanczos basis"):
+        assert part in text
+
+
+def test_estimate_follows_the_knobs():
+    """Retaining the window's graph costs what the model says; micro-batching a recompute window
+    divides its transient; a basis over half the memory left is not counted (not stored)."""
+    base = dict(n_params=10**6, per_sample=2**20, per_batch=0, batch=1024)
+    q = dict(cycle=100, classical_steps=10, momentum=0, track_sgd=False)
+    ret = memory.estimate_classifier(**base, qode={**q, "hvp": "retain"})
+    rec1 = memory.estimate_classifier(**base, qode={**q, "hvp": "recompute"})
+    rec8 = memory.estimate_classifier(**base, qode={**q, "hvp": "recompute"}, micro_batches=8)
+    from torch_qode.training.config import RETAIN_GRAPH_FACTOR
+    assert ret["components"]["retained graph (hvp='retain')"] == RETAIN_GRAPH_FACTOR * 2**30
+    assert rec8["peak"] < rec1["peak"] < ret["peak"]
+    small = memory.estimate_classifier(**base, qode={**q, "hvp": "recompute"}, check_steps=64, device_bytes=2**40)
+    huge = memory.estimate_classifier(**base, qode={**q, "hvp": "recompute"}, check_steps=64, device_bytes=2**31)
+    assert small["components"]["Lanczos basis (dissipation check)"] == 64 * 10**6 * 8
+    assert huge["components"]["Lanczos basis (dissipation check)"] == 0.0
+
+
+def test_a_gpu_run_over_the_device_memory_is_refused_naming_the_knobs():
+    est = {"peak": 90 * 2**30, "device_bytes": 80 * 10**9, "components": {}, "phases": {},
+           "knobs": ["train.micro_batches", "qode.hvp=recompute"]}
+    with pytest.raises(config.ConfigError, match="train.micro_batches, qode.hvp=recompute"):
+        cli._check_fits(est)
+    cli._check_fits({**est, "peak": 10 * 2**30})
+
+
+def test_every_recipe_takes_estimate_memory(capsys, tmp_path):
+    from recipes import quadratic_ode
+    lines = _estimate_lines(capsys, quadratic_ode, ["--estimate-memory", "--out", str(tmp_path / "q")])
+    assert lines[-1] == "estimated peak device memory: 0.0 GiB"
+
+
+def test_runtime_flags_are_set_and_restored(tmp_path):
+    before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+    restore = cli.apply_runtime({"deterministic": True, "cudnn_benchmark": False})
+    try:
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        restore()
+    assert (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()) == before
+    with pytest.raises(config.ConfigError, match="cudnn_benchmark"):
+        cli._check_runtime({"deterministic": True, "cudnn_benchmark": True})
+    with pytest.raises(config.ConfigError, match="deterministic must be true or false"):
+        cli._check_runtime({"deterministic": "yes", "cudnn_benchmark": False})
+
+
+def test_batch_stream_with_workers_gives_the_same_batches():
+    """Worker processes change nothing in the stream; persistent workers keep the first epoch and are
+    reproducible, but draw no fresh worker seed per epoch, so later epochs take another (seeded) order."""
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(20, 3, generator=g), torch.arange(20))
+
+    def labels(**kw):
+        s = loop.batch_stream(ds, 8, 3, "cpu", **kw)
+        return [next(s)[1].tolist() for _ in range(4)]            # two epochs of 2 batches
+
+    plain = labels()
+    assert labels(num_workers=1, pin_memory=True) == plain
+    persistent = labels(num_workers=1, persistent_workers=True)
+    assert persistent[:2] == plain[:2] and persistent == labels(num_workers=1, persistent_workers=True)
+
+
+def test_data_pipeline_keys_are_checked(tmp_path):
+    with pytest.raises(config.ConfigError, match="data.pin_memory"):
+        trr.main(["--config", "configs/train_resnet_cifar100_cpu.yaml", "data.pin_memory=3",
+                  "--out", str(tmp_path / "o")])
+    with pytest.raises(config.ConfigError, match="train.micro_batches"):
+        trr.main(["--config", "configs/train_resnet_cifar100_cpu.yaml", "train.micro_batches=0",
+                  "--out", str(tmp_path / "o")])

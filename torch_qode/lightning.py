@@ -1,0 +1,251 @@
+"""Lightning integration: :class:`QODECallback` (``pip install 'torch_qode[lightning]'``).
+
+QODE runs under a Lightning ``Trainer`` as it is: automatic optimisation hands ``optimizer.step`` the
+closure QODE needs (training_step, zero_grad, backward), and a manual ``training_step`` passes its own
+(``opt.step(closure)``).  The callback adds what a plain ``Trainer`` cannot know:
+
+* **mid-window checkpoints resume bit for bit.**  A matrix-free window's Taylor terms F1..Fq live in
+  the upload batch's autograd graph, which no checkpoint holds (``QODE.load_state_dict``).  The
+  callback keeps the upload step's batch, its index and the global RNG state before it in the
+  checkpoint, and at the first training batch after a resume rebuilds the expansion from them
+  (:meth:`~torch_qode.QODE.restore_expansion`) through the module's own ``training_step``;
+* **a** :class:`~torch_qode.DissipationMonitor` **driven by Lightning's hooks**: attached to the
+  optimizer (upload verdicts, window ends), a probe spectrum ``monitor.step(k)`` after every step
+  ``k`` on its schedule (and before the first), a download record at every pruning step;
+* **each completed cycle logged** with ``pl_module.log`` (``qode/quantum``, ``qode/proxy_T``,
+  ``qode/drift``, ``qode/drift_lin``, ``qode/loss``, ``qode/support_size``, ``qode/cycle``), so any
+  Lightning logger sees them; the loggers write them when ``log_every_n_steps`` divides ``cycle``.
+
+This module imports Lightning; ``import torch_qode`` does not (``torch_qode.QODECallback`` loads it
+on first use).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import OrderedDict
+from typing import Any, Mapping, Optional
+
+import torch
+
+try:
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.apply_func import apply_to_collection, move_data_to_device
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("torch_qode.lightning needs Lightning: pip install 'torch_qode[lightning]' "
+                      "(or pip install 'lightning>=2.4')") from exc
+
+from .bridge.flat import forked_rng
+from .training.monitor import DissipationMonitor
+from .training.qode import QODE
+
+__all__ = ["QODECallback"]
+
+
+def _rng_state(device: torch.device) -> dict:
+    """The global RNG state that a step on ``device`` draws from (CPU, and its CUDA device)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _loss_of(output: Any) -> Optional[torch.Tensor]:
+    """The loss a ``training_step`` returned (a tensor, or ``{"loss": tensor, ...}``), as Lightning reads it."""
+    if isinstance(output, Mapping):
+        output = output.get("loss")
+    return output if isinstance(output, torch.Tensor) else None
+
+
+@contextlib.contextmanager
+def _silenced(pl_module: "pl.LightningModule"):
+    """``self.log`` / ``self.log_dict`` do nothing inside: a measurement's ``training_step`` logs no metric."""
+    def nothing(*args, **kwargs):
+        return None
+
+    pl_module.log, pl_module.log_dict = nothing, nothing
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
+
+
+class QODECallback(pl.Callback):
+    """Exact mid-window resumes, a driven :class:`~torch_qode.DissipationMonitor` and per-cycle logging
+    for :class:`~torch_qode.QODE` under a Lightning ``Trainer`` (see the module docstring).
+
+    Args:
+        monitor: a :class:`~torch_qode.DissipationMonitor` (or ``None``).  It is attached to the QODE
+            optimizer (``opt.monitor``) unless that already has one, which must then be this one.
+
+    ``configure_optimizers`` must return one :class:`~torch_qode.QODE` optimizer (other optimizers
+    may sit beside it in manual optimisation), and ``accumulate_grad_batches`` must be 1: QODE's
+    upload expands the graph of the closure's loss, which under Lightning's accumulation would be the
+    last micro-batch's alone (accumulate inside one manual closure instead).  A checkpoint holds rank
+    0's upload batch: under DDP the other ranks' own batches are not kept (QODE is one-process yet).
+    """
+
+    def __init__(self, monitor: Optional[DissipationMonitor] = None):
+        if monitor is not None and not isinstance(monitor, DissipationMonitor):
+            raise TypeError(f"monitor must be a DissipationMonitor or None, got {type(monitor).__name__}")
+        self.monitor = monitor
+        self._upload: Optional[dict] = None     # the live window's upload: step, batch, batch_idx, rng
+        self._pending: Optional[dict] = None    # an upload loaded from a checkpoint, to restore from
+        self._before: Optional[tuple] = None    # (step count, upload candidate) at this batch's start
+
+    # ------------------------------------------------------------------------------- set-up
+    @staticmethod
+    def qode(trainer: "pl.Trainer") -> QODE:
+        """The trainer's one QODE optimizer (a clear error when there is none or more than one)."""
+        found = [o for o in trainer.optimizers if isinstance(o, QODE)]
+        if len(found) != 1:
+            raise ValueError(f"QODECallback needs exactly one torch_qode.QODE optimizer from configure_optimizers, "
+                             f"got {len(found)} among {[type(o).__name__ for o in trainer.optimizers]}")
+        return found[0]
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        opt = self.qode(trainer)
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(f"QODECallback: accumulate_grad_batches={trainer.accumulate_grad_batches}: QODE's upload "
+                             "expands the graph of the closure's loss, which would be the last micro-batch's alone; "
+                             "use accumulate_grad_batches=1 (accumulate inside one closure in manual optimisation)")
+        if self.monitor is not None:
+            if opt.monitor is None:
+                opt.monitor = self.monitor
+            elif opt.monitor is not self.monitor:
+                raise ValueError("QODECallback(monitor=...): the QODE optimizer already has another monitor; pass the "
+                                 "same DissipationMonitor to both, or to the callback only")
+        every = trainer.log_every_n_steps
+        if trainer.loggers and every and opt.cycle % every:
+            warnings.warn(f"QODECallback: log_every_n_steps={every} does not divide cycle={opt.cycle}, so Lightning's "
+                          f"loggers write the per-cycle metrics of some cycles only (trainer.callback_metrics has "
+                          f"each); set Trainer(log_every_n_steps=...) to a divisor of {opt.cycle}", stacklevel=2)
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.monitor is not None and self.qode(trainer).step_count == 0:
+            self.monitor.step(0)                  # the state before training, as a plain loop's step(0)
+
+    # --------------------------------------------------------------------------- every batch
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        opt = self.qode(trainer)
+        if self._pending is not None:
+            self._restore(trainer, pl_module, opt)
+        k = opt.step_count
+        if self.monitor is not None and k % opt.cycle == 0 and opt.sparsity > 0:
+            self.monitor.record({"step": k, "event": "download", "download": True})
+        candidate = None
+        if k % opt.cycle == opt.classical_steps and opt.mode != "classical":    # this batch is the upload
+            candidate = {"step": k, "batch_idx": int(batch_idx), "rng": _rng_state(pl_module.device),
+                         "batch": apply_to_collection(batch, torch.Tensor, lambda t: t.detach().clone())}
+        self._before = (k, candidate)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        opt = self.qode(trainer)
+        k = opt.step_count
+        before, candidate = self._before if self._before is not None else (None, None)
+        self._before = None
+        if before is None or k != before + 1:     # no optimizer step on this batch
+            return
+        if candidate is not None:
+            self._upload = candidate if opt.in_quantum_window else None
+        elif not opt.in_quantum_window:
+            self._upload = None                   # the window closed: nothing left to restore
+        if self.monitor is not None:
+            self.monitor.step(k)                  # the state after k steps
+        if k % opt.cycle == 0:
+            self._log_cycle(pl_module, opt.reports[-1])
+
+    def _log_cycle(self, pl_module: "pl.LightningModule", rep) -> None:
+        """The completed cycle's report through ``pl_module.log`` (absent numbers are left out)."""
+        drift = rep.drift or {}
+        proxy = (rep.dissipation or {}).get("proxy")
+        metrics = {"qode/cycle": rep.cycle, "qode/quantum": float(rep.mode == "quantum"),
+                   "qode/proxy_T": None if not proxy else proxy[-1], "qode/drift": drift.get("relative"),
+                   "qode/drift_lin": drift.get("linearization_relative"), "qode/loss": rep.loss_last,
+                   "qode/support_size": rep.support_size}
+        for name, value in metrics.items():
+            if value is not None:
+                pl_module.log(name, float(value), on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """The live window's upload (step, batch, batch index, RNG state), or ``None`` between windows."""
+        return {"upload": self._upload}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = (state_dict or {}).get("upload")
+        self._upload = None
+
+    def _restore(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", opt: QODE) -> None:
+        """After a resume: rebuild a matrix-free window's expansion from the saved upload batch."""
+        up, self._pending = self._pending, None
+        if up is None or not opt.in_quantum_window:
+            return
+        self._upload = up                         # kept for the window's later checkpoints
+        if opt._system is not None:               # None exactly when a resumed matrix-free window still
+            return                                # needs its Taylor terms (explicit ones are in the state)
+        if up["step"] // opt.cycle != opt.step_count // opt.cycle:
+            raise RuntimeError(f"QODECallback: the checkpoint's upload (step {up['step']}) is not the one of the "
+                               f"window the optimizer resumed in (step {opt.step_count}, cycle {opt.cycle})")
+        batch = move_data_to_device(up["batch"], pl_module.device)
+        kwargs = OrderedDict(batch=batch)
+        if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
+            kwargs["batch_idx"] = up["batch_idx"]
+        with forked_rng(list(pl_module.parameters())), _silenced(pl_module):
+            _set_rng_state(up["rng"], pl_module.device)        # dropout draws the upload's masks again
+            if pl_module.automatic_optimization:
+                self._restore_automatic(trainer, opt, kwargs)
+            else:
+                self._restore_manual(trainer, opt, kwargs)
+
+    @staticmethod
+    def _restore_automatic(trainer: "pl.Trainer", opt: QODE, kwargs: OrderedDict) -> None:
+        """Lightning's automatic closure on the upload batch: training_step, zero_grad, backward."""
+        def closure():
+            loss = _loss_of(trainer.strategy.training_step(*kwargs.values()))
+            if loss is None:
+                raise RuntimeError("QODECallback: training_step returned no loss on the upload batch")
+            opt.zero_grad()
+            trainer.strategy.backward(loss, opt)
+            return loss
+
+        opt.restore_expansion(closure)
+
+    @staticmethod
+    def _restore_manual(trainer: "pl.Trainer", opt: QODE, kwargs: OrderedDict) -> None:
+        """The module's own training_step on the upload batch, with ``opt.step(closure)`` turned into
+        ``opt.restore_expansion(closure)``; learning rates and LR schedulers it steps are put back."""
+        calls = []
+
+        def restore(closure=None, **_):
+            calls.append(1)
+            opt.restore_expansion(closure)
+
+        group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+        saved = [s.state_dict() for s in schedulers]
+        had = "step" in opt.__dict__              # an LR scheduler may have wrapped opt.step already
+        previous = opt.__dict__.get("step")
+        opt.step = restore
+        try:
+            trainer.strategy.training_step(*kwargs.values())
+        finally:
+            if had:
+                opt.step = previous
+            else:
+                del opt.step
+            opt.param_groups[0].update(group)
+            for s, sd in zip(schedulers, saved):
+                s.load_state_dict(sd)
+        if len(calls) != 1:
+            raise RuntimeError(f"QODECallback: training_step called the QODE optimizer's step {len(calls)} times on "
+                               "the upload batch; it must call it once (opt.step(closure))")

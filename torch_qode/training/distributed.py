@@ -1,0 +1,172 @@
+"""QODE under torch.distributed: the window's :class:`DistComm` and the agreement of settings.
+
+DESIGN.md, "Distributed semantics".  Under DistributedDataParallel DDP averages the gradients (F0 of
+the window, Eq. II.1); :class:`DistComm` averages every Hessian-vector / third-order product the same
+way (:func:`~torch_qode.bridge.collective.mean_all_reduce`), so F1, F2 and the dissipation check's
+spectrum are the global batch's.  Every decision is made once: the verdict is rank 0's
+(``broadcast_object_list``), the read-out is rank 0's tomography (every rank samples with the same
+seed on the same vector, so the samplers stay in step, and rank 0's estimate is broadcast), a fault
+on any rank ends the window on all (all-reduce MAX).  θ0 and the upload gradient are checked to be
+bit-identical on every rank at each upload (a model without DDP has rank-local gradients).
+
+:func:`agreed` wraps ``QODE.__init__``: one ``all_gather_object`` of the settings, the first
+collective QODE issues, refuses on every rank settings that differ between ranks (or an argument one
+rank refused), naming them, so no rank can hang in a window the others never open.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import torch
+
+from ..bridge.collective import (any_flag, broadcast_object, broadcast_tensor, gather_objects, group_rank,
+                                 group_size, mean_all_reduce, world_group)
+from .comm import Comm, LocalComm, as_comm
+
+__all__ = ["DistComm", "window_comm", "agreed", "settings_of", "check_same_settings", "global_losses",
+           "NOT_REPLICATED"]
+
+#: raised (on every rank) when θ0 or the upload gradient differ between ranks
+NOT_REPLICATED = (
+    "QODE under torch.distributed: at step {k} the parameters or their gradients differ between ranks. "
+    "QODE steps on the gradients it finds in .grad, like every torch optimizer, and the window needs the "
+    "global batch's: wrap the model in torch.nn.parallel.DistributedDataParallel (which averages the "
+    "gradients and starts every rank from rank 0's weights), or all-reduce the gradients (mean) in the "
+    "closure yourself")
+
+
+class DistComm(Comm):
+    """The window's collectives over a torch.distributed process group (≥ 2 ranks).
+
+    ``reduce_hvp``: mean all-reduce (vectors and n×k blocks); ``agree``: rank 0's object;
+    ``broadcast``: rank 0's tensor; ``any``: all-reduce MAX of a flag; ``replicated``: rank 0's tensor
+    broadcast and compared bit for bit on every rank.
+    """
+
+    local = False
+
+    def __init__(self, process_group=None):
+        group = world_group(process_group)
+        if group is None:
+            raise ValueError("DistComm needs torch.distributed initialised with a process group of at least 2 "
+                             "ranks; in one process use LocalComm() (QODE's default)")
+        self.group = group
+        self.rank, self.size = group_rank(group), group_size(group)
+
+    def reduce_hvp(self, v: torch.Tensor) -> torch.Tensor:
+        return mean_all_reduce(v, self.group)
+
+    def agree(self, verdict: Any) -> Any:
+        return broadcast_object(verdict, self.group)
+
+    def broadcast(self, value: torch.Tensor) -> torch.Tensor:
+        return broadcast_tensor(value, self.group)
+
+    def any(self, flag: bool) -> bool:
+        return any_flag(flag, self.group)
+
+    def replicated(self, value: torch.Tensor) -> bool:
+        return not self.any(not torch.equal(self.broadcast(value), value))
+
+    def __repr__(self) -> str:
+        return f"DistComm(rank={self.rank}, size={self.size})"
+
+    def __reduce__(self):
+        """A copy (``copy.deepcopy`` / ``pickle`` of QODE) binds the default group again: a process group
+        cannot be pickled."""
+        import torch.distributed as dist
+
+        if self.group is not dist.group.WORLD:
+            raise TypeError("a QODE over a process group other than the default one cannot be copied or pickled "
+                            "(a process group cannot be); save opt.state_dict() instead")
+        return (DistComm, ())
+
+
+def window_comm(comm: Optional[Comm], process_group=None) -> Comm:
+    """QODE's comm: ``comm`` when given; else :class:`DistComm` over ``process_group`` (or the default group
+    when torch.distributed is initialised) when it has ≥ 2 ranks; else :class:`LocalComm`."""
+    if comm is not None:
+        if process_group is not None:
+            raise ValueError("comm= and process_group= were both given: pass one (comm=DistComm(group) is "
+                             "process_group=group)")
+        return as_comm(comm)
+    group = world_group(process_group)
+    return LocalComm() if group is None else DistComm(group)
+
+
+def _describe(obj) -> Any:
+    """A comparable description of a settings object (its class and public attributes)."""
+    if obj is None:
+        return None
+    attrs = {k: v for k, v in sorted(vars(obj).items()) if not k.startswith("_")} if hasattr(obj, "__dict__") else {}
+    return f"{type(obj).__name__}({', '.join(f'{k}={v!r}' for k, v in attrs.items())})"
+
+
+def settings_of(opt) -> dict:
+    """What must be equal on every rank: the saved config, ``n_params``, the parameter shapes and dtypes,
+    the SGD settings, which tensors prune, and the dissipation check's settings (its HVP count)."""
+    g = opt.param_groups[0]
+    out = {**opt._config(), **{k: float(g[k]) for k in ("lr", "momentum", "weight_decay", "dampening")},
+           "nesterov": bool(g["nesterov"]), "dissipation": _describe(opt.dissipation),
+           "param_shapes": [(tuple(p.shape), str(p.dtype)) for p in opt._params]}
+    if opt.pruner is not None:
+        out["prunable"] = [bool(f) for f in opt.pruner.prunable]
+    return out
+
+
+def check_same_settings(mine: dict, comm: "DistComm") -> None:
+    """One ``all_gather_object`` of every rank's settings (or the error it raised); on every rank, a
+    ``ValueError`` naming what differs from rank 0 (or which rank refused its arguments)."""
+    every = gather_objects(mine, comm.group)
+    errors = [(r, s["error"]) for r, s in enumerate(every) if "error" in s]
+    if errors:
+        raise ValueError("QODE was refused on " + "; ".join(f"rank {r}: {e}" for r, e in errors)
+                         + " (every rank refuses, so that none waits in a collective)")
+    ref = every[0]
+    diffs = []
+    for key in ref:
+        values = [s.get(key) for s in every]
+        if any(v != values[0] for v in values):
+            diffs.append(f"{key} (" + ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values)) + ")")
+    if diffs:
+        raise ValueError("QODE settings differ between ranks: " + "; ".join(diffs) + ". Every rank must build "
+                         "QODE with the same settings and model: the window's collectives and decisions are "
+                         "shared (independent optimizers per rank: pass comm=LocalComm())")
+
+
+def agreed(init):
+    """Decorate ``QODE.__init__``: after it, the settings are compared over the ranks
+    (:func:`check_same_settings`); if it raises on one rank, that rank still takes part in the gather
+    (with its error) before raising, so the others raise too instead of waiting."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except Exception as exc:
+            try:
+                comm = window_comm(kwargs.get("comm"), kwargs.get("process_group"))
+            except Exception:
+                comm = None
+            if isinstance(comm, DistComm):
+                gather_objects({"error": f"{type(exc).__name__}: {exc}"}, comm.group)
+            raise
+        if isinstance(self.comm, DistComm):
+            check_same_settings(settings_of(self), self.comm)
+
+    return __init__
+
+
+def global_losses(measure, rep, comm: Comm):
+    """``measure`` (track_sgd's window-end measurement), then its two losses averaged over the ranks
+    (each rank evaluated its shard), so every rank reports the global batch's."""
+    if comm.local:
+        return measure
+
+    def measure_and_reduce() -> None:
+        measure()
+        for key in ("loss_qode", "loss_sgd"):
+            rep.drift[key] = comm.mean(rep.drift.get(key))
+
+    return measure_and_reduce
