@@ -88,16 +88,18 @@ def drift(theta_q: torch.Tensor, theta_lin: torch.Tensor, snapshot: dict,
     * ``readout``: ``||θ_qode − θ_lin||`` — tomography noise, never-observed components, top-r pruning.
     * ``linearization_order1`` / ``linearization_order1_relative``: the same as ``linearization`` for
       ``θ0 + u⁽¹⁾(T)``, the order-1 state an order ≥ 2 window carries (``theta_lin1``; else ``None``):
-      what an order-1 window would have drifted on the same batches.
+      what an order-1 window would have drifted on the same batches (keys present only then).
     """
     theta0, theta_s, theta_gd = snapshot["theta0"], snapshot["theta_s"], snapshot["theta_gd"]
     moved, moved_gd = float((theta_s - theta0).norm()), float((theta_gd - theta0).norm())
     d, d_lin = float((theta_q - theta_s).norm()), float((theta_lin - theta_gd).norm())
-    d1 = None if theta_lin1 is None else float((theta_lin1 - theta_gd).norm())
-    return {"l2": d, "relative": _rel(d, moved), "linearization": d_lin,
-            "linearization_relative": _rel(d_lin, moved_gd), "readout": float((theta_q - theta_lin).norm()),
-            "linearization_order1": d1, "linearization_order1_relative": None if d1 is None else _rel(d1, moved_gd),
-            "sgd_displacement": moved, "gd_displacement": moved_gd, "loss_qode": None, "loss_sgd": None}
+    out = {"l2": d, "relative": _rel(d, moved), "linearization": d_lin,
+           "linearization_relative": _rel(d_lin, moved_gd), "readout": float((theta_q - theta_lin).norm()),
+           "sgd_displacement": moved, "gd_displacement": moved_gd, "loss_qode": None, "loss_sgd": None}
+    if theta_lin1 is not None:
+        d1 = float((theta_lin1 - theta_gd).norm())
+        out.update(linearization_order1=d1, linearization_order1_relative=_rel(d1, moved_gd))
+    return out
 
 
 def grads_at(params: list, closure: Callable, model, tensors) -> list:
