@@ -58,7 +58,7 @@ DEFAULTS = {
              "noise": "stream", "explicit": None, "track_sgd": True, "eps": 0.01, "hvp": "auto",
              # keyword arguments of torch_qode.core.tomography() that QODE passes through (sign_method, norm,
              # norm_scale, split); QODE sets v, shots, seed, top_r and eps itself
-             "tomography_kwargs": config.OpenSection({"sign_method": "pairs"})},
+             "tomography_kwargs": config.OpenSection({"sign_method": "hadamard"})},
     "dissipation": {"max_error_proxy": 1.0, "min_positive_fraction": 0.5, "cutoff": 0.4, "steps": 64},
     "monitor": {"enabled": True, "probe_batch": 512, "steps": 64, "schedule": "paper", "backend": "torch"},
     "eval_batch_size": 1000,
@@ -107,18 +107,26 @@ def cycle_row(rep, acc: float, acc_sgd: Optional[float]) -> dict:
 
 
 def _check(cfg: dict) -> None:
-    """Every option, before anything is written or trained: explicit checks, then QODE,
-    DissipationCheck and DissipationMonitor built on the run's model shape (on the meta device, no
-    memory) so their own argument checks run now; errors are ConfigErrors naming the key."""
-    import torch.nn.functional as F
+    """Every option, before anything is written or trained (errors are ConfigErrors naming the key)."""
+    from torch_qode.models import cifar_resnet
 
+    classification.check_classification(cfg)
+    classes, channels = classification.DATASETS[cfg["data"]["name"]]
+    with torch.device("meta"):      # the run's model shape, no memory, no random numbers
+        net = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], classes, channels)
+    probe = (torch.zeros(1, channels, 8, 8, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
+    check_sparse_training(cfg, net, probe, F.cross_entropy)
+
+
+def check_sparse_training(cfg: dict, net: torch.nn.Module, probe: tuple, loss_fn) -> None:
+    """The ``train``, ``qode``, ``dissipation`` and ``monitor`` sections of a Fig. 2 recipe: explicit
+    checks, then QODE, DissipationCheck and DissipationMonitor built on ``net`` (the run's model on the
+    meta device, no memory) so their own argument checks run now; errors are ConfigErrors naming the key."""
     from torch_qode.training.monitor import DissipationMonitor
     from torch_qode.bridge.dissipation import DissipationCheck
-    from torch_qode.models import cifar_resnet
     from torch_qode.training.comm import LocalComm
     from torch_qode.training.qode import QODE
 
-    classification.check_classification(cfg)
     config.check_int(cfg["train"]["steps"], "train.steps", 1)
     config.check_int(cfg["train"]["batch_size"], "train.batch_size", 1)
     for key, size in (("train.batch_size", cfg["train"]["batch_size"]), ("monitor.probe_batch",
@@ -126,7 +134,8 @@ def _check(cfg: dict) -> None:
         if isinstance(size, int) and size % launch.world():
             raise config.ConfigError(f"{key} = {size} does not split over {launch.world()} ranks (--nproc): each "
                                      f"rank takes {key} / N samples; pick a multiple of {launch.world()}")
-    config.check_int(cfg["train"]["micro_batches"], "train.micro_batches", 1, cfg["train"]["batch_size"])
+    if "micro_batches" in cfg["train"]:         # the recipes whose closures micro-batch
+        config.check_int(cfg["train"]["micro_batches"], "train.micro_batches", 1, cfg["train"]["batch_size"])
     q = cfg["qode"]
     config.check_real(q["lr"], "qode.lr", 0.0, low_open=True)
     cycle = config.check_int(q["cycle"], "qode.cycle", 1)
@@ -154,9 +163,6 @@ def _check(cfg: dict) -> None:
         probe_check = DissipationCheck(seed=cfg["seed"], **{**d, "steps": m["steps"]})
     except (TypeError, ValueError) as exc:
         raise config.keyed_error("monitor", exc, ("steps",)) from None
-    classes, channels = classification.DATASETS[cfg["data"]["name"]]
-    with torch.device("meta"):      # the run's model shape, no memory, no random numbers
-        net = cifar_resnet(cfg["model"]["depth"], cfg["model"]["widen"], classes, channels)
     names = [n for n, _ in net.named_parameters()]
     for opts in ([q] + ([{**q, "mode": "classical", "track_sgd": False}] if cfg["train"]["baseline"] else [])):
         try:
@@ -173,8 +179,7 @@ def _check(cfg: dict) -> None:
                 raise config.ConfigError(f"{key}: {exc}") from None
             raise config.keyed_error("qode", exc, q) from None
     try:
-        probe = (torch.zeros(1, channels, 8, 8, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
-        DissipationMonitor(net, F.cross_entropy, probe, lr=q["lr"], window=cycle - q["classical_steps"],
+        DissipationMonitor(net, loss_fn, probe, lr=q["lr"], window=cycle - q["classical_steps"],
                            schedule=m["schedule"], backend=m["backend"], check=probe_check)
     except (TypeError, ValueError) as exc:
         raise config.keyed_error("monitor", exc, m) from None

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from typing import Any, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 
 try:
     import lightning.pytorch as pl
@@ -88,8 +89,9 @@ class QODECallback(pl.Callback):
     ``configure_optimizers`` must return one :class:`~torch_qode.QODE` optimizer (other optimizers
     may sit beside it in manual optimisation), and ``accumulate_grad_batches`` must be 1: QODE's
     upload expands the graph of the closure's loss, which under Lightning's accumulation would be the
-    last micro-batch's alone (accumulate inside one manual closure instead).  A checkpoint holds rank
-    0's upload batch: under DDP the other ranks' own batches are not kept (QODE is one-process yet).
+    last micro-batch's alone (accumulate inside one manual closure instead).  Under DDP a checkpoint
+    holds every rank's upload batch (gathered when Lightning saves it, on every rank), and each rank
+    restores from its own; resuming inside a window needs the same number of ranks.
     """
 
     def __init__(self, monitor: Optional[DissipationMonitor] = None):
@@ -178,11 +180,21 @@ class QODECallback(pl.Callback):
 
     # ------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """The live window's upload (step, batch, batch index, RNG state), or ``None`` between windows."""
-        return {"upload": self._upload}
+        """The live window's upload (step, batch, batch index, RNG state), or ``None`` between windows;
+        under torch.distributed also every rank's (``"ranks"``: a collective, Lightning asks every rank)."""
+        return {"upload": self._upload, "ranks": _gathered(self._upload)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._pending = (state_dict or {}).get("upload")
+        state_dict = state_dict or {}
+        ranks, up = state_dict.get("ranks"), state_dict.get("upload")
+        world, rank = _world()
+        if ranks is not None and any(r is not None for r in ranks):
+            if len(ranks) != world:
+                raise ValueError(f"QODECallback: the checkpoint was taken inside a quantum window on {len(ranks)} "
+                                 f"ranks, this run has {world}: the window's Taylor terms are each rank's upload "
+                                 f"batch; resume with {len(ranks)} ranks, or from a checkpoint between windows")
+            up = ranks[rank]
+        self._pending = up
         self._upload = None
 
     def _restore(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", opt: QODE) -> None:
@@ -249,3 +261,20 @@ class QODECallback(pl.Callback):
         if len(calls) != 1:
             raise RuntimeError(f"QODECallback: training_step called the QODE optimizer's step {len(calls)} times on "
                                "the upload batch; it must call it once (opt.step(closure))")
+
+
+def _world() -> tuple[int, int]:
+    """``(world size, rank)`` of torch.distributed's default group (``(1, 0)`` when not initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _gathered(upload: Optional[dict]) -> Optional[list]:
+    """Every rank's ``upload`` (tensors on the CPU) under torch.distributed with ≥ 2 ranks, else ``None``."""
+    if _world()[0] == 1:
+        return None
+    mine = None if upload is None else apply_to_collection(upload, torch.Tensor, lambda t: t.detach().cpu())
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out

@@ -189,7 +189,11 @@ def test_the_monitor_as_a_callback_records_on_schedule(tmp_path):
     lit, opt = fit(lit, trainer(epochs=3, callbacks=[QODECallback(monitor=mon)]))
     assert opt.monitor is mon
     events = [(r["event"], r["step"]) for r in mon.records]
-    assert [s for e, s in events if e == "spectrum"] == [0, 3, 8, 12]
+    # spectra scheduled inside a window that holds its graph (steps 3 and 12) wait for its end: the one
+    # of step 3 is taken at step 8 and says so; the window around step 12 outlasts the run
+    spectra = [r for r in mon.records if r["event"] == "spectrum"]
+    assert [r["step"] for r in spectra] == [0, 8]
+    assert [r.get("deferred_from") for r in spectra] == [None, [3]]
     assert [s for e, s in events if e == "download"] == [0, 8]
     assert [s for e, s in events if e == "upload"] == [2, 10]
     assert [r.mode for r in opt.reports] == ["quantum", "quantum"]
@@ -276,3 +280,36 @@ def test_bad_monitor_arguments():
     lit.kwargs["monitor"] = monitor_for(lit.net)
     with pytest.raises(ValueError, match="already has another monitor"):
         fit(lit, trainer(epochs=1, callbacks=[QODECallback(monitor=monitor_for(lit.net))]))
+
+
+# --------------------------------------------------------------------------------- DDP
+def upload_of(rank):
+    return {"step": 2, "batch_idx": 2, "rng": {"cpu": torch.get_rng_state()},
+            "batch": (torch.full((3, 4), float(rank)), torch.full((3, 1), -float(rank)))}
+
+
+def ddp_checkpoint_worker(rank, world):
+    """Each rank's callback saves (a collective); rank 0's dict is the checkpoint every rank loads."""
+    import torch.distributed as dist
+    cb = QODECallback()
+    cb._upload = upload_of(rank)
+    saved = cb.state_dict()
+    ckpt = [saved if rank == 0 else None]
+    dist.broadcast_object_list(ckpt, src=0)       # what Lightning writes: rank 0's
+    fresh = QODECallback()
+    fresh.load_state_dict(ckpt[0])
+    return fresh._pending["batch"][0][0, 0].item(), len(saved["ranks"])
+
+
+def test_a_ddp_checkpoint_keeps_every_ranks_upload_batch():
+    from tests._dist import run_ranks
+    assert run_ranks("tests.apps.test_lightning:ddp_checkpoint_worker", timeout=120) == [(0.0, 2), (1.0, 2)]
+
+
+def test_a_mid_window_ddp_checkpoint_needs_the_same_number_of_ranks():
+    cb = QODECallback()
+    with pytest.raises(ValueError, match="inside a quantum window on 2 ranks, this run has 1"):
+        cb.load_state_dict({"upload": upload_of(0), "ranks": [upload_of(0), upload_of(1)]})
+    cb.load_state_dict({"upload": None, "ranks": [None, None]})      # between windows: any number of ranks
+    assert cb._pending is None
+    assert QODECallback().state_dict()["ranks"] is None                # one process: nothing gathered

@@ -125,7 +125,7 @@ def test_hadamard_signs_need_fewer_shots_than_pairs():
     # pairs: a component of weight p_a needs ~1/p_a pair shots of its own (O(r²) in all);
     # hadamard: one hit on a settles its sign (O(r log r), like the support)
     v = sparse_vector(2000, 200, 12)
-    pairs = sum(tomography(v, 10**5, seed=k).sign_errors for k in range(3))
+    pairs = sum(tomography(v, 10**5, seed=k, sign_method="pairs").sign_errors for k in range(3))
     had = sum(tomography(v, 10**5, seed=k, sign_method="hadamard").sign_errors for k in range(3))
     assert had < pairs / 5, (had, pairs)
 
@@ -331,3 +331,43 @@ def test_pair_signs_ties_read_plus_directly():
     for seed in range(5):
         signs = pair_signs(np.random.default_rng(seed), w, w.copy(), 1)   # pairs 1..3 get 0 shots
         np.testing.assert_array_equal(signs, np.ones(4))
+
+
+# ------------------------------------------------------------------------- the readout error model
+@pytest.mark.parametrize("sign_method", ["hadamard", "pairs"])
+@pytest.mark.parametrize("kind", ["gauss", "heavy"])
+def test_error_model_names_the_shots_that_give_ten_percent(sign_method, kind):
+    """At the shots shots_for_error names for 10 %, simulated readouts measure 10 % (within a tenth);
+    at 30× fewer or more shots the model follows the measurement (hadamard within 20 %; pairs, a normal
+    approximation of its pair counts, within 35 %)."""
+    from torch_qode.core.readout_model import expected_relative_error, shots_for_error
+
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=1500) if kind == "gauss" else rng.standard_t(3, size=1500)
+    need = shots_for_error(v, 0.1, sign_method=sign_method)
+    assert expected_relative_error(v, need, sign_method=sign_method) <= 0.1 \
+        < expected_relative_error(v, int(need * 0.97), sign_method=sign_method)
+    errs = [tomography(v, need, seed=s, sign_method=sign_method).relative_error for s in range(6)]
+    assert 0.09 < np.mean(errs) < 0.11, errs
+    for shots in (need // 30, need * 30):
+        model = expected_relative_error(v, shots, sign_method=sign_method)
+        meas = np.mean([tomography(v, shots, seed=s, sign_method=sign_method).relative_error for s in range(3)])
+        assert abs(model - meas) < (0.2 if sign_method == "hadamard" else 0.35) * meas, (shots, model, meas)
+
+
+def test_error_model_explains_the_default_change():
+    """Issue 13: a 2,000-component vector at 10⁶ shots reads with ~0.87 error by pairs, ~0.035 by hadamard."""
+    from torch_qode.core.readout_model import expected_relative_error
+
+    v = np.random.default_rng(0).normal(size=2000)
+    had, pairs = (expected_relative_error(v, 10**6, sign_method=m) for m in ("hadamard", "pairs"))
+    assert 0.025 < had < 0.05 and 0.7 < pairs < 1.0
+    assert expected_relative_error(v, 10**6, norm="exact") < had      # no norm stage, less error
+    assert expected_relative_error(v, None) == 0.0
+
+
+def test_a_sign_scheme_without_an_error_model_says_so():
+    from torch_qode.core.readout import SignScheme
+
+    with pytest.raises(NotImplementedError, match="has no error model"):
+        SignScheme().sign_error(np.ones(3) / np.sqrt(3), 10)

@@ -31,6 +31,7 @@ import torch.nn as nn
 from . import flat as _flat
 from .collective import any_flag, hvp_group, mean_all_reduce, refuse_sharded, unwrap
 from .._checks import check_choice, check_int, check_real, require_int
+from .kernels import double_backward_kernels
 from .lanczos import _REORTH, _check_tol, _generator, hutchinson_trace, lanczos, top_eigenvalues
 
 __all__ = ["Density", "smooth_density", "slq_density", "error_proxy", "positive_fraction", "Spectrum",
@@ -234,6 +235,7 @@ class Spectrum:
 
 
 
+@double_backward_kernels()      # its forward is differentiated twice: math attention, compiled code eager
 def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str = "torch", support=None,
                      params=None, top_k: int = 1, trace_samples: int = 100, steps: int = 64, runs: int = 1,
                      grid: int = 256, sigma: Optional[float] = None, seed: int = 0,
@@ -252,7 +254,8 @@ def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str
     ``which`` must be ``"magnitude"``, the default there), PyHessian's trace loop (``trace_samples``
     at most, ``tol``) and its fully
     reorthogonalised Lanczos (``steps``, ``runs``); the whole parameter vector only.  Densities of
-    both backends go through :func:`smooth_density`.
+    both backends go through :func:`smooth_density`.  The forward runs under
+    :func:`~torch_qode.bridge.kernels.double_backward_kernels` (attention layers, compiled models).
 
     Under torch.distributed, with a DistributedDataParallel ``model`` or ``process_group=``, each rank
     passes its shard of the batch and every Hessian-vector product is averaged over the ranks (as DDP

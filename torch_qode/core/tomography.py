@@ -40,12 +40,14 @@ from .readout import SIGN_SCHEMES
 from .readout import hadamard_signs as _hadamard_signs, pair_signs as _pair_signs  # noqa: F401
 
 __all__ = ["tomography", "TomographyResult", "coupon_collector_expected_draws", "coupon_cost",
-           "shadow_cost", "DEFAULT_SPLIT", "SIGN_METHODS", "SIGN_SCHEMES"]
+           "shadow_cost", "DEFAULT_SPLIT", "DEFAULT_SIGN_METHOD", "SIGN_METHODS", "SIGN_SCHEMES"]
 
 #: Default share of a shot budget per stage (renormalised over the stages that actually run).
 DEFAULT_SPLIT = {"support": 0.5, "signs": 0.4, "norm": 0.1}
 #: Sign-stage circuits of :func:`tomography`: the registry of :mod:`torch_qode.core.readout`.
 SIGN_METHODS = SIGN_SCHEMES
+#: The default sign circuits: ``O(r log r)`` shots (``"pairs"`` needs ``O(r²)``).
+DEFAULT_SIGN_METHOD = "hadamard"
 _STAGES = ("support", "signs", "norm")
 
 
@@ -207,7 +209,7 @@ class TomographyResult:
 def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, float] = None,
                norm_scale: Optional[float] = None, top_r: Optional[int] = None,
                eps: Optional[float] = None, split: Optional[Mapping[str, float]] = None,
-               sign_method: str = "pairs") -> TomographyResult:
+               sign_method: str = DEFAULT_SIGN_METHOD) -> TomographyResult:
     """Read back a real vector ``v`` from the simulated state ``|v>/||v||`` with finite shots.
 
     Parameters
@@ -242,9 +244,10 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
         :data:`DEFAULT_SPLIT`, partial dicts update it); renormalised over the stages that run
         (no ``"norm"`` stage when the norm is given).  Each running stage gets ≥ 1 shot.
     sign_method:
-        A name in ``SIGN_SCHEMES`` (:mod:`torch_qode.core.readout`): ``"pairs"`` (default;
-        interference of each component with a reference component) or ``"hadamard"``
-        (interference with a reference state); see below.
+        A name in ``SIGN_SCHEMES`` (:mod:`torch_qode.core.readout`): ``"hadamard"`` (default;
+        interference with a reference state, ``O(r log r)`` shots) or ``"pairs"`` (interference of
+        each component with a reference component, ``O(r²)`` shots); see below.  The expected error
+        and the shots for a target error: :mod:`torch_qode.core.readout_model`.
 
     Sign circuits, ``sign_method="pairs"``
     --------------------------------------

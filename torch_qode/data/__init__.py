@@ -1,5 +1,6 @@
 """Datasets of the recipes: CIFAR-100 (torchvision's real loader), a CIFAR-100-format fixture writer,
-and scikit-learn's bundled digits; plus seeded DataLoaders.
+scikit-learn's bundled digits and the Python standard library's sources as character-level text; plus
+seeded DataLoaders.
 
 Floor 4 (applications). torchvision and scikit-learn are imported only when a dataset is built, so
 ``import torch_qode.data`` works with the base install.
@@ -15,10 +16,11 @@ from .._checks import check_int
 from .cifar import CIFAR100_MEAN, CIFAR100_STD, DatasetNotFoundError, cifar100, cifar100_transform
 from .digits import DIGITS_CLASSES, digits, digits_split_sizes, digits_tensors
 from .fixtures import FIXTURE_MARKER, write_cifar100_fixture
+from .stdlib_text import CharCorpus, char_batches, char_windows, stdlib_corpus, stdlib_files
 
 __all__ = ["cifar100", "cifar100_transform", "CIFAR100_MEAN", "CIFAR100_STD", "DatasetNotFoundError",
            "write_cifar100_fixture", "FIXTURE_MARKER", "digits", "digits_tensors", "digits_split_sizes",
-           "DIGITS_CLASSES",
+           "DIGITS_CLASSES", "CharCorpus", "stdlib_corpus", "stdlib_files", "char_batches", "char_windows",
            "loader", "loaders"]
 
 

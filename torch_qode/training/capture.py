@@ -9,10 +9,36 @@ import torch
 
 from .._checks import as_real
 from ..bridge import flat as _flat
+from ..bridge.kernels import double_backward_kernels
 from ..bridge.recompute import backward_losses, replaying_backward
 
 __all__ = ["capture_backward", "NoiseTape", "loss_value", "holding", "own_grads", "measuring",
-           "upload_graph", "Replay", "rng_state", "frozen_closure", "saved_bytes"]
+           "upload_graph", "Replay", "rng_state", "frozen_closure", "saved_bytes", "NEEDS_CLOSURE",
+           "checked_closure"]
+
+#: ``QODE.step()`` without a closure: why one is needed, and the two-line fix.
+NEEDS_CLOSURE = (
+    "QODE.step() needs a closure that re-evaluates the loss and calls loss.backward(), as torch.optim.LBFGS "
+    "does: a quantum window re-evaluates every batch's gradient at θ0, and the upload differentiates the "
+    "loss graph twice. Move the forward and backward into a closure:\n"
+    "    def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss\n"
+    "    opt.step(closure)")
+
+
+def checked_closure(closure, params: list):
+    """``closure`` that raises, once it has run, if it left every ``.grad`` of ``params`` as it found
+    it (it never called ``backward()``).  QODE wraps the closure of its first step only: the classical
+    hot path pays nothing."""
+    def run():
+        before = [p.grad for p in params]        # held: an accumulation then replaces the tensor
+        versions = [None if g is None else g._version for g in before]
+        out = closure()
+        if all(p.grad is g and (g is None or g._version == v) for p, g, v in zip(params, before, versions)):
+            raise RuntimeError("QODE: the closure did not call loss.backward(): no parameter's .grad changed. "
+                               "The closure must compute the loss and backward it (def closure(): "
+                               "opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss)")
+        return out
+    return run
 
 
 @contextlib.contextmanager
@@ -196,7 +222,8 @@ class Replay:
             raise RuntimeError("one of the parameters was modified by an inplace operation since the "
                                "expansion batch was evaluated (hvp='recompute' replays it at θ0)")
         cpu, cuda = self.rng
-        with own_grads(self.params), torch.enable_grad(), measuring(self.params, self.model):
+        with own_grads(self.params), torch.enable_grad(), measuring(self.params, self.model), \
+                double_backward_kernels():
             torch.set_rng_state(cpu)
             for d, st in cuda:
                 torch.cuda.set_rng_state(st, d)

@@ -13,11 +13,12 @@ from .._checks import as_real, check_bool, check_choice, check_int, check_option
 from ..bridge.taylor import EXPLICIT_BUDGET_BYTES
 from ..core.carleman import FORMS, default_max_bytes
 from ..core.solvers import SOLVERS, WindowSolver, make_solver
-from ..core.tomography import tomography
+from ..core.readout_model import expected_relative_error, shots_for_error
+from ..core.tomography import DEFAULT_SIGN_METHOD, tomography
 
 __all__ = ["QODEConfig", "make_config", "check_sgd_settings", "check_trainable", "MODES", "UPLOADS", "NOISES",
            "CARLEMAN_STATES", "EXPLICIT_MAX_SUPPORT", "use_explicit", "carleman_state_for", "HVPS", "choose_hvp",
-           "RETAIN_BUDGET_BYTES_CPU", "RETAIN_GRAPH_FACTOR"]
+           "RETAIN_BUDGET_BYTES_CPU", "RETAIN_GRAPH_FACTOR", "READOUT_WARN_ERROR", "readout_warning"]
 
 MODES = ("auto", "quantum", "classical")
 UPLOADS = ("dense", "sparse")
@@ -39,6 +40,9 @@ RETAIN_GRAPH_FACTOR = 9.0
 #: ``explicit=None`` builds explicit Taylor terms up to this support size (cheap to build, exact to
 #: resume); beyond it the terms are Hessian-vector / third-derivative products (matrix-free).
 EXPLICIT_MAX_SUPPORT = 128
+
+#: QODE warns (once) when the tomography error model predicts more than this relative readout error.
+READOUT_WARN_ERROR = 0.1
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class QODEConfig:
 
     def readout_options(self) -> dict:
         """Keyword arguments of ``tomography`` besides the vector, shots, seed and eps."""
-        return {"norm": None if self.shots else "exact", **self.tomography_kwargs}
+        return {"norm": None if self.shots else "exact", "sign_method": DEFAULT_SIGN_METHOD, **self.tomography_kwargs}
 
     def saved(self) -> dict:
         """The settings a saved state depends on (``load_state_dict`` compares them)."""
@@ -277,3 +281,25 @@ def check_saved_config(saved: dict, current: dict) -> None:
     if mismatch:
         raise ValueError("state_dict was saved by a QODE with other settings: " + ", ".join(
             f"{k}={old!r} there vs {new!r} here" for k, (new, old) in mismatch.items()))
+
+
+def readout_warning(cfg: QODEConfig, values: torch.Tensor) -> Optional[str]:
+    """Why ``cfg.shots`` cannot resolve ``values`` (the weights a window reads: θ0 on S), naming the shots
+    that give :data:`READOUT_WARN_ERROR`, or ``None`` (exact readout, a scheme without an error model, or
+    a predicted error within it).  The core's model: :mod:`torch_qode.core.readout_model`."""
+    if cfg.shots is None or not bool(values.any()):
+        return None
+    opts = cfg.readout_options()
+    model = {k: opts.get(k) for k in ("sign_method", "split", "norm", "norm_scale")}
+    try:
+        err = expected_relative_error(values, cfg.shots, **model)
+    except NotImplementedError:
+        return None
+    if err <= READOUT_WARN_ERROR:
+        return None
+    need = shots_for_error(values, READOUT_WARN_ERROR, **model)
+    r = int(torch.count_nonzero(values))
+    return (f"QODE: shots={cfg.shots:,} cannot resolve the {r:,} weights the readout reads: the tomography error "
+            f"model predicts a relative readout error of {err:.2g} with sign_method={model['sign_method']!r}; "
+            f"about shots={need:,} give {READOUT_WARN_ERROR:.0%} "
+            "(torch_qode.core.readout_model.shots_for_error)")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..bridge import flat as _flat
+from ..bridge.kernels import KERNELS, double_backward_kernels, missing_double_backward
 from . import window as _w
 from ..bridge.norms import fused_norm_nodes
 from .capture import Replay, capture_backward, measuring, own_grads, rng_state, saved_bytes, upload_graph
@@ -67,7 +68,13 @@ def write_params(params: list, flat: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------- upload
 def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
     """c = classical_steps (``mode`` quantum or auto): expand this step's loss at θ0 on S and open
-    the window (its step t = 0 included), or train the step classically and say why."""
+    the window (its step t = 0 included), or train the step classically and say why.
+
+    The closure runs under :func:`~torch_qode.bridge.kernels.double_backward_kernels` (math attention,
+    compiled code eager): its graph is differentiated twice.  A graph that still has no double
+    backward trains this step classically with the reason; any other exception after the closure
+    leaves the optimizer as before the step (no window, the report as it was), so a retry is the run
+    that never failed."""
     rep, params = s.rep, s.params
     support = None
     if s.cfg.upload == "sparse" and s.pruner is not None:
@@ -76,6 +83,25 @@ def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
     hvp, run = expansion_closure(s)
     with run() as cap, _w.flop_count() as flops:   # FLOPs counted for the ledger's classical cost
         loss = detached(s.closure())             # the caller never holds the retained graph
+    before = rep.state()
+    try:
+        return _open(s, rng, dissipation, loss, cap, support, hvp)
+    except BaseException as exc:
+        if s.win is not None:                    # the model still holds θ0: nothing was written
+            s.win.release()
+            s.win = None
+        for key, value in before.items():
+            setattr(rep, key, value)
+        why = missing_double_backward(exc)
+        if why is None:
+            raise
+        s.fault(f"upload failed: {why}")
+        return go_classical(s, why, loss, update=True)
+
+
+def _open(s: StepContext, rng: np.random.Generator, dissipation, loss, cap: dict, support, hvp: str) -> Any:
+    """The upload after its closure: the window opened on the captured graph (or a replay) and its step t = 0."""
+    rep, params = s.rep, s.params
     if s.comm.any(not all_finite_sync(loss, params)):   # one rank's NaN: every rank skips
         s.fault("non-finite loss or gradient at upload: update skipped")
         return go_classical(s, "non-finite loss or gradient at upload", loss, update=False)
@@ -103,6 +129,7 @@ def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
     if opened is not None:                       # the monitor keeps its spectra outside retained windows
         opened(s.k, dict(rep.carleman))
     rep.mode = "quantum"
+    rep.carleman["kernels"] = KERNELS
     advance(s, _w.flat_grads(params))
     return loss
 
@@ -124,7 +151,7 @@ def expansion_closure(s: StepContext) -> tuple:
 
     @contextlib.contextmanager
     def run():
-        with torch.enable_grad(), capture_backward(retain=hvp != "recompute",
+        with torch.enable_grad(), double_backward_kernels(), capture_backward(retain=hvp != "recompute",
                                                    inspect=fused_norm_nodes if hvp == "recompute" and deg2
                                                    else None) as cap, \
                 (saved_bytes() if hvp == "auto" else contextlib.nullcontext({})) as meter:
@@ -180,7 +207,12 @@ def window_step(s: StepContext) -> Any:
         abort(s, "non-finite loss or gradient inside the quantum window")
         return loss
     if resumed:
-        why = _w.reexpand(w, graph, s.params, s.cfg, s.comm)
+        try:
+            why = _w.reexpand(w, graph, s.params, s.cfg, s.comm)
+        except RuntimeError as exc:
+            why = missing_double_backward(exc)
+            if why is None:
+                raise
         if why is not None:
             abort(s, f"re-expansion after resume failed: {why}")
             return loss
@@ -250,7 +282,7 @@ def restore_expansion(win: _w.WindowState, closure: Callable, params: list, cfg:
     recompute = cfg.hvp == "recompute" and model is not None
     deg2 = min(cfg.taylor_degree, cfg.carleman_order) >= 2
     rng = rng_state(params)
-    with own_grads(params), torch.enable_grad(), measuring(params, model), \
+    with own_grads(params), torch.enable_grad(), measuring(params, model), double_backward_kernels(), \
             capture_backward(retain=not recompute, inspect=fused_norm_nodes if recompute and deg2 else None) as cap:
         closure()
         grad = _w.flat_grads(params)

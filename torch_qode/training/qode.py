@@ -30,6 +30,7 @@ end) are the functions of :mod:`~torch_qode.training.cycle`, and their maths the
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -40,13 +41,13 @@ from ..bridge import flat as _flat
 from ..bridge.dissipation import DissipationCheck
 from ..bridge.pruning import MagnitudePruner
 from . import cycle as _cycle, window as _w
-from .capture import loss_value
+from .capture import NEEDS_CLOSURE, checked_closure, loss_value
 from .classical import MaskedSGD, classical_step
 from ..bridge.collective import refuse_sharded
 from .comm import Comm
 from .distributed import agreed, window_comm
 from .config import (MODES, NOISES, UPLOADS, check_budget, check_saved_config, check_sgd_settings,
-                     check_trainable, make_config)
+                     check_trainable, make_config, readout_warning)
 from .report import CycleReport, download_record
 from .window import EXPLICIT_MAX_SUPPORT, KAPPA_MAX_UNKNOWNS  # noqa: F401  (public constants)
 
@@ -101,7 +102,7 @@ class QODE(Optimizer):
             that θ0 and ∇L are the same on every rank.  Settings that differ between ranks are refused
             here, on every rank.
         tomography_kwargs: extra keyword arguments of :func:`~torch_qode.tomography.tomography`
-            (``sign_method``, ``split``, ``norm_scale``, …).
+            (``sign_method``: ``"hadamard"`` by default, ``"pairs"``; ``split``, ``norm_scale``, …).
         hvp: how a matrix-free window takes its Hessian-vector (and third-order) products:
             ``"retain"`` keeps the upload batch's autograd graph for the whole window; ``"recompute"``
             keeps only the upload closure (its free variables bound at the upload) and replays it on
@@ -109,7 +110,8 @@ class QODE(Optimizer):
             product block, so no graph is held between steps — a closure of micro-batches peaks at one
             micro-batch's double backward (needs ``model=``); ``"auto"`` retains when the estimated
             graph fits the free device memory (``config.RETAIN_BUDGET_BYTES_CPU`` off a GPU), else
-            recomputes (without ``model=`` or under torch.distributed: retains).  The report's ``carleman["hvp"]`` says which.
+            recomputes (without ``model=`` or under torch.distributed: retains).  The report's
+            ``carleman["hvp"]`` says which.
         model: the module the parameters belong to (optional).  With it, the closures QODE evaluates
             only to measure (``track_sgd``'s shadows, ``restore_expansion``) run with BatchNorm
             running statistics frozen, so measuring never changes the trained model (they always
@@ -120,6 +122,8 @@ class QODE(Optimizer):
     sparse gradients train classically only.  The closure may return anything (its value is
     reported when it is one number).  ``copy.deepcopy`` and ``pickle`` keep the whole state.
     """
+
+    _closure_checked = _readout_checked = True   # a QODE pickled before these checks existed skips them
 
     @agreed
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, *,
@@ -187,6 +191,8 @@ class QODE(Optimizer):
         self._k = 0
         self._win: Optional[_w.WindowState] = None   # the live quantum window
         self._masked = MaskedSGD()            # classical steps without a host sync
+        self._closure_checked = False         # the first step checks that the closure calls backward()
+        self._readout_checked = False         # the first window checks that the shots resolve its readout
         self._own_keys = tuple(k for k in self.__dict__ if k not in base_keys)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -231,11 +237,13 @@ class QODE(Optimizer):
 
     # ----------------------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor]):  # type: ignore[override]
-        """One training step; ``closure`` re-evaluates the loss and calls ``backward()`` (as for LBFGS)."""
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):  # type: ignore[override]
+        """One training step; ``closure`` re-evaluates the loss and calls ``backward()`` (as for LBFGS).
+        The first step checks that it does (any ``.grad`` changed)."""
         if closure is None or not callable(closure):
-            raise TypeError("QODE.step needs a closure that re-evaluates the loss and calls loss.backward() "
-                            "(as torch.optim.LBFGS does): the quantum window re-evaluates gradients at θ0")
+            raise TypeError(NEEDS_CLOSURE)
+        if not self._closure_checked:
+            closure = checked_closure(closure, self._params)
         c = self._k % self.cycle
         if c == 0:
             self._download()
@@ -253,6 +261,13 @@ class QODE(Optimizer):
             finally:
                 self._win = s.win
             post = s.post
+            if not self._readout_checked and self._win is not None:
+                self._readout_checked = True      # once: the first window's θ0 on S
+                why = readout_warning(self.cfg, self._win.theta0 if self._win.support is None
+                                      else self._win.theta0[self._win.support])
+                if why is not None:
+                    warnings.warn(why, stacklevel=4)   # the caller of opt.step (no_grad, step hooks)
+        self._closure_checked = True
         if c in (0, self.cycle - 1):   # two host syncs per cycle, not one per step
             value = self.comm.mean(loss_value(loss))   # the global batch's under DDP (equal shards)
             if c == 0:

@@ -22,3 +22,8 @@ class SignScheme:
 
     def signs(self, rng: np.random.Generator, w: np.ndarray, mags: np.ndarray, shots: int) -> np.ndarray:
         raise NotImplementedError   # pragma: no cover - abstract
+
+    def sign_error(self, w: np.ndarray, shots: int) -> np.ndarray:
+        """Probability that each component's sign reads wrong (``w = v / ||v||`` observed, decreasing
+        ``|w|``), for :func:`~torch_qode.core.readout_model.expected_relative_error`."""
+        raise NotImplementedError(f"sign scheme {self.name!r} has no error model")

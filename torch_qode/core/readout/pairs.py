@@ -11,6 +11,7 @@ then to the pairs in decreasing count order.  ``O(r²)`` sign shots in all.
 from __future__ import annotations
 
 import numpy as np
+import scipy.special
 
 from .base import SignScheme
 
@@ -48,3 +49,13 @@ class PairSigns(SignScheme):
 
     def signs(self, rng, w, mags, shots):
         return pair_signs(rng, w, mags, shots)
+
+    def sign_error(self, w, shots):
+        """Pair ``a`` gets ``m = shots/k`` shots; ``n₊ − n₋`` has mean ``2m·w_a w_ref`` and variance
+        ``m(w_a² + w_ref²)`` (normal approximation: wrong with ``Φ(−|mean|/sd)``, ½ without shots)."""
+        m = shots / max(w.size, 1)
+        wr = w[0]
+        z = 2 * np.sqrt(m) * np.abs(w * wr) / np.sqrt(w * w + wr * wr)
+        out = 0.5 * scipy.special.erfc(z / np.sqrt(2))
+        out[0] = 0.0                              # the reference (its global sign is ignored)
+        return out
