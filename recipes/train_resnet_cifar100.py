@@ -53,6 +53,7 @@ DEFAULTS = {
     "train": {"steps": 1000, "batch_size": 2048, "baseline": True, "micro_batches": 1},
     "qode": {"lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "mode": "auto", "cycle": 100,
              "classical_steps": 10, "sparsity": 0.9, "upload": "dense", "carleman_order": 1,
+             "carleman_state": "auto", "max_rank": None,
              "taylor_degree": 2, "form": "discrete", "solver": "forward", "kappa_a": None, "shots": None,
              "noise": "stream", "explicit": None, "track_sgd": True, "eps": 0.01, "hvp": "auto",
              # keyword arguments of torch_qode.core.tomography() that QODE passes through (sign_method, norm,
@@ -63,9 +64,20 @@ DEFAULTS = {
     "eval_batch_size": 1000,
 }
 
-#: Columns of the per-cycle table (the README shows one from a real run).
+#: Columns of the per-cycle table (the README shows one from a real run).  ``gates/FLOP``: the window's
+#: gate count (the ``gates`` column) over the FLOPs of the same window run classically (T SGD steps).
 TABLE_COLUMNS = ["cycle", "mode", "why", "proxy(T)", "drift", "drift_lin", "acc", "acc_sgd", "qubits", "gates",
-                 "shots"]
+                 "gates/FLOP", "shots"]
+#: Added at Carleman order ≥ 2: the order-1 state's linearisation drift (embedded) and ``order_gap``.
+ORDER2_COLUMNS = ["drift_lin1", "order_gap"]
+
+
+def table_columns(order: int) -> list:
+    """The table's columns at Carleman order ``order`` (order ≥ 2 adds :data:`ORDER2_COLUMNS` after drift_lin)."""
+    if order < 2:
+        return list(TABLE_COLUMNS)
+    i = TABLE_COLUMNS.index("drift_lin") + 1
+    return TABLE_COLUMNS[:i] + ORDER2_COLUMNS + TABLE_COLUMNS[i:]
 
 
 def _short_reason(rep) -> str:
@@ -88,7 +100,9 @@ def cycle_row(rep, acc: float, acc_sgd: Optional[float]) -> dict:
     return {"cycle": rep.cycle, "mode": rep.mode, "why": _short_reason(rep),
             "proxy(T)": proxy[-1] if proxy else None, "drift": drift.get("relative"),
             "drift_lin": drift.get("linearization_relative"),
+            "drift_lin1": drift.get("linearization_order1_relative"), "order_gap": (rep.carleman or {}).get("order_gap"),
             "acc": acc, "acc_sgd": acc_sgd, "qubits": res.get("qubits"), "gates": res.get("gates_qlsa"),
+            "gates/FLOP": (res.get("classical") or {}).get("gates_per_flop"),
             "shots": (tomo.get("shots") or {}).get("total")}
 
 
@@ -286,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
                 if monitor is not None:
                     monitor.record({"step": k + 1, "event": "eval", "test_acc": acc, "test_acc_sgd": acc_sgd})
         bar.close()
-        table = loop.format_table(rows, TABLE_COLUMNS)
+        table = loop.format_table(rows, table_columns(q["carleman_order"]))
         if not run.rank0:                        # rank 0 prints, draws and returns the run
             return {"out": str(run.out), "rows": rows, "table": table, "reports": [], "figures": {}}
         print(f"\n{n_params:,}-parameter ResNet-{cfg['model']['depth']} (widen {cfg['model']['widen']}), "

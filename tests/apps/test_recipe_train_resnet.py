@@ -161,3 +161,35 @@ def test_fig2_panel_records_by_mode():
     assert not any("error_proxy" in r for r in recs) and "no dissipation check" in note
     recs, note = recipe.panel_records(FakeMonitor(), _cfg())
     assert recs == [{"step": 0, "test_acc": 0.5}] and note is None
+
+
+ORDER2_CPU = "configs/train_resnet_cifar100_order2_cpu.yaml"
+
+
+def test_order2_cpu_config_runs_on_the_cifar100_fixture(tmp_path, capsys):
+    from torch_qode.data import write_cifar100_fixture
+
+    root = tmp_path / "cifar"
+    write_cifar100_fixture(root, n_train=96, n_test=40, seed=0)
+    out = tmp_path / "r"
+    res = recipe.main(["--config", ORDER2_CPU, "--out", str(out), "--data-root", str(root), "data.name=cifar100",
+                       "train.baseline=false", "qode.mode=quantum", "train.batch_size=16", "qode.cycle=5", "qode.classical_steps=2",
+                       "train.steps=10", "monitor.probe_batch=16"] + TINY[:4] + TINY[10:])
+    rows = res["rows"]
+    assert len(rows) == 2 and all(r["mode"] == "quantum" for r in rows)
+    for r, rep in zip(rows, res["reports"]):
+        c = rep["carleman"]
+        assert c["order"] == 2 and c["state"] == "factored" and 0 < c["rank"] <= 2 * 3 and not rep["faults"]
+        assert r["order_gap"] == c["order_gap"] > 0 and r["drift_lin"] > 0 and r["drift_lin1"] > 0
+        assert r["gates/FLOP"] == rep["resources"]["classical"]["gates_per_flop"] > 0
+    printed = capsys.readouterr().out
+    assert "order_gap" in printed and "drift_lin1" in printed and "gates/FLOP" in printed
+    ends = [m for m in _lines(out / "monitor.jsonl") if m["event"] == "window_end"]
+    assert len(ends) == 2 and all(m["order_gap"] > 0 and m["drift_lin1"] > 0 for m in ends)
+    assert (out / "fig2.png").stat().st_size > 5000
+
+
+def test_gpu_config_runs_order2_capped():
+    q = _cfg(config=GPU)["qode"]
+    assert q["carleman_order"] == 2 and q["carleman_state"] == "auto" and q["max_rank"] == 16
+    assert _cfg(config=ORDER2_CPU)["qode"]["carleman_order"] == 2

@@ -40,13 +40,23 @@ from .._checks import check_bool, check_choice, check_int, check_optional_int, c
 from .carleman import CarlemanTooLarge
 from .ode import NonFiniteError, PolynomialODE, _check_T, all_finite, as_tensor
 
-__all__ = ["FactoredLevel2", "factored_simulate", "DEFAULT_Y2_BYTES"]
+__all__ = ["FactoredLevel2", "factored_simulate", "relative_gap", "DEFAULT_Y2_BYTES"]
 
 #: ``FactoredLevel2.Y2()`` refuses a dense ``n×n`` level 2 above this many bytes (256 MiB) unless told
 DEFAULT_Y2_BYTES = 256 * 2**20
 
 _STATE_KEYS = ("kind", "n", "dtype", "t", "W", "C", "y1", "v", "max_rank", "embedded", "rank",
                "truncation", "eps_log", "gnorm_log", "products")
+
+
+def relative_gap(u2: torch.Tensor, u1: torch.Tensor) -> float:
+    """``‖u2 − u1‖ / ‖u2‖`` (0 when both are equal, inf when only ``u2`` is 0): with ``u2 = u⁽²⁾(T)`` and
+    ``u1 = u⁽¹⁾(T)`` issue 11's ``order_gap``, the embedded estimate of the order-1 truncation error."""
+    diff = float(torch.linalg.vector_norm(u2 - u1))
+    if diff == 0.0:
+        return 0.0
+    den = float(torch.linalg.vector_norm(u2))
+    return diff / den if den > 0 else math.inf
 
 
 class FactoredLevel2:
@@ -163,11 +173,7 @@ class FactoredLevel2:
         """``‖u⁽²⁾(t) − u⁽¹⁾(t)‖ / ‖u⁽²⁾(t)‖`` (issue 11's embedded error estimate; 0 when both are 0)."""
         if self.v is None:
             raise ValueError("order_gap needs embedded=True (the order-1 state is not carried)")
-        diff = float(torch.linalg.vector_norm(self.y1 - self.v))
-        den = float(torch.linalg.vector_norm(self.y1))
-        if diff == 0.0:
-            return 0.0
-        return diff / den if den > 0 else math.inf
+        return relative_gap(self.y1, self.v)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W, C)`` with ``Y2 = W C Wᵀ`` (copies; ``W`` orthonormal, ``C`` diagonal)."""

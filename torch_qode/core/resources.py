@@ -30,7 +30,14 @@ from .solvers import SOLVERS, WindowSolver, filtered_gates, make_solver, qlsa_ga
 from .window import kappa_bound
 from .tomography import _check_count as _int, coupon_cost, qubits, shadow_cost
 
-__all__ = ["Resources", "estimate_resources"]
+__all__ = ["Resources", "estimate_resources", "ClassicalCost", "classical_cost", "THIRD_ORDER_HVPS"]
+
+#: A third-order product ``F2(z, z) ∝ ∇_θ(zᵀ H z)`` in HVP units: the reverse-mode gradient of one
+#: Hessian-vector product kept with its graph (one double backward with ``create_graph``, then one
+#: backward through it).  Counted as 3 HVPs: ``benchmarks/order2_findings.py`` measured 2.97 and
+#: 3.28 (two runs) on ResNet-8 (digits, batch 64), where the products dominate; on a 1,210-weight
+#: MLP, where per-call overhead dominates, 7.8–16.
+THIRD_ORDER_HVPS = 3.0
 
 
 @dataclass
@@ -359,6 +366,81 @@ def estimate_resources(system: CarlemanSystem, T: int, kappa_a: Optional[float] 
     if p_succ is not None:
         res.success_source = "solution"
     return res
+
+
+@dataclass
+class ClassicalCost:
+    """What one window costs classically, beside its quantum ledger (issue 11; constants stated).
+
+    Attributes
+    ----------
+    T:
+        Window steps.
+    closure_flops:
+        FLOPs of one closure call (forward + backward) as ``torch.utils.flop_counter.FlopCounterMode``
+        counts them: 2·m·k·n per ``(m×k)·(k×n)`` matmul and the analogous convolution formulas, forward
+        and backward (a first layer's input gradient is not computed, so not counted); element-wise ops,
+        norms and the loss count 0.  Measured on the upload closure; ``None`` when not measured.
+    flops:
+        ``T · closure_flops``: the same window run classically, T gradient steps of the model on the
+        same batches (dense kernels: the support's sparsity is not exploited; the update's O(|S|)
+        axpy is not counted).
+    closures:
+        Closure calls of the simulated window, ``T`` (the same gradients SGD computes).
+    hvps:
+        Hessian-vector products applied through the upload graph by the Carleman state (columns of
+        ``F1``; the factored state's embedded order-1 column included; an explicit window's ``n``
+        HVPs that build ``F1``).
+    third_order:
+        Third-order products ``F2(z, z)`` (pairs; an explicit window's ``n²`` that build ``F2``).
+    lanczos_hvps:
+        HVPs of the dissipation check's Lanczos runs (0 without the check).
+    hvp_equivalents:
+        ``hvps + lanczos_hvps + THIRD_ORDER_HVPS · third_order``: the simulation's cost beyond the T
+        closures, in HVP units.
+    third_order_hvps:
+        The constant :data:`THIRD_ORDER_HVPS` used.
+    gates:
+        The window's gate count compared (the ledger's solver formula, Theorem II.3 / II.4, constants
+        1, one solve, tomography repetitions not included); ``None`` if not given.
+    gates_per_flop:
+        ``gates / flops``: quantum gates of one solve per classical FLOP of the same window (``None``
+        when either is unknown).  Below 1 the solve is cheaper in gates than SGD is in FLOPs.
+    """
+
+    T: int
+    closure_flops: Optional[int]
+    flops: Optional[float]
+    closures: int
+    hvps: int
+    third_order: int
+    lanczos_hvps: int
+    hvp_equivalents: float
+    third_order_hvps: float
+    gates: Optional[float]
+    gates_per_flop: Optional[float]
+
+    def as_dict(self) -> dict:
+        """All fields as a plain dict."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def classical_cost(T: int, closure_flops: Optional[int], *, hvps: int = 0, third_order: int = 0,
+                   lanczos_hvps: int = 0, gates: Optional[float] = None) -> ClassicalCost:
+    """The classical cost of a window of ``T`` steps (see :class:`ClassicalCost` for every field)."""
+    T = _int(T, "T", 0)
+    if closure_flops is not None:
+        closure_flops = _int(closure_flops, "closure_flops", 0)
+    hvps, third_order = _int(hvps, "hvps", 0), _int(third_order, "third_order", 0)
+    lanczos_hvps = _int(lanczos_hvps, "lanczos_hvps", 0)
+    if gates is not None:
+        gates = expect_real(gates, "gates", 0.0, None, low_open=False)
+    flops = None if closure_flops is None else float(T) * closure_flops
+    ratio = gates / flops if gates is not None and flops else None
+    return ClassicalCost(T=T, closure_flops=closure_flops, flops=flops, closures=T, hvps=hvps,
+                         third_order=third_order, lanczos_hvps=lanczos_hvps,
+                         hvp_equivalents=hvps + lanczos_hvps + THIRD_ORDER_HVPS * third_order,
+                         third_order_hvps=THIRD_ORDER_HVPS, gates=gates, gates_per_flop=ratio)
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -14,8 +14,9 @@ from typing import Any, Optional
 
 import torch
 
-from .factored import FactoredLevel2
-from .ode import MatrixFreeTerm, PolynomialODE
+from .._checks import check_bool
+from .factored import FactoredLevel2, relative_gap
+from .ode import MatrixFreeTerm, NonFiniteError, PolynomialODE, all_finite
 
 __all__ = ["CarlemanState", "DenseLevels", "FactoredLevels", "STATES", "state_from_dict"]
 
@@ -57,33 +58,72 @@ class CarlemanState(abc.ABC):
 
 
 class DenseLevels(CarlemanState):
-    """The dense vector of all levels, ``Δ = n + n² + … + n^N`` numbers (float64)."""
+    """The dense vector of all levels, ``Δ = n + n² + … + n^N`` numbers (float64).
+
+    With ``embedded=True`` (order ≥ 2) it also carries the order-1 level-1 state
+    ``v(t+1) = v + F0(t) + F1 v`` (one more ``F1`` product per step) for :attr:`order_gap`, as the
+    factored state does.
+    """
 
     kind = "dense"
 
-    def __init__(self, y: torch.Tensor, n: int):
-        self.y, self.n = y, int(n)
+    def __init__(self, y: torch.Tensor, n: int, v: Optional[torch.Tensor] = None):
+        self.y, self.n, self.v = y, int(n), v
 
     @classmethod
-    def zeros(cls, system: Any, *, device=None) -> "DenseLevels":
-        return cls(torch.zeros(system.dim, dtype=torch.float64, device=device), system.n)
+    def zeros(cls, system: Any, *, device=None, embedded: bool = False) -> "DenseLevels":
+        z = torch.zeros(system.dim, dtype=torch.float64, device=device)
+        v = torch.zeros(system.n, dtype=torch.float64, device=device) if check_bool(embedded, "embedded") else None
+        return cls(z, system.n, v)
 
     def advance(self, system: Any, t: int) -> None:
-        self.y = system.step(self.y, t)
+        y = system.step(self.y, t)
+        v = None
+        if self.v is not None:   # the order-1 system's level 1: y1 + F0 + F1 y1 (every form's level 1)
+            ode = system.ode
+            F1 = ode.terms[1] if ode.degree >= 1 else None
+            v = self.v if F1 is None else self.v + F1.matmat(self.v[:, None])[:, 0].to(self.v)
+            if not ode.F0_is_zero:
+                v = v + ode.F0(t).to(v)
+            if not all_finite(v):
+                raise NonFiniteError(f"the embedded order-1 state became non-finite at step t={t}")
+        self.y, self.v = y, v
 
     def level1(self) -> torch.Tensor:
         return self.y[:self.n]
 
+    @property
+    def embedded(self) -> bool:
+        return self.v is not None
+
+    def level1_order1(self) -> torch.Tensor:
+        """The embedded order-1 state ``u⁽¹⁾(t)`` (needs ``embedded=True``)."""
+        if self.v is None:
+            raise ValueError("level1_order1 needs embedded=True (the order-1 state is not carried)")
+        return self.v.clone()
+
+    @property
+    def order_gap(self) -> float:
+        """``‖u⁽²⁾(t) − u⁽¹⁾(t)‖ / ‖u⁽²⁾(t)‖`` with ``u⁽²⁾`` this system's level 1 (needs ``embedded=True``)."""
+        if self.v is None:
+            raise ValueError("order_gap needs embedded=True (the order-1 state is not carried)")
+        return relative_gap(self.level1(), self.v)
+
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "y": self.y.clone(), "n": self.n}
+        sd = {"kind": self.kind, "y": self.y.clone(), "n": self.n}
+        if self.v is not None:
+            sd["v"] = self.v.clone()
+        return sd
 
     @classmethod
     def load(cls, sd: dict, *, device=None) -> "DenseLevels":
-        return cls(sd["y"].to(device) if device is not None else sd["y"].clone(), int(sd["n"]))
+        move = (lambda x: x.to(device)) if device is not None else (lambda x: x.clone())
+        v = sd.get("v")
+        return cls(move(sd["y"]), int(sd["n"]), None if v is None else move(v))
 
     @property
     def nbytes(self) -> int:
-        return self.y.numel() * self.y.element_size()
+        return sum(x.numel() * x.element_size() for x in (self.y, self.v) if x is not None)
 
 
 def _ode_of(system: Any) -> PolynomialODE:

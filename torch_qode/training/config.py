@@ -134,10 +134,14 @@ def factored_refusal(cfg: QODEConfig) -> Optional[str]:
 
 def carleman_state_for(cfg: QODEConfig, explicit: bool) -> str:
     """The Carleman state a window uses: ``"auto"`` takes ``"factored"`` for matrix-free windows at order 2
-    in the discrete form with the forward solver, ``"dense"`` otherwise (explicit windows stay dense)."""
+    in the discrete form with the forward solver, ``"dense"`` otherwise (explicit windows stay dense),
+    except that a ``max_rank`` asks for the factored state's cap: then explicit windows (a support of
+    ≤ ``EXPLICIT_MAX_SUPPORT`` weights under ``explicit=None``) are factored too, never silently uncapped."""
     if cfg.carleman_state != "auto":
         return cfg.carleman_state
-    return "factored" if not explicit and factored_refusal(cfg) is None else "dense"
+    if factored_refusal(cfg) is not None:
+        return "dense"
+    return "factored" if not explicit or cfg.max_rank is not None else "dense"
 
 
 
@@ -231,9 +235,7 @@ def make_config(*, mode, cycle, classical_steps, sparsity, upload, carleman_orde
     why = factored_refusal(cfg)
     if carleman_state == "factored" and why is not None:
         raise ValueError(f"carleman_state='factored' cannot run {why}; use carleman_state='dense' or 'auto'")
-    unused = ("carleman_state='dense'" if carleman_state == "dense" else why if why is not None
-              else "explicit=True (explicit windows stay dense under carleman_state='auto')"
-              if explicit is True and carleman_state == "auto" else None)
+    unused = "carleman_state='dense'" if carleman_state == "dense" else why   # auto + max_rank: always factored
     if max_rank is not None and unused is not None:
         raise ValueError(f"max_rank={max_rank} applies to the factored Carleman state only, which these settings "
                          f"do not use: {unused}; leave max_rank=None")

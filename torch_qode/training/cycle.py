@@ -81,11 +81,11 @@ def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
         s.pruner.prune()                         # the uploaded state must be r-sparse
         support = s.pruner.support()
     hvp, run = expansion_closure(s)
-    with run() as cap:
+    with run() as cap, _w.flop_count() as flops:   # FLOPs counted for the ledger's classical cost
         loss = detached(s.closure())             # the caller never holds the retained graph
     before = rep.state()
     try:
-        return _open(s, rng, dissipation, loss, cap, support, hvp)
+        return _open(s, rng, dissipation, loss, cap, support, hvp, flops["flops"])
     except BaseException as exc:
         if s.win is not None:                    # the model still holds θ0: nothing was written
             s.win.release()
@@ -99,8 +99,10 @@ def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
         return go_classical(s, why, loss, update=True)
 
 
-def _open(s: StepContext, rng: np.random.Generator, dissipation, loss, cap: dict, support, hvp: str) -> Any:
-    """The upload after its closure: the window opened on the captured graph (or a replay) and its step t = 0."""
+def _open(s: StepContext, rng: np.random.Generator, dissipation, loss, cap: dict, support, hvp: str,
+          closure_flops: Optional[int] = None) -> Any:
+    """The upload after its closure: the window opened on the captured graph (or a replay) and its step t = 0;
+    ``closure_flops`` (the closure's FLOPs) goes to the ledger."""
     rep, params = s.rep, s.params
     if s.comm.any(not all_finite_sync(loss, params)):   # one rank's NaN: every rank skips
         s.fault("non-finite loss or gradient at upload: update skipped")
@@ -122,6 +124,7 @@ def _open(s: StepContext, rng: np.random.Generator, dissipation, loss, cap: dict
     del graph
     if win is None:
         return go_classical(s, why, loss, update=True)
+    win.closure_flops = closure_flops
     s.win = win
     rep.carleman.update(s.hvp_info)
     opened = getattr(s.monitor, "on_window_open", None)
@@ -250,7 +253,7 @@ def finish(s: StepContext) -> None:
     # measurements that run user code (closures, the monitor) wait until the step is complete
     if s.cfg.track_sgd:
         s.post.append(global_losses(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, s.params,
-                                                      s.closure, s.model), rep, s.comm))
+                                                      s.closure, s.model, theta_lin1=res.lin1), rep, s.comm))
     if s.monitor is not None and hasattr(s.monitor, "on_window_end"):
         s.post.append(functools.partial(s.monitor.on_window_end, s.k, rep))
     reset_momentum(s.params, s.state)            # momentum restarts after a quantum window

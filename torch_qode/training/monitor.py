@@ -249,6 +249,8 @@ class DissipationMonitor:
         tomo = report.tomography or {}
         rec = {"step": int(step), "event": "window_end", "mode": report.mode, "drift": drift,
                "drift_lin": (report.drift or {}).get("linearization_relative"),
+               "drift_lin1": (report.drift or {}).get("linearization_order1_relative"),
+               "order_gap": (report.carleman or {}).get("order_gap"),
                "loss_qode": (report.drift or {}).get("loss_qode"), "loss_sgd": (report.drift or {}).get("loss_sgd"),
                "tomography_error": tomo.get("relative_error"), "missed_mass": tomo.get("missed_mass")}
         if self.metric is not None:
@@ -274,7 +276,7 @@ class DissipationMonitor:
         windows = {}
         for r in self.records:
             row = {k: r[k] for k in ("step", "spectrum", "test_acc", "test_acc_sgd", "drift", "drift_lin",
-                                     "download", "error_proxy") if r.get(k) is not None}
+                                     "drift_lin1", "order_gap", "download", "error_proxy") if r.get(k) is not None}
             if r.get("event") == "window_end":
                 row["step"] = r["step"] + 1
             out.append(row)
@@ -362,6 +364,10 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
     ``drift`` / ``drift_lin`` (float)
         Optional measured ``||θ_QODE − θ_SGD|| / ||θ_SGD − θ0||`` at a window end (track_sgd), total and
         its linearisation part (before the readout); drawn as markers beside the proxy.
+    ``drift_lin1`` / ``order_gap`` (float)
+        Optional, at a window end of Carleman order ≥ 2: the linearisation drift of the order-1 state the
+        window carries (what order 1 would have drifted on the same batches) and the embedded estimate
+        ``‖u⁽²⁾(T) − u⁽¹⁾(T)‖ / ‖u⁽²⁾(T)‖``; drawn beside ``drift_lin`` (then labelled order 2).
     ``test_acc`` / ``test_acc_sgd`` (float in [0, 1] or percent)
         Test accuracy of the trained model / of the SGD reference.  Panel (d).
     """
@@ -393,14 +399,19 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
     pr = [(r["step"], r["error_proxy"]) for r in records if r.get("error_proxy") is not None]
     if pr:
         ax.semilogy(*zip(*[(s, v) for s, v in pr]), "-", color="C0", lw=1.2, label="error proxy")
-    for key, label, color in (("drift", "drift vs SGD (total)", "C1"), ("drift_lin", "drift: linearisation", "C2")):
+    order2 = any(r.get("drift_lin1") is not None or r.get("order_gap") is not None for r in records)
+    for key, label, color, marker in (
+            ("drift", "drift vs SGD (total)", "C1", "o"),
+            ("drift_lin", "drift: linearisation" + (", order 2" if order2 else ""), "C2", "o"),
+            ("drift_lin1", "drift: linearisation, order 1 (embedded)", "C3", "s"),
+            ("order_gap", "order_gap (estimate of order 1's error)", "C4", "x")):
         dr = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if dr:
-            ax.semilogy(*zip(*dr), "o", color=color, ms=4, label=label)
+            ax.semilogy(*zip(*dr), marker, color=color, ms=4, label=label, mfc="none" if marker == "s" else None)
     ax.axhline(1.0, color="gray", lw=0.6)
     ax.set_title("(c) error proxy (predicted) and drift (measured)")
     ax.set_xlabel("step")
-    has_drift = any(r.get("drift") is not None or r.get("drift_lin") is not None for r in records)
+    has_drift = any(r.get(k) is not None for r in records for k in ("drift", "drift_lin", "drift_lin1", "order_gap"))
     if pr or has_drift:
         ax.legend(fontsize=7)
     if proxy_note:

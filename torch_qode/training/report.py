@@ -26,11 +26,12 @@ class CycleReport:
     dissipation: Optional[dict] = None
     # n, order, form, dim (Δ), degree, explicit, noise; at the window's end state ("dense"/"factored"),
     # rank (largest k of Y2 = W C Wᵀ; None when dense), truncation (discarded ‖ΔY2‖_F, 0.0 when exact),
-    # order_gap (‖u⁽²⁾(T) − u⁽¹⁾(T)‖ / ‖u⁽²⁾(T)‖, factored state only, else None), state_bytes
+    # order_gap (‖u⁽²⁾(T) − u⁽¹⁾(T)‖ / ‖u⁽²⁾(T)‖, order ≥ 2 in either state, None at order 1), state_bytes
     carleman: Optional[dict] = None
     solver: Optional[dict] = None
     tomography: Optional[dict] = None
-    resources: Optional[dict] = None
+    resources: Optional[dict] = None    # the ledger (core/resources.py); "classical": the same window's
+    #                                     classical cost (FLOPs of T SGD steps, products in HVP units, gates/FLOP)
     drift: Optional[dict] = None     # track_sgd: ||θ_qode − θ_sgd||, relative, losses
     faults: list = field(default_factory=list)
     skipped_steps: int = 0           # steps whose update was skipped for a non-finite loss/gradient

@@ -76,7 +76,8 @@ def _rel(d: float, m: float) -> float:
     return d / m if m > 0 else (float("inf") if d > 0 else 0.0)
 
 
-def drift(theta_q: torch.Tensor, theta_lin: torch.Tensor, snapshot: dict) -> dict:
+def drift(theta_q: torch.Tensor, theta_lin: torch.Tensor, snapshot: dict,
+          theta_lin1: Optional[torch.Tensor] = None) -> dict:
     """How far the window landed from SGD on the same batches, and why.
 
     * ``l2`` / ``relative``: ``||θ_qode − θ_sgd||`` against SGD run from θ0 on the same batches
@@ -85,13 +86,20 @@ def drift(theta_q: torch.Tensor, theta_lin: torch.Tensor, snapshot: dict) -> dic
       solution ``θ_lin = θ0 + u(T)`` and plain gradient descent on S at the window's lr (``θ_gd``),
       relative to ``||θ_gd − θ0||``: the error of the Taylor/Carleman model alone.
     * ``readout``: ``||θ_qode − θ_lin||`` — tomography noise, never-observed components, top-r pruning.
+    * ``linearization_order1`` / ``linearization_order1_relative``: the same as ``linearization`` for
+      ``θ0 + u⁽¹⁾(T)``, the order-1 state an order ≥ 2 window carries (``theta_lin1``; else ``None``):
+      what an order-1 window would have drifted on the same batches (keys present only then).
     """
     theta0, theta_s, theta_gd = snapshot["theta0"], snapshot["theta_s"], snapshot["theta_gd"]
     moved, moved_gd = float((theta_s - theta0).norm()), float((theta_gd - theta0).norm())
     d, d_lin = float((theta_q - theta_s).norm()), float((theta_lin - theta_gd).norm())
-    return {"l2": d, "relative": _rel(d, moved), "linearization": d_lin,
-            "linearization_relative": _rel(d_lin, moved_gd), "readout": float((theta_q - theta_lin).norm()),
-            "sgd_displacement": moved, "gd_displacement": moved_gd, "loss_qode": None, "loss_sgd": None}
+    out = {"l2": d, "relative": _rel(d, moved), "linearization": d_lin,
+           "linearization_relative": _rel(d_lin, moved_gd), "readout": float((theta_q - theta_lin).norm()),
+           "sgd_displacement": moved, "gd_displacement": moved_gd, "loss_qode": None, "loss_sgd": None}
+    if theta_lin1 is not None:
+        d1 = float((theta_lin1 - theta_gd).norm())
+        out.update(linearization_order1=d1, linearization_order1_relative=_rel(d1, moved_gd))
+    return out
 
 
 def grads_at(params: list, closure: Callable, model, tensors) -> list:
@@ -113,14 +121,15 @@ def measure_losses(info: dict, params: list, closure: Callable, model, theta_s: 
 
 
 def drift_measurement(rep, shadow: Shadow, theta0: torch.Tensor, theta_q: torch.Tensor, theta_lin: torch.Tensor,
-                      params: list, closure: Optional[Callable], model) -> Callable[[], None]:
+                      params: list, closure: Optional[Callable], model, *,
+                      theta_lin1: Optional[torch.Tensor] = None) -> Callable[[], None]:
     """The window-end measurement, run once the step is complete: ``rep.drift`` (see :func:`drift`)
     and, with a closure, both losses."""
     theta_s = _flat.flatten(shadow.params).clone()
     snapshot = {"theta0": theta0, "theta_s": theta_s, "theta_gd": theta_s if shadow.gd is None else shadow.gd}
 
     def measure() -> None:
-        rep.drift = drift(theta_q, theta_lin, snapshot)   # the distances stand if a loss evaluation raises
+        rep.drift = drift(theta_q, theta_lin, snapshot, theta_lin1)   # the distances stand if a loss evaluation raises
         if closure is not None:
             measure_losses(rep.drift, params, closure, model, theta_s, theta_q)
 

@@ -11,11 +11,13 @@ The solver, its options and its cost formula come from the core's registry (``cf
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..bridge import flat as _flat
 from ..bridge.taylor import TaylorExpansion, UnsupportedGraphError
@@ -23,7 +25,7 @@ from ..core.carleman import carleman, default_max_bytes
 from ..core.window import kappa_bound
 from ..core.linsolve import solve_window
 from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE, all_finite
-from ..core.resources import estimate_resources
+from ..core.resources import classical_cost, estimate_resources
 from ..core.state import CarlemanState, DenseLevels, FactoredLevels, state_from_dict
 from ..core.tomography import tomography
 from .capture import NoiseTape, Replay
@@ -33,7 +35,7 @@ from .report import CycleReport
 from .shadow import Shadow, start_shadow
 
 __all__ = ["WindowState", "WindowResult", "open_window", "start_window", "build_system", "advance", "finish_window",
-           "window_state_dict", "load_window", "expand", "EXPLICIT_MAX_SUPPORT", "KAPPA_MAX_UNKNOWNS"]
+           "window_state_dict", "load_window", "expand", "flop_count", "EXPLICIT_MAX_SUPPORT", "KAPPA_MAX_UNKNOWNS"]
 
 #: κ(M) is computed for the report when the window system has at most this many unknowns.
 KAPPA_MAX_UNKNOWNS = 5_000
@@ -60,6 +62,8 @@ class WindowState:
     kind: str = "dense"                  # the Carleman state: "dense" or "factored" (core/state.py)
     shadow: Optional[Shadow] = None      # track_sgd
     info: dict = field(default_factory=dict)
+    closure_flops: Optional[int] = None  # FLOPs of the upload closure (FlopCounterMode), for the ledger
+    products: dict = field(default_factory=lambda: {"hvp": 0, "third_order": 0})   # through the graph
 
     def f0_source(self):
         frozen = self.frozen
@@ -101,6 +105,7 @@ class WindowResult:
 
     new: Optional[torch.Tensor] = None       # full flat vector θ0 + û(T)
     lin: Optional[torch.Tensor] = None       # full flat vector θ0 + u(T) (before the readout)
+    lin1: Optional[torch.Tensor] = None      # θ0 + u⁽¹⁾(T): the embedded order-1 state (order ≥ 2)
     fault: Optional[str] = None
 
 
@@ -187,7 +192,7 @@ def start_window(exp: TaylorExpansion, support, theta0: torch.Tensor, grads_flat
         win.state = FactoredLevels.zeros(win.system, max_rank=cfg.max_rank, embedded=True)
         dim = sum(n ** j for j in range(1, cfg.carleman_order + 1))
     else:
-        win.state = DenseLevels.zeros(win.system, device=theta0.device)
+        win.state = DenseLevels.zeros(win.system, device=theta0.device, embedded=cfg.carleman_order >= 2)
         dim = win.system.dim
     win.info = {"n": n, "order": cfg.carleman_order, "form": cfg.form, "dim": dim,
                 "degree": win.ode.degree, "explicit": explicit, "noise": cfg.noise, "state": win.kind}
@@ -256,12 +261,64 @@ def _reduced(term, comm: Comm):
 
 def build_system(win: WindowState, exp: TaylorExpansion, cfg: QODEConfig, comm: Comm) -> None:
     """The window's ODE (Taylor terms of ``exp``, F0 from the tape) and its Carleman system."""
+    _count_products(exp, win.products)
     ode = exp.ode(F0=win.f0_source(), explicit=win.explicit, dtype=torch.float64)
     if not comm.local:
         ode = PolynomialODE([win.f0_source()] + [_reduced(ode.terms[k], comm) for k in range(1, ode.degree + 1)],
                             dtype=torch.float64, device=ode.device)
     win.expansion = exp
     win.system = ode if win.kind == "factored" else carleman(ode, cfg.carleman_order, cfg.form)
+
+
+def _count_products(exp: TaylorExpansion, products: dict) -> None:
+    """Count, into ``products``, every product ``exp`` applies through the upload graph from now on
+    (the ledger's classical cost): HVP columns (``hvp``; ``derivative(2)``: n) and third-order products
+    (``third``, ``third_sym_sum``: one per column; ``third_sym``: one per non-zero eigenvalue of
+    sym(Z), as it computes them; ``derivative(3)``: n²).  Values are untouched."""
+    def cols(V) -> int:
+        V = torch.as_tensor(V)
+        return 1 if V.dim() == 1 else int(V.shape[1])
+
+    def wrap(name, key, count):
+        fn = getattr(exp, name)
+
+        def counted(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            products[key] += count(*args, **kwargs)
+            return out
+        setattr(exp, name, counted)
+
+    def sym_rank(Z) -> int:   # third_sym's own eigen-decomposition, repeated (dense-state path only)
+        Z = torch.as_tensor(Z).detach().to(dtype=torch.float64, device="cpu")
+        return int((torch.linalg.eigh(0.5 * (Z + Z.T))[0] != 0).sum())
+
+    wrap("hvp", "hvp", lambda V: cols(V))
+    wrap("third", "third_order", lambda A, B: cols(A))
+    wrap("third_sym", "third_order", sym_rank)
+    wrap("third_sym_sum", "third_order", lambda Z, lam: cols(Z))
+    n = exp.n
+    fn = exp.derivative
+
+    def derivative(k):
+        out = fn(k)
+        if k == 2:
+            products["hvp"] += n
+        elif k >= 3:
+            products["third_order"] += n ** (k - 1)
+        return out
+    exp.derivative = derivative
+
+
+@contextlib.contextmanager
+def flop_count():
+    """``{"flops": …}`` filled with the FLOPs of what runs inside, as
+    ``torch.utils.flop_counter.FlopCounterMode`` counts them (it only observes: results are unchanged;
+    its module and gradient hooks are removed on exit).  Left ``None`` when the body raises."""
+    box: dict = {"flops": None}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        yield box
+    box["flops"] = int(counter.get_total_flops())
 
 
 def advance(win: WindowState, grads_flat: torch.Tensor, comm: Comm) -> Optional[str]:
@@ -344,11 +401,18 @@ def finish_window(win: WindowState, cfg: QODEConfig, comm: Comm, rep: CycleRepor
     r = None if readout_keep is None else readout_prune(estimate, win, *readout_keep, rep)
     new = win.embed(estimate)
     try:
-        rep.resources = estimate_resources(sys_, T, eps=cfg.eps, r=r if r is not None else n, solution=sol,
-                                           solver=cfg.window_solver).as_dict()
+        led = estimate_resources(sys_, T, eps=cfg.eps, r=r if r is not None else n, solution=sol,
+                                 solver=cfg.window_solver)
+        rep.resources = led.as_dict()
+        rep.resources["classical"] = classical_cost(
+            T, win.closure_flops, hvps=win.products["hvp"], third_order=win.products["third_order"],
+            lanczos_hvps=int((rep.dissipation or {}).get("hvps") or 0),
+            gates=cfg.window_solver.gates(s_M=led.s_M, kappa=led.kappa, N_b=led.N_b, eps=led.eps)).as_dict()
     except (ValueError, TypeError, MemoryError) as exc:  # the ledger must never stop training
         rep.resources = {"error": str(exc)}
-    return WindowResult(new=new, lin=win.embed(target))
+    st = win.state
+    lin1 = win.embed(theta0_S + st.level1_order1()) if getattr(st, "embedded", False) else None
+    return WindowResult(new=new, lin=win.embed(target), lin1=lin1)
 
 
 def _ledger_system(win: WindowState, cfg: QODEConfig):
@@ -360,13 +424,14 @@ def _ledger_system(win: WindowState, cfg: QODEConfig):
 
 def _carleman_record(win: WindowState, rep: CycleReport, u_T: torch.Tensor) -> None:
     """``rep.carleman``'s state fields: ``state``, ``rank`` (largest k), ``truncation`` (discarded
-    Frobenius mass of Y2, 0.0 when exact), ``order_gap`` = ‖u⁽²⁾(T) − u⁽¹⁾(T)‖ / ‖u⁽²⁾(T)‖ (None when not
-    carried), ``state_bytes``."""
+    Frobenius mass of Y2, 0.0 when exact), ``order_gap`` = ‖u⁽²⁾(T) − u⁽¹⁾(T)‖ / ‖u⁽²⁾(T)‖ (order ≥ 2, dense or
+    factored: both carry the order-1 state; None at order 1), ``state_bytes``."""
     st = win.state
     rec = {"state": win.kind, "rank": None, "truncation": 0.0, "order_gap": None, "state_bytes": int(st.nbytes)}
     if isinstance(st, FactoredLevels):
-        rec.update(rank=int(st.rank), truncation=float(st.truncation),
-                   order_gap=float(st.order_gap) if st.embedded else None)
+        rec.update(rank=int(st.rank), truncation=float(st.truncation))
+    if getattr(st, "embedded", False):
+        rec["order_gap"] = float(st.order_gap)
     if rep.carleman is None:
         rep.carleman = {}
     rep.carleman.update(rec)
@@ -402,10 +467,11 @@ def window_state_dict(win: WindowState, track_sgd: bool) -> dict:
           "frozen": None if win.frozen is None else win.frozen.clone(),
           "tape": {int(t): v.clone() for t, v in win.tape.rows.items()},
           "terms": ([win.ode.terms[k].dense().clone() for k in range(1, win.ode.degree + 1)]
-                    if win.explicit else None)}
+                    if win.explicit else None),
+          "closure_flops": win.closure_flops, "products": dict(win.products)}
     st = win.state.state_dict()
-    if st.get("kind") == DenseLevels.kind:
-        sd["y"] = st["y"]                    # the format of earlier versions
+    if st.get("kind") == DenseLevels.kind and "v" not in st:
+        sd["y"] = st["y"]                    # the format of earlier versions (order 1)
     else:
         sd["carleman_state"] = st
     if track_sgd and win.shadow is not None:
@@ -421,7 +487,9 @@ def load_window(sd: dict, cfg: QODEConfig, comm: Comm, rng: np.random.Generator,
     win = WindowState(theta0=sd["theta0"].to(device), lr=float(sd["lr"]), wd=float(sd["wd"]),
                       support=None if sd["support"] is None else sd["support"].to(device),
                       explicit=bool(sd["explicit"]), tape=tape, rng=rng, t=int(sd["t"]),
-                      frozen=None if sd["frozen"] is None else sd["frozen"].to(device))
+                      frozen=None if sd["frozen"] is None else sd["frozen"].to(device),
+                      closure_flops=sd.get("closure_flops"),
+                      products=dict(sd.get("products", {"hvp": 0, "third_order": 0})))
     if "carleman_state" in sd:
         win.state = state_from_dict(sd["carleman_state"], device=device)
         win.kind = win.state.kind
