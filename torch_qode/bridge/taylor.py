@@ -101,6 +101,7 @@ class TaylorExpansion:
         self._wd_zero = not bool(self._wd.any())
         g = (grad_full if S is None else grad_full[S]).detach()
         self._grad = g + self._wd * self.theta0
+        self._bufs: Optional[tuple] = None   # hvp_accumulate's y in the model dtype and c·Hy in acc's (reused)
         if not bool(torch.isfinite(self._grad).all()):
             raise NonFiniteError("the gradient at θ0 is not finite (NaN or inf)")
 
@@ -396,7 +397,34 @@ class TaylorExpansion:
         def power(u):
             return matmat(u[:, None])[:, 0]
 
-        return MatrixFreeTerm(self.n, 1, matmat, symmetric=True, rmatmat=matmat, power=power)
+        term = MatrixFreeTerm(self.n, 1, matmat, symmetric=True, rmatmat=matmat, power=power)
+        if self.support is None and self._wd_zero and isinstance(self._engine, GraphEngine):
+            term.matvec_add = lambda y, acc: self.hvp_accumulate(y, acc, -lr)
+        return term
+
+    def hvp_accumulate(self, y: torch.Tensor, acc: torch.Tensor, c: float) -> torch.Tensor:
+        """``acc += _scaled(hvp(y), c, acc)`` for vectors ``y, acc (n,)``, in place: the numbers of the
+        generic F1 product (``c·Hy`` in the model dtype, added in ``acc``'s), without its flat copies.
+
+        Only for a double-backward expansion on all weights without weight decay (what
+        :meth:`_term_F1` offers it for); each leaf's product is scaled and added into its slice.
+        """
+        eng = self._live()
+        if self.support is not None or not self._wd_zero or not isinstance(eng, GraphEngine):
+            raise ValueError("hvp_accumulate needs support=None, no weight decay and a graph engine")
+        if self._bufs is None or self._bufs[1].dtype != acc.dtype or self._bufs[1].device != acc.device:
+            self._bufs = (torch.empty(self.N, dtype=self.dtype, device=self.device),
+                          torch.empty(self.N, dtype=acc.dtype, device=acc.device))
+        v, hv = self._bufs
+        v.copy_(y)
+        with torch.enable_grad():
+            gs = eng.hvp_leaves(v)
+        o = 0
+        for g in gs:                             # the product in the model dtype, cast on write (_scaled)
+            m = g.numel()
+            torch.mul(g.reshape(-1), c, out=hv[o:o + m])
+            o += m
+        return acc.add_(hv)
 
     def _term_F2(self) -> MatrixFreeTerm:
         n, c = self.n, -self.lr / 2.0
@@ -460,7 +488,7 @@ class TaylorExpansion:
         """Drop the graph / closure: every later product raises; cheap to call twice."""
         if self._engine is not None:
             self._engine.release()
-        self._engine = None
+        self._engine = self._bufs = None
 
     @property
     def released(self) -> bool:

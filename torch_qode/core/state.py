@@ -69,6 +69,7 @@ class DenseLevels(CarlemanState):
 
     def __init__(self, y: torch.Tensor, n: int, v: Optional[torch.Tensor] = None):
         self.y, self.n, self.v = y, int(n), v
+        self._spare: Optional[torch.Tensor] = None   # the previous y, reused by the next step (scratch)
 
     @classmethod
     def zeros(cls, system: Any, *, device=None, embedded: bool = False) -> "DenseLevels":
@@ -77,6 +78,17 @@ class DenseLevels(CarlemanState):
         return cls(z, system.n, v)
 
     def advance(self, system: Any, t: int) -> None:
+        """See :meth:`CarlemanState.advance`.  Without the embedded state, the step is written into the
+        previous step's buffer (``CarlemanSystem.step_into``): :meth:`level1` is a view that the
+        second advance after it overwrites."""
+        if self.v is None and hasattr(system, "step_into"):
+            out = self._spare
+            if out is None or out.shape != self.y.shape or out.dtype != self.y.dtype or out.device != self.y.device:
+                out = torch.empty_like(self.y)
+            self._spare = None                   # a raising step leaves y as it was, and no spare
+            if system.step_into(self.y, t, out):
+                self._spare, self.y = self.y, out
+                return
         y = system.step(self.y, t)
         v = None
         if self.v is not None:   # the order-1 system's level 1: y1 + F0 + F1 y1 (every form's level 1)

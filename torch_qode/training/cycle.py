@@ -132,7 +132,7 @@ def _open(s: StepContext, rng: np.random.Generator, dissipation, loss, cap: dict
         opened(s.k, dict(rep.carleman))
     rep.mode = "quantum"
     rep.carleman["kernels"] = KERNELS
-    advance(s, _w.flat_grads(params))
+    advance(s, params)
     return loss
 
 
@@ -220,17 +220,18 @@ def window_step(s: StepContext) -> Any:
             return loss
         s.fault("resumed a matrix-free window: F1..Fq re-expanded at θ0 on this step's batch (the upload "
                 "batch's autograd graph cannot be saved)")
-    advance(s, _w.flat_grads(s.params))
+    advance(s, s.params)
     return loss
 
 
-def advance(s: StepContext, grads_flat: torch.Tensor) -> None:
-    """Window step t (window core), with the shadows' closure calls first: if one raises, the
-    window is exactly as before the step; finish at t = T."""
+def advance(s: StepContext, grads) -> None:
+    """Window step t (window core) with ``grads`` (the parameters, whose ``.grad`` hold ∇L_t(θ0), or
+    their flat vector), the shadows' closure calls first: if one raises, the window is exactly as
+    before the step; finish at t = T."""
     w = s.win
     shadow = None if w.shadow is None else shadow_grads(
         w.shadow, w.t == 0, s.params, functools.partial(grads_at, s.params, s.closure, s.model))
-    fault = _w.advance(w, grads_flat, s.comm)
+    fault = _w.advance(w, grads, s.comm)
     if fault is not None:
         abort(s, fault)
         return

@@ -69,10 +69,26 @@ class WindowState:
         frozen = self.frozen
         return (lambda t: frozen) if frozen is not None else self.tape
 
-    def f0_from_grads(self, grads_flat: torch.Tensor) -> torch.Tensor:
-        """``F0(t) = −η (∇L_t(θ0) + wd·θ0)`` on S, in float64."""
+    def f0_from_grads(self, grads) -> torch.Tensor:
+        """``F0(t) = −η (∇L_t(θ0) + wd·θ0)`` on S, in float64, from the flat gradient or from the
+        parameters (their ``.grad``; ``None``: zeros).  Parameters on all weights are copied straight
+        into a float64 vector (the buffer of the row the tape drops next, when it keeps one row):
+        the numbers of ``flat_grads`` then ``.to(float64)``, without the flat float32 copy."""
         S = self.support
-        f0 = (grads_flat if S is None else grads_flat[S]).to(torch.float64, copy=True)
+        if isinstance(grads, torch.Tensor):
+            f0 = (grads if S is None else grads[S]).to(torch.float64, copy=True)
+        elif S is not None:
+            f0 = flat_grads(grads)[S].to(torch.float64)
+        else:
+            f0 = _reusable_row(self.tape, self.theta0.numel(), self.theta0.device)
+            o = 0
+            for p in grads:
+                m = p.numel()
+                if p.grad is None:
+                    f0[o:o + m].zero_()
+                else:
+                    f0[o:o + m].copy_(p.grad.detach().reshape(-1))
+                o += m
         if self.wd:
             th = self.theta0 if S is None else self.theta0[S]
             f0.add_(th.to(torch.float64), alpha=self.wd)
@@ -107,6 +123,17 @@ class WindowResult:
     lin: Optional[torch.Tensor] = None       # full flat vector θ0 + u(T) (before the readout)
     lin1: Optional[torch.Tensor] = None      # θ0 + u⁽¹⁾(T): the embedded order-1 state (order ≥ 2)
     fault: Optional[str] = None
+
+
+def _reusable_row(tape: NoiseTape, n: int, device) -> torch.Tensor:
+    """An uninitialised float64 ``(n,)`` vector for the tape's next row: the one row it holds when it
+    keeps only one (``record`` drops it next), else a new one."""
+    if not tape.keep and len(tape.rows) == 1:
+        (row,) = tape.rows.values()
+        if tuple(row.shape) == (n,) and row.dtype == torch.float64 and row.device == torch.device(device):
+            tape.rows.clear()
+            return row
+    return torch.empty(n, dtype=torch.float64, device=device)
 
 
 # ---------------------------------------------------------------------------------------- functions
@@ -293,6 +320,7 @@ def _count_products(exp: TaylorExpansion, products: dict) -> None:
         return int((torch.linalg.eigh(0.5 * (Z + Z.T))[0] != 0).sum())
 
     wrap("hvp", "hvp", lambda V: cols(V))
+    wrap("hvp_accumulate", "hvp", lambda y, acc, c: 1)
     wrap("third", "third_order", lambda A, B: cols(A))
     wrap("third_sym", "third_order", sym_rank)
     wrap("third_sym_sum", "third_order", lambda Z, lam: cols(Z))
@@ -321,11 +349,12 @@ def flop_count():
     box["flops"] = int(counter.get_total_flops())
 
 
-def advance(win: WindowState, grads_flat: torch.Tensor, comm: Comm) -> Optional[str]:
-    """Window step t: record F0(t) and advance the Carleman state; returns a fault, or None."""
+def advance(win: WindowState, grads, comm: Comm) -> Optional[str]:
+    """Window step t: record F0(t) (from ``grads``, as :meth:`WindowState.f0_from_grads` takes them)
+    and advance the Carleman state; returns a fault, or None."""
     t = win.t
     if win.frozen is None:
-        win.tape.record(t, win.f0_from_grads(grads_flat))
+        win.tape.record(t, win.f0_from_grads(grads))
     fault = None
     try:
         with torch.enable_grad():

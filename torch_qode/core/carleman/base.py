@@ -124,6 +124,26 @@ class CarlemanSystem:
         out = self._advance(x[:, None], t, offset=True)[:, 0]
         return like(out, y)
 
+    def step_into(self, y: torch.Tensor, t: int, out: torch.Tensor) -> bool:
+        """:meth:`step` of a torch ``y (Δ,)`` written into ``out``, bit for bit, with no flat temporary:
+        at order 1 with an F1 that offers ``matvec_add`` (``acc += F1 y`` in place), ``out = y + F0(t)``,
+        ``out += F1 y``, then the state's finiteness check.  Returns False, touching nothing, where
+        that lean path does not apply (then use :meth:`step`)."""
+        F1 = self.ode.terms[1] if self.degree >= 1 else None
+        add = getattr(F1, "matvec_add", None)
+        if self.order != 1 or add is None or y.dtype != self.ode.dtype or y.device != self.ode.device \
+                or out.dtype != y.dtype or out.device != y.device or tuple(y.shape) != (self.dim,) \
+                or tuple(out.shape) != (self.dim,):
+            return False
+        if self.ode.F0_is_zero:
+            out.copy_(y)
+        else:
+            torch.add(y, self.ode.F0(t), out=out)
+        add(y, out)
+        if not all_finite(out):
+            raise NonFiniteError(f"the Carleman state became non-finite at step t={t}")
+        return True
+
     def apply(self, Y: torch.Tensor, t: int = 0, *, offset: bool = False) -> torch.Tensor:
         """``(I + A(t)) Y`` (plus ``b(t)`` in every column if ``offset``) for a ``(Δ, m)`` torch block."""
         if Y.dim() != 2 or Y.shape[0] != self.dim:
