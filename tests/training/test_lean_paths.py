@@ -113,3 +113,33 @@ def test_dense_levels_double_buffer_matches_step_and_survives_a_failed_step():
     with pytest.raises(Exception, match="non-finite"):
         state.advance(sys_, 3)
     assert torch.equal(state.y, before)
+
+
+@pytest.mark.parametrize("bad", ["grad", "loss"])
+@pytest.mark.parametrize("track_sgd", [False, True])
+def test_a_nonfinite_step_in_a_lean_window_aborts_as_before(bad, track_sgd):
+    """Without shadows the gradients' check is the state's (one reduction); the abort, its reason and
+    the skipped step are those of the check before the step (which runs with ``track_sgd``)."""
+    model = _mlp(0)
+    opt = QODE(model.parameters(), lr=0.2, mode="quantum", sparsity=0.0, cycle=8, classical_steps=1,
+               carleman_order=1, noise="stream", explicit=False, track_sgd=track_sgd)
+    data = _data(4)
+    for x, y in data[:3]:
+        opt.step(_closure(model, opt, x, y))
+    theta0 = opt._win.theta0.clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(data[3][0]), data[3][1])
+        loss.backward()
+        if bad == "grad":
+            next(model.parameters()).grad[0, 0] = float("nan")
+            return loss
+        return loss + float("inf")
+
+    opt.step(closure)
+    rep = opt.reports[0]
+    assert not opt.in_quantum_window and rep.skipped_steps == 1
+    assert rep.reason == "quantum window aborted at t=2: non-finite loss or gradient inside the quantum window; " \
+                         "parameters restored to θ0"
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), theta0)

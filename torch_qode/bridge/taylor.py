@@ -412,19 +412,19 @@ class TaylorExpansion:
         eng = self._live()
         if self.support is not None or not self._wd_zero or not isinstance(eng, GraphEngine):
             raise ValueError("hvp_accumulate needs support=None, no weight decay and a graph engine")
-        if self._bufs is None or self._bufs[1].dtype != acc.dtype or self._bufs[1].device != acc.device:
+        if self._bufs is None:
             self._bufs = (torch.empty(self.N, dtype=self.dtype, device=self.device),
-                          torch.empty(self.N, dtype=acc.dtype, device=acc.device))
+                          torch.empty(self.N, dtype=self.dtype, device=self.device))
         v, hv = self._bufs
         v.copy_(y)
         with torch.enable_grad():
             gs = eng.hvp_leaves(v)
         o = 0
-        for g in gs:                             # the product in the model dtype, cast on write (_scaled)
+        for g in gs:                             # the product in the model dtype (_scaled) ...
             m = g.numel()
             torch.mul(g.reshape(-1), c, out=hv[o:o + m])
             o += m
-        return acc.add_(hv)
+        return acc.add_(hv.to(acc.device) if hv.device != acc.device else hv)   # ... cast as it is added
 
     def _term_F2(self) -> MatrixFreeTerm:
         n, c = self.n, -self.lr / 2.0

@@ -21,7 +21,7 @@ from torch.optim.sgd import sgd as _sgd
 from ..core.ode import all_finite
 from .capture import loss_value
 
-__all__ = ["sgd_update", "masked_sgd_update", "nonfinite_flag", "all_finite_sync", "MaskedSGD", "classical_step",
+__all__ = ["sgd_update", "masked_sgd_update", "nonfinite_flag", "all_finite_sync", "finite_with", "MaskedSGD", "classical_step",
            "sgd_step", "momentum_buffers", "keep_buffers", "reset_momentum"]
 
 
@@ -123,6 +123,20 @@ def all_finite_sync(loss, params: list) -> bool:
         return True
     return all(all_finite(q) for q in [p.grad for p in params if p.grad is not None]
                + ([loss.detach()] if isinstance(loss, torch.Tensor) else []))
+
+
+def finite_with(loss, vec: torch.Tensor) -> bool:
+    """Loss and ``vec`` finite, with one reduction and one host read (``True`` is exact; ``False``
+    may be an overflow of the sum: callers fall back to :func:`all_finite_sync`).  ``vec`` is a
+    window step's F0(t), which holds every gradient (a NaN/inf in one makes it non-finite)."""
+    total = vec.sum()
+    if isinstance(loss, torch.Tensor):
+        total = total + loss.detach().sum().to(total) * 0     # 0·loss: NaN when the loss is not finite
+    else:
+        value = loss_value(loss)
+        if value is not None and not math.isfinite(value):
+            return False
+    return bool(torch.isfinite(total))
 
 
 class MaskedSGD:

@@ -23,7 +23,7 @@ from ..bridge.kernels import KERNELS, double_backward_kernels, missing_double_ba
 from . import window as _w
 from ..bridge.norms import fused_norm_nodes
 from .capture import Replay, capture_backward, measuring, own_grads, rng_state, saved_bytes, upload_graph
-from .classical import all_finite_sync, momentum_buffers, reset_momentum, sgd_step
+from .classical import all_finite_sync, finite_with, momentum_buffers, reset_momentum, sgd_step
 from .comm import Comm
 from .config import QODEConfig, check_trainable, choose_hvp
 from .distributed import NOT_REPLICATED, global_losses
@@ -194,6 +194,9 @@ def go_classical(s: StepContext, reason: str, loss, update: bool) -> Any:
 
 
 # --------------------------------------------------------------------------------------- window
+NONFINITE_STEP = "non-finite loss or gradient inside the quantum window"
+
+
 def window_step(s: StepContext) -> Any:
     """A step inside the window: the closure's ∇L_t(θ0) advances the Carleman state (a matrix-free
     window restored by ``load_state_dict`` first re-expands on this step's batch)."""
@@ -204,9 +207,18 @@ def window_step(s: StepContext) -> Any:
         loss = detached(s.closure())             # the model holds θ0: ∇L_t(θ0)
     graph = expansion_source(s, hvp, cap) if resumed and (cap.get("values") or cap.get("loss") is not None) \
         else None
-    if s.comm.any(not all_finite_sync(loss, s.params)):
+    f0, deferred = None, False
+    if not resumed and w.frozen is None and w.support is None:   # F0(t) holds every gradient
+        f0 = w.f0_from_grads(s.params)
+        # nothing runs before the state advances (no shadow closures, no collective): the gradients'
+        # check is the state's own (a non-finite F0 makes it fail), diagnosed in advance() if it does
+        deferred = w.shadow is None and s.comm.local
+        ok = finite_with(loss, f0[:0] if deferred else f0) or all_finite_sync(loss, s.params)
+    else:
+        ok = all_finite_sync(loss, s.params)
+    if s.comm.any(not ok):
         s.rep.skipped_steps += 1
-        abort(s, "non-finite loss or gradient inside the quantum window")
+        abort(s, NONFINITE_STEP)
         return loss
     if resumed:
         try:
@@ -220,19 +232,23 @@ def window_step(s: StepContext) -> Any:
             return loss
         s.fault("resumed a matrix-free window: F1..Fq re-expanded at θ0 on this step's batch (the upload "
                 "batch's autograd graph cannot be saved)")
-    advance(s, s.params)
+    advance(s, s.params, f0, deferred)
     return loss
 
 
-def advance(s: StepContext, grads) -> None:
+def advance(s: StepContext, grads, f0: Optional[torch.Tensor] = None, deferred: bool = False) -> None:
     """Window step t (window core) with ``grads`` (the parameters, whose ``.grad`` hold ∇L_t(θ0), or
-    their flat vector), the shadows' closure calls first: if one raises, the window is exactly as
-    before the step; finish at t = T."""
+    their flat vector; ``f0``: F0(t) already computed from them; ``deferred``: the gradients are not
+    checked yet, a failed state is diagnosed here), the shadows' closure calls first: if one raises,
+    the window is exactly as before the step; finish at t = T."""
     w = s.win
     shadow = None if w.shadow is None else shadow_grads(
         w.shadow, w.t == 0, s.params, functools.partial(grads_at, s.params, s.closure, s.model))
-    fault = _w.advance(w, grads, s.comm)
+    fault = _w.advance(w, grads, s.comm, f0)
     if fault is not None:
+        if deferred and not all_finite_sync(None, s.params):   # what the check before the step says
+            s.rep.skipped_steps += 1
+            fault = NONFINITE_STEP
         abort(s, fault)
         return
     if shadow is not None:

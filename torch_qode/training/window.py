@@ -64,6 +64,14 @@ class WindowState:
     info: dict = field(default_factory=dict)
     closure_flops: Optional[int] = None  # FLOPs of the upload closure (FlopCounterMode), for the ledger
     products: dict = field(default_factory=lambda: {"hvp": 0, "third_order": 0})   # through the graph
+    spare_row: Optional[torch.Tensor] = None   # the tape row dropped last: the next F0's buffer (scratch)
+
+    def record(self, t: int, f0: torch.Tensor) -> None:
+        """``F0(t)`` into the tape; a row it drops becomes :attr:`spare_row`."""
+        old = self.tape.rows.get(t - 1) if not self.tape.keep and len(self.tape.rows) == 1 else None
+        self.tape.record(t, f0)
+        if old is not None and old is not f0 and old.dtype == torch.float64:
+            self.spare_row = old
 
     def f0_source(self):
         frozen = self.frozen
@@ -72,7 +80,7 @@ class WindowState:
     def f0_from_grads(self, grads) -> torch.Tensor:
         """``F0(t) = −η (∇L_t(θ0) + wd·θ0)`` on S, in float64, from the flat gradient or from the
         parameters (their ``.grad``; ``None``: zeros).  Parameters on all weights are copied straight
-        into a float64 vector (the buffer of the row the tape drops next, when it keeps one row):
+        into a float64 vector (:attr:`spare_row`, the row the tape dropped last, when there is one):
         the numbers of ``flat_grads`` then ``.to(float64)``, without the flat float32 copy."""
         S = self.support
         if isinstance(grads, torch.Tensor):
@@ -80,7 +88,10 @@ class WindowState:
         elif S is not None:
             f0 = flat_grads(grads)[S].to(torch.float64)
         else:
-            f0 = _reusable_row(self.tape, self.theta0.numel(), self.theta0.device)
+            f0, self.spare_row = self.spare_row, None
+            n = self.theta0.numel()
+            if f0 is None or tuple(f0.shape) != (n,) or f0.device != self.theta0.device:
+                f0 = torch.empty(n, dtype=torch.float64, device=self.theta0.device)
             o = 0
             for p in grads:
                 m = p.numel()
@@ -123,17 +134,6 @@ class WindowResult:
     lin: Optional[torch.Tensor] = None       # full flat vector θ0 + u(T) (before the readout)
     lin1: Optional[torch.Tensor] = None      # θ0 + u⁽¹⁾(T): the embedded order-1 state (order ≥ 2)
     fault: Optional[str] = None
-
-
-def _reusable_row(tape: NoiseTape, n: int, device) -> torch.Tensor:
-    """An uninitialised float64 ``(n,)`` vector for the tape's next row: the one row it holds when it
-    keeps only one (``record`` drops it next), else a new one."""
-    if not tape.keep and len(tape.rows) == 1:
-        (row,) = tape.rows.values()
-        if tuple(row.shape) == (n,) and row.dtype == torch.float64 and row.device == torch.device(device):
-            tape.rows.clear()
-            return row
-    return torch.empty(n, dtype=torch.float64, device=device)
 
 
 # ---------------------------------------------------------------------------------------- functions
@@ -349,12 +349,12 @@ def flop_count():
     box["flops"] = int(counter.get_total_flops())
 
 
-def advance(win: WindowState, grads, comm: Comm) -> Optional[str]:
-    """Window step t: record F0(t) (from ``grads``, as :meth:`WindowState.f0_from_grads` takes them)
-    and advance the Carleman state; returns a fault, or None."""
+def advance(win: WindowState, grads, comm: Comm, f0: Optional[torch.Tensor] = None) -> Optional[str]:
+    """Window step t: record F0(t) (``f0`` when given, else from ``grads`` as
+    :meth:`WindowState.f0_from_grads` takes them) and advance the Carleman state; returns a fault, or None."""
     t = win.t
     if win.frozen is None:
-        win.tape.record(t, win.f0_from_grads(grads))
+        win.record(t, f0 if f0 is not None else win.f0_from_grads(grads))
     fault = None
     try:
         with torch.enable_grad():
