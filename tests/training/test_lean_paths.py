@@ -1,5 +1,5 @@
 """The hot paths' lean variants against the generic code they replace, bit for bit: the order-1
-window step (``CarlemanSystem.step_into`` with ``TaylorExpansion.hvp_accumulate``, F0 copied from the
+window step (``CarlemanSystem.step_into`` with ``TaylorExpansion.scaled_hvp``, F0 copied from the
 parameters' ``.grad``), the classical step's fast mask, and the Lanczos loop."""
 import pytest
 import torch
@@ -74,28 +74,35 @@ def test_lean_window_step_is_bit_identical_to_the_generic_one(monkeypatch, dtype
 
 
 def test_lean_window_step_is_taken(monkeypatch):
-    """The window step above really runs ``hvp_accumulate`` (else the comparison compares nothing)."""
+    """The window step above really runs ``scaled_hvp`` (else the comparison compares nothing)."""
     calls = []
-    orig = TaylorExpansion.hvp_accumulate
-    monkeypatch.setattr(TaylorExpansion, "hvp_accumulate", lambda self, *a: calls.append(1) or orig(self, *a))
+    orig = TaylorExpansion.scaled_hvp
+    monkeypatch.setattr(TaylorExpansion, "scaled_hvp", lambda self, *a: calls.append(1) or orig(self, *a))
     _, opt, _, _ = _run(torch.float32, steps=4)
     assert len(calls) == 3 and opt._win.products["hvp"] == 3
 
 
-def test_hvp_accumulate_equals_scaled_hvp():
+@pytest.mark.parametrize("unused", [False, True])
+def test_scaled_hvp_added_equals_the_generic_product(unused):
+    """``acc + scaled_hvp(y, c)`` is ``acc + _scaled(hvp(y), c, acc)`` bit for bit, also for a leaf
+    outside the graph (the generic path's materialised zeros times c: −0.0)."""
     model, (x, y) = _mlp(1), _data(1)[0]
-    params = list(model.parameters())
+    extra = nn.Parameter(torch.ones(3))
+    params = list(model.parameters()) + ([extra] if unused else [])
     exp = TaylorExpansion.from_loss(F.cross_entropy(model(x), y), params, lr=0.3, degree=1)
     g = torch.Generator().manual_seed(0)
     for _ in range(2):                          # twice: the reused buffers
         v = torch.randn(exp.n, generator=g, dtype=torch.float64)
         acc = torch.randn(exp.n, generator=g, dtype=torch.float64)
+        if unused:
+            acc[-3:] = torch.tensor([0.0, -0.0, 1.0], dtype=torch.float64)
         ref = acc + _scaled(exp.hvp(v[:, None]), -0.3, v[:, None])[:, 0]
-        assert torch.equal(exp.hvp_accumulate(v, acc.clone(), -0.3), ref)
+        got = acc + exp.scaled_hvp(v, -0.3)
+        assert torch.equal(got, ref) and torch.equal(torch.signbit(got), torch.signbit(ref))
     wd = TaylorExpansion.from_loss(F.cross_entropy(model(x), y), params, lr=0.3, degree=1, weight_decay=1e-2)
     with pytest.raises(ValueError, match="weight decay"):
-        wd.hvp_accumulate(v, acc, -0.3)
-    assert not hasattr(wd.ode(explicit=False).terms[1], "matvec_add")
+        wd.scaled_hvp(v, -0.3)
+    assert not hasattr(wd.ode(explicit=False).terms[1], "matvec_buffer")
 
 
 def test_dense_levels_double_buffer_matches_step_and_survives_a_failed_step():

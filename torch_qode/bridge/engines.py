@@ -46,9 +46,9 @@ class GraphEngine:
         return self._vjp(self.g, V, create_graph)
 
     def hvp_leaves(self, v: torch.Tensor) -> tuple:
-        """One HVP ``H v`` for a flat ``v (N,)``, per leaf (no flat copy of the result)."""
-        return torch.autograd.grad(self.g, self.leaves, grad_outputs=v, retain_graph=True, allow_unused=True,
-                                   materialize_grads=True)
+        """One HVP ``H v`` for a flat ``v (N,)``, per leaf (no flat copy of the result; ``None`` for a
+        leaf outside the graph)."""
+        return torch.autograd.grad(self.g, self.leaves, grad_outputs=v, retain_graph=True, allow_unused=True)
 
     def third(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """Rows ``∇³L[a_i, b_i]``: per pair one HVP with graph and one backward of ``a_i·H(θ)b_i``.

@@ -101,7 +101,7 @@ class TaylorExpansion:
         self._wd_zero = not bool(self._wd.any())
         g = (grad_full if S is None else grad_full[S]).detach()
         self._grad = g + self._wd * self.theta0
-        self._bufs: Optional[tuple] = None   # hvp_accumulate's y in the model dtype and c·Hy in acc's (reused)
+        self._bufs: Optional[tuple] = None   # scaled_hvp's y and c·Hy in the model dtype (reused)
         if not bool(torch.isfinite(self._grad).all()):
             raise NonFiniteError("the gradient at θ0 is not finite (NaN or inf)")
 
@@ -399,32 +399,34 @@ class TaylorExpansion:
 
         term = MatrixFreeTerm(self.n, 1, matmat, symmetric=True, rmatmat=matmat, power=power)
         if self.support is None and self._wd_zero and isinstance(self._engine, GraphEngine):
-            term.matvec_add = lambda y, acc: self.hvp_accumulate(y, acc, -lr)
+            term.matvec_buffer = lambda y: self.scaled_hvp(y, -lr)
         return term
 
-    def hvp_accumulate(self, y: torch.Tensor, acc: torch.Tensor, c: float) -> torch.Tensor:
-        """``acc += _scaled(hvp(y), c, acc)`` for vectors ``y, acc (n,)``, in place: the numbers of the
-        generic F1 product (``c·Hy`` in the model dtype, added in ``acc``'s), without its flat copies.
+    def scaled_hvp(self, y: torch.Tensor, c: float) -> torch.Tensor:
+        """``c·H y`` for a vector ``y (n,)`` in the model dtype, in a buffer reused by the next call:
+        the numbers of the generic F1 product before ``_scaled`` casts them (adding it to a float64
+        ``acc`` gives ``acc + _scaled(hvp(y), c, acc)`` exactly), without its flat copies.
 
         Only for a double-backward expansion on all weights without weight decay (what
-        :meth:`_term_F1` offers it for); each leaf's product is scaled and added into its slice.
+        :meth:`_term_F1` offers it for); each leaf's product is written into its slice.
         """
         eng = self._live()
         if self.support is not None or not self._wd_zero or not isinstance(eng, GraphEngine):
-            raise ValueError("hvp_accumulate needs support=None, no weight decay and a graph engine")
-        if self._bufs is None:
-            self._bufs = (torch.empty(self.N, dtype=self.dtype, device=self.device),
-                          torch.empty(self.N, dtype=self.dtype, device=self.device))
-        v, hv = self._bufs
+            raise ValueError("scaled_hvp needs support=None, no weight decay and a graph engine")
+        if self._bufs is None:                   # y in the model dtype; c·Hy per leaf (views of one vector)
+            hv = torch.empty(self.N, dtype=self.dtype, device=self.device)
+            self._bufs = (torch.empty(self.N, dtype=self.dtype, device=self.device), hv,
+                          [h.view(lf.shape) for h, lf in zip(hv.split([lf.numel() for lf in eng.leaves]), eng.leaves)])
+        v, hv, views = self._bufs
         v.copy_(y)
         with torch.enable_grad():
             gs = eng.hvp_leaves(v)
-        o = 0
-        for g in gs:                             # the product in the model dtype (_scaled) ...
-            m = g.numel()
-            torch.mul(g.reshape(-1), c, out=hv[o:o + m])
-            o += m
-        return acc.add_(hv.to(acc.device) if hv.device != acc.device else hv)   # ... cast as it is added
+        for g, h in zip(gs, views):              # the product in the model dtype, as _scaled forms it
+            if g is None:                        # a leaf outside the graph: 0·c (−0.0 for c < 0, as then)
+                h.fill_(0.0 * c)
+            else:
+                torch.mul(g, c, out=h)
+        return hv
 
     def _term_F2(self) -> MatrixFreeTerm:
         n, c = self.n, -self.lr / 2.0

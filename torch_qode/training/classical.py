@@ -129,14 +129,17 @@ def finite_with(loss, vec: torch.Tensor) -> bool:
     """Loss and ``vec`` finite, with one reduction and one host read (``True`` is exact; ``False``
     may be an overflow of the sum: callers fall back to :func:`all_finite_sync`).  ``vec`` is a
     window step's F0(t), which holds every gradient (a NaN/inf in one makes it non-finite)."""
-    total = vec.sum()
-    if isinstance(loss, torch.Tensor):
-        total = total + loss.detach().sum().to(total) * 0     # 0·loss: NaN when the loss is not finite
-    else:
+    if not isinstance(loss, torch.Tensor):
         value = loss_value(loss)
         if value is not None and not math.isfinite(value):
             return False
-    return bool(torch.isfinite(total))
+    elif loss.is_complex():
+        return False                             # (the caller's exact check decides)
+    elif vec.numel() == 0:                       # the loss alone: one host read
+        return math.isfinite((loss.detach() if loss.numel() == 1 else loss.detach().sum()).item())
+    else:
+        return bool(torch.isfinite(vec.sum() + loss.detach().sum().to(vec.dtype) * 0))   # 0·loss: NaN if not finite
+    return vec.numel() == 0 or bool(torch.isfinite(vec.sum()))
 
 
 class MaskedSGD:

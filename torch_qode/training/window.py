@@ -89,17 +89,13 @@ class WindowState:
             f0 = flat_grads(grads)[S].to(torch.float64)
         else:
             f0, self.spare_row = self.spare_row, None
-            n = self.theta0.numel()
-            if f0 is None or tuple(f0.shape) != (n,) or f0.device != self.theta0.device:
-                f0 = torch.empty(n, dtype=torch.float64, device=self.theta0.device)
-            o = 0
-            for p in grads:
-                m = p.numel()
+            if f0 is None or f0.shape != self.theta0.shape or f0.device != self.theta0.device:
+                f0 = torch.empty(self.theta0.shape, dtype=torch.float64, device=self.theta0.device)
+            for p, part in zip(grads, f0.split([p.numel() for p in grads])):
                 if p.grad is None:
-                    f0[o:o + m].zero_()
+                    part.zero_()
                 else:
-                    f0[o:o + m].copy_(p.grad.detach().reshape(-1))
-                o += m
+                    part.view(p.shape).copy_(p.grad.detach())
         if self.wd:
             th = self.theta0 if S is None else self.theta0[S]
             f0.add_(th.to(torch.float64), alpha=self.wd)
@@ -320,7 +316,7 @@ def _count_products(exp: TaylorExpansion, products: dict) -> None:
         return int((torch.linalg.eigh(0.5 * (Z + Z.T))[0] != 0).sum())
 
     wrap("hvp", "hvp", lambda V: cols(V))
-    wrap("hvp_accumulate", "hvp", lambda y, acc, c: 1)
+    wrap("scaled_hvp", "hvp", lambda y, c: 1)
     wrap("third", "third_order", lambda A, B: cols(A))
     wrap("third_sym", "third_order", sym_rank)
     wrap("third_sym_sum", "third_order", lambda Z, lam: cols(Z))

@@ -126,20 +126,22 @@ class CarlemanSystem:
 
     def step_into(self, y: torch.Tensor, t: int, out: torch.Tensor) -> bool:
         """:meth:`step` of a torch ``y (Δ,)`` written into ``out``, bit for bit, with no flat temporary:
-        at order 1 with an F1 that offers ``matvec_add`` (``acc += F1 y`` in place), ``out = y + F0(t)``,
-        ``out += F1 y``, then the state's finiteness check.  Returns False, touching nothing, where
-        that lean path does not apply (then use :meth:`step`)."""
+        at order 1 with an F1 that offers ``matvec_buffer`` (``F1 y`` before its cast to the state's
+        dtype, in a reused buffer), ``out = y + F0(t)``, ``out += F1 y``, then the state's finiteness
+        check, back to back (``out`` stays in cache).  Returns False, touching nothing, where that
+        lean path does not apply (then use :meth:`step`)."""
         F1 = self.ode.terms[1] if self.degree >= 1 else None
-        add = getattr(F1, "matvec_add", None)
-        if self.order != 1 or add is None or y.dtype != self.ode.dtype or y.device != self.ode.device \
+        product = getattr(F1, "matvec_buffer", None)
+        if self.order != 1 or product is None or y.dtype != self.ode.dtype or y.device != self.ode.device \
                 or out.dtype != y.dtype or out.device != y.device or tuple(y.shape) != (self.dim,) \
                 or tuple(out.shape) != (self.dim,):
             return False
+        h = product(y)
         if self.ode.F0_is_zero:
             out.copy_(y)
         else:                                    # F0's own check runs only when the state fails its
             torch.add(y, self.ode.F0(t, check=False), out=out)     # (a non-finite F0 makes it fail)
-        add(y, out)
+        out.add_(h if h.device == out.device else h.to(out.device))
         if not all_finite(out):
             if not self.ode.F0_is_zero:
                 self.ode.F0(t)                   # raises as step() would when F0 is the cause
