@@ -73,14 +73,18 @@ def basis_budget(device) -> int:
 
 class _Basis:
     """The Lanczos vectors, allocated in blocks of :attr:`BLOCK` rows as the iteration reaches them: a
-    run that stops early (converged top eigenvalues) never holds the rows it did not use."""
+    run that stops early (converged top eigenvalues) never holds the rows it did not use.  A run that
+    goes all its steps (``rows=steps``: a density) holds one block, so each reorthogonalisation is two
+    matrix-vector products on one matrix, not two per block."""
 
     BLOCK = 16
 
-    def __init__(self, n: int, dtype: torch.dtype, device):
+    def __init__(self, n: int, dtype: torch.dtype, device, rows: Optional[int] = None):
         self.n, self.dtype, self.device = n, dtype, device
         self.blocks: list = []
         self.k = 0
+        if rows is not None:
+            self.BLOCK = max(1, int(rows))
 
     @classmethod
     def from_rows(cls, rows: torch.Tensor) -> "_Basis":
@@ -101,11 +105,16 @@ class _Basis:
 
     def dot(self, w: torch.Tensor) -> torch.Tensor:
         """``B w`` (one entry per stored vector)."""
-        return torch.cat([B @ w for B in self.views()])
+        views = self.views()
+        return views[0] @ w if len(views) == 1 else torch.cat([B @ w for B in views])
 
     def sub(self, w: torch.Tensor, h: torch.Tensor) -> None:
         """``w −= Bᵀ h`` in place."""
-        for B, hb in zip(self.views(), h.split(self.BLOCK)):
+        views = self.views()
+        if len(views) == 1:
+            w.addmv_(views[0].T, h, alpha=-1)
+            return
+        for B, hb in zip(views, h.split(self.BLOCK)):
             w.addmv_(B.T, hb, alpha=-1)
 
     def combine(self, C: torch.Tensor) -> torch.Tensor:
@@ -186,7 +195,7 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, *, 
     budget = basis_budget(device) if max_basis_bytes is None else check_int(max_basis_bytes, "max_basis_bytes", 0)
     if reorthogonalize and steps * n * (torch.finfo(dtype).bits // 8) > budget:
         reorthogonalize = None                    # the basis would not fit: the plain recurrence
-    Q = _Basis(n, dtype, device) if reorthogonalize else None
+    Q = _Basis(n, dtype, device, rows=steps if stop is None else None) if reorthogonalize else None
     alphas: list[float] = []
     betas: list[float] = []
     v_prev, beta_prev = None, 0.0
