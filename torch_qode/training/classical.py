@@ -156,8 +156,13 @@ class MaskedSGD:
     def maskable(loss, params: list, group: dict) -> bool:
         """The masked update reproduces SGD's single-tensor path: a tensor loss, CPU gradients, no
         foreach/fused (elsewhere the synchronous check keeps SGD's own arithmetic)."""
-        return isinstance(loss, torch.Tensor) and not group["foreach"] and not group["fused"] and all(
-            p.grad is None or (p.grad.device.type == "cpu" and not p.grad.is_sparse) for p in params)
+        if not isinstance(loss, torch.Tensor) or group["foreach"] or group["fused"]:
+            return False
+        for p in params:
+            g = p.grad
+            if g is not None and (not g.is_cpu or g.is_sparse):
+                return False
+        return True
 
     def update(self, loss: torch.Tensor, params: list, buffers: list, group: dict, k: int) -> list:
         """One masked SGD step at step ``k``; returns the momentum buffers."""
