@@ -15,7 +15,11 @@ machine noise hits both alike, median over steps:
   classical step of each (SGD makes none);
 * N = 2 on a small support (``upload="sparse"``, 90% of the weights pruned, explicit Taylor terms).
 
-Usage: python benchmarks/optimizer.py [--threads 1] [--steps 40]
+With ``--repeat R`` each model's measurement runs R times (fresh optimizers, same data) and the
+ratios are printed as their range and median: the machine is shared, and one run's ratio moves by
+±0.1 with the load.
+
+Usage: python benchmarks/optimizer.py [--threads 1] [--steps 40] [--repeat 1] [--models MLP ResNet small order2]
 """
 from __future__ import annotations
 
@@ -162,28 +166,46 @@ def bench_order2(steps: int) -> dict:
             "upload_s": t_q[1], "end_s": t_q[-1]}
 
 
+def _span(values, fmt="{:.2f}") -> str:
+    """One value, or ``min–max (median m)`` of several."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(min(values))}–{fmt.format(max(values))} (median {fmt.format(statistics.median(values))})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="only the cases whose name contains one of these (MLP, ResNet, small, order2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{args.threads} thread(s), {args.steps} window steps, median per step\n")
+    want = (lambda name: args.models is None or any(m in name for m in args.models))
+    print(f"{args.threads} thread(s), {args.steps} window steps, median per step, {args.repeat} run(s) each\n")
     print("| model | SGD step | classical QODE / SGD (bar ≤ 1.10) | window step, N=1 / SGD "
           "| window step / (closure + HVP) (bar ≤ 1.20) | upload (once) | window end (once) |")
     print("|---|---|---|---|---|---|---|")
     for name, (make, shape) in CASES.items():
-        r = bench(make, shape, args.steps)
-        print(f"| {name} | {r['sgd_ms']:.2f} ms | {r['classical_ratio']:.2f} | {r['window_ratio']:.2f} "
-              f"| {r['floor_ratio']:.2f} | {r['upload_s']:.2f} s | {r['end_s']:.2f} s |")
-    r = bench_small(args.steps)
-    print(f"\nMLP 30-8-1 ({r['n']} params), batch 32, momentum 0.9: SGD step {r['sgd_us']:.0f} µs, classical QODE "
-          f"{r['classical_us']:.0f} µs, ratio {r['ratio']:.3f} (bar ≤ 1.10); host syncs per classical step: "
-          f"SGD {r['syncs_sgd']:g}, QODE {r['syncs_qode']:g}")
-    r = bench_order2(args.steps)
-    print(f"\nN = 2, sparse upload: MLP 16-16-4 ({r['n']} params, support {r['support']}, Carleman Δ = {r['dim']}): "
-          f"window step {r['window_ratio']:.1f}× an SGD step; upload {r['upload_s']:.2f} s, window end "
-          f"{r['end_s']:.2f} s")
+        if not want(name):
+            continue
+        rs = [bench(make, shape, args.steps) for _ in range(args.repeat)]
+        col = lambda key: [r[key] for r in rs]   # noqa: E731
+        print(f"| {name} | {_span(col('sgd_ms'))} ms | {_span(col('classical_ratio'))} | {_span(col('window_ratio'))} "
+              f"| {_span(col('floor_ratio'))} | {_span(col('upload_s'))} s | {_span(col('end_s'))} s |")
+    if want("small"):
+        rs = [bench_small(args.steps) for _ in range(args.repeat)]
+        r = rs[0]
+        print(f"\nMLP 30-8-1 ({r['n']} params), batch 32, momentum 0.9: SGD step {_span([x['sgd_us'] for x in rs], '{:.0f}')} µs, "
+              f"classical QODE {_span([x['classical_us'] for x in rs], '{:.0f}')} µs, ratio "
+              f"{_span([x['ratio'] for x in rs], '{:.3f}')} (bar ≤ 1.10); host syncs per classical step: "
+              f"SGD {r['syncs_sgd']:g}, QODE {r['syncs_qode']:g}")
+    if want("order2"):
+        r = bench_order2(args.steps)
+        print(f"\nN = 2, sparse upload: MLP 16-16-4 ({r['n']} params, support {r['support']}, Carleman Δ = {r['dim']}): "
+              f"window step {r['window_ratio']:.1f}× an SGD step; upload {r['upload_s']:.2f} s, window end "
+              f"{r['end_s']:.2f} s")
 
 
 if __name__ == "__main__":

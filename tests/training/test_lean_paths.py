@@ -1,11 +1,12 @@
 """The hot paths' lean variants against the generic code they replace, bit for bit: the order-1
-window step (``CarlemanSystem.step_into`` with ``TaylorExpansion.scaled_hvp``, F0 copied from the
+window step (``CarlemanSystem.step_into`` with ``GraphEngine.scaled_hvp``, F0 copied from the
 parameters' ``.grad``), the classical step's fast mask, and the Lanczos loop."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch_qode.bridge.engines import GraphEngine
 from torch_qode.bridge.taylor import TaylorExpansion, _scaled
 from torch_qode.core.carleman.base import CarlemanSystem
 from torch_qode.core.carleman import carleman
@@ -76,20 +77,21 @@ def test_lean_window_step_is_bit_identical_to_the_generic_one(monkeypatch, dtype
 def test_lean_window_step_is_taken(monkeypatch):
     """The window step above really runs ``scaled_hvp`` (else the comparison compares nothing)."""
     calls = []
-    orig = TaylorExpansion.scaled_hvp
-    monkeypatch.setattr(TaylorExpansion, "scaled_hvp", lambda self, *a: calls.append(1) or orig(self, *a))
+    orig = GraphEngine.scaled_hvp
+    monkeypatch.setattr(GraphEngine, "scaled_hvp", lambda self, *a: calls.append(1) or orig(self, *a))
     _, opt, _, _ = _run(torch.float32, steps=4)
     assert len(calls) == 3 and opt._win.products["hvp"] == 3
 
 
 @pytest.mark.parametrize("unused", [False, True])
 def test_scaled_hvp_added_equals_the_generic_product(unused):
-    """``acc + scaled_hvp(y, c)`` is ``acc + _scaled(hvp(y), c, acc)`` bit for bit, also for a leaf
+    """``acc + F1.matvec_buffer(y)`` is ``acc + _scaled(hvp(y), −η, acc)`` bit for bit, also for a leaf
     outside the graph (the generic path's materialised zeros times c: −0.0)."""
     model, (x, y) = _mlp(1), _data(1)[0]
     extra = nn.Parameter(torch.ones(3))
     params = list(model.parameters()) + ([extra] if unused else [])
     exp = TaylorExpansion.from_loss(F.cross_entropy(model(x), y), params, lr=0.3, degree=1)
+    F1 = exp.ode(explicit=False).terms[1]
     g = torch.Generator().manual_seed(0)
     for _ in range(2):                          # twice: the reused buffers
         v = torch.randn(exp.n, generator=g, dtype=torch.float64)
@@ -97,12 +99,13 @@ def test_scaled_hvp_added_equals_the_generic_product(unused):
         if unused:
             acc[-3:] = torch.tensor([0.0, -0.0, 1.0], dtype=torch.float64)
         ref = acc + _scaled(exp.hvp(v[:, None]), -0.3, v[:, None])[:, 0]
-        got = acc + exp.scaled_hvp(v, -0.3)
+        got = acc + F1.matvec_buffer(v)
         assert torch.equal(got, ref) and torch.equal(torch.signbit(got), torch.signbit(ref))
     wd = TaylorExpansion.from_loss(F.cross_entropy(model(x), y), params, lr=0.3, degree=1, weight_decay=1e-2)
-    with pytest.raises(ValueError, match="weight decay"):
-        wd.scaled_hvp(v, -0.3)
-    assert not hasattr(wd.ode(explicit=False).terms[1], "matvec_buffer")
+    assert not hasattr(wd.ode(explicit=False).terms[1], "matvec_buffer")     # the generic product there
+    exp.release()
+    with pytest.raises(RuntimeError, match="released"):
+        F1.matvec_buffer(v)
 
 
 def test_dense_levels_double_buffer_matches_step_and_survives_a_failed_step():

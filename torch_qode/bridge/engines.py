@@ -9,7 +9,7 @@ Both work on rows over the full flat parameter vector ``(m, N)``; the expansion 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -22,6 +22,7 @@ class GraphEngine:
     def __init__(self, leaves: list[torch.Tensor], g_flat: torch.Tensor, chunk: int):
         self.leaves, self.g, self.chunk = leaves, g_flat, chunk
         self.N = g_flat.numel()
+        self._bufs: Optional[tuple] = None      # scaled_hvp's v and c·Hv in the model dtype (reused)
 
     def _vjp(self, out: torch.Tensor, W: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
         """Rows ``W_i^T ∂out/∂θ`` for ``W (m, *out.shape)``: ``(m, N)``."""
@@ -45,10 +46,25 @@ class GraphEngine:
     def hvp(self, V: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
         return self._vjp(self.g, V, create_graph)
 
-    def hvp_leaves(self, v: torch.Tensor) -> tuple:
-        """One HVP ``H v`` for a flat ``v (N,)``, per leaf (no flat copy of the result; ``None`` for a
-        leaf outside the graph)."""
-        return torch.autograd.grad(self.g, self.leaves, grad_outputs=v, retain_graph=True, allow_unused=True)
+    def scaled_hvp(self, y: torch.Tensor, c: float) -> torch.Tensor:
+        """``c·H y`` for a flat ``y (N,)`` (any dtype), in the leaves' dtype, in a buffer that the next
+        call reuses: the numbers of ``c * hvp(y)`` before ``taylor._scaled`` casts them (adding it to a
+        float64 ``acc`` gives ``acc + _scaled(hvp(y), c, acc)`` bit for bit), without the flat copies:
+        ``y`` is converted into a reused vector and each leaf's product written into its slice."""
+        if self._bufs is None:
+            lf = self.leaves
+            v, hv = (torch.empty(self.N, dtype=self.g.dtype, device=self.g.device) for _ in range(2))
+            self._bufs = (v, hv, [h.view(p.shape) for h, p in zip(hv.split([p.numel() for p in lf]), lf)])
+        v, hv, views = self._bufs
+        v.copy_(y)
+        with torch.enable_grad():
+            gs = torch.autograd.grad(self.g, self.leaves, grad_outputs=v, retain_graph=True, allow_unused=True)
+        for g, h in zip(gs, views):
+            if g is None:       # a leaf outside the graph: 0·c (−0.0 for c < 0), as materialised zeros give
+                h.fill_(0.0 * c)
+            else:
+                torch.mul(g, c, out=h)
+        return hv
 
     def third(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """Rows ``∇³L[a_i, b_i]``: per pair one HVP with graph and one backward of ``a_i·H(θ)b_i``.
@@ -105,7 +121,7 @@ class GraphEngine:
         return rec(g, 1)
 
     def release(self):
-        self.leaves = self.g = None
+        self.leaves = self.g = self._bufs = None
 
 
 class FuncEngine:

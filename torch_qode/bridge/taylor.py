@@ -101,7 +101,6 @@ class TaylorExpansion:
         self._wd_zero = not bool(self._wd.any())
         g = (grad_full if S is None else grad_full[S]).detach()
         self._grad = g + self._wd * self.theta0
-        self._bufs: Optional[tuple] = None   # scaled_hvp's y and c·Hy in the model dtype (reused)
         if not bool(torch.isfinite(self._grad).all()):
             raise NonFiniteError("the gradient at θ0 is not finite (NaN or inf)")
 
@@ -397,36 +396,7 @@ class TaylorExpansion:
         def power(u):
             return matmat(u[:, None])[:, 0]
 
-        term = MatrixFreeTerm(self.n, 1, matmat, symmetric=True, rmatmat=matmat, power=power)
-        if self.support is None and self._wd_zero and isinstance(self._engine, GraphEngine):
-            term.matvec_buffer = lambda y: self.scaled_hvp(y, -lr)
-        return term
-
-    def scaled_hvp(self, y: torch.Tensor, c: float) -> torch.Tensor:
-        """``c·H y`` for a vector ``y (n,)`` in the model dtype, in a buffer reused by the next call:
-        the numbers of the generic F1 product before ``_scaled`` casts them (adding it to a float64
-        ``acc`` gives ``acc + _scaled(hvp(y), c, acc)`` exactly), without its flat copies.
-
-        Only for a double-backward expansion on all weights without weight decay (what
-        :meth:`_term_F1` offers it for); each leaf's product is written into its slice.
-        """
-        eng = self._live()
-        if self.support is not None or not self._wd_zero or not isinstance(eng, GraphEngine):
-            raise ValueError("scaled_hvp needs support=None, no weight decay and a graph engine")
-        if self._bufs is None:                   # y in the model dtype; c·Hy per leaf (views of one vector)
-            hv = torch.empty(self.N, dtype=self.dtype, device=self.device)
-            self._bufs = (torch.empty(self.N, dtype=self.dtype, device=self.device), hv,
-                          [h.view(lf.shape) for h, lf in zip(hv.split([lf.numel() for lf in eng.leaves]), eng.leaves)])
-        v, hv, views = self._bufs
-        v.copy_(y)
-        with torch.enable_grad():
-            gs = eng.hvp_leaves(v)
-        for g, h in zip(gs, views):              # the product in the model dtype, as _scaled forms it
-            if g is None:                        # a leaf outside the graph: 0·c (−0.0 for c < 0, as then)
-                h.fill_(0.0 * c)
-            else:
-                torch.mul(g, c, out=h)
-        return hv
+        return _lean_F1(self, MatrixFreeTerm(self.n, 1, matmat, symmetric=True, rmatmat=matmat, power=power), -lr)
 
     def _term_F2(self) -> MatrixFreeTerm:
         n, c = self.n, -self.lr / 2.0
@@ -490,7 +460,7 @@ class TaylorExpansion:
         """Drop the graph / closure: every later product raises; cheap to call twice."""
         if self._engine is not None:
             self._engine.release()
-        self._engine = self._bufs = None
+        self._engine = None
 
     @property
     def released(self) -> bool:
@@ -562,6 +532,18 @@ def _check_weight_decay(weight_decay, params: Sequence[torch.Tensor]) -> torch.T
     if not bool(torch.isfinite(wd).all()) or bool((wd < 0).any()):
         raise ValueError("weight_decay must be finite and >= 0")
     return wd
+
+
+def _lean_F1(exp: TaylorExpansion, term: MatrixFreeTerm, c: float) -> MatrixFreeTerm:
+    """F1 with ``matvec_buffer``: ``y -> c·H y`` in the model dtype in a reused buffer
+    (:meth:`GraphEngine.scaled_hvp`), which the lean order-1 window step adds to its float64 state
+    (``CarlemanSystem.step_into``).  Only on all weights, without weight decay, on a retained graph
+    whose leaves share one dtype (the generic product multiplies in the flat vector's dtype)."""
+    eng = exp._engine
+    if exp.support is None and exp._wd_zero and isinstance(eng, GraphEngine) \
+            and all(p.dtype == exp.dtype for p in eng.leaves):
+        term.matvec_buffer = lambda y: exp._live().scaled_hvp(y, c)
+    return term
 
 
 def _scaled(x: torch.Tensor, c: float, like: torch.Tensor) -> torch.Tensor:
