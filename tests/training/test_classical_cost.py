@@ -69,7 +69,7 @@ def engine_counts(monkeypatch):
     """Rows through GraphEngine's plain HVPs and third-order sums (an instrumentation independent of
     the window's own counters)."""
     counts = {"hvp": 0, "sym": 0}
-    hvp, sym = GraphEngine.hvp, GraphEngine.sym_sum
+    hvp, sym, scaled = GraphEngine.hvp, GraphEngine.sym_sum, GraphEngine.scaled_hvp
 
     def hvp_counted(self, V, create_graph=False):
         if not create_graph:          # sym_sum's inner HVPs keep their graph: part of a third-order product
@@ -79,8 +79,12 @@ def engine_counts(monkeypatch):
     def sym_counted(self, V, lam):
         counts["sym"] += V.shape[0]
         return sym(self, V, lam)
+    def scaled_counted(self, y, c):   # the lean order-1 window step's product: one vector
+        counts["hvp"] += 1
+        return scaled(self, y, c)
     monkeypatch.setattr(GraphEngine, "hvp", hvp_counted)
     monkeypatch.setattr(GraphEngine, "sym_sum", sym_counted)
+    monkeypatch.setattr(GraphEngine, "scaled_hvp", scaled_counted)
     return counts
 
 
