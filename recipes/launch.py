@@ -97,22 +97,28 @@ def shard(batch: tuple, name: str = "batch") -> tuple:
     return tuple(t[r * per:(r + 1) * per] for t in batch)
 
 
-def shard_stream(dataset, global_batch: int, seed: int, device):
+def shard_stream(dataset, global_batch: int, seed: int, device, *, num_workers: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = False):
     """An endless stream of this rank's batches of ``global_batch / world`` samples: a
-    ``DistributedSampler`` (shuffled with ``seed``, a new permutation per epoch) over ``dataset``."""
+    ``DistributedSampler`` (shuffled with ``seed``, a new permutation per epoch) over ``dataset``;
+    ``num_workers``, ``pin_memory`` (CUDA only, ``non_blocking`` copies) and ``persistent_workers`` as in
+    :func:`recipes.loop.batch_stream`."""
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
     n = world()
+    device = torch.device(device)
+    pin = bool(pin_memory) and device.type == "cuda"
     sampler = DistributedSampler(dataset, num_replicas=n, rank=rank(), shuffle=True, seed=seed,
                                  drop_last=len(dataset) >= global_batch)
     loader = DataLoader(dataset, batch_size=max(1, min(global_batch, len(dataset)) // n), sampler=sampler,
-                        drop_last=len(dataset) >= global_batch)
+                        drop_last=len(dataset) >= global_batch, num_workers=num_workers, pin_memory=pin,
+                        persistent_workers=bool(persistent_workers) and num_workers > 0)
     epoch = 0
     while True:
         sampler.set_epoch(epoch)
         for x, y in loader:
-            yield x.to(device), y.to(device)
+            yield x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
         epoch += 1
 
 

@@ -270,10 +270,9 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
             return closure
 
         d = cfg["data"]
-        stream = launch.shard_stream(data["train"], cfg["train"]["batch_size"], cfg["seed"], dev) if ddp else \
-            loop.batch_stream(data["train"], cfg["train"]["batch_size"], cfg["seed"], dev,
-                              num_workers=d["num_workers"], pin_memory=d["pin_memory"],
-                              persistent_workers=d["persistent_workers"])
+        stream = (launch.shard_stream if ddp else loop.batch_stream)(
+            data["train"], cfg["train"]["batch_size"], cfg["seed"], dev, num_workers=d["num_workers"],
+            pin_memory=d["pin_memory"], persistent_workers=d["persistent_workers"])
         rows, t0 = [], time.perf_counter()
         bar = run.progress(total=cfg["train"]["steps"], desc="QODE")
         for k in range(cfg["train"]["steps"]):

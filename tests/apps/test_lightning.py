@@ -70,7 +70,8 @@ class Lit(pl.LightningModule):
 
 def trainer(tmp_path=None, epochs=5, callbacks=(), **kwargs):
     kwargs.setdefault("logger", False)
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False,
+    kwargs.setdefault("devices", 1)
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path,
                       enable_checkpointing=tmp_path is not None, callbacks=list(callbacks), **kwargs)
 
@@ -313,3 +314,42 @@ def test_a_mid_window_ddp_checkpoint_needs_the_same_number_of_ranks():
     cb.load_state_dict({"upload": None, "ranks": [None, None]})      # between windows: any number of ranks
     assert cb._pending is None
     assert QODECallback().state_dict()["ranks"] is None                # one process: nothing gathered
+
+
+
+def lightning_ddp_worker(rank, world, root, port, resume):
+    """One rank of a Lightning DDP fit (gloo, DistributedSampler: 2 of the 4 batches per epoch); with
+    ``resume`` from the checkpoint at step 4, inside the window of steps 2..7."""
+    import os
+    from pathlib import Path
+
+    from lightning.pytorch.strategies import DDPStrategy
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world), RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cbs = [QODECallback()] + ([] if resume else [checkpoints(Path(root))])
+    tr = trainer(None if resume else Path(root), epochs=5, callbacks=cbs, devices=world,
+                 strategy=DDPStrategy(process_group_backend="gloo"))
+    lit, opt = fit(Lit(seed=7 if resume else 0), tr, ckpt_path=Path(root) / "ckpt" / "step=4.ckpt" if resume else None)
+    return [p.detach().clone() for p in lit.parameters()], type(opt.comm).__name__, opt.step_count, reports(opt)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_lightning_ddp_fit_resumes_mid_window_bit_for_bit(tmp_path):
+    """Two gloo ranks under Lightning's DDP strategy: QODE takes DistComm, and a checkpoint inside a
+    window resumes on both ranks to the uninterrupted run's weights and reports (each rank restores
+    from its own upload batch; with rank 0's for both, the weights differ)."""
+    from tests._dist import run_ranks
+    target = "tests.apps.test_lightning:lightning_ddp_worker"
+    ref = run_ranks(target, root=str(tmp_path), port=_free_port(), resume=False, timeout=240)
+    res = run_ranks(target, root=str(tmp_path), port=_free_port(), resume=True, timeout=240)
+    for r in ref + res:
+        assert r[1] == "DistComm" and r[2] == 10
+    assert all(torch.equal(p, q) for p, q in zip(ref[0][0], ref[1][0]))          # ranks identical
+    for a, b in zip(ref, res):
+        assert all(torch.equal(p, q) for p, q in zip(a[0], b[0])) and a[3] == b[3]

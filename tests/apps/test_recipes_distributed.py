@@ -1,6 +1,7 @@
 """The recipes' --nproc (issue 12): a batch that does not split over the ranks is refused naming the key,
-recipes that run in one process refuse --nproc, and the launcher kills a hanging rank.  (Full two-rank recipe runs are checked by hand, see the README:
-they take minutes; the library's two-rank equality is tested in tests/training/test_distributed.py.)"""
+recipes that run in one process refuse --nproc, the launcher kills a hanging rank, and a tiny two-rank run of
+the Fig. 2 recipe trains with rank 0 alone writing.  (The library's two-rank equality with one process is
+tested in tests/training/test_distributed.py.)"""
 import pytest
 
 from recipes import hessian_after_pruning, launch, quadratic_ode, train_resnet_cifar100
@@ -47,3 +48,22 @@ def test_a_hanging_rank_is_killed_and_reported_not_waited_for():
     with pytest.raises(TimeoutError, match=r"ranks \[(0, )?1\] still running after 10 s"):
         launch.spawn("tests.apps.test_recipes_distributed:sleeper", 2, timeout=10)
     assert time.monotonic() - t0 < 40
+
+
+def test_a_two_rank_run_of_the_fig2_recipe_trains_and_rank_0_alone_writes(tmp_path):
+    """What ``--nproc 2`` spawns, under a deadline: a hang fails the test instead of blocking CI."""
+    import functools
+    import json
+
+    from tests.apps.test_recipe_train_resnet import TINY
+
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "qode.mode=quantum"] + TINY
+    res = launch.spawn(functools.partial(launch._recipe_rank, "recipes.train_resnet_cifar100:main"), 2,
+                       (argv, {}), threads=1, timeout=300)
+    rows = res[0]["result"]["rows"]
+    assert [r["cycle"] for r in rows] == [0, 1] and all(r["mode"] == "quantum" for r in rows)
+    assert all(r["drift"] is not None and 0 <= r["acc"] <= 1 for r in rows)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len([e for e in log if e["event"] == "cycle"]) == 2       # one writer: rank 0
+    assert res[1]["result"]["rows"] == []                              # the table is rank 0's

@@ -117,3 +117,50 @@ def test_data_pipeline_keys_are_checked(tmp_path):
     with pytest.raises(config.ConfigError, match="train.micro_batches"):
         trr.main(["--config", "configs/train_resnet_cifar100_cpu.yaml", "train.micro_batches=0",
                   "--out", str(tmp_path / "o")])
+
+
+def test_order2_window_state_follows_max_rank():
+    """A factored order-2 step peaks at FACTORED_STEP_COLUMNS × (k + 2) columns of n: k = 2T exact, max_rank capped."""
+    base = dict(n_params=10**6, per_sample=2**20, per_batch=0, batch=64)
+    q = dict(cycle=100, classical_steps=10, momentum=0, track_sgd=False, hvp="recompute")
+    key = "window state (θ0, Carleman state, F0, shadow)"
+    one = memory.estimate_classifier(**base, qode=q)["components"][key]
+    exact = memory.estimate_classifier(**base, qode={**q, "carleman_order": 2})["components"][key]
+    capped = memory.estimate_classifier(**base, qode={**q, "carleman_order": 2, "max_rank": 16})["components"][key]
+    assert exact - one == 8 * 10**6 * memory.FACTORED_STEP_COLUMNS * (2 * 90 + 2)
+    assert capped - one == 8 * 10**6 * memory.FACTORED_STEP_COLUMNS * (16 + 2)
+
+
+_FACTORED_PEAK = """
+import torch
+from torch_qode.core.ode import PolynomialODE, MatrixFreeTerm
+from torch_qode.core.factored import FactoredLevel2
+n = 300_000
+d = torch.rand(n, dtype=torch.float64) * -0.01
+F1 = MatrixFreeTerm(n, 1, lambda Y: d[:, None] * Y, symmetric=True)
+F2 = MatrixFreeTerm(n, 2, lambda Y: torch.zeros(n, Y.shape[1], dtype=Y.dtype))
+F2.sym_sum = lambda Z, lam: 1e-3 * (Z * Z) @ lam
+F0 = torch.randn(n, dtype=torch.float64) * 1e-2
+ode = PolynomialODE([lambda t: F0, F1, F2], dtype=torch.float64)
+def kib(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+open("/proc/self/clear_refs", "w").write("5")      # the peak RSS (VmHWM) restarts from the current RSS
+base = kib("VmRSS:")
+st = FactoredLevel2(ode, max_rank={cap})
+for t in range(12):
+    st.step()
+print((kib("VmHWM:") - base) * 1024 / (8 * n), st.W.shape[1])
+"""
+
+
+@pytest.mark.parametrize("cap", [None, 8])
+def test_factored_step_peak_is_within_the_model(cap):
+    """The estimate's order-2 columns bound a factored step's measured peak (RSS of a fresh process)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _FACTORED_PEAK.format(cap=cap)], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    columns, k = float(out[0]), int(out[1])
+    assert k == (2 * 12 - 1 if cap is None else cap)          # g and w from step 1 on: 2t − 1 columns exact
+    model = memory.FACTORED_STEP_COLUMNS * ((2 * 12 if cap is None else cap) + 2)
+    assert 0.5 * model <= columns <= model

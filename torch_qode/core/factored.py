@@ -40,7 +40,7 @@ from .._checks import check_bool, check_choice, check_int, check_optional_int, c
 from .carleman import CarlemanTooLarge
 from .ode import NonFiniteError, PolynomialODE, _check_T, all_finite, as_tensor
 
-__all__ = ["FactoredLevel2", "factored_simulate", "relative_gap", "DEFAULT_Y2_BYTES"]
+__all__ = ["FactoredLevel2", "factored_simulate", "relative_gap", "EmbeddedOrder1", "DEFAULT_Y2_BYTES"]
 
 #: ``FactoredLevel2.Y2()`` refuses a dense ``n×n`` level 2 above this many bytes (256 MiB) unless told
 DEFAULT_Y2_BYTES = 256 * 2**20
@@ -59,7 +59,27 @@ def relative_gap(u2: torch.Tensor, u1: torch.Tensor) -> float:
     return diff / den if den > 0 else math.inf
 
 
-class FactoredLevel2:
+class EmbeddedOrder1:
+    """An order-2 state that may carry the order-1 level 1 ``v`` beside its own level 1 (``level1()``):
+    issue 11's embedded error estimate, as an embedded Runge–Kutta pair estimates its error."""
+
+    v: Optional[torch.Tensor]
+
+    def level1_order1(self) -> torch.Tensor:
+        """The embedded order-1 state ``u⁽¹⁾(t)``: ``(n,)`` (needs ``embedded=True``)."""
+        if self.v is None:
+            raise ValueError("level1_order1 needs embedded=True (the order-1 state is not carried)")
+        return self.v.clone()
+
+    @property
+    def order_gap(self) -> float:
+        """``‖u⁽²⁾(t) − u⁽¹⁾(t)‖ / ‖u⁽²⁾(t)‖`` (0 when both are 0; needs ``embedded=True``)."""
+        if self.v is None:
+            raise ValueError("order_gap needs embedded=True (the order-1 state is not carried)")
+        return relative_gap(self.level1(), self.v)
+
+
+class FactoredLevel2(EmbeddedOrder1):
     """The discrete-form order-2 Carleman state of a quadratic ODE started from ``u(0) = 0``.
 
     Parameters
@@ -161,19 +181,6 @@ class FactoredLevel2:
     def level1(self) -> torch.Tensor:
         """``u(t)`` of the order-2 Carleman system: ``(n,)`` (a copy)."""
         return self.y1.clone()
-
-    def level1_order1(self) -> torch.Tensor:
-        """The embedded order-1 state ``u⁽¹⁾(t)``: ``(n,)`` (needs ``embedded=True``)."""
-        if self.v is None:
-            raise ValueError("level1_order1 needs embedded=True (the order-1 state is not carried)")
-        return self.v.clone()
-
-    @property
-    def order_gap(self) -> float:
-        """``‖u⁽²⁾(t) − u⁽¹⁾(t)‖ / ‖u⁽²⁾(t)‖`` (issue 11's embedded error estimate; 0 when both are 0)."""
-        if self.v is None:
-            raise ValueError("order_gap needs embedded=True (the order-1 state is not carried)")
-        return relative_gap(self.y1, self.v)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W, C)`` with ``Y2 = W C Wᵀ`` (copies; ``W`` orthonormal, ``C`` diagonal)."""

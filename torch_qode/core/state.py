@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from .._checks import check_bool
-from .factored import FactoredLevel2, relative_gap
+from .factored import EmbeddedOrder1, FactoredLevel2
 from .ode import MatrixFreeTerm, NonFiniteError, PolynomialODE, all_finite
 
 __all__ = ["CarlemanState", "DenseLevels", "FactoredLevels", "STATES", "state_from_dict"]
@@ -57,7 +57,7 @@ class CarlemanState(abc.ABC):
         """Memory the state holds."""
 
 
-class DenseLevels(CarlemanState):
+class DenseLevels(CarlemanState, EmbeddedOrder1):
     """The dense vector of all levels, ``Δ = n + n² + … + n^N`` numbers (float64).
 
     With ``embedded=True`` (order ≥ 2) it also carries the order-1 level-1 state
@@ -107,19 +107,6 @@ class DenseLevels(CarlemanState):
     @property
     def embedded(self) -> bool:
         return self.v is not None
-
-    def level1_order1(self) -> torch.Tensor:
-        """The embedded order-1 state ``u⁽¹⁾(t)`` (needs ``embedded=True``)."""
-        if self.v is None:
-            raise ValueError("level1_order1 needs embedded=True (the order-1 state is not carried)")
-        return self.v.clone()
-
-    @property
-    def order_gap(self) -> float:
-        """``‖u⁽²⁾(t) − u⁽¹⁾(t)‖ / ‖u⁽²⁾(t)‖`` with ``u⁽²⁾`` this system's level 1 (needs ``embedded=True``)."""
-        if self.v is None:
-            raise ValueError("order_gap needs embedded=True (the order-1 state is not carried)")
-        return relative_gap(self.level1(), self.v)
 
     def state_dict(self) -> dict:
         sd = {"kind": self.kind, "y": self.y.clone(), "n": self.n}
