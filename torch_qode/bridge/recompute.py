@@ -28,7 +28,7 @@ import torch
 from . import flat as _flat
 from .engines import GraphEngine
 
-__all__ = ["RecomputeEngine", "backward_losses", "replaying_backward", "LossMismatchError"]
+__all__ = ["RecomputeEngine", "backward_losses", "intercepting_backward", "replaying_backward", "LossMismatchError"]
 
 
 class LossMismatchError(RuntimeError):
@@ -45,10 +45,11 @@ def backward_losses(tensors, grad_tensors=None, grad_variables=None) -> list:
 
 
 @contextlib.contextmanager
-def replaying_backward(on_loss: Callable[[torch.Tensor], None]):
-    """Inside, a backward call of the closure (``loss.backward()``, ``torch.autograd.backward``)
-    hands its loss to ``on_loss`` instead of backwarding it; backward calls made from inside
-    ``on_loss`` or a backward pass (reentrant checkpointing) pass through untouched."""
+def intercepting_backward(handle: Callable[[list, Callable], object]):
+    """Inside, each backward call of the closure (``loss.backward()``, ``torch.autograd.backward``)
+    goes to ``handle(losses, run)``: ``losses`` the scalar losses it differentiates
+    (:func:`backward_losses`), ``run(retain_graph=...)`` the backward as the call asked.  Backward calls
+    made while one is handled (from inside a backward pass: reentrant checkpointing) pass through."""
     original = torch.autograd.backward
     depth = [0]
 
@@ -56,10 +57,12 @@ def replaying_backward(on_loss: Callable[[torch.Tensor], None]):
                  inputs=None):
         if depth[0]:
             return original(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs=inputs)
-        losses = backward_losses(tensors, grad_tensors, grad_variables)
+
+        def run(retain_graph=retain_graph):
+            return original(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs=inputs)
         depth[0] += 1
         try:
-            on_loss(losses[0] if len(losses) == 1 else sum(losses))
+            return handle(backward_losses(tensors, grad_tensors, grad_variables), run)
         finally:
             depth[0] -= 1
 
@@ -68,6 +71,12 @@ def replaying_backward(on_loss: Callable[[torch.Tensor], None]):
         yield
     finally:
         torch.autograd.backward = original
+
+
+def replaying_backward(on_loss: Callable[[torch.Tensor], None]):
+    """Inside, a backward call of the closure hands its loss to ``on_loss`` instead of backwarding it
+    (:func:`intercepting_backward`)."""
+    return intercepting_backward(lambda losses, run: on_loss(losses[0] if len(losses) == 1 else sum(losses)))
 
 
 class RecomputeEngine:

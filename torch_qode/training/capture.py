@@ -10,7 +10,7 @@ import torch
 from .._checks import as_real
 from ..bridge import flat as _flat
 from ..bridge.kernels import double_backward_kernels
-from ..bridge.recompute import backward_losses, replaying_backward
+from ..bridge.recompute import intercepting_backward, replaying_backward
 
 __all__ = ["capture_backward", "NoiseTape", "loss_value", "holding", "own_grads", "measuring",
            "upload_graph", "Replay", "rng_state", "frozen_closure", "saved_bytes", "NEEDS_CLOSURE",
@@ -58,14 +58,8 @@ def capture_backward(retain: bool = True, inspect: Optional[Callable] = None):
     ``retain``); ``inspect(loss)`` runs on each loss before its backward (e.g. the fused-norm check).
     """
     captured: dict = {"losses": [], "values": [], "inspected": []}
-    original = torch.autograd.backward
-    depth = [0]
 
-    def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, grad_variables=None,
-                 inputs=None):
-        if depth[0]:
-            return original(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs=inputs)
-        losses = backward_losses(tensors, grad_tensors, grad_variables)
+    def handle(losses: list, run):
         if losses:
             total = losses[0] if len(losses) == 1 else sum(losses)
             captured["values"].append(total.detach())
@@ -75,18 +69,10 @@ def capture_backward(retain: bool = True, inspect: Optional[Callable] = None):
                 captured["losses"].extend(losses)
                 losses = captured["losses"]
                 captured["loss"] = losses[0] if len(losses) == 1 else sum(losses)
-        depth[0] += 1
-        try:
-            return original(tensors, grad_tensors, True if retain else retain_graph, create_graph, grad_variables,
-                            inputs=inputs)
-        finally:
-            depth[0] -= 1
+        return run(True) if retain else run()
 
-    torch.autograd.backward = backward
-    try:
+    with intercepting_backward(handle):
         yield captured
-    finally:
-        torch.autograd.backward = original
 
 
 class NoiseTape:
