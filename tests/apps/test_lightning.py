@@ -103,20 +103,29 @@ def fit(lit, tr, ckpt_path=None):
     return lit, tr.optimizers[0]
 
 
+def plain_loop(model, opt, epochs, before_step=None):
+    """The reference: ``opt`` trains ``model`` on the same batches in a plain loop (``before_step(opt)``
+    first at each step); returns ``opt``."""
+    for _ in range(epochs):
+        for x, y in loader():
+            if before_step is not None:
+                before_step(opt)
+
+            def closure():
+                opt.zero_grad()
+                loss = ((model(x) - y) ** 2).mean()
+                loss.backward()
+                return loss
+            opt.step(closure)
+    return opt
+
+
 # ------------------------------------------------------------------------------------- fit
 @pytest.mark.parametrize("with_callback", [False, True])
 def test_fit_equals_a_plain_loop_bit_for_bit(with_callback):
     lit, opt = fit(Lit(), trainer(epochs=3, callbacks=[QODECallback()] if with_callback else []))
     model = net(0)
-    ref = QODE(model.parameters(), **KW)
-    for _ in range(3):
-        for x, y in loader():
-            def closure():
-                ref.zero_grad()
-                loss = ((model(x) - y) ** 2).mean()
-                loss.backward()
-                return loss
-            ref.step(closure)
+    ref = plain_loop(model, QODE(model.parameters(), **KW), epochs=3)
     assert opt.step_count == ref.step_count == 12
     assert [r.mode for r in ref.reports] == ["quantum", "quantum"]
     assert same_weights(lit.net, model) and reports(opt) == reports(ref)
@@ -203,17 +212,8 @@ def test_the_monitor_as_a_callback_records_on_schedule(tmp_path):
 
     model = net(0)                    # reference: the same monitor driven by hand in a plain loop
     ref_mon = monitor_for(model)
-    ref = QODE(model.parameters(), **{**KW, **auto()}, monitor=ref_mon)
-    for _ in range(3):
-        for x, y in loader():
-            ref_mon.step(ref.step_count)
-
-            def closure():
-                ref.zero_grad()
-                loss = ((model(x) - y) ** 2).mean()
-                loss.backward()
-                return loss
-            ref.step(closure)
+    ref = plain_loop(model, QODE(model.parameters(), **{**KW, **auto()}, monitor=ref_mon), epochs=3,
+                     before_step=lambda o: ref_mon.step(o.step_count))
     ref_mon.step(ref.step_count)
     key = lambda r: (r["step"], r["event"])                                       # noqa: E731
     assert sorted(map(untimed, ref_mon.records), key=key) == \

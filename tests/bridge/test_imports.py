@@ -3,6 +3,12 @@ import subprocess
 import sys
 
 
+def _runs_alone(code: str) -> None:
+    """``code`` runs in a fresh interpreter (nothing imported yet) and prints ``ok``."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_import_torch_qode_does_not_load_pyhessian():
     code = ("import sys, torch_qode\n"
             "assert not [m for m in sys.modules if m.split('.')[0] == 'pyhessian'], 'pyhessian loaded'\n"
@@ -13,8 +19,7 @@ def test_import_torch_qode_does_not_load_pyhessian():
             "from torch_qode.bridge.pyhessian import PyHessianAdapter as B\n"
             "assert A is PyHessianAdapter is B and 'pyhessian' in sys.modules\n"
             "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    _runs_alone(code)
 
 
 def test_import_torch_qode_does_not_load_lightning():
@@ -26,8 +31,7 @@ def test_import_torch_qode_does_not_load_lightning():
             "import lightning.pytorch as pl\n"
             "assert A is QODECallback and issubclass(A, pl.Callback)\n"
             "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    _runs_alone(code)
 
 
 def test_unknown_attributes_still_raise():
