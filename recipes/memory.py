@@ -61,9 +61,10 @@ def _basis(steps: int, n: int, itemsize: int, left: float) -> float:
 
 
 #: Peak float64 columns of n per (k + 2) of a factored order-2 step (FactoredLevel2.step), measured as the
-#: peak RSS of 12–30 steps at n = 300,000–400,000 in a fresh process: 6.4–9.1 × (k + 2) columns (k = 19,
-#: 23, 39 exact; k = 4, 8, 16 capped; the allocator's retained blocks weigh most at small k); rounded up.
-FACTORED_STEP_COLUMNS = 10
+#: peak RSS of 12–30 steps at n = 300,000–400,000 in a fresh process (k = 23, 39 exact; 4, 8, 16 capped):
+#: the live tensors peak at 3.9–4.8 × (k + 2) (glibc returning every freed block: MALLOC_MMAP_THRESHOLD_
+#: fixed), and 4.5–7.2 × with glibc's default, which retains freed blocks (most at small k); rounded up.
+FACTORED_STEP_COLUMNS = 8
 
 
 def estimate_classifier(*, n_params: int, per_sample: float, per_batch: float, batch: int, micro_batches: int = 1,

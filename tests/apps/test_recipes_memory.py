@@ -155,12 +155,18 @@ print((kib("VmHWM:") - base) * 1024 / (8 * n), st.W.shape[1])
 
 @pytest.mark.parametrize("cap", [None, 8])
 def test_factored_step_peak_is_within_the_model(cap):
-    """The estimate's order-2 columns bound a factored step's measured peak (RSS of a fresh process)."""
+    """The estimate's order-2 columns bound a factored step's measured peak (RSS of a fresh process).
+
+    glibc's default retains freed blocks above a threshold it moves at run time, so the peak RSS of the
+    same run varies by ±20%; with the threshold fixed every freed block is returned and the peak is the
+    live tensors' (reproducible to 0.1%). The model keeps ~40% above it for the allocator's slack."""
+    import os
     import subprocess
     import sys
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", _FACTORED_PEAK.format(cap=cap)], capture_output=True, text=True,
-                         timeout=120, check=True).stdout.split()
+                         timeout=120, check=True, env=env).stdout.split()
     columns, k = float(out[0]), int(out[1])
     assert k == (2 * 12 - 1 if cap is None else cap)          # g and w from step 1 on: 2t − 1 columns exact
     model = memory.FACTORED_STEP_COLUMNS * ((2 * 12 if cap is None else cap) + 2)
-    assert 0.5 * model <= columns <= model
+    assert 0.4 * model <= columns <= 0.75 * model

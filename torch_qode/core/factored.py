@@ -227,8 +227,9 @@ class FactoredLevel2(EmbeddedOrder1):
         k = self.k
         # G1 [W | y1 | v]: one batched F1 product
         cols = [self.W, self.y1[:, None]] + ([self.v[:, None]] if self.v is not None else [])
-        X = torch.cat(cols, dim=1)
-        GX = X if self._F1 is None else X + self._matmat_F1(X, t)
+        GX = torch.cat(cols, dim=1)                  # a fresh copy: G1·X is formed in place
+        if self._F1 is not None:
+            GX.add_(self._matmat_F1(GX, t))
         GW, Gy1 = GX[:, :k], GX[:, k]
         Gv = GX[:, k + 1] if self.v is not None else None
         # F2·vec(W C Wᵀ) = Σ λ_l F2(w_l, w_l)   (W orthonormal, C diagonal)
@@ -247,6 +248,7 @@ class FactoredLevel2(EmbeddedOrder1):
         if bool(w.any()) and extra:   # g wᵀ + w gᵀ needs g ≠ 0
             extra.append(("w", w))
         B = torch.cat([GW] + [x[:, None] for _, x in extra], dim=1)
+        del GX, GW, Gy1, Gv                           # the step's peak: W, B and the QR's factors only
         m = B.shape[1]
         Ccore = torch.zeros(m, m, dtype=self.dtype, device=self.device)
         Ccore[:k, :k] = self.C
@@ -307,7 +309,8 @@ class FactoredLevel2(EmbeddedOrder1):
         keep = lam != 0
         if not bool(keep.any()):
             return None
-        Z, lam = Z[:, keep], lam[keep]
+        if not bool(keep.all()):                      # a copy of Z only when some λ vanish
+            Z, lam = Z[:, keep], lam[keep]
         m = Z.shape[1]
         if getattr(term, "explicit", False):
             out = self._explicit_F2(term, Z, lam)
