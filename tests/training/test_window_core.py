@@ -73,6 +73,24 @@ def test_masked_skip_keeps_weights_and_momentum_then_matches_sgd():
     assert rep.skipped_steps == 1 and any("update skipped" in f for f in rep.faults)
 
 
+def test_skipped_steps_are_counted_across_full_flag_blocks(monkeypatch):
+    """Each masked step writes its own slot of a flag block; a full block is folded into a device count."""
+    from torch_qode.training.classical import MaskedSGD
+    monkeypatch.setattr(MaskedSGD, "FLAGS", 3)
+    data = batches(2)
+    model = tiny_mlp(4)
+    opt = QODE(model.parameters(), lr=0.05, momentum=0.9, mode="classical", sparsity=0.0, cycle=100)
+    X, Y = data[0]
+    bad = {1, 3, 4, 7}                             # in the first, second (twice) and third block
+    for k in range(9):
+        opt.step(closure_for(model, opt, X * float("nan") if k in bad else X, Y))
+    assert torch.isfinite(flat(model)).all()
+    rep = opt.reports[0]                           # reading the reports reads the device count
+    assert rep.skipped_steps == len(bad) and any("steps 0..8" in f and "(4 steps)" in f for f in rep.faults)
+    opt.step(closure_for(model, opt, X, Y))
+    assert opt.reports[0].skipped_steps == len(bad)  # counted once
+
+
 # ------------------------------------------------------------------------------ Optimizer contract
 def test_tensor_lr_is_accepted_and_kept_as_sgd_does():
     data = batches(4)
