@@ -73,6 +73,56 @@ def test_masked_skip_keeps_weights_and_momentum_then_matches_sgd():
     assert rep.skipped_steps == 1 and any("update skipped" in f for f in rep.faults)
 
 
+@pytest.mark.parametrize("kw", [dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+                                dict(momentum=0.5, dampening=0.3), dict(momentum=0.0, weight_decay=1e-3)])
+def test_the_foreach_path_is_sgds_foreach_bit_for_bit_masked_and_sync_free(kw):
+    """SGD's foreach path (its default on CUDA) masked on the device: bit-identical to
+    ``SGD(foreach=True)``, a non-finite step skipped, no host sync (checked here on the CPU)."""
+    data = batches(7)
+    model, ref = tiny_mlp(6), tiny_mlp(6)
+    opt = QODE(model.parameters(), lr=0.05, mode="classical", sparsity=0.0, cycle=100, **kw)
+    opt.param_groups[0]["foreach"] = True
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.05, foreach=True, **kw)
+    run(model, opt, data[:2])
+    run(ref, sgd, data[:2])
+    assert opt._masked.path(torch.tensor(1.0), list(model.parameters()), opt.param_groups[0]) == "foreach"
+    assert torch.equal(flat(model), flat(ref))
+    before = flat(model).clone()
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()] if kw["momentum"] else []
+    X, Y = data[2]
+    opt.step(closure_for(model, opt, X * float("inf"), Y))
+    assert torch.equal(flat(model), before)
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), bufs))
+    assert _syncs(lambda: run(model, opt, data[3:])) == 0
+    run(ref, sgd, data[3:])
+    assert torch.equal(flat(model), flat(ref))
+    assert opt.reports[0].skipped_steps == 1
+
+
+def test_sgds_default_path_is_followed_on_every_device(monkeypatch):
+    """Where SGD would pick ``foreach`` by itself (CUDA), so does the masked update; fused (set on the
+    group) and sparse gradients keep the synchronous check."""
+    import torch.optim.optimizer as optim_mod
+    from torch_qode.training.classical import MaskedSGD
+    model = tiny_mlp(1)
+    params = list(model.parameters())
+    X, Y = batches(1)[0]
+    F.mse_loss(model(X), Y).backward()
+    group = dict(foreach=None, fused=None)
+    loss = torch.tensor(1.0)
+    assert MaskedSGD.path(loss, params, group) == "single"              # CPU: SGD's single-tensor path
+    assert MaskedSGD.path(loss, params, dict(group, foreach=True)) == "foreach"
+    assert MaskedSGD.path(loss, params, dict(group, fused=True)) is None
+    assert MaskedSGD.path(1.0, params, group) is None                    # a float loss: read on the host
+    seen = []
+    monkeypatch.setattr(optim_mod, "_default_to_fused_or_foreach",
+                        lambda ps, differentiable, use_fused: seen.append(len(ps)) or (False, True))
+    meta = torch.device("meta")
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: meta))   # as if not on the CPU
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda t: False))
+    assert MaskedSGD.path(loss, params, group) == "foreach" and seen == [len(params)]
+
+
 def test_skipped_steps_are_counted_across_full_flag_blocks(monkeypatch):
     """Each masked step writes its own slot of a flag block; a full block is folded into a device count."""
     from torch_qode.training.classical import MaskedSGD

@@ -21,7 +21,7 @@ from torch.optim.sgd import sgd as _sgd
 from ..core.ode import all_finite
 from .capture import loss_value
 
-__all__ = ["sgd_update", "masked_sgd_update", "nonfinite_flag", "all_finite_sync", "finite_with", "MaskedSGD", "classical_step",
+__all__ = ["sgd_update", "masked_sgd_update", "masked_multi_tensor_sgd_update", "nonfinite_flag", "all_finite_sync", "finite_with", "MaskedSGD", "classical_step",
            "sgd_step", "momentum_buffers", "keep_buffers", "reset_momentum"]
 
 
@@ -111,6 +111,42 @@ def masked_sgd_update(params: list, grads: list, buffers: list, group: dict, ski
     return out
 
 
+def masked_multi_tensor_sgd_update(params: list, grads: list, buffers: list, group: dict,
+                                   skip: torch.Tensor) -> list:
+    """:func:`masked_sgd_update` for SGD's ``foreach`` path (``torch.optim.sgd._multi_tensor_sgd``, which
+    SGD takes by default on CUDA): the same ``torch._foreach_*`` calls in the same order, per device and
+    dtype, with the results selected by ``skip`` (``torch.where``) before they are written."""
+    from torch.optim.optimizer import Optimizer
+    wd, momentum, dampening = group["weight_decay"], group["momentum"], group["dampening"]
+    nesterov, lr = group["nesterov"], group["lr"]
+    if isinstance(lr, torch.Tensor):
+        lr = lr.item()                         # as SGD does (_to_scalar)
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    out = list(buffers)
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [[params[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx]], with_indices=True)
+    for (dparams, dgrads, dbufs), pos in grouped.values():
+        if wd != 0:
+            dgrads = torch._foreach_add(dgrads, dparams, alpha=wd)
+        if momentum != 0:
+            if all(b is not None for b in dbufs):
+                new = torch._foreach_mul(dbufs, momentum)
+                torch._foreach_add_(new, dgrads, alpha=1 - dampening)
+                bufs = [torch.where(skip, b, n, out=b) for b, n in zip(dbufs, new)]
+            else:                              # SGD's per-tensor branch when a buffer is missing
+                bufs = [torch.where(skip, _zero(g), g.detach()) if b is None
+                        else torch.where(skip, b, b.mul(momentum).add_(g, alpha=1 - dampening), out=b)
+                        for b, g in zip(dbufs, dgrads)]
+            for j, b in zip(pos, bufs):
+                out[idx[j]] = b
+            if nesterov:
+                torch._foreach_add_(dgrads, bufs, alpha=momentum)
+            else:
+                dgrads = bufs
+        torch._foreach_add_(dparams, [torch.where(skip, _zero(g), g) for g in dgrads], alpha=-lr)
+    return out
+
+
 def all_finite_sync(loss, params: list) -> bool:
     """Loss and every gradient finite, read on the host (one reduction per tensor, one host sync):
     the window's steps, where the answer decides what happens next."""
@@ -163,16 +199,27 @@ class MaskedSGD:
         self.carried = 0                              # counted on the host, not yet reported
 
     @staticmethod
-    def maskable(loss, params: list, group: dict) -> bool:
-        """The masked update reproduces SGD's single-tensor path: a tensor loss, CPU gradients, no
-        foreach/fused (elsewhere the synchronous check keeps SGD's own arithmetic)."""
-        if not isinstance(loss, torch.Tensor) or group["foreach"] or group["fused"]:
-            return False
-        for p in params:
-            g = p.grad
-            if g is not None and (not g.is_cpu or g.is_sparse):
-                return False
-        return True
+    def path(loss, params: list, group: dict) -> Optional[str]:
+        """The SGD path the masked update reproduces, or ``None`` (then the synchronous check keeps SGD's
+        own arithmetic): ``"single"`` or ``"foreach"``, as ``torch.optim.sgd.sgd`` resolves them (by default
+        the single-tensor path on the CPU, ``foreach`` on CUDA); a tensor loss, dense gradients on one
+        device.  The fused path (only when set on the group) and sparse gradients are left to the check."""
+        if not isinstance(loss, torch.Tensor) or group["fused"]:
+            return None
+        grads = [p.grad for p in params if p.grad is not None]
+        if all(g.is_cpu and not g.is_sparse for g in grads):    # the common case, checked cheaply
+            return "foreach" if group["foreach"] else "single"
+        device = grads[0].device
+        if any(g.is_sparse or g.device != device for g in grads):
+            return None
+        foreach = group["foreach"]
+        if foreach is None:
+            from torch.optim.optimizer import _default_to_fused_or_foreach
+            fused, foreach = _default_to_fused_or_foreach([p for p in params if p.grad is not None],
+                                                          differentiable=False, use_fused=False)
+            if fused:
+                return None
+        return "foreach" if foreach else "single"
 
     def _slot(self, device) -> torch.Tensor:
         if self.flags is None or self.flags.device != device:
@@ -187,13 +234,15 @@ class MaskedSGD:
         self.used += 1
         return self._slots[self.used - 1]
 
-    def update(self, loss: torch.Tensor, params: list, buffers: list, group: dict, k: int) -> list:
-        """One masked SGD step at step ``k``; returns the momentum buffers."""
+    def update(self, loss: torch.Tensor, params: list, buffers: list, group: dict, k: int,
+               path: str = "single") -> list:
+        """One masked SGD step at step ``k`` on SGD's ``path`` (:meth:`path`); returns the momentum buffers."""
         grads = [p.grad for p in params]
         present = [g for g in grads if g is not None]
         found = self._slot(present[0].device if present else loss.device)
         skip = nonfinite_flag(loss, present, found, zeroed=True).bool()
-        bufs = masked_sgd_update(params, grads, buffers, group, skip)
+        update = masked_multi_tensor_sgd_update if path == "foreach" else masked_sgd_update
+        bufs = update(params, grads, buffers, group, skip)
         if self.first is None:
             self.first = k
         return bufs
@@ -256,8 +305,9 @@ def classical_step(closure, params: list, group: dict, state: dict, masked: Mask
     update and ``rep`` (the cycle's report) says so.  Returns the closure's loss."""
     with torch.enable_grad():
         loss = closure()
-    if masked.maskable(loss, params, group):
-        keep_buffers(params, state, group, masked.update(loss, params, momentum_buffers(params, state), group, k))
+    path = masked.path(loss, params, group)
+    if path is not None:
+        keep_buffers(params, state, group, masked.update(loss, params, momentum_buffers(params, state), group, k, path))
     elif not all_finite_sync(loss, params):
         rep.skipped_steps += 1
         rep.faults.append(f"step {k}: non-finite loss or gradient: update skipped")
