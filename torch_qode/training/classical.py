@@ -42,15 +42,13 @@ def sgd_update(params: list, grads: list, buffers: list, group: dict) -> list:
     return out
 
 
-def nonfinite_flag(loss, grads: list, found: torch.Tensor, *, zeroed: bool = False) -> torch.Tensor:
-    """Set ``found`` (a float tensor ``[1]``, zeroed here unless ``zeroed``) non-zero if ``loss`` or any
-    gradient holds NaN/inf.
+def nonfinite_flag(loss, grads: list, found: torch.Tensor) -> torch.Tensor:
+    """Set ``found`` (a float tensor ``[1]``, zeroed here) non-zero if ``loss`` or any gradient holds NaN/inf.
 
     No host synchronisation: ``torch._amp_foreach_non_finite_check_and_unscale_`` (GradScaler's check,
     scale 1: the gradients are unchanged) runs per device and dtype-agnostic.
     """
-    if not zeroed:
-        found.zero_()
+    found.zero_()
     if grads:
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _one(found))
     if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_complex() \
@@ -182,21 +180,14 @@ def finite_with(loss, vec: torch.Tensor) -> bool:
 
 class MaskedSGD:
     """Classical steps with no host synchronisation: :func:`masked_sgd_update` with a device flag,
-    and the skipped steps kept on the device until :meth:`count_into` reads them (once per cycle,
-    where the loss is read anyway, or when the reports are read).
-
-    Each step's flag is its own slot of a zeroed block (``FLAGS`` steps; a full block is folded into a
-    device count), so a step neither zeroes a flag nor adds it to a counter: two dispatches fewer."""
-
-    FLAGS = 256
+    and the count of skipped steps kept on the device until :meth:`count_into` reads it (once per
+    cycle, where the loss is read anyway, or when the reports are read)."""
 
     def __init__(self):
-        self.flags: Optional[torch.Tensor] = None     # one zeroed float slot per step since the last count
-        self._slots: list = []                        # their [1]-views, made once (a view is a dispatch)
-        self.used = 0                                 # slots written since the last fold or count
-        self.folded: Optional[torch.Tensor] = None    # skipped steps of the blocks folded since the last count
+        self.skipped: Optional[torch.Tensor] = None   # steps skipped since the last count, on the device
+        self.found: Optional[torch.Tensor] = None     # this step's non-finite flag (a reused buffer)
         self.first: Optional[int] = None              # first step not yet counted
-        self.carried = 0                              # counted on the host, not yet reported
+        self.carried = 0                              # read from a previous device's count, not yet reported
 
     @staticmethod
     def path(loss, params: list, group: dict) -> Optional[str]:
@@ -221,28 +212,20 @@ class MaskedSGD:
                 return None
         return "foreach" if foreach else "single"
 
-    def _slot(self, device) -> torch.Tensor:
-        if self.flags is None or self.flags.device != device:
-            self.carried += self.count_pending()     # (a device change: the old block's count, read once)
-            self.flags = torch.zeros(self.FLAGS, dtype=torch.float32, device=device)
-            self._slots = list(self.flags.split(1))
-            self.folded, self.used = torch.zeros((), dtype=torch.int64, device=device), 0
-        elif self.used == self.FLAGS:                # a full block: its count on the device, then reuse it
-            self.folded.add_(torch.count_nonzero(self.flags))
-            self.flags.zero_()
-            self.used = 0
-        self.used += 1
-        return self._slots[self.used - 1]
-
     def update(self, loss: torch.Tensor, params: list, buffers: list, group: dict, k: int,
                path: str = "single") -> list:
         """One masked SGD step at step ``k`` on SGD's ``path`` (:meth:`path`); returns the momentum buffers."""
         grads = [p.grad for p in params]
         present = [g for g in grads if g is not None]
-        found = self._slot(present[0].device if present else loss.device)
-        skip = nonfinite_flag(loss, present, found, zeroed=True).bool()
+        device = present[0].device if present else loss.device
+        if self.skipped is None or self.skipped.device != device:
+            self.carried += self.count_pending()
+            self.skipped = torch.zeros(1, dtype=torch.float32, device=device)
+            self.found = torch.zeros_like(self.skipped)
+        skip = nonfinite_flag(loss, present, self.found).bool()
         update = masked_multi_tensor_sgd_update if path == "foreach" else masked_sgd_update
         bufs = update(params, grads, buffers, group, skip)
+        self.skipped.add_(skip)
         if self.first is None:
             self.first = k
         return bufs
@@ -250,12 +233,9 @@ class MaskedSGD:
     def count_pending(self) -> int:
         """Read (one host sync) and clear the skipped steps not yet counted."""
         n, self.carried = self.carried, 0
-        if self.flags is None:
-            return n
-        n += int((self.folded + torch.count_nonzero(self.flags[:self.used])).item())
-        self.flags[:self.used].zero_()
-        self.folded.zero_()
-        self.used = 0
+        if self.skipped is not None:
+            n += int(self.skipped.item())
+            self.skipped.zero_()
         return n
 
     def count_into(self, rep, last: int) -> None:
