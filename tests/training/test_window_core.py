@@ -1,5 +1,6 @@
 """The redesigned training floor: the thin classical path, the Optimizer contract, the window core's
 seams (Comm, CarlemanState), solver_options, and tests that fail on two plausible bugs."""
+import copy
 import warnings
 
 import numpy as np
@@ -121,6 +122,66 @@ def test_sgds_default_path_is_followed_on_every_device(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "device", property(lambda t: meta))   # as if not on the CPU
     monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda t: False))
     assert MaskedSGD.path(loss, params, group) == "foreach" and seen == [len(params)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kw", [dict(momentum=0.9), dict(momentum=0.8, weight_decay=1e-3, dampening=0.2)])
+def test_the_flat_momentum_path_is_sgds_bit_for_bit_with_a_skip_and_a_resume(dtype, kw):
+    """Heavy-ball momentum with the buffers as views of one block: the masks run once per step on the
+    block (two ``where`` for any number of tensors), every number is SGD's, a non-finite step keeps
+    weights and buffers, and a ``state_dict`` resume (buffers loaded as new tensors) continues bit for bit."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(37, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5),  # noqa: E731
+                                       torch.nn.Tanh(), torch.nn.Linear(5, 1)).to(dtype)
+    model, ref = make(), make()
+    ref.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 37, generator=g, dtype=dtype), torch.randn(16, 1, generator=g, dtype=dtype))
+            for _ in range(12)]
+    opt = QODE(model.parameters(), lr=0.05, mode="classical", sparsity=0.0, cycle=100, **kw)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.05, **kw)
+    run(model, opt, data[:3])
+    run(ref, sgd, data[:3])
+    assert torch.equal(flat(model), flat(ref))
+    buf = opt._masked._flat[0]
+    assert all(opt.state[p]["momentum_buffer"].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+               for p in model.parameters())
+    wheres = lambda: sum(e.count for e in prof.key_averages() if e.key == "aten::where")  # noqa: E731
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(model, opt, data[3:4])
+    run(ref, sgd, data[3:4])
+    assert wheres() == 2                               # for all 6 tensors
+    before = flat(model).clone()
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    X, Y = data[4]
+    opt.step(closure_for(model, opt, X * float("nan"), Y))
+    assert torch.equal(flat(model), before)
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), bufs))
+    run(model, opt, data[5:8])
+    run(ref, sgd, data[5:8])
+    assert torch.equal(flat(model), flat(ref))
+    sd = copy.deepcopy(opt.state_dict())
+    again = make()
+    again.load_state_dict(model.state_dict())
+    opt2 = QODE(again.parameters(), lr=0.05, mode="classical", sparsity=0.0, cycle=100, **kw)
+    opt2.load_state_dict(sd)
+    run(again, opt2, data[8:])
+    run(model, opt, data[8:])
+    run(ref, sgd, data[8:])
+    assert torch.equal(flat(model), flat(ref)) and torch.equal(flat(again), flat(ref))
+    assert opt.reports[0].skipped_steps == 1
+
+
+def test_above_the_flat_limit_the_per_tensor_path_runs(monkeypatch):
+    from torch_qode.training.classical import MaskedSGD
+    monkeypatch.setattr(MaskedSGD, "FLAT_MAX", 10)
+    data = batches(6)
+    model, ref = tiny_mlp(4), tiny_mlp(4)
+    opt = QODE(model.parameters(), lr=0.05, momentum=0.9, mode="classical", sparsity=0.0, cycle=100)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    run(model, opt, data)
+    run(ref, sgd, data)
+    assert opt._masked._flat is None and torch.equal(flat(model), flat(ref))
 
 
 def test_skipped_steps_are_counted_on_the_device_and_read_once():
