@@ -124,9 +124,9 @@ def test_sgds_default_path_is_followed_on_every_device(monkeypatch):
     assert MaskedSGD.path(loss, params, group) == "foreach" and seen == [len(params)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype,foreach", [(torch.float32, None), (torch.float64, None), (torch.float32, True)])
 @pytest.mark.parametrize("kw", [dict(momentum=0.9), dict(momentum=0.8, weight_decay=1e-3, dampening=0.2)])
-def test_the_flat_momentum_path_is_sgds_bit_for_bit_with_a_skip_and_a_resume(dtype, kw):
+def test_the_flat_momentum_path_is_sgds_bit_for_bit_with_a_skip_and_a_resume(dtype, foreach, kw):
     """Heavy-ball momentum with the buffers as views of one block: the masks run once per step on the
     block (two ``where`` for any number of tensors), every number is SGD's, a non-finite step keeps
     weights and buffers, and a ``state_dict`` resume (buffers loaded as new tensors) continues bit for bit."""
@@ -139,7 +139,8 @@ def test_the_flat_momentum_path_is_sgds_bit_for_bit_with_a_skip_and_a_resume(dty
     data = [(torch.randn(16, 37, generator=g, dtype=dtype), torch.randn(16, 1, generator=g, dtype=dtype))
             for _ in range(12)]
     opt = QODE(model.parameters(), lr=0.05, mode="classical", sparsity=0.0, cycle=100, **kw)
-    sgd = torch.optim.SGD(ref.parameters(), lr=0.05, **kw)
+    opt.param_groups[0]["foreach"] = foreach          # True: SGD's foreach path (its CUDA default)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.05, foreach=foreach, **kw)
     run(model, opt, data[:3])
     run(ref, sgd, data[:3])
     assert torch.equal(flat(model), flat(ref))
@@ -165,6 +166,7 @@ def test_the_flat_momentum_path_is_sgds_bit_for_bit_with_a_skip_and_a_resume(dty
     again.load_state_dict(model.state_dict())
     opt2 = QODE(again.parameters(), lr=0.05, mode="classical", sparsity=0.0, cycle=100, **kw)
     opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["foreach"] == foreach
     run(again, opt2, data[8:])
     run(model, opt, data[8:])
     run(ref, sgd, data[8:])

@@ -112,8 +112,10 @@ def masked_sgd_update(params: list, grads: list, buffers: list, group: dict, ski
 def masked_flat_momentum_update(params: list, grads: list, flat: tuple, group: dict, skip: torch.Tensor) -> list:
     """:func:`masked_sgd_update` for heavy-ball momentum (no Nesterov) with every momentum buffer a view
     of one flat tensor: the masks and the momentum scaling run once on the flat tensors, the per-tensor
-    adds as one ``torch._foreach_*`` call each (on these devices a loop of the single-tensor kernels,
-    so every number is SGD's single-tensor path's).  ``flat``: ``(buf, buf_views, tmp, tmp_views)``,
+    adds as one ``torch._foreach_*`` call each.  Every number is SGD's on either of its paths: the adds
+    are ``_multi_tensor_sgd``'s own foreach calls (on the CPU a loop of ``_single_tensor_sgd``'s
+    kernels), and the one other operation, the momentum scaling, is a single rounded product in any
+    kernel.  ``flat``: ``(buf, buf_views, tmp, tmp_views)``,
     the buffers and a scratch block of the same layout.  Five dispatches per step for any number of
     tensors instead of five per tensor.  Returns the buffers (the views)."""
     wd, momentum, dampening, lr = group["weight_decay"], group["momentum"], group["dampening"], group["lr"]
@@ -245,7 +247,7 @@ class MaskedSGD:
             self.skipped = torch.zeros(1, dtype=torch.float32, device=device)
             self.found = torch.zeros_like(self.skipped)
         skip = nonfinite_flag(loss, present, self.found).bool()
-        flat = self._flat_buffers(params, grads, buffers, group) if path == "single" else None
+        flat = self._flat_buffers(params, grads, buffers, group)
         if flat is not None:
             bufs = masked_flat_momentum_update(params, grads, flat, group, skip)
         else:
