@@ -265,7 +265,7 @@ class MaskedSGD:
     def _flat_buffers(self, params: list, grads: list, buffers: list, group: dict) -> Optional[tuple]:
         """The flat buffers of :func:`masked_flat_momentum_update`, or ``None`` where that path does not
         apply (no momentum or Nesterov: a flat step would first copy the gradients, a pass that costs
-        more than the dispatches it saves beyond small models; a missing gradient or buffer, mixed
+        more than the dispatches it saves on all but small models; a missing gradient or buffer, mixed
         dtypes or devices, a large model).  Buffers that are not its views (created by the step before, or loaded from a
         ``state_dict``) are copied in once."""
         if group["momentum"] == 0 or group["nesterov"] or not grads or any(g is None for g in grads) \
