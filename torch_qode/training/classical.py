@@ -1,10 +1,13 @@
 """The classical step: ``torch.optim.SGD``'s update, bit for bit, with a device-side skip mask.
 
-:func:`sgd_update` is SGD's own functional call (hence bit-identical).  :func:`masked_sgd_update`
-repeats the same arithmetic as ``torch.optim.sgd._single_tensor_sgd`` / ``_multi_tensor_sgd`` but
-takes a ``found_inf`` flag on the device, as fused optimizers do: when it is set, the parameter and
-momentum-buffer updates are masked out on the device (``torch.where``), so a non-finite loss or
-gradient never reaches the weights and the host never waits for the GPU.
+:func:`sgd_update` is SGD's own functional call (hence bit-identical).  The masked updates repeat
+SGD's arithmetic on the path SGD itself resolves but take a ``found_inf`` flag on the device, as fused
+optimizers do: when it is set, the parameter and momentum-buffer updates are masked out on the
+device (``torch.where``), so a non-finite loss or gradient never reaches the weights and the host
+never waits for the GPU.  :func:`masked_sgd_update` follows ``_single_tensor_sgd`` (the CPU default),
+:func:`masked_multi_tensor_sgd_update` ``_multi_tensor_sgd`` (``foreach``, the CUDA default), and
+:func:`masked_flat_momentum_update` either of them for heavy-ball momentum with the buffers in one
+flat block (a few dispatches per step instead of a few per tensor).
 
 :func:`classical_step` is QODE's classical step over the optimizer's parts (its parameters, its one
 parameter group, its ``state`` with the momentum buffers): the closure, then the masked update where
@@ -21,8 +24,9 @@ from torch.optim.sgd import sgd as _sgd
 from ..core.ode import all_finite
 from .capture import loss_value
 
-__all__ = ["sgd_update", "masked_sgd_update", "masked_flat_momentum_update", "masked_multi_tensor_sgd_update", "nonfinite_flag", "all_finite_sync", "finite_with", "MaskedSGD", "classical_step",
-           "sgd_step", "momentum_buffers", "keep_buffers", "reset_momentum"]
+__all__ = ["sgd_update", "masked_sgd_update", "masked_flat_momentum_update", "masked_multi_tensor_sgd_update",
+           "nonfinite_flag", "all_finite_sync", "finite_with", "MaskedSGD", "classical_step", "sgd_step",
+           "momentum_buffers", "keep_buffers", "reset_momentum"]
 
 
 def sgd_update(params: list, grads: list, buffers: list, group: dict) -> list:
@@ -115,9 +119,9 @@ def masked_flat_momentum_update(params: list, grads: list, flat: tuple, group: d
     adds as one ``torch._foreach_*`` call each.  Every number is SGD's on either of its paths: the adds
     are ``_multi_tensor_sgd``'s own foreach calls (on the CPU a loop of ``_single_tensor_sgd``'s
     kernels), and the one other operation, the momentum scaling, is a single rounded product in any
-    kernel.  ``flat``: ``(buf, buf_views, tmp, tmp_views)``,
-    the buffers and a scratch block of the same layout.  Five dispatches per step for any number of
-    tensors instead of five per tensor.  Returns the buffers (the views)."""
+    kernel.  ``flat``: ``(buf, buf_views, tmp, tmp_views)``, the buffers and a scratch block of the
+    same layout.  Five dispatches per step for any number of tensors instead of five per tensor.
+    Returns the buffers (the views)."""
     wd, momentum, dampening, lr = group["weight_decay"], group["momentum"], group["dampening"], group["lr"]
     if isinstance(lr, torch.Tensor):
         lr = lr.item()                         # as SGD does (_to_scalar)
@@ -264,10 +268,10 @@ class MaskedSGD:
 
     def _flat_buffers(self, params: list, grads: list, buffers: list, group: dict) -> Optional[tuple]:
         """The flat buffers of :func:`masked_flat_momentum_update`, or ``None`` where that path does not
-        apply (no momentum or Nesterov: a flat step would first copy the gradients, a pass that costs
-        more than the dispatches it saves on all but small models; a missing gradient or buffer, mixed
-        dtypes or devices, a large model).  Buffers that are not its views (created by the step before, or loaded from a
-        ``state_dict``) are copied in once."""
+        apply: no momentum or Nesterov (a flat step would first copy the gradients, a pass that costs
+        more than the dispatches it saves on all but small models), a missing gradient or buffer, mixed
+        dtypes or devices, a large model.  Buffers that are not its views (created by the step before,
+        or loaded from a ``state_dict``) are copied in once."""
         if group["momentum"] == 0 or group["nesterov"] or not grads or any(g is None for g in grads) \
                 or any(b is None for b in buffers):
             return None
