@@ -218,14 +218,15 @@ class MaskedSGD:
         self._flat: Optional[tuple] = None            # the flat momentum buffers and their scratch block
 
     @staticmethod
-    def path(loss, params: list, group: dict) -> Optional[str]:
+    def path(loss, params: list, group: dict, grads: Optional[list] = None) -> Optional[str]:
         """The SGD path the masked update reproduces, or ``None`` (then the synchronous check keeps SGD's
         own arithmetic): ``"single"`` or ``"foreach"``, as ``torch.optim.sgd.sgd`` resolves them (by default
         the single-tensor path on the CPU, ``foreach`` on CUDA); a tensor loss, dense gradients on one
-        device.  The fused path (only when set on the group) and sparse gradients are left to the check."""
+        device.  The fused path (only when set on the group) and sparse gradients are left to the check.
+        ``grads``: the parameters' ``.grad`` when the caller has them already."""
         if not isinstance(loss, torch.Tensor) or group["fused"]:
             return None
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [g for g in ([p.grad for p in params] if grads is None else grads) if g is not None]
         if all(g.is_cpu and not g.is_sparse for g in grads):    # the common case, checked cheaply
             return "foreach" if group["foreach"] else "single"
         device = grads[0].device
@@ -241,9 +242,9 @@ class MaskedSGD:
         return "foreach" if foreach else "single"
 
     def update(self, loss: torch.Tensor, params: list, buffers: list, group: dict, k: int,
-               path: str = "single") -> list:
+               path: str = "single", grads: Optional[list] = None) -> list:
         """One masked SGD step at step ``k`` on SGD's ``path`` (:meth:`path`); returns the momentum buffers."""
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params] if grads is None else grads
         present = [g for g in grads if g is not None]
         device = present[0].device if present else loss.device
         if self.skipped is None or self.skipped.device != device:
@@ -346,9 +347,11 @@ def classical_step(closure, params: list, group: dict, state: dict, masked: Mask
     update and ``rep`` (the cycle's report) says so.  Returns the closure's loss."""
     with torch.enable_grad():
         loss = closure()
-    path = masked.path(loss, params, group)
+    grads = [p.grad for p in params]
+    path = masked.path(loss, params, group, grads)
     if path is not None:
-        keep_buffers(params, state, group, masked.update(loss, params, momentum_buffers(params, state), group, k, path))
+        bufs = masked.update(loss, params, momentum_buffers(params, state), group, k, path, grads)
+        keep_buffers(params, state, group, bufs)
     elif not all_finite_sync(loss, params):
         rep.skipped_steps += 1
         rep.faults.append(f"step {k}: non-finite loss or gradient: update skipped")
