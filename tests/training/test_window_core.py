@@ -115,6 +115,8 @@ def test_sgds_default_path_is_followed_on_every_device(monkeypatch):
     assert MaskedSGD.path(loss, params, dict(group, foreach=True)) == "foreach"
     assert MaskedSGD.path(loss, params, dict(group, fused=True)) is None
     assert MaskedSGD.path(1.0, params, group) is None                    # a float loss: read on the host
+    sparse = [p.grad.to_sparse() if i == 0 else p.grad for i, p in enumerate(params)]
+    assert MaskedSGD.path(loss, params, group, sparse) is None
     seen = []
     monkeypatch.setattr(optim_mod, "_default_to_fused_or_foreach",
                         lambda ps, differentiable, use_fused: seen.append(len(ps)) or (False, True))
