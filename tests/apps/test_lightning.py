@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from torch_qode import DissipationCheck, DissipationMonitor, QODE
 from torch_qode.lightning import QODECallback
+from tests.training.test_qode import _untimed as untimed, closure_for
 
 KW = dict(lr=0.05, momentum=0.9, mode="quantum", cycle=8, classical_steps=2, sparsity=0.2, explicit=False,
           shots=3000, track_sgd=True)
@@ -80,14 +81,6 @@ def checkpoints(tmp_path):
     return pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_epochs=1, save_top_k=-1)
 
 
-def untimed(d):
-    if isinstance(d, dict):
-        return {k: untimed(v) for k, v in d.items() if k != "seconds"}
-    if isinstance(d, list):
-        return [untimed(v) for v in d]
-    return d
-
-
 def reports(opt):
     return [untimed(r.as_dict()) for r in opt.reports]
 
@@ -110,13 +103,7 @@ def plain_loop(model, opt, epochs, before_step=None):
         for x, y in loader():
             if before_step is not None:
                 before_step(opt)
-
-            def closure():
-                opt.zero_grad()
-                loss = ((model(x) - y) ** 2).mean()
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(closure_for(model, opt, x, y))
     return opt
 
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch_qode.training.comm import LocalComm
 from torch_qode.training.qode import QODE
 from tests._dist import run_ranks
+from tests.training.test_qode import closure_for
 from tests.training.test_window_core import _same
 
 GLOBAL_BATCH, STEPS = 16, 12
@@ -50,13 +51,7 @@ def train(net, opt, batches, rank, world, start=0, stop=STEPS):
     per = GLOBAL_BATCH // world
     for X, Y in batches[start:stop]:
         x, y = X[rank * per:(rank + 1) * per], Y[rank * per:(rank + 1) * per]
-
-        def closure():
-            opt.zero_grad()
-            loss = ((net(x) - y) ** 2).mean()
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.step(closure_for(net, opt, x, y))
 
 
 def build(kw, world, model=None):
