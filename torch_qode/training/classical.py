@@ -54,6 +54,7 @@ def nonfinite_flag(loss, grads: list, found: torch.Tensor) -> torch.Tensor:
     """
     found.zero_()
     if grads:
+        grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]   # (no complex kernel)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _one(found))
     if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_complex() \
             and loss.device == found.device:
@@ -84,7 +85,7 @@ def _one(found: torch.Tensor) -> torch.Tensor:
 
 
 def masked_sgd_update(params: list, grads: list, buffers: list, group: dict, skip: torch.Tensor) -> list:
-    """SGD's single-tensor update with ``skip`` (a bool tensor ``[1]``) masking it out on the device.
+    """SGD's single-tensor update with ``skip`` (a 0-d bool tensor) masking it out on the device.
 
     For ``skip == False`` every number is SGD's (same ops in the same order; ``torch.where`` selects
     exactly).  For ``skip == True`` parameters and buffers keep their values; a momentum buffer that
@@ -148,6 +149,8 @@ def masked_multi_tensor_sgd_update(params: list, grads: list, buffers: list, gro
         lr = lr.item()                         # as SGD does (_to_scalar)
     idx = [i for i, g in enumerate(grads) if g is not None]
     out = list(buffers)
+    if not idx:                                # no gradient: nothing to step (torch cannot group [])
+        return out
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [[params[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx]], with_indices=True)
     for (dparams, dgrads, dbufs), pos in grouped.values():
@@ -251,7 +254,7 @@ class MaskedSGD:
             self.carried += self.count_pending()
             self.skipped = torch.zeros(1, dtype=torch.float32, device=device)
             self.found = torch.zeros_like(self.skipped)
-        skip = nonfinite_flag(loss, present, self.found).bool()
+        skip = nonfinite_flag(loss, present, self.found).bool().reshape(())   # 0-d: broadcasts to any shape
         flat = self._flat_buffers(params, grads, buffers, group)
         if flat is not None:
             bufs = masked_flat_momentum_update(params, grads, flat, group, skip)

@@ -165,13 +165,34 @@ def check_sgd_settings(group: dict, where: str = "") -> None:
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError(f"{where}nesterov=True requires momentum > 0 and dampening = 0")
     if group.get("maximize", False):
-        raise ValueError(f"{where}maximize=True is not supported: QODE minimises the loss")
+        raise ValueError(f"{where}maximize=True is not supported: QODE minimises the loss (return −loss "
+                         "from the closure to maximise)")
+    if group.get("differentiable", False):
+        raise ValueError(f"{where}differentiable=True is not supported: QODE's steps run without autograd "
+                         "(a window's readout is sampled); use torch.optim.SGD for a differentiable step")
+    for name in ("foreach", "fused"):
+        if group.get(name) is not None and not isinstance(group[name], bool):
+            raise TypeError(f"{where}{name} must be True, False or None, got {group[name]!r}")
+    if group.get("foreach") and group.get("fused"):
+        raise ValueError(f"{where}foreach=True and fused=True cannot be set together (as in "
+                         "torch.optim.SGD): pick one")
 
 
-def check_trainable(params) -> None:
+def check_trainable(params, fused: Optional[bool] = None, classical: bool = False) -> None:
     """Every parameter must be trainable (dense, ``requires_grad``): the window expands the loss in all
-    of them.  SGD skips frozen ones silently; QODE refuses them with the usual fix."""
+    of them.  SGD skips frozen ones silently; QODE refuses them with the usual fix.  Complex parameters
+    train only in ``mode="classical"`` (as SGD trains them): a window's ODE is real.  With ``fused=True``,
+    a non-contiguous CPU parameter is refused: torch's fused CPU SGD reads its (contiguous) gradient
+    with the parameter's strides and updates the wrong entries (measured on torch 2.14)."""
     for i, p in enumerate(params):
+        if p.is_complex() and not classical:
+            raise ValueError(f"params[{i}] is complex ({p.dtype}): a quantum window expands the loss in real "
+                             "weights; use mode='classical' (SGD's complex update), or train "
+                             "torch.view_as_real views of the parameters")
+        if fused and p.device.type == "cpu" and not p.is_contiguous():
+            raise ValueError(f"fused=True with params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) not "
+                             "contiguous: torch's fused CPU SGD would apply the gradient to the wrong entries; "
+                             "use foreach=True or the default, or make the parameter contiguous")
         if not p.requires_grad:
             raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad: pass only the "
                              "trainable parameters, e.g. QODE([p for p in model.parameters() if "

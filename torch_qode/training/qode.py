@@ -29,8 +29,10 @@ end) are the functions of :mod:`~torch_qode.training.cycle`, and their maths the
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
+from collections import OrderedDict
 from typing import Callable, Optional
 
 import numpy as np
@@ -60,6 +62,9 @@ class QODE(Optimizer):
     Args:
         params: iterable of parameters (one parameter group, like ``torch.optim.LBFGS``).
         lr, momentum, weight_decay, dampening, nesterov: as ``torch.optim.SGD``.
+        foreach, fused: as ``torch.optim.SGD``: the implementation of the classical steps (a window's
+            steps are the Carleman system's).  ``maximize`` and ``differentiable`` are accepted only
+            as False (QODE minimises; its steps are not differentiable), so that SGD's keywords port.
         mode: ``"auto"`` (the dissipation check decides), ``"quantum"`` (always), ``"classical"``.
         cycle: steps per cycle (download every ``cycle`` steps).
         classical_steps: plain SGD steps after each download (``0 ≤ classical_steps < cycle``).
@@ -136,9 +141,11 @@ class QODE(Optimizer):
                  prunable=None, names=None, monitor=None, eps: float = 1e-2,
                  tomography_kwargs: Optional[dict] = None, model: Optional[torch.nn.Module] = None,
                  comm: Optional[Comm] = None, carleman_state: str = "auto", max_rank: Optional[int] = None,
-                 process_group=None, hvp: str = "auto"):
+                 process_group=None, hvp: str = "auto", maximize: bool = False, foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None, differentiable: bool = False):
         check_sgd_settings(dict(lr=lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening,
-                                nesterov=nesterov))
+                                nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused,
+                                differentiable=differentiable))
         if not isinstance(lr, torch.Tensor):          # a tensor lr stays the tensor, as in SGD
             lr = float(lr)
         momentum, weight_decay, dampening = float(momentum), float(weight_decay), float(dampening)
@@ -165,7 +172,7 @@ class QODE(Optimizer):
             raise ValueError("dissipation: QODE averages the check's Hessian-vector products through its own comm; "
                              "pass a DissipationCheck with process_group=None")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=False, foreach=None, fused=None, differentiable=False)
+                        nesterov=nesterov, maximize=False, foreach=foreach, fused=fused, differentiable=False)
         super().__init__(params, defaults)
         base_keys = set(self.__dict__)
         if len(self.param_groups) != 1:
@@ -173,7 +180,7 @@ class QODE(Optimizer):
                              "uses one learning rate for all of S")
         check_sgd_settings(self.param_groups[0], where="the parameter group's ")
         self._params = self.param_groups[0]["params"]
-        check_trainable(self._params)
+        check_trainable(self._params, fused=self.param_groups[0]["fused"], classical=cfg.mode == "classical")
         refuse_sharded(self._params, model=model)
         self.cfg, self.comm = cfg, comm
         for k, v in cfg.saved().items():              # opt.mode, opt.cycle, opt.kappa_a, …
@@ -329,12 +336,20 @@ class QODE(Optimizer):
 
     def state_dict(self) -> dict:
         """Everything needed to resume bit-for-bit, also inside a window (see ``load_state_dict``).
-        Wall-clock times stay out: two optimizers with the same history have equal state_dicts."""
-        sd = super().state_dict()
+        Wall-clock times stay out: two optimizers with the same history have equal state_dicts.
+        ``register_state_dict_pre_hook``/``post_hook`` hooks run around all of it (a post-hook sees
+        the ``"qode"`` entry too)."""
+        for pre in list(self._optimizer_state_dict_pre_hooks.values()):
+            pre(self)
+        with _hooks_off(self, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
+            sd = super().state_dict()
         sd["qode"] = {"k": self._k, "rng": self._rng.bit_generator.state, "config": self._config(),
                       "reports": [r.state() for r in self.reports],
                       "pruner": self.pruner.state_dict() if self.pruner is not None else None,
                       "window": None if self._win is None else _w.window_state_dict(self._win, self.track_sgd)}
+        for post in list(self._optimizer_state_dict_post_hooks.values()):
+            out = post(self, sd)
+            sd = sd if out is None else out
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -343,14 +358,19 @@ class QODE(Optimizer):
         A matrix-free window cannot be serialised (its Hessian-vector products live in the upload
         batch's autograd graph): call :meth:`restore_expansion` with a closure over the upload batch
         to continue exactly; otherwise the next step re-expands at θ0 on *its* batch and the report
-        notes it.
+        notes it.  ``register_load_state_dict_pre_hook``/``post_hook`` hooks run around all of it (a
+        pre-hook sees and may replace the ``"qode"`` entry; a post-hook sees the optimizer fully loaded).
         """
         state_dict = dict(state_dict)
+        for pre in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            out = pre(self, state_dict)
+            state_dict = state_dict if out is None else dict(out)
         q = state_dict.pop("qode", None)
         if q is None:
             raise ValueError("state_dict: not a QODE state_dict (missing the 'qode' entry)")
         check_saved_config(q.get("config") or {}, self._config())
-        super().load_state_dict(state_dict)
+        with _hooks_off(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            super().load_state_dict(state_dict)
         self._release()
         self._k = int(q["k"])
         self._rng = np.random.default_rng()
@@ -360,6 +380,8 @@ class QODE(Optimizer):
         if self.pruner is not None and q["pruner"] is not None:
             self.pruner.load_state_dict(q["pruner"])
         self._load_window(q["window"])
+        for post in list(self._optimizer_load_state_dict_post_hooks.values()):
+            post(self)
 
     def _load_window(self, win: Optional[dict]) -> None:
         if win is not None:
@@ -379,6 +401,26 @@ class QODE(Optimizer):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        """Also what :meth:`load_state_dict` calls: a group saved before SGD's newer flags existed (or
+        by SGD) gets their defaults, as ``torch.optim.SGD.__setstate__`` gives them."""
         win = state.pop("_win_saved", None)
         super().__setstate__(state)
+        for group in self.param_groups:
+            for flag, default in (("nesterov", False), ("maximize", False), ("foreach", None), ("fused", None),
+                                  ("differentiable", False)):
+                group.setdefault(flag, default)
         self._load_window(win)
+
+
+@contextlib.contextmanager
+def _hooks_off(opt: Optimizer, *names: str):
+    """``torch.optim.Optimizer``'s hook tables ``names`` emptied for the duration (QODE runs them itself,
+    around its own part of the state)."""
+    saved = [getattr(opt, n) for n in names]
+    for n in names:
+        setattr(opt, n, OrderedDict())
+    try:
+        yield
+    finally:
+        for n, table in zip(names, saved):
+            setattr(opt, n, table)
