@@ -11,7 +11,9 @@ diagonalised exactly, a wider MLP, and a small CIFAR ResNet.
 3. Lanczos over its HVPs: in the same run, our Lanczos loop against the same Hessian-vector products
    alone (the very vectors it multiplied, recorded once, on the same graph), interleaved; and the
    time inside full reorthogonalisation (two passes over the stored basis per step) over the HVPs.
-Bars (issue 10): own density ≤ 1.10 × its HVPs alone (3.), and never slower than PyHessian's (2.).
+Bars: on ResNet-8 own density ≤ 1.10 × its HVPs alone (3.; issue 10's restatement of the ResNet bar
+against the HVP floor); everywhere never slower than PyHessian's (2.).  The MLPs' Lanczos / HVPs ratio
+is printed too.
 Timings are the best of --repeat interleaved runs.
 Usage: PYTHONPATH=. python benchmarks/hessian.py [--steps 64 256] [--repeat 3] [--threads 1] [--models ResNet]
 """
@@ -190,10 +192,14 @@ def main():
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in dens:
         print(f"| {r[0]} | {r[1]:,} | {r[2]} | {r[11]:.3f} | {r[12]:.3f} | {r[13]:.3f} | {r[14]:.2f} | {r[5]:.2f}x |")
-    for title, ok in (("own density <= 1.10 x its HVPs alone", lambda r: r[13] <= 1.10),
-                      ("own density never slower than PyHessian's", lambda r: r[5] >= 1.0)):
-        print(f"bar ({title}): " + "; ".join(f"{r[0].split(',')[0]} @ {r[2]} steps: "
-                                             f"{'met' if ok(r) else 'NOT met'}" for r in dens))
+    # issue 10 restated the ResNet's bar against its HVP floor (the MLPs' ratios are in the table above)
+    resnet = lambda r: r[0].startswith("ResNet")   # noqa: E731
+    for title, ok, which in (("own density <= 1.10 x its HVPs alone, on ResNet-8", lambda r: r[13] <= 1.10, resnet),
+                             ("own density never slower than PyHessian's", lambda r: r[5] >= 1.0, lambda r: True)):
+        rows_ = [r for r in dens if which(r)]
+        if rows_:
+            print(f"bar ({title}): " + "; ".join(f"{r[0].split(',')[0]} @ {r[2]} steps: "
+                                                 f"{'met' if ok(r) else 'NOT met'}" for r in rows_))
 
 
 if __name__ == "__main__":
