@@ -116,6 +116,7 @@ def refusals(rank, world):
         return None
 
     out = {"seed": message(seed=rank), "sparsity": message(sparsity=0.1 * rank, cycle=6 + rank),
+           "fused": message(fused=True if rank == 1 else None),
            "invalid on rank 1": message(lr=0.1 if rank == 0 else -1.0),
            "local comm": type(QODE(mlp().parameters(), comm=LocalComm()).comm).__name__}
     mesh = init_device_mesh("cpu", (world,))
@@ -191,6 +192,7 @@ def test_refusals_are_raised_on_every_rank_and_name_the_setting(resumed_and_refu
         assert "sparsity (rank 0: 0.0, rank 1: 0.1)" in out["sparsity"] and "cycle (rank 0: 6, rank 1: 7)" \
             in out["sparsity"]
         assert "lr" in out["invalid on rank 1"]
+        assert "fused (rank 0: None, rank 1: True)" in out["fused"]     # the classical steps' kernels
         assert out["local comm"] == "LocalComm"
         assert "DTensor" in out["dtensor"] and "DistributedDataParallel" in out["dtensor"]
         assert "differ between ranks" in out["no ddp"] and "DistributedDataParallel" in out["no ddp"]

@@ -108,7 +108,8 @@ def settings_of(opt) -> dict:
     the SGD settings, which tensors prune, and the dissipation check's settings (its HVP count)."""
     g = opt.param_groups[0]
     out = {**opt._config(), **{k: float(g[k]) for k in ("lr", "momentum", "weight_decay", "dampening")},
-           "nesterov": bool(g["nesterov"]), "dissipation": _describe(opt.dissipation),
+           "nesterov": bool(g["nesterov"]), "foreach": g["foreach"], "fused": g["fused"],
+           "dissipation": _describe(opt.dissipation),
            "param_shapes": [(tuple(p.shape), str(p.dtype)) for p in opt._params]}
     if opt.pruner is not None:
         out["prunable"] = [bool(f) for f in opt.pruner.prunable]
