@@ -47,7 +47,7 @@ def sgd_update(params: list, grads: list, buffers: list, group: dict) -> list:
 
 
 def nonfinite_flag(loss, grads: list, found: torch.Tensor) -> torch.Tensor:
-    """Set ``found`` (a float tensor ``[1]``, zeroed here) non-zero if ``loss`` or any gradient holds NaN/inf.
+    """Set ``found`` (a 0-d float tensor, zeroed here) non-zero if ``loss`` or any gradient holds NaN/inf.
 
     No host synchronisation: ``torch._amp_foreach_non_finite_check_and_unscale_`` (GradScaler's check,
     scale 1: the gradients are unchanged) runs per device and dtype-agnostic.
@@ -58,9 +58,10 @@ def nonfinite_flag(loss, grads: list, found: torch.Tensor) -> torch.Tensor:
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _one(found))
     if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_complex() \
             and loss.device == found.device:
-        found.add_(loss.detach(), alpha=0)    # 0·loss: 0 if finite, NaN (≠ 0) if not; one kernel
+        lv = loss.detach()
+        found.add_(lv.reshape(()) if lv.dim() else lv, alpha=0)    # 0·loss: 0 if finite, NaN (≠ 0) if not
     elif isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_complex():
-        found.add_(~torch.isfinite(loss.detach().reshape(1).to(found.device)))
+        found.add_(~torch.isfinite(loss.detach().reshape(()).to(found.device)))
     return found
 
 
@@ -80,7 +81,7 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
 def _one(found: torch.Tensor) -> torch.Tensor:
     one = _ONES.get(found.device)
     if one is None:
-        one = _ONES[found.device] = torch.ones(1, dtype=torch.float32, device=found.device)
+        one = _ONES[found.device] = torch.ones((), dtype=torch.float32, device=found.device)
     return one
 
 
@@ -250,11 +251,11 @@ class MaskedSGD:
         grads = [p.grad for p in params] if grads is None else grads
         present = [g for g in grads if g is not None]
         device = present[0].device if present else loss.device
-        if self.skipped is None or self.skipped.device != device:
+        if self.skipped is None or self.skipped.device != device or self.skipped.dim():   # (a [1] from an old pickle)
             self.carried += self.count_pending()
-            self.skipped = torch.zeros(1, dtype=torch.float32, device=device)
+            self.skipped = torch.zeros((), dtype=torch.float32, device=device)
             self.found = torch.zeros_like(self.skipped)
-        skip = nonfinite_flag(loss, present, self.found).bool().reshape(())   # 0-d: broadcasts to any shape
+        skip = nonfinite_flag(loss, present, self.found).bool()   # 0-d: broadcasts to any shape, 0-d weights too
         flat = self._flat_buffers(params, grads, buffers, group)
         if flat is not None:
             bufs = masked_flat_momentum_update(params, grads, flat, group, skip)
