@@ -29,6 +29,7 @@ from torch.optim import lr_scheduler
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from torch_qode.training.qode import QODE
+from tests.training.test_window_core import _same
 
 CLASSICAL = dict(mode="classical", sparsity=0.0)
 
@@ -440,7 +441,7 @@ def test_a_loaded_state_dict_continues_identically_and_stays_equal(kw, named):
             _step(o, lambda p=p, q=q: _linear_loss(p, q, x))
         assert torch.equal(w, wc) and torch.equal(b, bc)
     sd, sd_c = opt.state_dict(), opt_c.state_dict()
-    assert _equal(sd, sd_c)
+    assert _same(sd, sd_c)
     if named:
         assert sd["param_groups"][0]["param_names"] == ["w", "b"]
 
@@ -453,7 +454,7 @@ def test_state_dict_saves_and_loads_with_weights_only(kw):
     torch.save(sd, buf)
     for weights_only in (False, True):
         buf.seek(0)
-        assert _equal(torch.load(buf, weights_only=weights_only), sd)
+        assert _same(torch.load(buf, weights_only=weights_only), sd)
 
 
 @pytest.mark.parametrize("kw", _inputs())
@@ -476,16 +477,6 @@ def test_printable_deep_copied_with_every_public_attribute_and_no_empty_state(kw
         set(k for k in vars(copy.deepcopy(opt)) if not k.startswith("_"))
     assert all(len(v) > 0 for v in opt.state.values())
     pickle.loads(pickle.dumps(opt))
-
-
-def _equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b or (a != a and b != b)
 
 
 # ------------------------------------------------------------------------------ hooks
