@@ -124,17 +124,14 @@ def _inputs(impls=("", "foreach", "fused")) -> list:
 
 
 def _lr(kw: dict) -> dict:
-    """SGD's default lr where the input leaves it out (QODE's default is 0.01, SGD's 1e-3)."""
+    """The settings for one more optimizer: SGD's default lr where the input leaves it out (QODE's default
+    is 0.01, SGD's 1e-3), and a tensor lr as a fresh copy (a tensor lr is shared, not copied)."""
+    kw = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     return kw if "lr" in kw else dict(kw, lr=1e-3)
 
 
-def _clone_lr(kw: dict) -> dict:
-    """The same settings with a fresh tensor lr where there is one (a tensor lr is shared, not copied)."""
-    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-
-
 def _pair(params_q, params_s, kw: dict):
-    return QODE(params_q, **_lr(_clone_lr(kw)), **CLASSICAL), torch.optim.SGD(params_s, **_lr(_clone_lr(kw)))
+    return QODE(params_q, **_lr(kw), **CLASSICAL), torch.optim.SGD(params_s, **_lr(kw))
 
 
 def _weights(seed: int = 0, dtype=torch.float32, contiguous: bool = True):
@@ -268,7 +265,7 @@ def test_foreach_and_fused_match_the_for_loop(kw, impl):
         model = _derived_model()
         empty = torch.randn((), dtype=torch.float64, requires_grad=True)
         params = list(model.parameters()) + [empty]
-        opt = QODE(params, **_lr(_clone_lr(kw)), **{impl: flag}, **CLASSICAL)
+        opt = QODE(params, **_lr(kw), **{impl: flag}, **CLASSICAL)
         x = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], dtype=torch.float64).reshape(3, 2)
         trace = []
         for i in range(7):
@@ -337,8 +334,8 @@ def test_complex_weights_train_as_sgd_and_as_their_real_views(kw):
     sgd = [t.clone().requires_grad_() for t in (zw, zb, rw)]
     real = [torch.view_as_real(t).clone().requires_grad_() if t.is_complex() else t.clone().requires_grad_()
             for t in (zw, zb, rw)]
-    q, s_ = QODE(cplx, **_lr(_clone_lr(kw)), **CLASSICAL), torch.optim.SGD(sgd, **_lr(_clone_lr(kw)))
-    r = QODE(real, **_lr(_clone_lr(kw)), **CLASSICAL)
+    q, s_ = QODE(cplx, **_lr(kw), **CLASSICAL), torch.optim.SGD(sgd, **_lr(kw))
+    r = QODE(real, **_lr(kw), **CLASSICAL)
     for i in range(3):
         grads = [torch.randn(t.shape, dtype=t.dtype, generator=torch.Generator().manual_seed(10 + i + j))
                  for j, t in enumerate(cplx)]
@@ -393,7 +390,7 @@ def test_sparse_gradients_train_as_sgd_on_its_sparse_input():
 def test_no_gradients_or_zero_gradients_change_nothing(kw):
     w, b = _weights()
     before = (w.detach().clone(), b.detach().clone())
-    opt = QODE([w, b], **_lr(_clone_lr(kw)), **CLASSICAL)
+    opt = QODE([w, b], **_lr(kw), **CLASSICAL)
     if kw.get("weight_decay", 0) == 0:
         _step(opt, lambda: (w * 0).sum() + (b * 0).sum())       # zero gradients
         assert torch.equal(w, before[0]) and torch.equal(b, before[1])
@@ -405,7 +402,7 @@ def test_no_gradients_or_zero_gradients_change_nothing(kw):
 @pytest.mark.parametrize("kw", _inputs())
 def test_gradients_are_never_written_in_place(kw):
     w, b = _weights()
-    opt = QODE([w, b], **_lr(_clone_lr(kw)), **CLASSICAL)
+    opt = QODE([w, b], **_lr(kw), **CLASSICAL)
     x = torch.randn(5, generator=torch.Generator().manual_seed(1))
     for _ in range(5):
         versions = []
@@ -417,7 +414,7 @@ def test_gradients_are_never_written_in_place(kw):
 def _primed(kw, steps: int = 10, named: bool = False):
     w, b = _weights()
     x = torch.randn(5, generator=torch.Generator().manual_seed(1))
-    opt = QODE([("w", w), ("b", b)] if named else [w, b], **_lr(_clone_lr(kw)), **CLASSICAL)
+    opt = QODE([("w", w), ("b", b)] if named else [w, b], **_lr(kw), **CLASSICAL)
 
     def closure():
         opt.zero_grad()
@@ -434,7 +431,7 @@ def _primed(kw, steps: int = 10, named: bool = False):
 def test_a_loaded_state_dict_continues_identically_and_stays_equal(kw, named):
     opt, (w, b), x = _primed(kw, named=named)
     wc, bc = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-    opt_c = QODE([("w", wc), ("b", bc)] if named else [wc, bc], **_lr(_clone_lr(kw)), **CLASSICAL)
+    opt_c = QODE([("w", wc), ("b", bc)] if named else [wc, bc], **_lr(kw), **CLASSICAL)
     opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))
     for _ in range(10):
         for o, (p, q) in ((opt, (w, b)), (opt_c, (wc, bc))):
