@@ -1,10 +1,15 @@
 """QODE's settings: checked once (clear messages naming the argument), then plain data."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import math
+import textwrap
+import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -19,15 +24,6 @@ from ..core.tomography import DEFAULT_SIGN_METHOD, tomography
 __all__ = ["QODEConfig", "make_config", "check_sgd_settings", "check_trainable", "MODES", "UPLOADS", "NOISES",
            "CARLEMAN_STATES", "EXPLICIT_MAX_SUPPORT", "use_explicit", "carleman_state_for", "HVPS", "choose_hvp",
            "RETAIN_BUDGET_BYTES_CPU", "RETAIN_GRAPH_FACTOR", "READOUT_WARN_ERROR", "readout_warning"]
-
-MODES = ("auto", "quantum", "classical")
-UPLOADS = ("dense", "sparse")
-NOISES = ("stream", "frozen")
-#: how a window holds its Carleman state (core/state.py): "auto" picks per window
-CARLEMAN_STATES = ("auto", "factored", "dense")
-#: how a matrix-free window takes its Hessian-vector products: "retain" the upload batch's graph for
-#: the whole window, "recompute" it by replaying the upload closure per product, "auto" by memory
-HVPS = ("auto", "retain", "recompute")
 
 #: ``hvp="auto"`` off a GPU retains the upload graph when its estimate fits this many bytes
 #: (assign to change it; on a GPU the budget is the device's free memory).
@@ -45,41 +41,179 @@ EXPLICIT_MAX_SUPPORT = 128
 READOUT_WARN_ERROR = 0.1
 
 
+def _choice(allowed):
+    """A field check: one of ``allowed`` (a tuple, or a registry read when checked: forms and solvers
+    registered later are accepted)."""
+    def check(value, name):
+        return check_choice(value, name, tuple(allowed() if callable(allowed) else allowed))
+    check.choices = allowed
+    return check
+
+
+#: the check of a ``Literal[...]`` field: one of the literal's values (read from the annotation)
+_literal = None
+
+
+def _int(low):
+    return lambda value, name: check_int(value, name, low)
+
+
+def _optional_int(low, none):
+    return lambda value, name: check_optional_int(value, name, low, none=none)
+
+
+def _unit_interval(value, name):
+    if as_real(value) is None or not (0 <= as_real(value) < 1):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(as_real(value))
+
+
+def _open_unit_interval(value, name):
+    if as_real(value) is None or not (0 < as_real(value) < 1):
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    return as_real(value)
+
+
+def _bool(value, name):
+    return check_bool(value, name)
+
+
+def _optional_dict(value, name):
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"{name} must be a dict or None, got {type(value).__name__}")
+    return None if value is None else dict(value)
+
+
+def setting(default, doc: str, check: Callable, *, section: str, saved: bool = True):
+    """One field of :class:`QODEConfig`: its default, its documentation (the source of QODE's docstring
+    table), its check (``check(value, name) -> value``, raising with the name) and whether a saved
+    state depends on it (``saved``: :meth:`QODEConfig.saved`, ``load_state_dict``, the ranks' check)."""
+    return field(default=default, metadata={"doc": doc, "check": check, "section": section, "saved": saved})
+
+
 @dataclass(frozen=True)
 class QODEConfig:
-    """Every QODE setting the cycle and the window core read (see ``QODE``'s docstring)."""
+    """QODE's settings: one typed, frozen schema (DESIGN.md, "Public API").
 
-    mode: str
-    cycle: int
-    classical_steps: int
-    sparsity: float
-    upload: str
-    carleman_order: int
-    taylor_degree: int
-    form: str
-    solver: str
-    window_solver: WindowSolver      # the registry's solver object: its options and its cost formula
-    shots: Optional[int]
-    noise: str
-    track_sgd: bool
-    seed: int
-    explicit: Optional[bool]
-    eps: float
-    tomography_kwargs: dict = field(default_factory=dict)
-    carleman_state: str = "auto"     # "auto" | "factored" | "dense" (see carleman_state_for)
-    max_rank: Optional[int] = None   # rank cap of the factored level 2 (None: exact)
-    hvp: str = "auto"                # "auto" | "retain" | "recompute" (see choose_hvp)
+    Every setting is one field here, with its default, its documentation and its check; ``QODE``'s
+    signature and docstring table, :meth:`saved` (``state_dict``/``load_state_dict``), the check that
+    every rank has the same settings and the recipes' ``qode:`` section are derived from these fields.
+    Constructing one checks every field (each message names the argument) and the settings together.
 
+    Raises:
+        ValueError: a value outside its range or choices (the message names the argument).
+        TypeError: a value of the wrong kind (e.g. ``tomography_kwargs`` not a dict).
+    """
+
+    # --- the cycle (Algorithm 1, Sec. III B)
+    mode: Literal["auto", "quantum", "classical"] = setting(
+        "auto", "``\"auto\"`` (the dissipation check decides each window), ``\"quantum\"`` (always) or "
+        "``\"classical\"`` (SGD throughout).", _literal, section="cycle")
+    cycle: int = setting(100, "steps per cycle (a download every ``cycle`` steps).", _int(1), section="cycle")
+    classical_steps: int = setting(
+        10, "plain SGD steps after each download (``0 ≤ classical_steps < cycle``); the window has "
+        "``T = cycle − classical_steps`` steps.", _int(0), section="cycle")
+    sparsity: float = setting(0.9, "pruning ratio in ``[0, 1)`` at each download (0 disables pruning).",
+                              _unit_interval, section="cycle")
+    upload: Literal["dense", "sparse"] = setting(
+        "dense", "``\"dense\"`` (QRAM: ``S`` = all weights) or ``\"sparse\"`` (``S`` = the weights the "
+        "upload's prune keeps); parameters the upload closure gives no gradient stay out of ``S``.",
+        _literal, section="cycle")
+    noise: Literal["stream", "frozen"] = setting(
+        "stream", "``\"stream\"`` (``F0(t)`` from each step's batch) or ``\"frozen\"`` (the upload batch's).",
+        _literal, section="cycle")
+    # --- the Taylor model and its Carleman linearisation (Sec. II, V B)
+    carleman_order: int = setting(1, "Carleman truncation order ``N ≥ 1``.", _int(1), section="carleman")
+    taylor_degree: int = setting(
+        2, "degree ``q`` of the Taylor model; terms above ``N`` are not computed (see :attr:`degree`).",
+        _int(1), section="carleman")
+    form: str = setting("discrete", "Carleman form: ``\"discrete\"`` (Sec. V B) or ``\"continuous\"`` "
+                        "(the registry ``torch_qode.core.carleman.FORMS``).", _choice(lambda: tuple(FORMS)),
+                        section="carleman")
+    carleman_state: Literal["auto", "factored", "dense"] = setting(
+        "auto", "``\"auto\"`` (factored for matrix-free windows at order 2, discrete form, forward solver; "
+        "dense otherwise), ``\"factored\"`` (``Y2 = W C Wᵀ``, memory O(n·T)) or ``\"dense\"``.",
+        _literal, section="carleman")
+    max_rank: Optional[int] = setting(None, "rank cap of the factored level 2 (``None``: exact).",
+                                      _optional_int(1, "exact factored level 2"), section="carleman")
+    explicit: Optional[bool] = setting(
+        None, "``None`` (explicit Taylor terms when ``|S| ≤ 128`` or the solver needs them), ``True`` or "
+        "``False`` (matrix-free Hessian-vector / third-derivative products).",
+        _choice((None, True, False)), section="carleman")
+    hvp: Literal["auto", "retain", "recompute"] = setting(
+        "auto", "how a matrix-free window takes its products: ``\"retain\"`` the upload batch's graph, "
+        "``\"recompute\"`` it by replaying the upload closure per product (needs ``model=``), ``\"auto\"`` "
+        "by memory.  Numerically the same: not part of a saved state.",
+        _literal, section="carleman", saved=False)
+    # --- the window solve (Eq. II.102, Theorems II.3/II.4)
+    solver: str = setting("forward", "window solver: ``\"forward\"``, ``\"direct\"`` or ``\"filtered\"`` "
+                          "(the registry ``torch_qode.core.solvers.SOLVERS``).", _choice(lambda: tuple(SOLVERS)),
+                          section="solver")
+    solver_options: Optional[dict] = setting(
+        None, "the solver's own options, e.g. ``solver=\"filtered\", solver_options={\"kappa_a\": 50}``.",
+        _optional_dict, section="solver")
+    # --- the readout (Eq. II.123) and the ledger
+    shots: Optional[int] = setting(None, "tomography shot budget per readout (``None``: exact readout).",
+                                   _optional_int(1, "exact readout"), section="readout")
+    tomography_kwargs: Optional[dict] = setting(
+        None, "extra keyword arguments of :func:`~torch_qode.core.tomography.tomography` (``sign_method``, "
+        "``split``, ``norm_scale``, …).", _optional_dict, section="readout")
+    eps: float = setting(1e-2, "target error in ``(0, 1)`` used by the resource ledger.", _open_unit_interval,
+                         section="readout")
+    # --- measurement and reproducibility
+    track_sgd: bool = setting(
+        False, "also run SGD from ``θ0`` on the same batches in every quantum window and report the drift "
+        "(two extra closure calls per window step).", _bool, section="measure")
+    seed: int = setting(0, "seeds the tomography sampler and the default dissipation check.", _int(0),
+                        section="measure")
+    #: the registry's solver object built from ``solver`` and ``solver_options`` (derived, not a setting)
+    window_solver: WindowSolver = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        for f in settings_fields():
+            object.__setattr__(self, f.name, _check_of(f)(getattr(self, f.name), f.name))
+        if self.classical_steps >= self.cycle:
+            raise ValueError(f"classical_steps must be < cycle (leaving a window of ≥ 1 step); got "
+                             f"classical_steps={self.classical_steps}, cycle={self.cycle}")
+        ws = make_solver(self.solver, self.solver_options)
+        object.__setattr__(self, "window_solver", ws)
+        object.__setattr__(self, "solver_options", dict(ws.options))
+        object.__setattr__(self, "tomography_kwargs", dict(self.tomography_kwargs or {}))
+        reserved = {"v", "shots", "seed", "top_r", "eps"} & set(self.tomography_kwargs)
+        if reserved:
+            raise ValueError(f"tomography_kwargs may not set {sorted(reserved)}: QODE sets them")
+        if ws.needs_explicit and self.explicit is False:
+            raise ValueError(f"solver={self.solver!r} builds the explicit window matrix: it needs explicit=None "
+                             "or True")
+        why = factored_refusal(self)
+        if self.carleman_state == "factored" and why is not None:
+            raise ValueError(f"carleman_state='factored' cannot run {why}; use carleman_state='dense' or 'auto'")
+        unused = "carleman_state='dense'" if self.carleman_state == "dense" else why  # auto + max_rank: factored
+        if self.max_rank is not None and unused is not None:
+            raise ValueError(f"max_rank={self.max_rank} applies to the factored Carleman state only, which these "
+                             f"settings do not use: {unused}; leave max_rank=None")
+        try:   # reject bad shots / tomography options now, not at the first window's end
+            tomography(np.array([1.0, 0.5, 0.25, 0.125]), self.shots, seed=0, eps=self.eps,
+                       **self.readout_options())
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"shots={self.shots!r} / tomography_kwargs={self.tomography_kwargs!r} rejected by "
+                            f"tomography(): {exc}") from None
+
+    # --------------------------------------------------------------------------- derived values
     @property
     def window_length(self) -> int:
+        """``T = cycle − classical_steps``: the steps of a quantum window."""
         return self.cycle - self.classical_steps
 
     @property
-    def solver_options(self) -> dict:
-        return self.window_solver.options
+    def degree(self) -> int:
+        """The Taylor degree a window expands to: ``min(taylor_degree, carleman_order)`` (truncation at
+        order N never reaches higher terms)."""
+        return min(self.taylor_degree, self.carleman_order)
 
     @property
     def kappa_a(self) -> Optional[float]:
+        """The filtered solver's effective condition number (Theorem II.4), else ``None``."""
         return self.window_solver.kappa_a
 
     def readout_options(self) -> dict:
@@ -87,17 +221,118 @@ class QODEConfig:
         return {"norm": None if self.shots else "exact", "sign_method": DEFAULT_SIGN_METHOD, **self.tomography_kwargs}
 
     def saved(self) -> dict:
-        """The settings a saved state depends on (``load_state_dict`` compares them)."""
-        return {"mode": self.mode, "cycle": self.cycle, "classical_steps": self.classical_steps,
-                "sparsity": self.sparsity, "upload": self.upload, "carleman_order": self.carleman_order,
-                "taylor_degree": self.taylor_degree, "form": self.form, "solver": self.solver,
-                "noise": self.noise, "track_sgd": self.track_sgd, "explicit": self.explicit,
-                "shots": self.shots, "eps": self.eps, "kappa_a": self.kappa_a, "seed": self.seed,
-                "tomography_kwargs": dict(self.tomography_kwargs), "carleman_state": self.carleman_state,
-                "max_rank": self.max_rank}
+        """The settings a saved state depends on (every field marked ``saved``; ``load_state_dict``
+        compares them, and so does the check that every rank has the same settings)."""
+        return {f.name: _copy(getattr(self, f.name)) for f in settings_fields() if f.metadata["saved"]}
 
-#: settings added after the first saved states: a state saved without them had these values
+    @classmethod
+    def from_saved(cls, saved: dict) -> "QODEConfig":
+        """The settings of a saved state (old spellings upgraded, see :func:`upgrade_saved`)."""
+        saved = upgrade_saved(saved)
+        return cls(**{f.name: saved[f.name] for f in settings_fields() if f.name in saved})
+
+
+def _copy(value):
+    return dict(value) if isinstance(value, dict) else value
+
+
+@functools.lru_cache(maxsize=None)
+def _fields() -> tuple:
+    return tuple(f for f in dataclasses.fields(QODEConfig) if f.init)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints() -> dict:
+    return typing.get_type_hints(QODEConfig)
+
+
+def _check_of(f: dataclasses.Field) -> Callable:
+    """The field's check: its own, or for a ``Literal`` field one of the literal's values."""
+    check = f.metadata["check"]
+    return _choice(typing.get_args(_hints()[f.name])) if check is _literal else check
+
+
+def settings_fields() -> tuple:
+    """The settings of :class:`QODEConfig`, in order (``dataclasses.Field`` objects: ``name``,
+    ``type``, ``default`` and ``metadata`` with ``doc``, ``check``, ``section``, ``saved``)."""
+    return _fields()
+
+
+def choices(name: str) -> Optional[tuple]:
+    """The allowed values of the setting ``name`` (``None``: not a choice)."""
+    f = next(f for f in settings_fields() if f.name == name)
+    allowed = getattr(_check_of(f), "choices", None)
+    return None if allowed is None else tuple(allowed() if callable(allowed) else allowed)
+
+
+#: the allowed values of the choice settings (derived from the schema's annotations)
+MODES, UPLOADS, NOISES = choices("mode"), choices("upload"), choices("noise")
+#: how a window holds its Carleman state (core/state.py): "auto" picks per window
+CARLEMAN_STATES = choices("carleman_state")
+#: how a matrix-free window takes its Hessian-vector products: "retain" the upload batch's graph for
+#: the whole window, "recompute" it by replaying the upload closure per product, "auto" by memory
+HVPS = choices("hvp")
+
+SETTINGS = tuple(f.name for f in dataclasses.fields(QODEConfig) if f.init)
+#: the settings by section, in the order QODE's docstring lists them
+SECTIONS = {"cycle": "The cycle", "carleman": "The Taylor model and its Carleman linearisation",
+            "solver": "The window solve", "readout": "The readout and the ledger",
+            "measure": "Measurement and reproducibility"}
+
+
+def settings_table(indent: str = "        ") -> str:
+    """QODE's docstring entries for the settings (Google style ``name: doc``), written from the fields."""
+    lines = []
+    for f in settings_fields():
+        text = f"{f.name}: {f.metadata['doc']} Default: ``{f.default!r}``."
+        lines += textwrap.wrap(text, 110, initial_indent=indent, subsequent_indent=indent + "    ",
+                               break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+#: old spellings a saved state (or a config) may carry: each upgraded, with a DeprecationWarning on use
+#: in a call, silently in a saved state (the state was written by an earlier version, not by the user)
 _SAVED_DEFAULTS = {"carleman_state": "auto", "max_rank": None}
+
+
+def upgrade_saved(saved: dict) -> dict:
+    """A saved ``config`` dict in today's spelling: settings added since it was written take the value
+    they had then (:data:`_SAVED_DEFAULTS`), and ``kappa_a`` (the filtered solver's option, saved at the
+    top level before ``solver_options`` existed) moves into ``solver_options``."""
+    out = {**_SAVED_DEFAULTS, **saved}
+    if "solver_options" not in out:
+        kappa = out.get("kappa_a")
+        out["solver_options"] = {} if kappa is None else {"kappa_a": kappa}
+    out.pop("kappa_a", None)
+    return out
+
+
+def make_config(*, kappa_a=None, **settings) -> QODEConfig:
+    """The settings ``settings`` checked as a :class:`QODEConfig` (each message names the argument).
+
+    ``kappa_a=`` (deprecated) is the filtered solver's option: it moves into ``solver_options`` with a
+    ``DeprecationWarning``.  An unknown name raises ``TypeError`` suggesting the closest setting.
+    """
+    unknown = [k for k in settings if k not in SETTINGS]
+    if unknown:
+        raise TypeError(unknown_setting(unknown[0]))
+    if kappa_a is not None:
+        warnings.warn(f"QODE(kappa_a=...) is deprecated: pass solver='filtered', solver_options="
+                      f"{{'kappa_a': {kappa_a!r}}}", DeprecationWarning, stacklevel=4)
+        opts = settings.get("solver_options")
+        if opts is not None and not isinstance(opts, dict):
+            raise TypeError(f"solver_options must be a dict or None, got {type(opts).__name__}")
+        if "kappa_a" in (opts or {}):
+            raise ValueError("kappa_a given twice: pass it only in solver_options={'kappa_a': ...}")
+        settings["solver_options"] = {**(opts or {}), "kappa_a": kappa_a}
+    return QODEConfig(**settings)
+
+
+def unknown_setting(name: str, where: str = "QODE()") -> str:
+    """The message for an unknown setting ``name``: the closest known one, or the list."""
+    close = difflib.get_close_matches(name, SETTINGS, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"the settings are: {', '.join(SETTINGS)}"
+    return f"{where} got an unexpected keyword argument {name!r}; {hint}"
 
 
 def use_explicit(cfg: QODEConfig, n: int) -> bool:
@@ -201,73 +436,6 @@ def check_trainable(params, fused: Optional[bool] = None, classical: bool = Fals
             raise ValueError(f"params[{i}] is a sparse tensor: QODE needs dense parameters")
 
 
-def _window_solver(solver, solver_options, kappa_a) -> WindowSolver:
-    """The registry's solver for ``solver`` with ``solver_options``; ``kappa_a=`` is the old spelling."""
-    if kappa_a is not None:
-        warnings.warn(f"QODE(kappa_a=...) is deprecated: pass solver='filtered', solver_options="
-                      f"{{'kappa_a': {kappa_a!r}}}", DeprecationWarning, stacklevel=4)
-        if solver_options is not None and not isinstance(solver_options, dict):
-            raise TypeError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
-        if "kappa_a" in (solver_options or {}):
-            raise ValueError("kappa_a given twice: pass it only in solver_options={'kappa_a': ...}")
-        solver_options = {**(solver_options or {}), "kappa_a": kappa_a}
-    return make_solver(solver, solver_options)
-
-
-def make_config(*, mode, cycle, classical_steps, sparsity, upload, carleman_order, taylor_degree, form,
-                solver, solver_options, kappa_a, shots, noise, track_sgd, seed, explicit, eps,
-                tomography_kwargs, carleman_state="auto", max_rank=None, hvp="auto") -> QODEConfig:
-    """Check QODE's settings (each message names the argument) and return them as a :class:`QODEConfig`."""
-    check_choice(mode, "mode", MODES)
-    cycle = check_int(cycle, "cycle", 1)
-    classical_steps = check_int(classical_steps, "classical_steps", 0)
-    if classical_steps >= cycle:
-        raise ValueError(f"classical_steps must be < cycle (leaving a window of ≥ 1 step); got "
-                         f"classical_steps={classical_steps}, cycle={cycle}")
-    if as_real(sparsity) is None or not (0 <= as_real(sparsity) < 1):
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
-    check_choice(upload, "upload", UPLOADS)
-    carleman_order = check_int(carleman_order, "carleman_order", 1)
-    taylor_degree = check_int(taylor_degree, "taylor_degree", 1)
-    check_choice(form, "form", FORMS)
-    window_solver = _window_solver(solver, solver_options, kappa_a)
-    shots = check_optional_int(shots, "shots", 1, none="exact readout")
-    check_choice(noise, "noise", NOISES)
-    check_bool(track_sgd, "track_sgd")
-    seed = check_int(seed, "seed", 0)
-    check_choice(explicit, "explicit", (None, True, False))
-    if as_real(eps) is None or not (0 < as_real(eps) < 1):
-        raise ValueError(f"eps must be in (0, 1), got {eps!r}")
-    if tomography_kwargs is not None and not isinstance(tomography_kwargs, dict):
-        raise TypeError(f"tomography_kwargs must be a dict or None, got {type(tomography_kwargs).__name__}")
-    reserved = {"v", "shots", "seed", "top_r", "eps"} & set(tomography_kwargs or {})
-    if reserved:
-        raise ValueError(f"tomography_kwargs may not set {sorted(reserved)}: QODE sets them")
-    if window_solver.needs_explicit and explicit is False:
-        raise ValueError(f"solver={solver!r} builds the explicit window matrix: it needs explicit=None or True")
-    check_choice(carleman_state, "carleman_state", CARLEMAN_STATES)
-    max_rank = check_optional_int(max_rank, "max_rank", 1, none="exact factored level 2")
-    check_choice(hvp, "hvp", HVPS)
-    cfg = QODEConfig(mode=mode, cycle=cycle, classical_steps=classical_steps, sparsity=float(as_real(sparsity)),
-                     upload=upload, carleman_order=carleman_order, taylor_degree=taylor_degree, form=form,
-                     solver=window_solver.name, window_solver=window_solver, shots=shots, noise=noise, track_sgd=bool(track_sgd),
-                     seed=seed, explicit=explicit, eps=as_real(eps), tomography_kwargs=dict(tomography_kwargs or {}),
-                     carleman_state=carleman_state, max_rank=max_rank, hvp=hvp)
-    why = factored_refusal(cfg)
-    if carleman_state == "factored" and why is not None:
-        raise ValueError(f"carleman_state='factored' cannot run {why}; use carleman_state='dense' or 'auto'")
-    unused = "carleman_state='dense'" if carleman_state == "dense" else why   # auto + max_rank: always factored
-    if max_rank is not None and unused is not None:
-        raise ValueError(f"max_rank={max_rank} applies to the factored Carleman state only, which these settings "
-                         f"do not use: {unused}; leave max_rank=None")
-    try:   # reject bad shots / tomography options now, not at the first window's end
-        tomography(np.array([1.0, 0.5, 0.25, 0.125]), shots, seed=0, eps=cfg.eps, **cfg.readout_options())
-    except (ValueError, TypeError) as exc:
-        raise type(exc)(f"shots={shots!r} / tomography_kwargs={tomography_kwargs!r} rejected by "
-                        f"tomography(): {exc}") from None
-    return cfg
-
-
 def check_budget(cfg: QODEConfig, n_S: int) -> None:
     """Refuse, before any allocation, a window whose terms or Carleman state cannot fit in memory
     (the factored state holds ``n·(k + 3)`` numbers, ``k ≤ 2T``, instead of ``Δ = n + n²``)."""
@@ -297,8 +465,8 @@ def check_budget(cfg: QODEConfig, n_S: int) -> None:
 
 def check_saved_config(saved: dict, current: dict) -> None:
     """A state_dict loads only into a QODE with the settings it was saved with (names both values)."""
-    mismatch = {k: (v, saved.get(k, _SAVED_DEFAULTS.get(k))) for k, v in current.items()
-                if saved.get(k, _SAVED_DEFAULTS.get(k)) != v}
+    saved = upgrade_saved(saved)
+    mismatch = {k: (v, saved.get(k)) for k, v in current.items() if saved.get(k) != v}
     if mismatch:
         raise ValueError("state_dict was saved by a QODE with other settings: " + ", ".join(
             f"{k}={old!r} there vs {new!r} here" for k, (new, old) in mismatch.items()))

@@ -104,12 +104,14 @@ def _describe(obj) -> Any:
 
 
 def settings_of(opt) -> dict:
-    """What must be equal on every rank: the saved config, ``n_params``, the parameter shapes and dtypes,
-    the SGD settings, which tensors prune, and the dissipation check's settings (its HVP count)."""
-    g = opt.param_groups[0]
-    out = {**opt._config(), **{k: float(g[k]) for k in ("lr", "momentum", "weight_decay", "dampening")},
-           "nesterov": bool(g["nesterov"]), "foreach": g["foreach"], "fused": g["fused"],
-           "dissipation": _describe(opt.dissipation),
+    """What must be equal on every rank: the saved settings (every saved field of the schema,
+    :class:`~torch_qode.training.config.QODEConfig`), ``n_params``, the parameter shapes and dtypes, every
+    parameter group's SGD settings (all of its keys but ``params``), which tensors prune, and the
+    dissipation check's settings (its HVP count)."""
+    groups = opt.param_groups
+    sgd = {(k if len(groups) == 1 else f"param_groups[{i}].{k}"): (float(v) if isinstance(v, torch.Tensor) else v)
+           for i, g in enumerate(groups) for k, v in g.items() if k != "params"}
+    out = {**opt._config(), **sgd, "param_groups": len(groups), "dissipation": _describe(opt.dissipation),
            "param_shapes": [(tuple(p.shape), str(p.dtype)) for p in opt._params]}
     if opt.pruner is not None:
         out["prunable"] = [bool(f) for f in opt.pruner.prunable]

@@ -30,7 +30,9 @@ end) are the functions of :mod:`~torch_qode.training.cycle`, and their maths the
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
+import typing
 import warnings
 from collections import OrderedDict
 from typing import Callable, Optional
@@ -48,8 +50,9 @@ from .classical import MaskedSGD, classical_step
 from ..bridge.collective import refuse_sharded
 from .comm import Comm
 from .distributed import agreed, window_comm
-from .config import (MODES, NOISES, UPLOADS, check_budget, check_saved_config, check_sgd_settings,
-                     check_trainable, make_config, readout_warning)
+from .config import (MODES, NOISES, SETTINGS, UPLOADS, QODEConfig, check_budget, check_saved_config,
+                     check_sgd_settings, check_trainable, make_config, readout_warning, settings_fields,
+                     settings_table)
 from .report import CycleReport, download_record
 from .window import EXPLICIT_MAX_SUPPORT, KAPPA_MAX_UNKNOWNS  # noqa: F401  (public constants)
 
@@ -59,45 +62,25 @@ __all__ = ["QODE", "CycleReport", "MODES", "UPLOADS", "NOISES"]
 class QODE(Optimizer):
     """Sparse training through a simulated quantum ODE solver (see the module docstring).
 
+    The settings (``mode`` … ``seed`` below) are the fields of the one schema,
+    :class:`~torch_qode.training.config.QODEConfig`: this list, the signature, the saved state and the
+    recipes' ``qode:`` section are written from it.
+
     Args:
         params: iterable of parameters (one parameter group, like ``torch.optim.LBFGS``).
         lr, momentum, weight_decay, dampening, nesterov: as ``torch.optim.SGD``.
         foreach, fused: as ``torch.optim.SGD``: the implementation of the classical steps (a window's
             steps are the Carleman system's).  ``maximize`` and ``differentiable`` are accepted only
             as False (QODE minimises; its steps are not differentiable), so that SGD's keywords port.
-        mode: ``"auto"`` (the dissipation check decides), ``"quantum"`` (always), ``"classical"``.
-        cycle: steps per cycle (download every ``cycle`` steps).
-        classical_steps: plain SGD steps after each download (``0 ≤ classical_steps < cycle``).
-        sparsity: pruning ratio in ``[0, 1)`` at each download (0 disables pruning).
-        upload: ``"dense"`` (QRAM: ``S`` = all weights) or ``"sparse"`` (``S`` = the surviving ones);
-            either way, parameters the upload closure gives no gradient (``.grad is None``) stay out of
-            ``S`` and keep their values, as SGD would leave them that step.
-        carleman_order: Carleman truncation order ``N ≥ 1``.
-        taylor_degree: degree ``q`` of the Taylor model (terms above degree ``N`` are not computed:
-            with ``N = 1`` only ``F0`` and ``F1`` enter the linear system).
-        form: ``"discrete"`` (the paper's Sec. V B) or ``"continuous"`` Carleman form.
-        carleman_state: ``"auto"`` (factored for matrix-free windows at order 2, discrete form, forward
-            solver; dense otherwise — explicit windows and order 3 stay dense), ``"factored"``
-            (``Y2 = W C Wᵀ``, memory O(n·T); order 2, discrete, forward only) or ``"dense"``.
-        max_rank: rank cap of the factored level 2 (``None``: exact); the report's ``carleman`` gives
-            ``rank``, ``truncation`` (discarded Frobenius mass) and ``order_gap``.
-        solver: ``"forward"``, ``"direct"`` or ``"filtered"`` (Theorem II.4, needs ``kappa_a``).
-        solver_options: the solver's own options, e.g. ``solver="filtered", solver_options={"kappa_a": 50}``
-            (its effective condition number).  ``kappa_a=`` still works, with a DeprecationWarning.
-        shots: tomography shot budget per readout (``None`` = exact readout).
-        noise: ``"stream"`` (``F0(t)`` from each step's batch) or ``"frozen"`` (the upload batch's).
-        dissipation: a :class:`~torch_qode.dissipation.DissipationCheck` (default: its defaults).
-        track_sgd: also run SGD from ``θ0`` on the same batches in every quantum window and report
-            the drift ``||θ_qode − θ_sgd||`` (two extra closure calls per window step).
-        seed: seeds the tomography sampler and the dissipation check.
-        explicit: ``None`` (explicit Taylor terms when ``|S| ≤ 128`` or the solver needs them),
-            ``True`` or ``False`` (matrix-free Hessian-vector / third-derivative products).
+        dissipation: a :class:`~torch_qode.bridge.dissipation.DissipationCheck` (default: its defaults).
         prunable: which tensors the download prunes (default: ``p.dim() > 1``); see ``MagnitudePruner``.
         names: parameter names for per-layer pruning reports.
         monitor: an object with ``on_upload(step, verdict)`` / ``on_window_end(step, report)`` (and optionally
-            ``on_window_open(step, carleman)`` / ``on_window_closed(step)``)
-            (e.g. :class:`~torch_qode.callbacks.DissipationMonitor`).
-        eps: target error used in the resource ledger.
+            ``on_window_open(step, carleman)`` / ``on_window_closed(step)``), e.g.
+            :class:`~torch_qode.training.monitor.DissipationMonitor`.
+        model: the module the parameters belong to (optional; ``hvp="recompute"`` needs it).  With it,
+            the closures QODE evaluates only to measure (``track_sgd``'s shadows, ``restore_expansion``)
+            and the recomputed products run with BatchNorm running statistics frozen.
         comm: the window's communication object (:class:`~torch_qode.training.comm.Comm`; default:
             :class:`~torch_qode.training.distributed.DistComm` when torch.distributed is initialised with
             ≥ 2 ranks, else :class:`~torch_qode.training.comm.LocalComm`).
@@ -106,21 +89,8 @@ class QODE(Optimizer):
             gradients DDP-averaged (wrap the model in DistributedDataParallel); it checks at every upload
             that θ0 and ∇L are the same on every rank.  Settings that differ between ranks are refused
             here, on every rank.
-        tomography_kwargs: extra keyword arguments of :func:`~torch_qode.tomography.tomography`
-            (``sign_method``: ``"hadamard"`` by default, ``"pairs"``; ``split``, ``norm_scale``, …).
-        hvp: how a matrix-free window takes its Hessian-vector (and third-order) products:
-            ``"retain"`` keeps the upload batch's autograd graph for the whole window; ``"recompute"``
-            keeps only the upload closure (its free variables bound at the upload) and replays it on
-            fresh ``.grad`` slots, the upload's RNG state and frozen BatchNorm statistics for every
-            product block, so no graph is held between steps — a closure of micro-batches peaks at one
-            micro-batch's double backward (needs ``model=``); ``"auto"`` retains when the estimated
-            graph fits the free device memory (``config.RETAIN_BUDGET_BYTES_CPU`` off a GPU), else
-            recomputes (without ``model=`` or under torch.distributed: retains).  The report's
-            ``carleman["hvp"]`` says which.
-        model: the module the parameters belong to (optional).  With it, the closures QODE evaluates
-            only to measure (``track_sgd``'s shadows, ``restore_expansion``) run with BatchNorm
-            running statistics frozen, so measuring never changes the trained model (they always
-            run on a forked global RNG and on fresh ``.grad`` slots).
+        kappa_a: deprecated spelling of ``solver_options={"kappa_a": ...}`` (a DeprecationWarning).
+<settings>
 
     Differences from ``torch.optim.SGD`` a user meets: every parameter must require grad (pass
     ``[p for p in model.parameters() if p.requires_grad]``); one parameter group; no ``maximize``;
@@ -132,29 +102,18 @@ class QODE(Optimizer):
 
     @agreed
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, *,
-                 dampening: float = 0.0, nesterov: bool = False, mode: str = "auto", cycle: int = 100,
-                 classical_steps: int = 10, sparsity: float = 0.9, upload: str = "dense",
-                 carleman_order: int = 1, taylor_degree: int = 2, form: str = "discrete",
-                 solver: str = "forward", solver_options: Optional[dict] = None, kappa_a: Optional[float] = None,
-                 shots: Optional[int] = None, noise: str = "stream", dissipation: Optional[DissipationCheck] = None,
-                 track_sgd: bool = False, seed: int = 0, explicit: Optional[bool] = None,
-                 prunable=None, names=None, monitor=None, eps: float = 1e-2,
-                 tomography_kwargs: Optional[dict] = None, model: Optional[torch.nn.Module] = None,
-                 comm: Optional[Comm] = None, carleman_state: str = "auto", max_rank: Optional[int] = None,
-                 process_group=None, hvp: str = "auto", maximize: bool = False, foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None, differentiable: bool = False):
+                 dampening: float = 0.0, nesterov: bool = False, dissipation: Optional[DissipationCheck] = None,
+                 prunable=None, names=None, monitor=None, model: Optional[torch.nn.Module] = None,
+                 comm: Optional[Comm] = None, process_group=None, maximize: bool = False,
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False,
+                 kappa_a: Optional[float] = None, **settings):
         check_sgd_settings(dict(lr=lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening,
                                 nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused,
                                 differentiable=differentiable))
         if not isinstance(lr, torch.Tensor):          # a tensor lr stays the tensor, as in SGD
             lr = float(lr)
         momentum, weight_decay, dampening = float(momentum), float(weight_decay), float(dampening)
-        cfg = make_config(mode=mode, cycle=cycle, classical_steps=classical_steps, sparsity=sparsity,
-                          upload=upload, carleman_order=carleman_order, taylor_degree=taylor_degree, form=form,
-                          solver=solver, solver_options=solver_options, kappa_a=kappa_a, shots=shots, noise=noise,
-                          track_sgd=track_sgd, seed=seed, explicit=explicit, eps=eps,
-                          tomography_kwargs=tomography_kwargs, carleman_state=carleman_state, max_rank=max_rank,
-                          hvp=hvp)
+        cfg = make_config(kappa_a=kappa_a, **settings)
         if cfg.hvp == "recompute" and model is None:
             raise ValueError("hvp='recompute' needs model=: each product replays the upload closure, and the "
                              "replays must leave BatchNorm running statistics alone; pass QODE(..., model=model) "
@@ -183,15 +142,12 @@ class QODE(Optimizer):
         check_trainable(self._params, fused=self.param_groups[0]["fused"], classical=cfg.mode == "classical")
         refuse_sharded(self._params, model=model)
         self.cfg, self.comm = cfg, comm
-        for k, v in cfg.saved().items():              # opt.mode, opt.cycle, opt.kappa_a, …
-            setattr(self, k, v)
-        self.solver_options, self.window_length = dict(cfg.solver_options), cfg.window_length
         self.dissipation = dissipation if dissipation is not None else DissipationCheck(seed=cfg.seed)
         self.monitor, self.model = monitor, model
         self.pruner = MagnitudePruner(self._params, cfg.sparsity, names=names, prunable=prunable) \
             if cfg.sparsity > 0 else None
         self._n_total = _flat.numel(self._params)
-        n_S = self._n_total - (self.pruner.n_pruned_target() if upload == "sparse" and self.pruner else 0)
+        n_S = self._n_total - (self.pruner.n_pruned_target() if cfg.upload == "sparse" and self.pruner else 0)
         check_budget(cfg, n_S)
         self._rng = np.random.default_rng(cfg.seed)
         self._reports: list[CycleReport] = []
@@ -208,6 +164,14 @@ class QODE(Optimizer):
             raise ValueError("QODE supports a single parameter group (like LBFGS): add_param_group "
                              "cannot add a second one; build the optimizer over all the parameters")
         super().add_param_group(param_group)
+
+    def __getattr__(self, name: str):
+        """The settings read as attributes (``opt.cycle``, ``opt.mode``, ``opt.window_length``, …):
+        :attr:`cfg`'s fields and derived values, never a copy of them."""
+        cfg = self.__dict__.get("cfg")
+        if cfg is not None and name in _SETTING_VIEWS:
+            return getattr(cfg, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------------------ views
     @property
@@ -251,19 +215,20 @@ class QODE(Optimizer):
             raise TypeError(NEEDS_CLOSURE)
         if not self._closure_checked:
             closure = checked_closure(closure, self._params)
-        c = self._k % self.cycle
+        cfg = self.cfg
+        c = self._k % cfg.cycle
         if c == 0:
             self._download()
         t0 = time.perf_counter()
         rep, post = self._reports[-1], ()
-        if c == self.classical_steps and self.mode == "classical":
+        if c == cfg.classical_steps and cfg.mode == "classical":
             rep.mode, rep.reason = "classical", "mode='classical'"
-        if c < self.classical_steps or self.mode == "classical" or (c > self.classical_steps and self._win is None):
+        if c < cfg.classical_steps or cfg.mode == "classical" or (c > cfg.classical_steps and self._win is None):
             loss = classical_step(closure, self._params, self.param_groups[0], self.state, self._masked, rep, self._k)
         else:                                        # the upload, or a step inside the window
             s = self._context(closure, rep)
             try:
-                loss = (_cycle.upload(s, self._rng, self.dissipation) if c == self.classical_steps
+                loss = (_cycle.upload(s, self._rng, self.dissipation) if c == cfg.classical_steps
                         else _cycle.window_step(s))
             finally:
                 self._win = s.win
@@ -275,11 +240,11 @@ class QODE(Optimizer):
                 if why is not None:
                     warnings.warn(why, stacklevel=4)   # the caller of opt.step (no_grad, step hooks)
         self._closure_checked = True
-        if c in (0, self.cycle - 1):   # two host syncs per cycle, not one per step
+        if c in (0, cfg.cycle - 1):   # two host syncs per cycle, not one per step
             value = self.comm.mean(loss_value(loss))   # the global batch's under DDP (equal shards)
             if c == 0:
                 rep.loss_first = value
-            if c == self.cycle - 1:
+            if c == cfg.cycle - 1:
                 rep.loss_last = value
                 self._count_skipped(last=self._k)
         self._k += 1
@@ -296,7 +261,7 @@ class QODE(Optimizer):
         if self._reports and self._reports[-1].start_step == self._k:
             return
         self._count_skipped()
-        rep = CycleReport(cycle=self._k // self.cycle, start_step=self._k, window=self.window_length)
+        rep = CycleReport(cycle=self._k // self.cfg.cycle, start_step=self._k, window=self.cfg.window_length)
         self._reports.append(rep)
         if self.pruner is not None:
             self.pruner.prune()
@@ -346,7 +311,7 @@ class QODE(Optimizer):
         sd["qode"] = {"k": self._k, "rng": self._rng.bit_generator.state, "config": self._config(),
                       "reports": [r.state() for r in self.reports],
                       "pruner": self.pruner.state_dict() if self.pruner is not None else None,
-                      "window": None if self._win is None else _w.window_state_dict(self._win, self.track_sgd)}
+                      "window": None if self._win is None else _w.window_state_dict(self._win, self.cfg.track_sgd)}
         for post in list(self._optimizer_state_dict_post_hooks.values()):
             out = post(self, sd)
             sd = sd if out is None else out
@@ -396,7 +361,7 @@ class QODE(Optimizer):
         state = super().__getstate__()               # defaults, state, param_groups (no hooks, as torch.optim)
         state.update({k: self.__dict__[k] for k in self._own_keys})   # not what others attached (an
         state["_own_keys"] = self._own_keys                            # LR scheduler's step wrapper)
-        state["_win_saved"] = None if self._win is None else _w.window_state_dict(self._win, self.track_sgd)
+        state["_win_saved"] = None if self._win is None else _w.window_state_dict(self._win, self.cfg.track_sgd)
         state["_win"] = None
         return state
 
@@ -410,6 +375,25 @@ class QODE(Optimizer):
                                   ("differentiable", False)):
                 group.setdefault(flag, default)
         self._load_window(win)
+
+
+#: the attributes QODE reads from its settings (the schema's fields and the values derived from them)
+_SETTING_VIEWS = frozenset(SETTINGS) | {"window_length", "degree", "kappa_a"}
+
+
+def _signature() -> inspect.Signature:
+    """``QODE.__init__``'s signature with ``**settings`` written out: one keyword-only parameter per
+    field of the schema, with its default and annotation (what ``help(QODE)`` and IDEs show)."""
+    sig = inspect.signature(QODE.__init__.__wrapped__)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    hints = typing.get_type_hints(QODEConfig)
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+               for f in settings_fields()]
+    return sig.replace(parameters=params)
+
+
+QODE.__init__.__signature__ = _signature()
+QODE.__doc__ = QODE.__doc__.replace("<settings>", settings_table(indent=" " * 8))
 
 
 @contextlib.contextmanager
