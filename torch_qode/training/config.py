@@ -170,8 +170,8 @@ class QODEConfig:
     window_solver: WindowSolver = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        for f in settings_fields():
-            object.__setattr__(self, f.name, _check_of(f)(getattr(self, f.name), f.name))
+        for f in settings_fields(type(self)):
+            object.__setattr__(self, f.name, _check_of(f, type(self))(getattr(self, f.name), f.name))
         if self.classical_steps >= self.cycle:
             raise ValueError(f"classical_steps must be < cycle (leaving a window of ≥ 1 step); got "
                              f"classical_steps={self.classical_steps}, cycle={self.cycle}")
@@ -223,13 +223,13 @@ class QODEConfig:
     def saved(self) -> dict:
         """The settings a saved state depends on (every field marked ``saved``; ``load_state_dict``
         compares them, and so does the check that every rank has the same settings)."""
-        return {f.name: _copy(getattr(self, f.name)) for f in settings_fields() if f.metadata["saved"]}
+        return {f.name: _copy(getattr(self, f.name)) for f in settings_fields(type(self)) if f.metadata["saved"]}
 
     @classmethod
     def from_saved(cls, saved: dict) -> "QODEConfig":
         """The settings of a saved state (old spellings upgraded, see :func:`upgrade_saved`)."""
         saved = upgrade_saved(saved)
-        return cls(**{f.name: saved[f.name] for f in settings_fields() if f.name in saved})
+        return cls(**{f.name: saved[f.name] for f in settings_fields(cls) if f.name in saved})
 
 
 def _copy(value):
@@ -237,31 +237,34 @@ def _copy(value):
 
 
 @functools.lru_cache(maxsize=None)
-def _fields() -> tuple:
-    return tuple(f for f in dataclasses.fields(QODEConfig) if f.init)
+def settings_fields(schema: type = None) -> tuple:
+    """The settings of ``schema`` (default :class:`QODEConfig`), in order: ``dataclasses.Field`` objects
+    with ``name``, ``type``, ``default`` and ``metadata`` (``doc``, ``check``, ``section``, ``saved``).
+
+    Args:
+        schema: the settings class (a subclass adds settings: every derived view follows it).
+
+    Returns:
+        The fields that are settings (the derived ``window_solver`` is not one).
+    """
+    return tuple(f for f in dataclasses.fields(schema or QODEConfig) if f.init)
 
 
 @functools.lru_cache(maxsize=None)
-def _hints() -> dict:
-    return typing.get_type_hints(QODEConfig)
+def _hints(schema: type) -> dict:
+    return typing.get_type_hints(schema)
 
 
-def _check_of(f: dataclasses.Field) -> Callable:
+def _check_of(f: dataclasses.Field, schema: type = None) -> Callable:
     """The field's check: its own, or for a ``Literal`` field one of the literal's values."""
     check = f.metadata["check"]
-    return _choice(typing.get_args(_hints()[f.name])) if check is _literal else check
+    return _choice(typing.get_args(_hints(schema or QODEConfig)[f.name])) if check is _literal else check
 
 
-def settings_fields() -> tuple:
-    """The settings of :class:`QODEConfig`, in order (``dataclasses.Field`` objects: ``name``,
-    ``type``, ``default`` and ``metadata`` with ``doc``, ``check``, ``section``, ``saved``)."""
-    return _fields()
-
-
-def choices(name: str) -> Optional[tuple]:
+def choices(name: str, schema: type = None) -> Optional[tuple]:
     """The allowed values of the setting ``name`` (``None``: not a choice)."""
-    f = next(f for f in settings_fields() if f.name == name)
-    allowed = getattr(_check_of(f), "choices", None)
+    f = next(f for f in settings_fields(schema) if f.name == name)
+    allowed = getattr(_check_of(f, schema), "choices", None)
     return None if allowed is None else tuple(allowed() if callable(allowed) else allowed)
 
 
@@ -280,10 +283,10 @@ SECTIONS = {"cycle": "The cycle", "carleman": "The Taylor model and its Carleman
             "measure": "Measurement and reproducibility"}
 
 
-def settings_table(indent: str = "        ") -> str:
+def settings_table(indent: str = "        ", schema: type = None) -> str:
     """QODE's docstring entries for the settings (Google style ``name: doc``), written from the fields."""
     lines = []
-    for f in settings_fields():
+    for f in settings_fields(schema):
         text = f"{f.name}: {f.metadata['doc']} Default: ``{f.default!r}``."
         lines += textwrap.wrap(text, 110, initial_indent=indent, subsequent_indent=indent + "    ",
                                break_on_hyphens=False)

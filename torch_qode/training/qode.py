@@ -381,18 +381,26 @@ class QODE(Optimizer):
 _SETTING_VIEWS = frozenset(SETTINGS) | {"window_length", "degree", "kappa_a"}
 
 
-def _signature() -> inspect.Signature:
-    """``QODE.__init__``'s signature with ``**settings`` written out: one keyword-only parameter per
-    field of the schema, with its default and annotation (what ``help(QODE)`` and IDEs show)."""
-    sig = inspect.signature(QODE.__init__.__wrapped__)
+def signature(init: Callable, schema: type = QODEConfig) -> inspect.Signature:
+    """``init``'s signature with ``**settings`` written out: one keyword-only parameter per field of
+    ``schema``, with its default and annotation (what ``help(QODE)``, IDEs and ``inspect`` show).
+
+    Args:
+        init: a function taking ``**settings`` (``QODE.__init__``).
+        schema: the settings class.
+
+    Returns:
+        The signature, the settings after ``init``'s own keyword-only parameters.
+    """
+    sig = inspect.signature(init)
     params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    hints = typing.get_type_hints(QODEConfig)
+    hints = typing.get_type_hints(schema)
     params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
-               for f in settings_fields()]
+               for f in settings_fields(schema)]
     return sig.replace(parameters=params)
 
 
-QODE.__init__.__signature__ = _signature()
+QODE.__init__.__signature__ = signature(QODE.__init__.__wrapped__)
 QODE.__doc__ = QODE.__doc__.replace("<settings>", settings_table(indent=" " * 8))
 
 
