@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from _tables import recorded
 from torch_qode import PolynomialODE
 from torch_qode.core.carleman import CarlemanTooLarge, carleman
 from torch_qode.core.window import WindowOperator
@@ -132,4 +133,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("carleman_window", "Carleman window and window operator"):
+        main()

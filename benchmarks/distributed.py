@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _tables import recorded
 from recipes.launch import backend_for, spawn
 from torch_qode import QODE, hessian_spectrum
 from torch_qode.bridge.collective import mean_all_reduce, world_group
@@ -112,4 +113,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("distributed", "Distributed (DDP) strong scaling", preformatted=True):
+        main()

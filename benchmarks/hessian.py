@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from _tables import recorded
 from taylor import best  # benchmarks/taylor.py (the script's directory is on sys.path)
 import torch_qode.bridge.lanczos as _lz
 from torch_qode.bridge.lanczos import lanczos
@@ -203,4 +204,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("hessian", "Hessian: SLQ density against PyHessian"):
+        main()

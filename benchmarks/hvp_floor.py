@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, linearize
 
+from _tables import table, write_page
 from taylor import best  # benchmarks/taylor.py (the script's directory is on sys.path)
 from torch_qode.models import cifar_resnet, mlp
 
@@ -111,22 +112,30 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"{args.threads} thread(s); best of {args.repeat}; ratio = time / forward+backward\n")
-    print("| model | HVP method | ms | / forward+backward |")
-    print("|---|---|---:|---:|")
+    head = f"{args.threads} thread(s); best of {args.repeat}; ratio = time / forward+backward."
+    print(head + "\n")
+    print("| model | HVP method | ms | / forward+backward |\n|---|---|---:|---:|")
+    rows_md, notes = [], []
     for name, model, batch, conv in cases():
         rows, t_trace, err, split = run(name, model, batch, conv, args.repeat)
         base = rows["forward+backward"]
         for method, t in rows.items():
             extra = f" (+{t_trace:.2f} s trace once; rel. diff to double backward {err:.1e})" \
                 if method == "linearize" else ""
+            rows_md.append((name, method + extra, f"{1e3 * t:.1f}", f"{t / base:.2f}"))
             print(f"| {name} | {method}{extra} | {1e3 * t:.1f} | {t / base:.2f} |")
         if split is not None:
             total = 1e3 * rows["double backward"]
-            print(f"\n{name}: double-backward HVP by autograd node (profiled, inclusive): convolution "
-                  f"{split[0]:.0f} ms, BatchNorm {split[1]:.0f} ms, of {total:.0f} ms timed.\n")
-    print("A window step costs at least forward+backward + one HVP, so its ratio to an SGD step is at "
-          "least 1 + HVP/(forward+backward) of the fastest exact row.")
+            notes.append(f"{name}: double-backward HVP by autograd node (profiled, inclusive): convolution "
+                         f"{split[0]:.0f} ms, BatchNorm {split[1]:.0f} ms, of {total:.0f} ms timed.")
+    for line in notes:
+        print("\n" + line)
+    tail = ("A window step costs at least forward+backward + one HVP, so its ratio to an SGD step is at "
+            "least 1 + HVP/(forward+backward) of the fastest exact row.")
+    print("\n" + tail)
+    write_page("hvp_floor", "The HVP floor", head,
+               table(["model", "HVP method", "ms", "/ forward+backward"], rows_md, align="llrr"),
+               *[f"- {line}" for line in notes], tail)
 
 
 if __name__ == "__main__":

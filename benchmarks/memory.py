@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _tables import recorded
+
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
@@ -132,6 +134,11 @@ def main():
         kind, batch, hvp, micro = args.case
         print(json.dumps(case(kind, int(batch), hvp, int(micro))))
         return
+    with recorded("memory", "Memory: peak RSS of a QODE cycle against SGD", preformatted=True):
+        report(args)
+
+
+def report(args) -> None:
     print("ResNet-8, CIFAR 3x32x32, float32, 1 thread; peak RSS above the set-up, MB (fresh process each)\n")
     print(f"{'batch':>5}  {'SGD':>7}  {'QODE retain':>11}  {'QODE recompute':>14}  {'recompute, 4 micro':>18}  "
           f"{'step s: retain / recompute / micro':>34}")

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _tables import recorded
 from torch_qode.models import cifar_resnet
 from torch_qode.training.qode import QODE
 
@@ -210,4 +211,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("optimizer", "Optimizer step times"):
+        main()

@@ -31,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from _tables import recorded
 from torch_qode.bridge.taylor import TaylorExpansion
 from torch_qode.core.carleman import carleman
 from torch_qode.core.factored import FactoredLevel2
@@ -148,4 +149,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("order2", "Carleman order 2 on the factored state"):
+        main()

@@ -35,6 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from _tables import recorded
 from torch_qode.bridge.taylor import TaylorExpansion, decomposed_norms
 from torch_qode.core.resources import THIRD_ORDER_HVPS
 from torch_qode.data.digits import digits_tensors
@@ -192,4 +193,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("order2_findings", "Order 1 against order 2 on real windows"):
+        main()

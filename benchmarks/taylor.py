@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn as nn
 
+from _tables import recorded
 from torch_qode.models import cifar_resnet, mlp
 from torch_qode.bridge.taylor import AUTO_BACKEND, TaylorExpansion, decomposed_norms, make_loss_fn
 
@@ -106,4 +107,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("taylor", "Taylor-term backends"):
+        main()

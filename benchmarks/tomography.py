@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from _tables import table, write_page
 from torch_qode.core.tomography import coupon_collector_expected_draws, coupon_cost, tomography
 
 
@@ -47,24 +48,24 @@ def main() -> None:
     n, r = 10**6, 10**4
     v = sparse_normal(n, r, args.seed)
     p = v[v != 0] ** 2 / np.sum(v**2)
-    print(f"## tomography of an r-sparse vector: n = {n:,}, r = {r:,} (values ~ N(0,1))\n")
-    print(f"Eq. (II.123) expected draws to see the whole support: {coupon_collector_expected_draws(p):.3g} "
-          f"(equal weights, r·H_r: {coupon_cost(r):.3g})\n")
-    print("| shots | signs | time (ms) | relative error | observed | missed mass | sign errors "
-          "| m²r³/ε² (ε achieved) |")
-    print("|---:|:---|---:|---:|---:|---:|---:|---:|")
+    head1 = f"Tomography of an r-sparse vector: n = {n:,}, r = {r:,} (values ~ N(0,1)), best of {args.repeat}."
+    draws = (f"Eq. (II.123) expected draws to see the whole support: {coupon_collector_expected_draws(p):.3g} "
+             f"(equal weights, r·H_r: {coupon_cost(r):.3g})")
+    print(f"## {head1}\n\n{draws}\n")
+    rows = []
     for method in ("pairs", "hadamard"):
         for e in range(3, 11):
             shots = 10**e
             t, res = best_of(lambda: tomography(v, shots, seed=args.seed, sign_method=method), args.repeat)
-            print(f"| 1e{e} | {method} | {1e3 * t:.1f} | {res.relative_error:.3g} | {res.support.size:,} "
-                  f"| {res.missed_mass:.2e} | {res.sign_errors:,} | {res.shadow_cost:.2e} |")
+            rows.append((f"1e{e}", method, f"{1e3 * t:.1f}", f"{res.relative_error:.3g}", f"{res.support.size:,}",
+                         f"{res.missed_mass:.2e}", f"{res.sign_errors:,}", f"{res.shadow_cost:.2e}"))
+    t1 = table(["shots", "signs", "time (ms)", "relative error", "observed", "missed mass", "sign errors",
+                "m²r³/ε² (ε achieved)"], rows, align="rlrrrrrr")
+    print(t1)
 
     shots = 10**6
-    print(f"\n## time vs n at fixed shots = {shots:.0e}, r = {r:,}\n")
-    print("| n | tomography (ms) | ratio to n = 1e6 | of which: scan v for non-zeros (ms) "
-          "| multinomial over all n, for contrast (ms) |")
-    print("|---:|---:|---:|---:|---:|")
+    head2 = f"Time vs n at fixed shots = {shots:.0e}, r = {r:,}."
+    print(f"\n## {head2}\n")
     rows = []
     for e in (5, 6, 7):
         vn = sparse_normal(10**e, r, args.seed)
@@ -75,9 +76,12 @@ def main() -> None:
         t_dense, _ = best_of(lambda: rng.multinomial(shots // 2, pn), args.repeat)
         rows.append((e, t, t_scan, t_dense))
     t_ref = next(t for e, t, *_ in rows if e == 6)
-    for e, t, t_scan, t_dense in rows:
-        print(f"| 1e{e} | {1e3 * t:.1f} | {t / t_ref:.2f} | {1e3 * t_scan:.1f} | {1e3 * t_dense:.1f} |")
-
+    t2 = table(["n", "tomography (ms)", "ratio to n = 1e6", "of which: scan v for non-zeros (ms)",
+                "multinomial over all n, for contrast (ms)"],
+               [(f"1e{e}", f"{1e3 * t:.1f}", f"{t / t_ref:.2f}", f"{1e3 * t_scan:.1f}", f"{1e3 * t_dense:.1f}")
+                for e, t, t_scan, t_dense in rows], align="rrrrr")
+    print(t2)
+    write_page("tomography", "Tomography", head1, draws + ".", t1, head2, t2)
 
 if __name__ == "__main__":
     main()
