@@ -5,8 +5,8 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "torch_qode"
-#: floor of each top-level entry of the package; ``_checks`` and ``_figure`` sit below everything
-FLOORS = {"_checks": 0, "_figure": 0, "core": 1, "bridge": 2, "training": 3,
+#: floor of each top-level entry of the package; ``_checks``, ``_figure`` and ``_lazy`` sit below everything
+FLOORS = {"_checks": 0, "_figure": 0, "_lazy": 0, "core": 1, "bridge": 2, "training": 3,
           "models": 4, "data": 4, "plotting": 4, "lightning": 4, "integrations": 4}
 
 

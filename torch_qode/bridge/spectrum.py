@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-import scipy.special
 import torch
 import torch.nn as nn
 
@@ -184,6 +183,8 @@ def error_proxy(spectrum, lr: float, t, cutoff: float = 0.4):
     if not keep.any():
         out = np.ones_like(tt)
         return float(out) if out.ndim == 0 else out
+    import scipy.special
+
     with np.errstate(divide="ignore", over="ignore"):
         la = np.log(np.abs(1.0 + a[keep]))
         lw = np.log(p[keep]) - np.log(p[keep].sum())

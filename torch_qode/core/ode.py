@@ -18,18 +18,24 @@ from __future__ import annotations
 
 import warnings
 
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from .._checks import check_int
+from .._lazy import lazy_module
 from .operator import LinearOperator, NotExplicitError
+
+if TYPE_CHECKING:  # scipy.sparse loads on first use (issue 19)
+    import scipy.sparse as sp
+else:
+    sp = lazy_module("scipy.sparse")
 
 __all__ = ["PolynomialODE", "MatrixFreeTerm", "ExplicitTerm", "NonFiniteError", "as_tensor", "like", "all_finite"]
 
-ArrayLike = Union[np.ndarray, torch.Tensor, sp.spmatrix, sp.sparray, Sequence[float]]
+# the scipy types as forward references: naming them here would load scipy.sparse on import
+ArrayLike = Union[np.ndarray, torch.Tensor, "sp.spmatrix", "sp.sparray", Sequence[float]]
 
 
 class NonFiniteError(ValueError):

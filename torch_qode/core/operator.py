@@ -17,12 +17,18 @@ solvers see them only through :meth:`LinearOperator.scipy_operator`, the one num
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 import torch
+
+from .._lazy import lazy_module
+
+if TYPE_CHECKING:  # scipy.sparse and scipy.sparse.linalg (with scipy.linalg) load on first use (issue 19)
+    import scipy.sparse as sp
+    import scipy.sparse.linalg as spla
+else:
+    sp = lazy_module("scipy.sparse")
 
 __all__ = ["LinearOperator", "NotExplicitError"]
 
@@ -93,6 +99,8 @@ class LinearOperator:
 
         Every product converts numpy <-> torch here, at the boundary, and nowhere else.
         """
+        import scipy.sparse.linalg as spla
+
         def mv(x):
             X = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype=self.dtype, device=self.device)
             out = self.matmat(X.reshape(self.shape[1], -1))
@@ -110,7 +118,3 @@ class LinearOperator:
         flags = [f for f in ("explicit", "transposable", "symmetric") if getattr(self, f)]
         return (f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
                 f"flags={flags})")
-
-
-def _device(device: Optional[torch.device]) -> torch.device:
-    return torch.device("cpu") if device is None else torch.device(device)

@@ -17,11 +17,11 @@ of its pair counts) within 35 %.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, Optional
 
 import numpy as np
-import scipy.stats
 
 from .._checks import check_real
 from .readout import SIGN_SCHEMES
@@ -32,18 +32,19 @@ __all__ = ["expected_relative_error", "shots_for_error"]
 _LAM = np.geomspace(1e-8, 64.0, 1200)     # g(λ) tabulated below λ = 64; beyond, its expansion
 
 
+@functools.lru_cache(maxsize=None)
 def _g_table() -> np.ndarray:
+    """``g`` at ``_LAM``, computed on first use: ``scipy.stats`` costs 0.35 s to import (issue 19)."""
+    import scipy.stats
+
     c = np.arange(0, 200)
     pmf = scipy.stats.poisson.pmf(c[None, :], _LAM[:, None])
     return 2 * _LAM - 2 * np.sqrt(_LAM) * (pmf * np.sqrt(c)).sum(axis=1)
 
 
-_G = _g_table()
-
-
 def _g(lam: np.ndarray) -> np.ndarray:
     """``E(sqrt(c) − sqrt(λ))²`` for ``c ~ Poisson(λ)``: ``2λ`` for small λ, ``1/4 + 7/(64λ)`` for large."""
-    out = np.interp(np.log(np.maximum(lam, 1e-300)), np.log(_LAM), _G)
+    out = np.interp(np.log(np.maximum(lam, 1e-300)), np.log(_LAM), _g_table())
     small, large = lam < _LAM[0], lam > _LAM[-1]
     out[small] = 2 * lam[small]
     out[large] = 0.25 + 7 / (64 * lam[large])

@@ -18,17 +18,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
-import scipy.sparse as sp
 
 from .._checks import check_bool, expect_real
+from .._lazy import lazy_module
 from .carleman import CarlemanSystem
 from .carleman import required_order as _required_order
 from .solvers import SOLVERS, WindowSolver, filtered_gates, make_solver, qlsa_gates
 from .window import kappa_bound
 from .tomography import _check_count as _int, coupon_cost, qubits, shadow_cost
+
+if TYPE_CHECKING:  # scipy.sparse loads on first use (issue 19)
+    import scipy.sparse as sp
+else:
+    sp = lazy_module("scipy.sparse")
 
 __all__ = ["Resources", "estimate_resources", "ClassicalCost", "classical_cost", "THIRD_ORDER_HVPS"]
 

@@ -27,17 +27,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Union
 
 import numpy as np
-import scipy.sparse as sp
-import scipy.integrate
-import scipy.special
 import torch
 
 from .._checks import check_real, expect_int, expect_real
+from .._lazy import lazy_module
 from .readout import SIGN_SCHEMES
 from .readout import hadamard_signs as _hadamard_signs, pair_signs as _pair_signs  # noqa: F401
+
+if TYPE_CHECKING:  # scipy.sparse loads on first use (issue 19)
+    import scipy.sparse as sp
+else:
+    sp = lazy_module("scipy.sparse")
 
 __all__ = ["tomography", "TomographyResult", "coupon_collector_expected_draws", "coupon_cost",
            "shadow_cost", "DEFAULT_SPLIT", "DEFAULT_SIGN_METHOD", "SIGN_METHODS", "SIGN_SCHEMES"]
@@ -58,6 +61,8 @@ def coupon_cost(r: int) -> float:
     r = _check_count(r, "r", minimum=0)
     if r == 0:
         return 0.0
+    import scipy.special
+
     return float(r * (scipy.special.digamma(r + 1) + np.euler_gamma))
 
 
@@ -114,6 +119,8 @@ def coupon_collector_expected_draws(p) -> float:
     r = w.size
     y_end = (math.log(r) + 40.0) / w[-1]
     points = np.unique(np.geomspace(1.0 / w[0], y_end, 48)[:-1])
+    import scipy.integrate  # 0.14 s to import: on first use (issue 19)
+
     value, _ = scipy.integrate.quad(integrand, 0.0, y_end, points=points, limit=500,
                                     epsabs=0.0, epsrel=1e-10)
     return float(value)

@@ -16,18 +16,22 @@ are in :mod:`torch_qode.core.solvers`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import scipy.linalg
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 import torch
 
 from .carleman import CarlemanSystem, CarlemanTooLarge
 from .carleman.budget import budget as _carleman_budget, gib as _gib
 from .ode import _check_T, as_tensor
+from .._lazy import lazy_module
 from .operator import LinearOperator, NotExplicitError
+
+if TYPE_CHECKING:  # scipy.sparse, scipy.sparse.linalg and scipy.linalg load on first use (issue 19)
+    import scipy.sparse as sp
+    import scipy.sparse.linalg as spla
+else:
+    sp = lazy_module("scipy.sparse")
 
 __all__ = ["window_system", "WindowOperator", "WindowSolution", "kappa_bound", "condition_number", "DENSE_LIMIT"]
 
@@ -148,6 +152,8 @@ def triangular_solvers(M):
     ``M`` of Eq. (II.102) is unit lower triangular (identity blocks on the diagonal, ``−(I + A)``
     strictly below), so no factorisation — and no fill-in — is ever needed.
     """
+    import scipy.sparse.linalg as spla
+
     L = sp.csr_matrix(M)
     U = sp.csr_matrix(L.T)
 
@@ -162,6 +168,8 @@ def triangular_solvers(M):
 
 def inverse_normal_operator(M) -> spla.LinearOperator:
     """``(MᵀM)⁻¹`` as a scipy LinearOperator (two triangular solves per product)."""
+    import scipy.sparse.linalg as spla
+
     solve, solve_T = triangular_solvers(M)
     N = M.shape[0]
     return spla.LinearOperator((N, N), dtype=np.float64, matvec=lambda x: solve(solve_T(x)))
@@ -173,6 +181,9 @@ def condition_number(M, *, dense_limit: int = DENSE_LIMIT) -> tuple[float, bool]
     The estimate takes ``σ_max`` from ``svds`` and ``σ_min`` from Lanczos on ``(MᵀM)⁻¹``, applied by
     two sparse triangular solves (``M`` is unit lower triangular).
     """
+    import scipy.linalg
+    import scipy.sparse.linalg as spla
+
     if isinstance(M, LinearOperator):
         if not M.explicit:
             raise NotExplicitError("condition_number needs an explicit M (scipy.sparse); a matrix-free "
@@ -189,6 +200,8 @@ def condition_number(M, *, dense_limit: int = DENSE_LIMIT) -> tuple[float, bool]
 
 
 def _sigma_extremes(M: sp.csc_matrix) -> tuple[float, float]:
+    import scipy.sparse.linalg as spla
+
     smax = float(spla.svds(M, k=1, return_singular_vectors=False, random_state=0)[0])
     # largest eigenvalue of (MᵀM)^{-1} = 1/σ_min²
     lam = spla.eigsh(inverse_normal_operator(M), k=1, which="LM", return_eigenvectors=False,

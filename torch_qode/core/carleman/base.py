@@ -19,16 +19,21 @@ time-dependent ``F0`` (the stochastic-gradient noise), exactly as ``A(t)`` in Eq
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from ..._checks import check_int
+from ..._lazy import lazy_module
 from ..ode import NonFiniteError, PolynomialODE, _check_T, all_finite, as_tensor, like
 from .budget import BYTES_PER_NNZ, CarlemanTooLarge, budget as _budget, check_max_bytes as _check_max_bytes, gib as _gib
 from .budget import refuse_over_budget
+
+if TYPE_CHECKING:  # scipy.sparse loads on first use (issue 19)
+    import scipy.sparse as sp
+else:
+    sp = lazy_module("scipy.sparse")
 
 __all__ = ["CarlemanSystem"]
 

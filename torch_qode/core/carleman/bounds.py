@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
 from ..._checks import check_int, check_real
+from ..._lazy import lazy_module
 from .base import CarlemanSystem
+
+if TYPE_CHECKING:  # scipy.sparse loads on first use (issue 19)
+    import scipy.sparse as sp
+else:
+    sp = lazy_module("scipy.sparse")
 
 __all__ = ["carleman_error_bound", "required_order", "dissipativity", "Dissipativity"]
 

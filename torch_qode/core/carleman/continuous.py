@@ -5,11 +5,17 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from .base import CarlemanSystem
+from ..._lazy import lazy_module
+
+if TYPE_CHECKING:  # scipy.sparse loads on first use (issue 19)
+    import scipy.sparse as sp
+else:
+    sp = lazy_module("scipy.sparse")
 
 __all__ = ["ContinuousCarleman"]
 

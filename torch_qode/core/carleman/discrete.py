@@ -6,13 +6,18 @@ at total degree ``N``: ``y_j(t+1) = Σ_{d=0}^{N} P(j, d) y_d``,
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from .base import CarlemanSystem, compositions_up_to
+from ..._lazy import lazy_module
+
+if TYPE_CHECKING:  # scipy.sparse loads on first use (issue 19)
+    import scipy.sparse as sp
+else:
+    sp = lazy_module("scipy.sparse")
 
 __all__ = ["DiscreteCarleman"]
 

@@ -11,7 +11,6 @@ then to the pairs in decreasing count order.  ``O(r²)`` sign shots in all.
 from __future__ import annotations
 
 import numpy as np
-import scipy.special
 
 from .base import SignScheme
 
@@ -56,6 +55,8 @@ class PairSigns(SignScheme):
         m = shots / max(w.size, 1)
         wr = w[0]
         z = 2 * np.sqrt(m) * np.abs(w * wr) / np.sqrt(w * w + wr * wr)
+        import scipy.special
+
         out = 0.5 * scipy.special.erfc(z / np.sqrt(2))
         out[0] = 0.0                              # the reference (its global sign is ignored)
         return out

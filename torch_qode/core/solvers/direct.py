@@ -1,14 +1,19 @@
 """``"direct"``: scipy's sparse triangular solve of the explicit ``M`` (Theorem II.3's cost)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import scipy.sparse as sp
 
 from ..carleman import CarlemanSystem
 from ..window import DENSE_LIMIT, WindowSolution, condition_number, out_like, triangular_solvers, window_system
 from .base import WindowSolver
 from .forward import qlsa_gates
+from ..._lazy import lazy_module
+
+if TYPE_CHECKING:  # scipy.sparse loads on first use (issue 19)
+    import scipy.sparse as sp
+else:
+    sp = lazy_module("scipy.sparse")
 
 __all__ = ["DirectSolver"]
 

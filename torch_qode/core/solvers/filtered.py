@@ -7,19 +7,22 @@ singular values beyond.  Gate cost ``O(s² κ_a² polylog)`` (Eq. II.118).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import scipy.linalg
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 
 from ..._checks import check_real
+from ..._lazy import lazy_module
 from ..carleman import CarlemanSystem
 from ..carleman.budget import refuse_over_budget
 from ..window import (DENSE_LIMIT, WindowSolution, inverse_normal_operator, out_like, triangular_solvers,
                       window_budget, window_system)
 from .base import WindowSolver, polylog
+
+if TYPE_CHECKING:  # scipy.sparse loads on first use (issue 19)
+    import scipy.sparse as sp
+else:
+    sp = lazy_module("scipy.sparse")
 
 __all__ = ["FilteredSolver", "filtered_gates", "filtered_fidelity"]
 
@@ -77,6 +80,8 @@ def _dense_svd_bytes(N: int) -> int:
 
 def _filtered_dense(M, B: np.ndarray, kappa_a: float):
     """Filtered solve from the full dense SVD of ``M`` (exact)."""
+    import scipy.linalg  # on first use, like every heavy scipy submodule (issue 19)
+
     U, s, Vt = scipy.linalg.svd(M.toarray())
     beta = U.T @ B
     keep = s >= s[0] / kappa_a
@@ -110,6 +115,8 @@ def _filtered_sparse(M: sp.csc_matrix, B: np.ndarray, kappa_a: float, max_k: int
     Returns ``None`` when ``k`` reaches its cap ``N − 2`` without a kept value (the two values
     Lanczos cannot return might be dropped too): the caller then uses the dense SVD.
     """
+    import scipy.sparse.linalg as spla
+
     N = M.shape[0]
     if N < 4:   # eigsh needs 1 ≤ k ≤ N − 2
         return None
