@@ -223,8 +223,20 @@ def test_support_restricted_spectrum():
         hessian_spectrum(model, CE, batch, backend="pyhessian", support=S)
     with pytest.raises(ValueError, match="magnitude"):
         hessian_spectrum(model, CE, batch, backend="pyhessian", which="algebraic")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match=r"^backend must be one of \('torch', 'pyhessian'\), got 'jax'$"):
         hessian_spectrum(model, CE, batch, backend="jax")
+
+
+def test_spectrum_backends_are_a_registry():
+    """``backend=`` names a registered backend: its default ``which`` and its refusals come with it."""
+    from torch_qode.bridge.spectrum import SPECTRUM_BACKENDS
+    assert SPECTRUM_BACKENDS.names() == ("torch", "pyhessian")
+    assert [SPECTRUM_BACKENDS[b].default_which for b in SPECTRUM_BACKENDS] == ["algebraic", "magnitude"]
+    SPECTRUM_BACKENDS["torch"].refuse(which="algebraic", group=object())        # the torch backend refuses nothing
+    with pytest.raises(ValueError, match="torch.distributed"):
+        SPECTRUM_BACKENDS["pyhessian"].refuse(group=object())
+    with pytest.raises(ValueError, match=r"^backend must be one of \('torch', 'pyhessian'\), got 1$"):
+        SPECTRUM_BACKENDS.lookup(1, "backend")
 
 
 @pytest.mark.parametrize("backend", ["torch", "pyhessian"])

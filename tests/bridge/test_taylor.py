@@ -574,3 +574,18 @@ def test_decomposed_instance_norm_unbatched_input():
             b.copy_(v)
         assert torch.allclose(y, m(x.double()), atol=1e-12)      # the fused layer treats it as a batch of one
         assert all(torch.allclose(a.double(), b.double(), atol=1e-12) for a, b in zip(upd, m.buffers()))
+
+
+def test_taylor_backends_are_a_registry():
+    """``backend=`` resolves through one registry ("auto" is the measured choice); an unknown name lists them."""
+    from torch_qode.bridge.taylor import AUTO_BACKEND, TAYLOR_BACKENDS
+    assert TAYLOR_BACKENDS.names() == ("auto", "jvp", "double_backward")
+    assert TAYLOR_BACKENDS["auto"] is TAYLOR_BACKENDS[AUTO_BACKEND]
+    model, batch = _case("mlp")
+    th = flat_params(model)
+    with pytest.raises(ValueError, match=r"^backend must be one of \('auto', 'jvp', 'double_backward'\), got 'fd'$"):
+        TaylorExpansion.from_function(make_loss_fn(model, CE, batch), th, lr=LR, backend="fd")
+    for name in ("auto", "jvp", "double_backward"):
+        exp = TaylorExpansion.from_function(make_loss_fn(model, CE, batch), th, lr=LR, degree=1, backend=name)
+        assert exp.backend == (AUTO_BACKEND if name == "auto" else name)
+        exp.release()

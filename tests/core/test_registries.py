@@ -45,6 +45,19 @@ def test_old_names_are_the_registries():
         carleman(_ode(), 2, "euler")
 
 
+def test_the_factory_looks_the_form_up_and_the_classes_check_their_own_name():
+    """``carleman`` is the factory; a form's class builds itself and refuses another form's name; the
+    old spelling ``CarlemanSystem(ode, order, form)`` is the same lookup (an unknown name is named)."""
+    assert type(DiscreteCarleman(_ode(), 2)) is DiscreteCarleman
+    with pytest.raises(ValueError, match=r"form must be one of \('discrete', 'continuous'\), got 'continuous'"):
+        DiscreteCarleman(_ode(), 2, "continuous")
+    with pytest.raises(ValueError, match=r"form must be one of \('discrete', 'continuous'\), got 'euler'"):
+        CarlemanSystem(_ode(), 2, form="euler")
+    u0 = np.full(3, 0.1)
+    np.testing.assert_array_equal(CarlemanSystem(_ode(), 2, form="continuous").simulate(u0, 3),
+                                  carleman(_ode(), 2, "continuous").simulate(u0, 3))
+
+
 def test_a_new_form_is_one_class_and_one_line(monkeypatch):
     class Doubled(DiscreteCarleman):          # a toy form: the discrete one under another name
         name = "doubled"

@@ -31,10 +31,11 @@ from . import flat as _flat
 from .collective import any_flag, hvp_group, mean_all_reduce, refuse_sharded, unwrap
 from .._checks import check_choice, check_int, check_real, require_int
 from .kernels import double_backward_kernels
+from ..core.registry import Registry
 from .lanczos import _REORTH, _check_tol, _generator, hutchinson_trace, lanczos, top_eigenvalues
 
 __all__ = ["Density", "smooth_density", "slq_density", "error_proxy", "positive_fraction", "Spectrum",
-           "hessian_spectrum"]
+           "hessian_spectrum", "SPECTRUM_BACKENDS"]
 
 
 @dataclass
@@ -264,15 +265,11 @@ def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str
     training-mode BatchNorm), the same on every rank.  Every rank of the group must call it.  DDP's
     ``.module`` runs the forward.  ``backend="torch"`` only; sharded (FSDP) parameters are refused.
     """
-    from .taylor import TaylorExpansion
-
-    check_choice(backend, "backend", ("torch", "pyhessian"))
+    impl = SPECTRUM_BACKENDS.lookup(backend, "backend")
     if which is None:
-        which = "algebraic" if backend == "torch" else "magnitude"
+        which = impl.default_which
     check_choice(which, "which", ("algebraic", "magnitude"))
-    if backend == "pyhessian" and which != "magnitude":
-        raise ValueError("backend='pyhessian' finds eigenvalues by power iteration, i.e. by magnitude: "
-                         "use which='magnitude' or backend='torch'")
+    impl.refuse(which=which)
     _flat.check_model_loss_batch(model, loss_fn, batch, ("model", "loss_fn", "batch"))
     top_k, trace_samples, steps, runs, grid, eig_iters = (
         check_int(v, name, lo) for name, v, lo in (
@@ -286,11 +283,113 @@ def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str
     _flat.check_no_torch_prune(model)
     params = _flat.param_list(model if params is None else params)
     refuse_sharded(params, model=model)
-    if backend == "pyhessian" and group is not None:
-        raise ValueError("backend='pyhessian' computes each rank's own Hessian: under torch.distributed use "
-                         "backend='torch', whose products are averaged over the ranks")
-    secs = {}
-    if backend == "pyhessian":
+    impl.refuse(group=group)
+    return impl(model, loss_fn, batch, params, support=support, group=group, top_k=top_k, trace=trace,
+                density=density, trace_samples=trace_samples, steps=steps, runs=runs, grid=grid, sigma=sigma,
+                seed=seed, reorthogonalize=reorthogonalize, which=which, eig_iters=eig_iters, tol=tol)
+
+
+class _TorchSpectrum:
+    """Backend ``"torch"``: this package's Lanczos / Hutchinson on double-backward HVPs (a support allowed;
+    under torch.distributed every product averaged over the ranks)."""
+
+    default_which = "algebraic"
+
+    @staticmethod
+    def refuse(which: Optional[str] = None, group=None) -> None:
+        """Nothing to refuse: every ``which`` and process group works."""
+
+    def __call__(self, model: nn.Module, loss_fn: Callable, batch, params: list, *, support, group, top_k: int,
+                 trace: bool, density: bool, trace_samples: int, steps: int, runs: int, grid: int,
+                 sigma: Optional[float], seed: int, reorthogonalize: Optional[str], which: str, eig_iters: int,
+                 tol: float) -> "Spectrum":
+        """The spectrum (arguments checked by :func:`hessian_spectrum`; ``eig_iters`` and ``tol`` unused).
+
+        Returns:
+            The :class:`Spectrum`; the expansion is released before it returns.
+
+        Raises:
+            ValueError: ``top_k`` larger than the number of parameters on the support.
+            RuntimeError: the expansion failed on another rank.
+        """
+        from .taylor import TaylorExpansion
+
+        secs = {}
+        t0 = time.perf_counter()
+        exp, failed = None, None
+        try:
+            exp = TaylorExpansion.from_model(model, loss_fn, batch, lr=1.0, params=params, support=support, degree=1,
+                                             backend="double_backward")
+        except Exception as exc:                     # e.g. a non-finite loss on this rank's shard
+            failed = exc
+        if any_flag(failed is not None, group):
+            if failed is not None:
+                raise failed
+            exp.release()
+            raise RuntimeError("hessian_spectrum: the expansion failed on another rank (see its error)")
+        secs["setup"] = time.perf_counter() - t0
+        try:
+            n, dt, dev = exp.n, exp.dtype, exp.device
+            if top_k > n:
+                raise ValueError(f"top_k must be an integer in 1..n = 1..{n}, got {top_k}")
+            hvp = exp.hvp if group is None else (lambda V: mean_all_reduce(exp.hvp(V), group))
+            t0 = time.perf_counter()
+            top = top_eigenvalues(hvp, n, top_k, which=which, seed=seed, dtype=dt, device=dev)
+            secs["top"] = time.perf_counter() - t0
+            tr = None
+            if trace:
+                t0 = time.perf_counter()
+                tr = hutchinson_trace(hvp, n, samples=trace_samples, seed=seed, dtype=dt, device=dev)
+                secs["trace"] = time.perf_counter() - t0
+            dens = None
+            if density:
+                t0 = time.perf_counter()
+                dens = slq_density(hvp, n, steps=steps, runs=runs, grid=grid, sigma=sigma, seed=seed,
+                                   reorthogonalize=reorthogonalize, dtype=dt, device=dev)
+                secs["density"] = time.perf_counter() - t0
+        finally:
+            exp.release()
+        return Spectrum(top_eigenvalues=top, trace=tr, density=dens, n=n, backend="torch", seconds=secs)
+
+
+class _PyHessianSpectrum:
+    """Backend ``"pyhessian"``: :class:`~.pyhessian.PyHessianAdapter` (imported on use) — power iteration,
+    its trace loop and its Lanczos, on the whole parameter vector of one process."""
+
+    default_which = "magnitude"
+
+    @staticmethod
+    def refuse(which: Optional[str] = None, group=None) -> None:
+        """Refuse what PyHessian cannot do.
+
+        Args:
+            which: the eigenvalue order asked for (``None``: not checked here).
+            group: the process group the products would be averaged over (``None``: one process).
+
+        Raises:
+            ValueError: ``which`` other than ``"magnitude"``, or a process group.
+        """
+        if which is not None and which != "magnitude":
+            raise ValueError("backend='pyhessian' finds eigenvalues by power iteration, i.e. by magnitude: "
+                             "use which='magnitude' or backend='torch'")
+        if group is not None:
+            raise ValueError("backend='pyhessian' computes each rank's own Hessian: under torch.distributed use "
+                             "backend='torch', whose products are averaged over the ranks")
+
+    def __call__(self, model: nn.Module, loss_fn: Callable, batch, params: list, *, support, group, top_k: int,
+                 trace: bool, density: bool, trace_samples: int, steps: int, runs: int, grid: int,
+                 sigma: Optional[float], seed: int, reorthogonalize: Optional[str], which: str, eig_iters: int,
+                 tol: float) -> "Spectrum":
+        """The spectrum (arguments checked by :func:`hessian_spectrum`; ``group``, ``which`` and
+        ``reorthogonalize`` unused: PyHessian's Lanczos reorthogonalises fully).
+
+        Returns:
+            The :class:`Spectrum`.
+
+        Raises:
+            ValueError: a ``support``, or ``top_k`` larger than the number of parameters.
+        """
+        secs = {}
         if support is not None:
             raise ValueError("support restriction is only available with backend='torch' (PyHessian works on "
                              "the whole parameter vector)")
@@ -316,42 +415,10 @@ def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str
                                   runs=runs)
             secs["density"] = time.perf_counter() - t0
         del h
-        return Spectrum(top_eigenvalues=top, trace=tr, density=dens, n=n, backend=backend, seconds=secs)
+        return Spectrum(top_eigenvalues=top, trace=tr, density=dens, n=n, backend="pyhessian", seconds=secs)
 
-    t0 = time.perf_counter()
-    exp, failed = None, None
-    try:
-        exp = TaylorExpansion.from_model(model, loss_fn, batch, lr=1.0, params=params, support=support, degree=1,
-                                         backend="double_backward")
-    except Exception as exc:                     # e.g. a non-finite loss on this rank's shard
-        failed = exc
-    if any_flag(failed is not None, group):
-        if failed is not None:
-            raise failed
-        exp.release()
-        raise RuntimeError("hessian_spectrum: the expansion failed on another rank (see its error)")
-    secs["setup"] = time.perf_counter() - t0
-    try:
-        n, dt, dev = exp.n, exp.dtype, exp.device
-        if top_k > n:
-            raise ValueError(f"top_k must be an integer in 1..n = 1..{n}, got {top_k}")
-        hvp = exp.hvp if group is None else (lambda V: mean_all_reduce(exp.hvp(V), group))
-        t0 = time.perf_counter()
-        top = top_eigenvalues(hvp, n, top_k, which=which, seed=seed, dtype=dt, device=dev)
-        secs["top"] = time.perf_counter() - t0
-        tr = None
-        if trace:
-            t0 = time.perf_counter()
-            tr = hutchinson_trace(hvp, n, samples=trace_samples, seed=seed, dtype=dt, device=dev)
-            secs["trace"] = time.perf_counter() - t0
-        dens = None
-        if density:
-            t0 = time.perf_counter()
-            dens = slq_density(hvp, n, steps=steps, runs=runs, grid=grid, sigma=sigma, seed=seed,
-                               reorthogonalize=reorthogonalize, dtype=dt, device=dev)
-            secs["density"] = time.perf_counter() - t0
-    finally:
-        exp.release()
-    return Spectrum(top_eigenvalues=top, trace=tr, density=dens, n=n, backend=backend, seconds=secs)
+
+#: :func:`hessian_spectrum`'s backends, ``backend=`` name -> the object that checks and computes
+SPECTRUM_BACKENDS = Registry("spectrum backend", {"torch": _TorchSpectrum(), "pyhessian": _PyHessianSpectrum()})
 
 

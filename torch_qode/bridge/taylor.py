@@ -56,9 +56,10 @@ from .flat import make_loss_fn
 from .recompute import RecomputeEngine
 from .norms import decomposed_norms, fused_norm_nodes
 from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
+from ..core.registry import Registry
 
 __all__ = ["TaylorExpansion", "UnsupportedGraphError", "make_loss_fn", "decomposed_norms",
-           "EXPLICIT_BUDGET_BYTES", "AUTO_BACKEND"]
+           "EXPLICIT_BUDGET_BYTES", "AUTO_BACKEND", "TAYLOR_BACKENDS"]
 
 #: ``ode(explicit=None)`` builds explicit (dense) coefficients when F1..Fq, held in float64, need at
 #: most this many bytes (32 MiB: n ≤ 2048 for degree 1, n ≤ 160 for degree 2, n ≤ 45 for degree 3).
@@ -70,7 +71,45 @@ AUTO_BACKEND = "double_backward"
 #: HVP columns pushed through one batched backward / vmap (bounds the memory of batched products).
 DEFAULT_CHUNK = 32
 
-_BACKENDS = ("auto", "jvp", "double_backward")
+
+
+def _double_backward(loss_fn: Callable, theta0: torch.Tensor, leaf: torch.Tensor, loss: torch.Tensor,
+                     chunk: int) -> tuple:
+    """Backend ``"double_backward"``: the gradient's graph, built once at θ0, answers every product.
+
+    Args:
+        loss_fn: the pure loss of the flat parameter vector (unused: the graph is all this backend needs).
+        theta0: the expansion point ``(N,)`` (detached).
+        leaf: the leaf ``loss`` was computed at (a clone of ``theta0`` that requires grad).
+        loss: ``loss_fn(leaf)``, a scalar.
+        chunk: HVP columns per batched backward.
+
+    Returns:
+        ``(engine, gradient)``: a :class:`~torch_qode.bridge.engines.GraphEngine` and ``∇L(θ0)`` (detached).
+    """
+    if loss.requires_grad:
+        (g,) = torch.autograd.grad(loss.reshape(()), leaf, create_graph=True, allow_unused=True,
+                                   materialize_grads=True)
+    else:
+        g = torch.zeros_like(leaf)
+    return GraphEngine([leaf], g, chunk), g.detach()
+
+
+def _jvp(loss_fn: Callable, theta0: torch.Tensor, leaf: torch.Tensor, loss: torch.Tensor, chunk: int) -> tuple:
+    """Backend ``"jvp"``: torch.func forward-over-reverse on ``loss_fn``; the loss graph is freed at once.
+
+    Args and Returns: as :func:`_double_backward` (the engine a
+    :class:`~torch_qode.bridge.engines.FuncEngine`).
+    """
+    grad_full = (torch.autograd.grad(loss.reshape(()), leaf, allow_unused=True, materialize_grads=True)[0]
+                 if loss.requires_grad else torch.zeros_like(leaf))
+    return FuncEngine(loss_fn, theta0, chunk), grad_full
+
+
+#: Taylor backends, ``backend=`` name -> ``build(loss_fn, theta0, leaf, loss, chunk) -> (engine, ∇L(θ0))``;
+#: ``"auto"`` is the one :data:`AUTO_BACKEND` names.
+TAYLOR_BACKENDS = Registry("Taylor backend", {"auto": None, "jvp": _jvp, "double_backward": _double_backward})
+TAYLOR_BACKENDS["auto"] = TAYLOR_BACKENDS[AUTO_BACKEND]
 
 
 class UnsupportedGraphError(ValueError):
@@ -197,8 +236,7 @@ class TaylorExpansion:
             raise ValueError(f"theta0 must be a non-empty 1-D floating tensor, got shape {tuple(theta0.shape)} "
                              f"dtype {theta0.dtype}")
         lr, degree, chunk = _check_lr(lr), _check_degree(degree), _check_chunk(chunk)
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        TAYLOR_BACKENDS.lookup(backend, "backend")
         resolved = AUTO_BACKEND if backend == "auto" else backend
         theta0 = theta0.detach().clone()
         N = theta0.numel()
@@ -218,19 +256,8 @@ class TaylorExpansion:
                     f"loss_fn: it runs {', '.join(bad)}, whose third derivatives PyTorch refuses or gets wrong "
                     "(pytorch/pytorch#186256, #175754). Build loss_fn with make_loss_fn (decomposed norms) or "
                     "run the model inside `with decomposed_norms(model):`, or pass degree=1")
-        if resolved == "double_backward":
-            if loss.requires_grad:
-                (g,) = torch.autograd.grad(loss.reshape(()), leaf, create_graph=True, allow_unused=True,
-                                           materialize_grads=True)
-            else:
-                g = torch.zeros_like(leaf)
-            engine = GraphEngine([leaf], g, chunk)
-            grad_full = g.detach()
-        else:
-            grad_full = (torch.autograd.grad(loss.reshape(()), leaf, allow_unused=True, materialize_grads=True)[0]
-                         if loss.requires_grad else torch.zeros_like(leaf))
-            del loss, leaf
-            engine = FuncEngine(loss_fn, theta0, chunk)
+        engine, grad_full = TAYLOR_BACKENDS[resolved](loss_fn, theta0, leaf, loss, chunk)
+        del loss, leaf
         return cls(engine=engine, theta0_full=theta0, grad_full=grad_full, lr=lr, support=S, degree=degree,
                    weight_decay=wd, backend=resolved)
 

@@ -17,7 +17,7 @@ solvers see them only through :meth:`LinearOperator.scipy_operator`, the one num
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch

@@ -4,11 +4,11 @@ A :class:`Registry` is a plain ``dict`` from a name to an implementation, with t
 it prints as the tuple of its names (so ``f"form must be one of {FORMS}"`` reads as before, when the
 registries were tuples), and :meth:`Registry.lookup` refuses an unknown name with a message that
 names the argument and lists the allowed values.  Adding an implementation is one new module and
-one line ``REGISTRY["name"] = Class`` (or the :meth:`Registry.register` decorator).
+one line ``REGISTRY["name"] = Class``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any
 
 __all__ = ["Registry"]
 
@@ -41,13 +41,3 @@ class Registry(dict):
         if not isinstance(name, str) or name not in self:
             raise ValueError(f"{argname} must be one of {self!r}, got {name!r}")
         return self[name]
-
-    def register(self, name: Optional[str] = None) -> Callable:
-        """Decorator: ``@REGISTRY.register("name")`` adds the class (default name: its ``name`` attribute)."""
-        def deco(obj):
-            key = name if name is not None else getattr(obj, "name")
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"a {self.what} needs a non-empty string name, got {key!r}")
-            self[key] = obj
-            return obj
-        return deco

@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..ode import PolynomialODE
-from ..registry import Registry
-from .base import CarlemanSystem
+from .base import FORMS, CarlemanSystem
 from .bounds import Dissipativity, carleman_error_bound, dissipativity, required_order
 from .budget import CarlemanTooLarge, default_max_bytes, refuse_over_budget
 from .budget import budget as _budget, check_max_bytes as _check_max_bytes, gib as _gib  # noqa: F401
@@ -22,8 +21,8 @@ __all__ = ["carleman", "CarlemanSystem", "CarlemanTooLarge", "FORMS", "required_
            "carleman_error_bound", "dissipativity", "Dissipativity", "default_max_bytes",
            "DiscreteCarleman", "ContinuousCarleman", "refuse_over_budget"]
 
-#: Carleman forms, name -> CarlemanSystem subclass (prints as the tuple of names)
-FORMS = Registry("Carleman form", {"discrete": DiscreteCarleman, "continuous": ContinuousCarleman})
+#: Carleman forms, name -> CarlemanSystem subclass (prints as the tuple of names; defined in ``base.py``)
+FORMS.update({"discrete": DiscreteCarleman, "continuous": ContinuousCarleman})
 
 
 def carleman(ode: PolynomialODE, order: int, form: str = "discrete", *,
@@ -36,4 +35,4 @@ def carleman(ode: PolynomialODE, order: int, form: str = "discrete", *,
     later allocations (:meth:`CarlemanSystem.matrix`, :meth:`~CarlemanSystem.simulate`, and the
     window solvers).
     """
-    return CarlemanSystem(ode, order, form, max_bytes=max_bytes)
+    return FORMS.lookup(form, "form")(ode, order, max_bytes=max_bytes)

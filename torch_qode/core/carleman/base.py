@@ -26,6 +26,7 @@ import torch
 
 from ..._checks import check_int
 from ..._lazy import lazy_module
+from ..registry import Registry
 from ..ode import NonFiniteError, PolynomialODE, _check_T, all_finite, as_tensor, like
 from .budget import BYTES_PER_NNZ, CarlemanTooLarge, budget as _budget, check_max_bytes as _check_max_bytes, gib as _gib
 from .budget import refuse_over_budget
@@ -35,34 +36,50 @@ if TYPE_CHECKING:  # scipy.sparse loads on first use (issue 19)
 else:
     sp = lazy_module("scipy.sparse")
 
-__all__ = ["CarlemanSystem"]
+__all__ = ["CarlemanSystem", "FORMS"]
+
+#: Carleman forms, name -> :class:`CarlemanSystem` subclass (prints as the tuple of names); the forms'
+#: package fills it (``carleman/__init__.py``: one line per form)
+FORMS = Registry("Carleman form")
 
 
 class CarlemanSystem:
     """``y(t+1) = y(t) + A(t) y(t) + b(t)`` on ``y = (u, u⊗u, …, u^{⊗N})``; see the module docstring.
 
-    ``CarlemanSystem(ode, order, form)`` builds the subclass registered as ``form`` in ``FORMS``.
+    Build a system with :func:`~torch_qode.core.carleman.carleman` (the factory: it looks the form up
+    in :data:`FORMS` once) or with a form's class (``DiscreteCarleman(ode, order)``).  The old spelling
+    ``CarlemanSystem(ode, order, form)`` still works: on this base class, :meth:`__new__` is that same
+    lookup and nothing else.
+
+    Args:
+        ode: the polynomial ODE.
+        order: the Carleman order ``N`` (an integer ≥ 1).
+        form: the form's registered name (``None``: the class's own); it must be the class's own.
+        max_bytes: memory budget of the state (see :func:`~torch_qode.core.carleman.carleman`).
+
+    Raises:
+        TypeError: ``ode`` is not a :class:`~torch_qode.core.ode.PolynomialODE`.
+        ValueError: a bad ``order``, or a ``form`` that is not this class's.
+        CarlemanTooLarge: the state alone would not fit in ``max_bytes``.
     """
 
     #: the registry name of the form (set by each subclass)
     name: str = ""
 
     def __new__(cls, *args, **kwargs):
+        """The old spelling ``CarlemanSystem(ode, order, form)``: the class ``FORMS`` registers as ``form``
+        (the lookup :func:`~torch_qode.core.carleman.carleman` makes); a form's class builds itself."""
         if cls is CarlemanSystem:
-            from . import FORMS     # the registry lives in the package, above the forms
-            form = args[2] if len(args) > 2 else kwargs.get("form", "discrete")
-            if form in FORMS:
-                cls = FORMS[form]
+            cls = FORMS.lookup(args[2] if len(args) > 2 else kwargs.get("form", "discrete"), "form")
         return super().__new__(cls)
 
     def __init__(self, ode: PolynomialODE, order: int, form: Optional[str] = None, *,
                  max_bytes: Optional[int] = None):
-        from . import FORMS
         if not isinstance(ode, PolynomialODE):
             raise TypeError(f"ode must be a PolynomialODE, got {type(ode).__name__}")
         order = check_int(order, "order", 1, hint=" (the Carleman order N)")
         form = self.name if form is None else form
-        if form not in FORMS or (self.name and form != self.name):
+        if form not in FORMS or form != self.name:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.ode, self.order, self.form = ode, int(order), form
         self.n, self.degree = ode.n, ode.degree
