@@ -118,7 +118,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["explicit_s"] is None:
-            print(f"| {r['n']} | {r['N']} | {r['dim']:,} | — | {r['matrix_free_s']:.3f} s | refused: {r['note']} | — | — |")
+            print(f"| {r['n']} | {r['N']} | {r['dim']:,} | — | {r['matrix_free_s']:.3f} s | "
+                  f"refused: {r['note']} | — | — |")
         else:
             print(f"| {r['n']} | {r['N']} | {r['dim']:,} | {r['nnz']:,} | {r['matrix_free_s']:.3f} s | "
                   f"{r['build_s']:.2f} s + {r['step_s']:.2f} s | {r['speedup']:.0f}× | {r['max_diff']:.1e} |")

@@ -199,13 +199,15 @@ def main() -> None:
     if want("small"):
         rs = [bench_small(args.steps) for _ in range(args.repeat)]
         r = rs[0]
-        print(f"\nMLP 30-8-1 ({r['n']} params), batch 32, momentum 0.9: SGD step {_span([x['sgd_us'] for x in rs], '{:.0f}')} µs, "
+        print(f"\nMLP 30-8-1 ({r['n']} params), batch 32, momentum 0.9: "
+              f"SGD step {_span([x['sgd_us'] for x in rs], '{:.0f}')} µs, "
               f"classical QODE {_span([x['classical_us'] for x in rs], '{:.0f}')} µs, ratio "
               f"{_span([x['ratio'] for x in rs], '{:.3f}')} (bar ≤ 1.10); host syncs per classical step: "
               f"SGD {r['syncs_sgd']:g}, QODE {r['syncs_qode']:g}")
     if want("order2"):
         r = bench_order2(args.steps)
-        print(f"\nN = 2, sparse upload: MLP 16-16-4 ({r['n']} params, support {r['support']}, Carleman Δ = {r['dim']}): "
+        print(f"\nN = 2, sparse upload: MLP 16-16-4 ({r['n']} params, support {r['support']}, "
+              f"Carleman Δ = {r['dim']}): "
               f"window step {r['window_ratio']:.1f}× an SGD step; upload {r['upload_s']:.2f} s, window end "
               f"{r['end_s']:.2f} s")
 

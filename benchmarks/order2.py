@@ -130,7 +130,7 @@ def main() -> None:
         e1 = float((fs.level1() - y1).abs().max() / y1.abs().max())
         e2 = float((fs.Y2() - Y2).abs().max() / Y2.abs().max())
         print(f"factored vs dense agreement (max rel): level 1 {e1:.2e}, level 2 {e2:.2e}")
-        print(f"\n| state | window (s) | dense / this | state memory | process peak RSS growth |")
+        print("\n| state | window (s) | dense / this | state memory | process peak RSS growth |")
         print("|---|---|---|---|---|")
         print(f"| dense (n + n² vector) | {t_dense:.2f} | 1.0 | {sys_.dim * 8 / 2**20:.1f} MiB "
               f"| {rss_d - rss_f:+.0f} MiB |")
@@ -138,7 +138,7 @@ def main() -> None:
             print(f"| {name} | {tw:.3f} | {t_dense / tw:.0f}× | {st.nbytes / 2**20:.2f} MiB "
                   f"| {rss_f - rss0:+.0f} MiB (both factored runs) |")
 
-    print(f"\nfactored (sym_sum) cost as T grows: the last step's time in HVP units, and the window's")
+    print("\nfactored (sym_sum) cost as T grows: the last step's time in HVP units, and the window's")
     print("| T | window (s) | last step (HVP units) | mean step (HVP units) | F1 columns | F2 pairs | rank | state |")
     print("|---|---|---|---|---|---|---|---|")
     for Tg in [int(x) for x in args.grow.split(",") if x]:

@@ -97,8 +97,9 @@ def test_lanczos_float32_vectors_float64_tridiagonal():
 
 def test_lanczos_bad_input():
     _, hvp = _sym(np.ones(5))
-    for kw, msg in [(dict(steps=0), "steps"), (dict(steps=6), "steps"), (dict(reorthogonalize="partial"), "reorthogonalize"),
-                    (dict(dtype=torch.int64), "dtype"), (dict(v0=torch.zeros(5)), "v0"), (dict(v0=torch.ones(4)), "v0")]:
+    for kw, msg in [(dict(steps=0), "steps"), (dict(steps=6), "steps"),
+                    (dict(reorthogonalize="partial"), "reorthogonalize"), (dict(dtype=torch.int64), "dtype"),
+                    (dict(v0=torch.zeros(5)), "v0"), (dict(v0=torch.ones(4)), "v0")]:
         args = dict(steps=3) | kw
         with pytest.raises((ValueError, TypeError), match=msg):
             lanczos(hvp, 5, **args)

@@ -415,9 +415,11 @@ def test_bad_input_errors():
         TaylorExpansion.from_loss(loss(), params, lr="0.1")
     with pytest.raises(ValueError, match="degree"):
         TaylorExpansion.from_loss(loss(), params, lr=LR, degree=0)
-    for bad, exc, msg in [(torch.tensor([3, 1]), ValueError, "increasing"), (torch.tensor([0, 0]), ValueError, "increasing"),
+    for bad, exc, msg in [(torch.tensor([3, 1]), ValueError, "increasing"),
+                          (torch.tensor([0, 0]), ValueError, "increasing"),
                           (torch.tensor([0, 31]), ValueError, r"\[0, 31\)"), (torch.tensor([-1]), ValueError, "lie in"),
-                          (torch.tensor([0.0, 1.0]), TypeError, "integer"), (torch.tensor([], dtype=torch.long), ValueError, "empty"),
+                          (torch.tensor([0.0, 1.0]), TypeError, "integer"),
+                          (torch.tensor([], dtype=torch.long), ValueError, "empty"),
                           (torch.tensor([[0, 1]]), ValueError, "1-D")]:
         with pytest.raises(exc, match=msg):
             TaylorExpansion.from_loss(loss(), params, lr=LR, support=bad)

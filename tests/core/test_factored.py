@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tests.reference import carleman_dense, kron_power, random_coefficients
+from tests.reference import carleman_dense, random_coefficients
 from torch_qode import MatrixFreeTerm, NonFiniteError, PolynomialODE
 from torch_qode.core.carleman import CarlemanTooLarge, carleman
 from torch_qode.core.factored import FactoredLevel2, factored_simulate

@@ -28,7 +28,7 @@ from .spectrum import (Density, Spectrum, _check_sigma, error_proxy, hessian_spe
 
 __all__ = [
     "Lanczos", "lanczos", "Density", "slq_density", "smooth_density", "top_eigenvalues", "hutchinson_trace",
-    "Spectrum", "hessian_spectrum", "PyHessianAdapter", "error_proxy", "positive_fraction",
+    "Spectrum", "hessian_spectrum", "PyHessianAdapter", "error_proxy", "positive_fraction",  # noqa: F822 (__getattr__)
     "DissipationCheck", "Verdict",
 ]
 
@@ -140,7 +140,8 @@ class DissipationCheck:
         self.seed = require_int(seed, "seed")
         self.reorthogonalize = check_choice(reorthogonalize, "reorthogonalize", _REORTH)
         if form not in ("quadrature", "density"):
-            raise ValueError(f"form must be 'quadrature' (SLQ nodes/weights) or 'density' (smoothed grid), got {form!r}")
+            raise ValueError("form must be 'quadrature' (SLQ nodes/weights) or 'density' (smoothed grid), "
+                             f"got {form!r}")
         self.form = form
         self.sigma = _check_sigma(sigma)
         self.process_group = process_group

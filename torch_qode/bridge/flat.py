@@ -18,7 +18,7 @@ __all__ = [
     "param_list", "numel", "flatten", "unflatten", "check_support", "scatter_rows",
     "preserved", "decomposed_norms", "batch_stats_no_update", "check_no_torch_prune", "check_model_loss_batch",
     "make_loss_fn",
-    "fused_norm_nodes", "as_real", "as_int", "forked_rng",
+    "fused_norm_nodes", "forked_rng",
 ]
 
 
@@ -58,6 +58,7 @@ def param_list(params, name: str = "params") -> list[torch.Tensor]:
 
 
 def numel(params: Sequence[torch.Tensor]) -> int:
+    """The number of entries of all ``params`` together."""
     return int(sum(p.numel() for p in params))
 
 
@@ -192,8 +193,9 @@ def make_loss_fn(model: nn.Module, criterion: Callable, batch, params: Optional[
     parameters keep their current values.  Normalisation layers run decomposed
     (:func:`decomposed_norms`; with ``decompose_norms=False`` the fused kernels are kept, which is
     faster and exact up to second order, see :func:`batch_stats_no_update`): a BatchNorm in
-    training mode uses the batch statistics and never updates its running buffers.  Randomness (dropout) is re-seeded with ``seed`` on every call, so
-    every evaluation sees the same masks, and the global RNG state is left as it was.
+    training mode uses the batch statistics and never updates its running buffers.  Randomness (dropout) is
+    re-seeded with ``seed`` on every call, so every evaluation sees the same masks, and the global RNG state
+    is left as it was.
     """
     check_model_loss_batch(model, criterion, batch)
     check_no_torch_prune(model)

@@ -154,7 +154,8 @@ def _apply(hvp, v, n):
 def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, *, v0: Optional[torch.Tensor] = None,
             seed: Optional[int] = 0, generator: Optional[torch.Generator] = None,
             dtype: torch.dtype = torch.float64, device=None,
-            reorthogonalize: Optional[str] = "full", stop: Optional[Callable[[np.ndarray, np.ndarray, float], bool]] = None,
+            reorthogonalize: Optional[str] = "full",
+            stop: Optional[Callable[[np.ndarray, np.ndarray, float], bool]] = None,
             max_basis_bytes: Optional[int] = None) -> Lanczos:
     """``steps`` Lanczos steps on the symmetric operator ``hvp`` (torch ``(n,) -> (n,)``).
 

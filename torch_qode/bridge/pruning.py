@@ -69,18 +69,13 @@ class SparsityReport:
 class MagnitudePruner:
     """Global magnitude pruning with masks (``True`` = kept) and the support ``S`` as flat indices.
 
-    Parameters
-    ----------
-    params:
-        The parameter tensors in the optimizer's order (a list, each tensor once, or an ``nn.Module``
-        whose ``named_parameters()`` then also give the names).
-    sparsity:
-        Fraction of the prunable entries to zero, in ``[0, 1)``.
-    names:
-        One name per tensor (default ``param0``, ``param1``, … or the module's parameter names).
-    prunable:
-        ``None`` -> tensors with ``dim() > 1`` (weights; biases and norm scales are kept);
-        a list of bools, one per tensor; or a callable ``(name, tensor) -> bool``.
+    Args:
+        params: The parameter tensors in the optimizer's order (a list, each tensor once, or an ``nn.Module`` whose
+            ``named_parameters()`` then also give the names).
+        sparsity: Fraction of the prunable entries to zero, in ``[0, 1)``.
+        names: One name per tensor (default ``param0``, ``param1``, … or the module's parameter names).
+        prunable: ``None`` -> tensors with ``dim() > 1`` (weights; biases and norm scales are kept); a list of bools,
+            one per tensor; or a callable ``(name, tensor) -> bool``.
     """
 
     def __init__(self, params, sparsity: float, *, names: Optional[Sequence[str]] = None,
@@ -113,7 +108,8 @@ class MagnitudePruner:
         else:
             flags = list(prunable)
             if len(flags) != k or not all(isinstance(f, (bool, int, np.bool_, np.integer)) for f in flags):
-                raise ValueError(f"prunable must be None, a callable(name, tensor) -> bool or {k} bools; got {prunable!r}")
+                raise ValueError(f"prunable must be None, a callable(name, tensor) -> bool or {k} bools; "
+                                 f"got {prunable!r}")
             flags = [bool(f) for f in flags]
         self.prunable = flags
         self.n_prunable = int(sum(p.numel() for p, f in zip(self.params, flags) if f))

@@ -82,23 +82,18 @@ class EmbeddedOrder1:
 class FactoredLevel2(EmbeddedOrder1):
     """The discrete-form order-2 Carleman state of a quadratic ODE started from ``u(0) = 0``.
 
-    Parameters
-    ----------
-    ode:
-        A :class:`~torch_qode.core.ode.PolynomialODE` of degree 1 or 2 (``F0`` constant or a
-        callable ``t -> (n,)``; ``F1``, ``F2`` explicit or matrix-free).
-    order, form:
-        Only ``order=2``, ``form="discrete"`` (the factorisation is that of level 2 of the discrete
-        form); they are arguments so that a caller holding other values is refused clearly.
-    u0:
-        ``None`` or an all-zero ``(n,)`` vector: the factorisation ``Y2 = W C Wᵀ`` with small ``k``
-        rests on ``Y2(0) = 0``.
-    max_rank:
-        ``None`` (exact: ``k ≤ 2t``) or an integer ≥ 1: after each step keep the ``max_rank``
-        largest ``|eigenvalues|`` of ``Y2`` and add the discarded Frobenius norm to :attr:`truncation`.
-    embedded:
-        Also carry the order-1 level-1 state ``v(t+1) = g + G1 v`` (one more ``F1`` column per step)
-        for :attr:`order_gap`.
+    Args:
+        ode: A :class:`~torch_qode.core.ode.PolynomialODE` of degree 1 or 2 (``F0`` constant or a callable
+            ``t -> (n,)``; ``F1``, ``F2`` explicit or matrix-free).
+        order: Only ``order=2``, ``form="discrete"`` (the factorisation is that of level 2 of the discrete form); they
+            are arguments so that a caller holding other values is refused clearly.
+        form: See ``order``.
+        u0: ``None`` or an all-zero ``(n,)`` vector: the factorisation ``Y2 = W C Wᵀ`` with small ``k`` rests on
+            ``Y2(0) = 0``.
+        max_rank: ``None`` (exact: ``k ≤ 2t``) or an integer ≥ 1: after each step keep the ``max_rank`` largest
+            ``|eigenvalues|`` of ``Y2`` and add the discarded Frobenius norm to :attr:`truncation`.
+        embedded: Also carry the order-1 level-1 state ``v(t+1) = g + G1 v`` (one more ``F1`` column per step) for
+            :attr:`order_gap`.
 
     Attributes: ``t`` (steps taken), ``rank`` (largest ``k`` reached), ``k`` (current),
     ``truncation`` (Σ of discarded ``‖·‖_F``), ``products`` (``{"F1": columns, "F2": pairs}`` applied).
@@ -220,7 +215,7 @@ class FactoredLevel2(EmbeddedOrder1):
     # ------------------------------------------------------------------------------------- step
     def step(self) -> None:
         """Advance one step ``t -> t + 1`` (the state is unchanged if a ``NonFiniteError`` is raised)."""
-        t, n = self.t, self.n
+        t = self.t
         g = None if self.ode.F0_is_zero else self.ode.F0(t).to(dtype=self.dtype, device=self.device)
         if g is not None and not all_finite(g):
             raise NonFiniteError(f"F0({t}) contains non-finite entries (NaN or inf)")

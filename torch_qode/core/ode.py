@@ -174,26 +174,19 @@ class ExplicitTerm(LinearOperator):
 class MatrixFreeTerm(LinearOperator):
     """A coefficient ``Fk`` known only by its action (``explicit = False``).
 
-    Parameters
-    ----------
-    n, k:
-        The term maps ``(n**k, m)`` column blocks to ``(n, m)``.
-    matmat:
-        ``Y -> Fk @ Y`` on torch tensors.
-    rmatmat:
-        Optional ``W -> Fk.T @ W`` (then ``transposable = True``).
-    symmetric:
-        ``Fk = Fkᵀ`` (only meaningful for ``k == 1``: a Hessian).
-    norm:
-        ``||Fk||`` if known (used by the error bounds); otherwise :meth:`norm` estimates it by
-        power iteration when ``rmatmat`` is given, or for ``k == 1`` when ``symmetric`` is true.
-    power:
-        Optional fast path ``u -> Fk u^{⊗k}`` (e.g. one third-order directional derivative) that
-        avoids forming ``u^{⊗k}``.
-    row_nnz:
-        Optional non-zeros per row (for the sparsity bound of Theorem V.1); default: dense rows.
-    dtype, device:
-        Where ``matmat`` computes; default: those of the :class:`PolynomialODE` the term joins.
+    Args:
+        n: The term maps ``(n**k, m)`` column blocks to ``(n, m)``.
+        k: See ``n``.
+        matmat: ``Y -> Fk @ Y`` on torch tensors.
+        rmatmat: Optional ``W -> Fk.T @ W`` (then ``transposable = True``).
+        symmetric: ``Fk = Fkᵀ`` (only meaningful for ``k == 1``: a Hessian).
+        norm: ``||Fk||`` if known (used by the error bounds); otherwise :meth:`norm` estimates it by power iteration
+            when ``rmatmat`` is given, or for ``k == 1`` when ``symmetric`` is true.
+        power: Optional fast path ``u -> Fk u^{⊗k}`` (e.g. one third-order directional derivative) that avoids forming
+            ``u^{⊗k}``.
+        row_nnz: Optional non-zeros per row (for the sparsity bound of Theorem V.1); default: dense rows.
+        dtype: Where ``matmat`` computes; default: those of the :class:`PolynomialODE` the term joins.
+        device: See ``dtype``.
     """
 
     explicit = False
@@ -294,16 +287,13 @@ def _kron_power(u: torch.Tensor, k: int) -> torch.Tensor:
 class PolynomialODE:
     """``u(t+1) = u(t) + F0(t) + Σ_{k=1}^q Fk u^{⊗k}`` (Eq. II.1, V.5).
 
-    Parameters
-    ----------
-    coefficients:
-        ``[F0, F1, …, Fq]`` with ``q ≥ 1``.  ``F0``: ``(n,)`` array, callable ``t -> (n,)`` or
-        ``None`` (zero).  ``Fk`` (k ≥ 1): ``(n, n**k)`` numpy / torch / scipy.sparse array, a
-        :class:`MatrixFreeTerm`, or ``None`` (zero).  The top-degree term may not be ``None``.
-        Arrays are copied (later in-place edits do not reach the ODE); torch sparse tensors are
-        converted to scipy.sparse; complex input raises ``TypeError``.
-    dtype, device:
-        Where the math runs (float64 on the CPU by default); ``dtype`` must be a real floating dtype.
+    Args:
+        coefficients: ``[F0, F1, …, Fq]`` with ``q ≥ 1``.  ``F0``: ``(n,)`` array, callable ``t -> (n,)`` or ``None``
+            (zero).  ``Fk`` (k ≥ 1): ``(n, n**k)`` numpy / torch / scipy.sparse array, a :class:`MatrixFreeTerm`, or
+            ``None`` (zero).  The top-degree term may not be ``None``. Arrays are copied (later in-place edits do not
+            reach the ODE); torch sparse tensors are converted to scipy.sparse; complex input raises ``TypeError``.
+        dtype: Where the math runs (float64 on the CPU by default); ``dtype`` must be a real floating dtype.
+        device: See ``dtype``.
     """
 
     def __init__(self, coefficients: Sequence, *, dtype: torch.dtype = torch.float64, device=None):
@@ -433,8 +423,8 @@ class PolynomialODE:
     def __repr__(self) -> str:
         kinds = ["explicit" if t is not None and t.explicit else ("0" if t is None else "matrix-free")
                  for t in self.terms[1:]]
-        return (f"PolynomialODE(n={self.n}, degree={self.degree}, F0={'callable' if self.time_dependent else 'constant'}, "
-                f"terms={kinds})")
+        f0 = 'callable' if self.time_dependent else 'constant'
+        return f"PolynomialODE(n={self.n}, degree={self.degree}, F0={f0}, terms={kinds})"
 
 
 def _check_T(T) -> int:

@@ -49,75 +49,48 @@ THIRD_ORDER_HVPS = 3.0
 class Resources:
     """Quantum resources of one window; constants = 1 (see the module docstring).
 
-    Attributes
-    ----------
-    n, order, form, T:
-        ODE dimension, Carleman order ``N``, form (``None`` from plain numbers), window steps.
-    dim:
-        ``Δ = n + … + n^N`` (Eq. V.103).
-    N_b:
-        ``(T+1)Δ``, the dimension of ``M`` (Eq. II.102).
-    system_qubits:
-        ``ceil(log2((T+1)Δ))``: the register holding ``|X>`` (time ⊗ Carleman index).
-    ancillas:
-        The ancillas counted, by name: ``"block_encoding"`` = ``ceil(log2 s_M) + 1`` by default
-        (an index register over the ``s_M`` non-zeros of a row plus one amplitude qubit of a
-        sparse-access block encoding — our assumption; pass ``block_encoding_ancillas=`` for
-        another construction); ``"qlsa"`` = 1, the qubit of the Hermitian dilation
-        ``[[0, M], [M†, 0]]`` the adiabatic QLSA of Theorem II.3 (ref. [73]) acts on;
-        ``"well_ill_flag"`` = 1 when filtering (the ``|well>/|ill>`` flag of Eq. II.109), else 0.
-    qubits:
-        ``system_qubits + Σ ancillas``.
-    s, sparsity_source:
-        Row sparsity of ``A``: ``"measured"`` (max non-zeros per row of the explicit ``A(t)``),
-        ``"bound"`` (Theorem V.1, when ``A`` is matrix-free or too large to build) or ``"given"``.
-    s_bound:
-        The Theorem V.1 bound (Eq. V.100–V.106) beside it (``None`` if not known).
-    s_M, s_M_source:
-        Row sparsity of ``M`` used in the gate counts (``"measured"`` or ``"bound"`` ``s + 2``).
-    kappa, kappa_source:
-        ``κ(M)``: ``"measured"`` (from a solved window / given) or ``"bound"`` = ``kappa_bound``.
-    kappa_bound:
-        ``2(T+1)`` (Eq. II.106), valid when ``||I + A|| ≤ 1``.
-    kappa_a:
-        Effective condition number of Theorem II.4 (default ``2(T+1)``, the paper's choice
-        after Eq. II.118).
-    filtering:
-        Whether the costed solver filters (Theorem II.4: the ``|well>`` flag and ``P(|well>)`` count).
-    solver:
-        Name of the window solver whose own gate formula gives ``total_gates``.
-    eps:
-        Target error ``ε``.
-    gates_qlsa:
-        ``s_M κ log2(N_b/ε)`` (Theorem II.3, Eq. II.100).
-    gates_filtered:
-        ``s_M² κ_a² log2(N_b/ε)`` (Theorem II.4, Eq. II.118).
-    required_order:
-        Carleman order for truncation error ``ε`` (Eq. II.76), ``None`` when ``u_norm``/``rate``
-        are unknown (see ``notes``).
-    success_probability, success_source:
-        Probability of post-selecting the final time slice ``t = T`` of ``|X>``:
-        ``"solution"`` = ``||X_T||² / ||X||²`` of a solved window, ``"uniform"`` = ``1/(T+1)``
-        (the Haar / equal-weight estimate, cf. Eq. II.111–II.115), or ``"given"``.  No padding
-        of the window with idle copies of ``y(T)`` (the usual remedy for a small value) is assumed.
-    level1_fraction:
-        ``||y_1(T)||² / ||y(T)||²``, the further post-selection of the level-1 block that
-        tomography reads: from the solution, or ``u²/Σ_{j≤N} u^{2j}`` from ``u_norm``; else ``None``.
-    well_probability:
-        ``P(|well>)`` of a filtered solve (Eq. II.109), ``None`` if not known.
-    r, m:
-        Components read out (default ``n``, a dense readout) and qubits ``ceil(log2 n)``.
-    tomography_support_draws:
-        ``r H_r``, the ``O(r log r)`` coupon-collector draws for the support (Eq. II.123, Sec. II D).
-    tomography_shadow_shots:
-        ``m² r³ / ε²`` shots of the shadow scheme (Sec. II D).
-    total_gates:
-        ``gates × (support draws + shadow shots) / (success_probability · level1_fraction ·
-        well_probability)`` (unknown factors as 1), ``gates`` = the solver's own formula
-        (``WindowSolver.gates``: ``gates_qlsa`` for forward/direct, ``gates_filtered`` for filtered):
-        every shot needs a fresh state, no amplitude amplification.
-    notes:
-        Why a quantity is a bound or missing.
+    Attributes:
+        n, order, form, T: ODE dimension, Carleman order ``N``, form (``None`` from plain numbers), window steps.
+        dim: ``Δ = n + … + n^N`` (Eq. V.103).
+        N_b: ``(T+1)Δ``, the dimension of ``M`` (Eq. II.102).
+        system_qubits: ``ceil(log2((T+1)Δ))``: the register holding ``|X>`` (time ⊗ Carleman index).
+        ancillas: The ancillas counted, by name: ``"block_encoding"`` = ``ceil(log2 s_M) + 1`` by default (an index
+            register over the ``s_M`` non-zeros of a row plus one amplitude qubit of a sparse-access block encoding —
+            our assumption; pass ``block_encoding_ancillas=`` for another construction); ``"qlsa"`` = 1, the qubit of
+            the Hermitian dilation ``[[0, M], [M†, 0]]`` the adiabatic QLSA of Theorem II.3 (ref. [73]) acts on;
+            ``"well_ill_flag"`` = 1 when filtering (the ``|well>/|ill>`` flag of Eq. II.109), else 0.
+        qubits: ``system_qubits + Σ ancillas``.
+        s, sparsity_source: Row sparsity of ``A``: ``"measured"`` (max non-zeros per row of the explicit ``A(t)``),
+            ``"bound"`` (Theorem V.1, when ``A`` is matrix-free or too large to build) or ``"given"``.
+        s_bound: The Theorem V.1 bound (Eq. V.100–V.106) beside it (``None`` if not known).
+        s_M, s_M_source: Row sparsity of ``M`` used in the gate counts (``"measured"`` or ``"bound"`` ``s + 2``).
+        kappa, kappa_source: ``κ(M)``: ``"measured"`` (from a solved window / given) or ``"bound"`` = ``kappa_bound``.
+        kappa_bound: ``2(T+1)`` (Eq. II.106), valid when ``||I + A|| ≤ 1``.
+        kappa_a: Effective condition number of Theorem II.4 (default ``2(T+1)``, the paper's choice after Eq. II.118).
+        filtering: Whether the costed solver filters (Theorem II.4: the ``|well>`` flag and ``P(|well>)`` count).
+        solver: Name of the window solver whose own gate formula gives ``total_gates``.
+        eps: Target error ``ε``.
+        gates_qlsa: ``s_M κ log2(N_b/ε)`` (Theorem II.3, Eq. II.100).
+        gates_filtered: ``s_M² κ_a² log2(N_b/ε)`` (Theorem II.4, Eq. II.118).
+        required_order: Carleman order for truncation error ``ε`` (Eq. II.76), ``None`` when ``u_norm``/``rate`` are
+            unknown (see ``notes``).
+        success_probability, success_source: Probability of post-selecting the final time slice ``t = T`` of ``|X>``:
+            ``"solution"`` = ``||X_T||² / ||X||²`` of a solved window, ``"uniform"`` = ``1/(T+1)`` (the Haar /
+            equal-weight estimate, cf. Eq. II.111–II.115), or ``"given"``.  No padding of the window with idle copies of
+            ``y(T)`` (the usual remedy for a small value) is assumed.
+        level1_fraction: ``||y_1(T)||² / ||y(T)||²``, the further post-selection of the level-1 block that tomography
+            reads: from the solution, or ``u²/Σ_{j≤N} u^{2j}`` from ``u_norm``; else ``None``.
+        well_probability: ``P(|well>)`` of a filtered solve (Eq. II.109), ``None`` if not known.
+        r, m: Components read out (default ``n``, a dense readout) and qubits ``ceil(log2 n)``.
+        tomography_support_draws: ``r H_r``, the ``O(r log r)`` coupon-collector draws for the support (Eq. II.123, Sec.
+            II D).
+        tomography_shadow_shots: ``m² r³ / ε²`` shots of the shadow scheme (Sec. II D).
+        total_gates:
+            ``gates × (support draws + shadow shots) / (success_probability · level1_fraction · well_probability)``
+            (unknown factors as 1), ``gates`` = the solver's own formula (``WindowSolver.gates``: ``gates_qlsa`` for
+            forward/direct, ``gates_filtered`` for filtered): every shot needs a fresh state, no amplitude
+            amplification.
+        notes: Why a quantity is a bound or missing.
     """
 
     n: int
@@ -274,36 +247,25 @@ def estimate_resources(system: CarlemanSystem, T: int, kappa_a: Optional[float] 
                        solver: Union[None, str, WindowSolver] = None) -> Resources:
     """The ledger of a window of ``T`` steps of ``system`` (see :class:`Resources`).
 
-    Parameters
-    ----------
-    system:
-        A :class:`~torch_qode.carleman.CarlemanSystem`.
-    T:
-        Window length (steps).
-    kappa_a:
-        Cut-off of the truncated solver (Theorem II.4); given means ``filtering=True``.
-    solver:
-        The window solver costed (a name in ``SOLVERS`` or a ``WindowSolver``, e.g.
-        ``make_solver("filtered", {"kappa_a": 50})``); its ``gates`` formula gives ``total_gates``.
-        Default: from ``kappa_a`` as above.
-    eps:
-        Target error in ``(0, 1)`` (QLSA, Carleman truncation and tomography alike).
-    r:
-        Components the tomography reads (default ``n``: a dense readout of the level-1 block).
-    solution:
-        A solved window (``solve_window(system, u0, T, ...)``): gives the measured ``κ``, the
-        success probability ``||X_T||²/||X||²``, the level-1 fraction, ``P(|well>)`` of a filtered
-        solve and, unless ``u_norm`` is given, ``u_norm = max_t ||u(t)||``.
-    u_norm, rate:
-        ``||ū|| < 1`` and the dissipation scale of Eq. (II.74)–(II.76) for
-        :func:`~torch_qode.carleman.required_order`.  ``rate`` defaults to ``1 − ||I + F1||_2``
-        when ``F1`` is explicit, ``n ≤ 2000`` and that is positive.
-    block_encoding_ancillas:
-        Override the assumed block-encoding ancilla count.
-    t:
-        The step whose ``A(t)`` is measured (only matters for a time-dependent ``F0``).
-    max_bytes:
-        Memory budget for building ``A`` (passed to ``system.matrix``).
+    Args:
+        system: A :class:`~torch_qode.carleman.CarlemanSystem`.
+        T: Window length (steps).
+        kappa_a: Cut-off of the truncated solver (Theorem II.4); given means ``filtering=True``.
+        solver: The window solver costed (a name in ``SOLVERS`` or a ``WindowSolver``, e.g.
+            ``make_solver("filtered", {"kappa_a": 50})``); its ``gates`` formula gives ``total_gates``. Default: from
+            ``kappa_a`` as above.
+        eps: Target error in ``(0, 1)`` (QLSA, Carleman truncation and tomography alike).
+        r: Components the tomography reads (default ``n``: a dense readout of the level-1 block).
+        solution: A solved window (``solve_window(system, u0, T, ...)``): gives the measured ``κ``, the success
+            probability ``||X_T||²/||X||²``, the level-1 fraction, ``P(|well>)`` of a filtered solve and, unless
+            ``u_norm`` is given, ``u_norm = max_t ||u(t)||``.
+        u_norm: ``||ū|| < 1`` and the dissipation scale of Eq. (II.74)–(II.76) for
+            :func:`~torch_qode.carleman.required_order`.  ``rate`` defaults to ``1 − ||I + F1||_2`` when ``F1`` is
+            explicit, ``n ≤ 2000`` and that is positive.
+        rate: See ``u_norm``.
+        block_encoding_ancillas: Override the assumed block-encoding ancilla count.
+        t: The step whose ``A(t)`` is measured (only matters for a time-dependent ``F0``).
+        max_bytes: Memory budget for building ``A`` (passed to ``system.matrix``).
     """
     if not isinstance(system, CarlemanSystem):
         raise TypeError(f"system must be a CarlemanSystem (from carleman()), got {type(system).__name__}")
@@ -377,40 +339,26 @@ def estimate_resources(system: CarlemanSystem, T: int, kappa_a: Optional[float] 
 class ClassicalCost:
     """What one window costs classically, beside its quantum ledger (issue 11; constants stated).
 
-    Attributes
-    ----------
-    T:
-        Window steps.
-    closure_flops:
-        FLOPs of one closure call (forward + backward) as ``torch.utils.flop_counter.FlopCounterMode``
-        counts them: 2·m·k·n per ``(m×k)·(k×n)`` matmul and the analogous convolution formulas, forward
-        and backward (a first layer's input gradient is not computed, so not counted); element-wise ops,
-        norms and the loss count 0.  Measured on the upload closure; ``None`` when not measured.
-    flops:
-        ``T · closure_flops``: the same window run classically, T gradient steps of the model on the
-        same batches (dense kernels: the support's sparsity is not exploited; the update's O(|S|)
-        axpy is not counted).
-    closures:
-        Closure calls of the simulated window, ``T`` (the same gradients SGD computes).
-    hvps:
-        Hessian-vector products applied through the upload graph by the Carleman state (columns of
-        ``F1``; the factored state's embedded order-1 column included; an explicit window's ``n``
-        HVPs that build ``F1``).
-    third_order:
-        Third-order products ``F2(z, z)`` (pairs; an explicit window's ``n²`` that build ``F2``).
-    lanczos_hvps:
-        HVPs of the dissipation check's Lanczos runs (0 without the check).
-    hvp_equivalents:
-        ``hvps + lanczos_hvps + THIRD_ORDER_HVPS · third_order``: the simulation's cost beyond the T
-        closures, in HVP units.
-    third_order_hvps:
-        The constant :data:`THIRD_ORDER_HVPS` used.
-    gates:
-        The window's gate count compared (the ledger's solver formula, Theorem II.3 / II.4, constants
-        1, one solve, tomography repetitions not included); ``None`` if not given.
-    gates_per_flop:
-        ``gates / flops``: quantum gates of one solve per classical FLOP of the same window (``None``
-        when either is unknown).  Below 1 the solve is cheaper in gates than SGD is in FLOPs.
+    Attributes:
+        T: Window steps.
+        closure_flops: FLOPs of one closure call (forward + backward) as ``torch.utils.flop_counter.FlopCounterMode``
+            counts them: 2·m·k·n per ``(m×k)·(k×n)`` matmul and the analogous convolution formulas, forward and backward
+            (a first layer's input gradient is not computed, so not counted); element-wise ops, norms and the loss count
+            0.  Measured on the upload closure; ``None`` when not measured.
+        flops: ``T · closure_flops``: the same window run classically, T gradient steps of the model on the same batches
+            (dense kernels: the support's sparsity is not exploited; the update's O(|S|) axpy is not counted).
+        closures: Closure calls of the simulated window, ``T`` (the same gradients SGD computes).
+        hvps: Hessian-vector products applied through the upload graph by the Carleman state (columns of ``F1``; the
+            factored state's embedded order-1 column included; an explicit window's ``n`` HVPs that build ``F1``).
+        third_order: Third-order products ``F2(z, z)`` (pairs; an explicit window's ``n²`` that build ``F2``).
+        lanczos_hvps: HVPs of the dissipation check's Lanczos runs (0 without the check).
+        hvp_equivalents: ``hvps + lanczos_hvps + THIRD_ORDER_HVPS · third_order``: the simulation's cost beyond the T
+            closures, in HVP units.
+        third_order_hvps: The constant :data:`THIRD_ORDER_HVPS` used.
+        gates: The window's gate count compared (the ledger's solver formula, Theorem II.3 / II.4, constants 1, one
+            solve, tomography repetitions not included); ``None`` if not given.
+        gates_per_flop: ``gates / flops``: quantum gates of one solve per classical FLOP of the same window (``None``
+            when either is unknown).  Below 1 the solve is cheaper in gates than SGD is in FLOPs.
     """
 
     T: int

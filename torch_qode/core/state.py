@@ -202,7 +202,8 @@ class FactoredLevels(CarlemanState):
     def load(cls, sd: dict, *, device=None) -> "FactoredLevels":
         st = sd["level2"]
         dev = st["W"].device if device is None else torch.device(device)
-        fl = FactoredLevel2(_unbound(int(st["n"]), dev, st["W"].dtype), max_rank=st["max_rank"], embedded=st["embedded"])
+        fl = FactoredLevel2(_unbound(int(st["n"]), dev, st["W"].dtype), max_rank=st["max_rank"],
+                            embedded=st["embedded"])
         fl.load_state_dict(st)
         return cls(fl)
 

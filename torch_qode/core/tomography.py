@@ -131,47 +131,29 @@ def coupon_collector_expected_draws(p) -> float:
 class TomographyResult:
     """Outcome of :func:`tomography`.
 
-    Attributes
-    ----------
-    estimate:
-        The reconstructed vector (numpy or torch, like the input; float64): zero off ``support``.
-    support:
-        Sorted indices of the components that were read out (observed, or kept by ``top_r``).
-    shots:
-        Shots per stage, ``{"support", "magnitudes", "signs", "norm", "total"}``; the magnitudes
-        reuse the support counts (0 extra shots); all zero for exact readout.
-    norm:
-        The norm used for the estimate (``||v̂||`` before ``top_r`` pruning).
-    norm_source:
-        ``"measured"`` (success-probability measurement), ``"given"`` (``norm=`` a float) or
-        ``"exact"`` (``norm="exact"`` or exact readout).
-    missed_mass:
-        ``Σ v_a² / ||v||²`` over the true non-zeros never observed (the simulator knows it).
-    pruned_mass:
-        The same over components observed but dropped by ``top_r``.
-    relative_error:
-        ``||v̂ − v|| / ||v||``.
-    sign_errors:
-        Components of ``support`` whose estimated sign differs from the truth.
-    reference:
-        Index of the reference component of the ``"pairs"`` sign stage (the most-observed kept
-        one; ``None`` for exact readout and for ``"hadamard"``).
-    n, r, m:
-        Dimension, true number of non-zeros, qubits ``max(1, ceil(log2 n))``.
-    coupon_cost:
-        ``r' · H_{r'}`` expected support draws for ``r'`` equal weights (Sec. II D, Eq. II.123),
-        with ``r' = top_r`` if given, else the true ``r``.
-    shadow_cost:
-        ``m² r'³ / ε²`` shots of the shadow scheme (Sec. II D) for the same ``r'``.
-    shadow_eps:
-        The ``ε`` in ``shadow_cost``: ``eps=`` if given (``eps_source = "requested"``), else the
-        achieved ``relative_error`` (``"achieved"``; ``shadow_cost = inf`` when it is 0).  The
-        paper's ε is a 1-norm error, ours a relative 2-norm error: an order-of-magnitude
-        comparison only.
-    split:
-        The shares of ``shots`` actually used per stage.
-    sign_method:
-        ``"pairs"`` or ``"hadamard"`` (``None`` for exact readout).
+    Attributes:
+        estimate: The reconstructed vector (numpy or torch, like the input; float64): zero off ``support``.
+        support: Sorted indices of the components that were read out (observed, or kept by ``top_r``).
+        shots: Shots per stage, ``{"support", "magnitudes", "signs", "norm", "total"}``; the magnitudes reuse the
+            support counts (0 extra shots); all zero for exact readout.
+        norm: The norm used for the estimate (``||v̂||`` before ``top_r`` pruning).
+        norm_source: ``"measured"`` (success-probability measurement), ``"given"`` (``norm=`` a float) or ``"exact"``
+            (``norm="exact"`` or exact readout).
+        missed_mass: ``Σ v_a² / ||v||²`` over the true non-zeros never observed (the simulator knows it).
+        pruned_mass: The same over components observed but dropped by ``top_r``.
+        relative_error: ``||v̂ − v|| / ||v||``.
+        sign_errors: Components of ``support`` whose estimated sign differs from the truth.
+        reference: Index of the reference component of the ``"pairs"`` sign stage (the most-observed kept one; ``None``
+            for exact readout and for ``"hadamard"``).
+        n, r, m: Dimension, true number of non-zeros, qubits ``max(1, ceil(log2 n))``.
+        coupon_cost: ``r' · H_{r'}`` expected support draws for ``r'`` equal weights (Sec. II D, Eq. II.123), with
+            ``r' = top_r`` if given, else the true ``r``.
+        shadow_cost: ``m² r'³ / ε²`` shots of the shadow scheme (Sec. II D) for the same ``r'``.
+        shadow_eps: The ``ε`` in ``shadow_cost``: ``eps=`` if given (``eps_source = "requested"``), else the achieved
+            ``relative_error`` (``"achieved"``; ``shadow_cost = inf`` when it is 0).  The paper's ε is a 1-norm error,
+            ours a relative 2-norm error: an order-of-magnitude comparison only.
+        split: The shares of ``shots`` actually used per stage.
+        sign_method: ``"pairs"`` or ``"hadamard"`` (``None`` for exact readout).
     """
 
     estimate: Union[np.ndarray, torch.Tensor]
@@ -219,45 +201,7 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
                sign_method: str = DEFAULT_SIGN_METHOD) -> TomographyResult:
     """Read back a real vector ``v`` from the simulated state ``|v>/||v||`` with finite shots.
 
-    Parameters
-    ----------
-    v:
-        Real 1-D numpy array, torch tensor or sequence (the level-1 block at ``t = T``); finite,
-        not all zero.  The estimate comes back as the same kind (float64; torch on ``v``'s device).
-    shots:
-        Total shot budget (a positive integer), divided over the stages by ``split``; ``None``
-        means exact readout (no noise: ``v`` itself, or ``v`` rescaled to ``norm=`` a float).
-    seed:
-        ``None``, an int or a :class:`numpy.random.Generator`; equal seeds give equal results.
-    norm:
-        ``None``: measure it (stage 4); ``"exact"``: use ``||v||`` (0 shots); a positive float: a
-        known norm (0 shots).
-    norm_scale:
-        The block encoding's known normalisation ``α ≥ ||v||`` for the measured norm: the circuit
-        leaves its flag qubit in ``|0>`` with amplitude ``||v|| / α``, so ``P(success) =
-        (||v||/α)²`` is sampled with the norm shots and ``||v̂|| = α sqrt(successes / shots)``.
-        Default: the smallest power of two ``≥ ||v||``, our stand-in for the constant a real
-        block encoding (an LCU or sparse-access normalisation) would know in advance
-        (it keeps ``P(success)`` in ``(1/4, 1]``).  Sampling only: amplitude estimation, which
-        would need ``O(1/ε)`` instead of ``O(1/ε²)`` shots, is not simulated.
-    top_r:
-        Keep only the ``top_r`` largest observed components (by counts; exact readout: by
-        ``|v_a|``; ties to the lower index), the paper's "tomography as pruning" for dense
-        uploads (end of Sec. II D).  The signs are measured for the kept ones only.
-    eps:
-        Target error for the reported ``shadow_cost`` (default: the achieved error).
-    split:
-        Shares of ``shots`` for ``"support"``, ``"signs"``, ``"norm"`` (default
-        :data:`DEFAULT_SPLIT`, partial dicts update it); renormalised over the stages that run
-        (no ``"norm"`` stage when the norm is given).  Each running stage gets ≥ 1 shot.
-    sign_method:
-        A name in ``SIGN_SCHEMES`` (:mod:`torch_qode.core.readout`): ``"hadamard"`` (default;
-        interference with a reference state, ``O(r log r)`` shots) or ``"pairs"`` (interference of
-        each component with a reference component, ``O(r²)`` shots); see below.  The expected error
-        and the shots for a target error: :mod:`torch_qode.core.readout_model`.
-
-    Sign circuits, ``sign_method="pairs"``
-    --------------------------------------
+    Sign circuits, ``sign_method="pairs"``:
     The reference ``ref`` is the most-observed kept component (ties to the lower index).
     *Relative sign of* ``a``: a two-level Hadamard on ``span{|a>, |ref>}`` (``|a> -> (|a>+|ref>)/√2``,
     ``|ref> -> (|a>−|ref>)/√2``; CNOTs that make the two bit strings differ in one qubit, then a
@@ -274,8 +218,7 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
     A pair shot is informative only when it lands on ``|a>`` or ``|ref>``, so a component of
     weight ``p_a`` needs ``≳ 1/p_a`` shots of its own: ``O(r²)`` sign shots in all.
 
-    Sign circuits, ``sign_method="hadamard"``
-    -----------------------------------------
+    Sign circuits, ``sign_method="hadamard"``:
     One Hadamard test of the state against the classically prepared reference state
     ``|φ> = Σ_{a kept} φ_a |a>``, ``φ_a = sqrt(c_a / Σ c)`` the measured magnitudes (positive,
     ``O(r m)`` gates): ancilla ``|+>``, prepare ``|v>/||v||`` controlled on ``0`` and ``|φ>`` on
@@ -285,6 +228,49 @@ def tomography(v, shots: Optional[int], seed=None, *, norm: Union[None, str, flo
     ``sign(v_a) = +`` iff ``n_{a,0} ≥ n_{a,1}``: signs are absolute (no global-sign test), and
     since ``φ_a ≈ |v_a|/||v||`` one hit on ``a`` nearly settles its sign — ``O(r log r)`` shots,
     like the support.
+
+    Args:
+        v: Real 1-D numpy array, torch tensor or sequence (the level-1 block at ``t = T``); finite, not all zero.  The
+            estimate comes back as the same kind (float64; torch on ``v``'s device).
+        shots: Total shot budget (a positive integer), divided over the stages by ``split``; ``None`` means exact
+            readout (no noise: ``v`` itself, or ``v`` rescaled to ``norm=`` a float).
+        seed: ``None``, an int or a :class:`numpy.random.Generator`; equal seeds give equal results.
+        norm: ``None``: measure it (stage 4); ``"exact"``: use ``||v||`` (0 shots); a positive float: a known norm (0
+            shots).
+        norm_scale: The block encoding's known normalisation ``α ≥ ||v||`` for the measured norm: the circuit leaves its
+            flag qubit in ``|0>`` with amplitude ``||v|| / α``, so ``P(success) = (||v||/α)²`` is sampled with the norm
+            shots and ``||v̂|| = α sqrt(successes / shots)``. Default: the smallest power of two ``≥ ||v||``, our
+            stand-in for the constant a real block encoding (an LCU or sparse-access normalisation) would know in
+            advance (it keeps ``P(success)`` in ``(1/4, 1]``).  Sampling only: amplitude estimation, which would need
+            ``O(1/ε)`` instead of ``O(1/ε²)`` shots, is not simulated.
+        top_r: Keep only the ``top_r`` largest observed components (by counts; exact readout: by ``|v_a|``; ties to the
+            lower index), the paper's "tomography as pruning" for dense uploads (end of Sec. II D).  The signs are
+            measured for the kept ones only.
+        eps: Target error for the reported ``shadow_cost`` (default: the achieved error).
+        split: Shares of ``shots`` for ``"support"``, ``"signs"``, ``"norm"`` (default :data:`DEFAULT_SPLIT`, partial
+            dicts update it); renormalised over the stages that run (no ``"norm"`` stage when the norm is given).  Each
+            running stage gets ≥ 1 shot.
+        sign_method: A name in ``SIGN_SCHEMES`` (:mod:`torch_qode.core.readout`): ``"hadamard"`` (default; interference
+            with a reference state, ``O(r log r)`` shots) or ``"pairs"`` (interference of each component with a
+            reference component, ``O(r²)`` shots); see above.  The expected error and the shots for a target error:
+            :mod:`torch_qode.core.readout_model`.
+
+    Returns:
+        A :class:`TomographyResult`: the estimate, the shots spent per stage, the errors and the
+        cost formulas of the readout.
+
+    Raises:
+        ValueError: ``v`` is zero, not finite or not 1-D, or an argument is out of range (``shots``,
+            ``norm``, ``norm_scale``, ``top_r``, ``eps``, ``split``, ``sign_method``).
+        TypeError: ``v`` is not a real numeric vector.
+
+    Example:
+        >>> import numpy as np
+        >>> res = tomography(np.array([3.0, 0.0, -4.0]), shots=None)    # exact readout
+        >>> res.estimate.tolist(), res.support.tolist(), res.norm
+        ([3.0, 0.0, -4.0], [0, 2], 5.0)
+        >>> tomography(np.array([3.0, 0.0, -4.0]), shots=10_000, seed=0).sign_errors
+        0
     """
     rng = np.random.default_rng(seed)
     values, kind = _as_vector(v)

@@ -1,10 +1,10 @@
-"""Real text without a network: the Python standard library's own ``.py`` sources, as characters.
+r"""Real text without a network: the Python standard library's own ``.py`` sources, as characters.
 
 The files are the top-level ``*.py`` of the running interpreter's ``sysconfig.get_paths()["stdlib"]``,
 sorted by name: a fixed list for a given Python version.  The split is by file and deterministic
 (every ``val_every``-th file, counting from the ``val_every``-th, is validation), so no function
 is cut between train and validation.  The vocabulary is the training text's characters, sorted;
-characters met only in validation read as index 0 (the unknown character ``"\\0"``).
+characters met only in validation read as index 0 (the unknown character ``"\0"``).
 """
 from __future__ import annotations
 

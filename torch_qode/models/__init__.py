@@ -7,5 +7,5 @@ from .mlp import Polynomial, mlp
 from .resnet import BasicBlock, CIFARResNet, cifar_resnet, cifar_resnet_num_params
 from .transformer import CharTransformer, lm_loss
 
-__all__ = ["cifar_resnet", "cifar_resnet_num_params", "CIFARResNet", "BasicBlock", "mlp", "Polynomial", "CharTransformer",
-           "lm_loss"]
+__all__ = ["cifar_resnet", "cifar_resnet_num_params", "CIFARResNet", "BasicBlock", "mlp", "Polynomial",
+           "CharTransformer", "lm_loss"]

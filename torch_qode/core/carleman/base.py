@@ -11,7 +11,8 @@ obeys the linear recurrence ``y(t+1) = y(t) + A(t) y(t) + b(t)``.  Two forms:
 
 Each form is a subclass (``discrete.py``, ``continuous.py``) registered in ``FORMS``
 (``carleman/__init__.py``); it supplies the levels ``j ≥ 2`` of the step, ``b(t)``, the blocks of the
-explicit ``A`` and its non-zero / sparsity bounds.  Both have an explicit scipy.sparse ``A(t)`` (:meth:`CarlemanSystem.matrix`) and a matrix-free step
+explicit ``A`` and its non-zero / sparsity bounds.  Both have an explicit scipy.sparse ``A(t)``
+(:meth:`CarlemanSystem.matrix`) and a matrix-free step
 that applies the Kronecker structure mode by mode on ``y_j`` viewed as an ``n×…×n`` tensor and never
 forms a Kronecker product (:meth:`CarlemanSystem.step`).  ``A`` depends on ``t`` only through a
 time-dependent ``F0`` (the stochastic-gradient noise), exactly as ``A(t)`` in Eq. (II.54).
