@@ -22,7 +22,6 @@ on first use).
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import OrderedDict
 from typing import Any, Mapping, Optional
 
@@ -32,7 +31,9 @@ import torch.distributed as dist
 try:
     import lightning.pytorch as pl
     from lightning.fabric.utilities.apply_func import apply_to_collection, move_data_to_device
+    from lightning.pytorch.utilities import rank_zero_warn
     from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+    from typing_extensions import override
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("torch_qode.lightning needs Lightning: pip install 'torch_qode[lightning]' "
                       "(or pip install 'lightning>=2.4')") from exc
@@ -65,9 +66,18 @@ def _loss_of(output: Any) -> Optional[torch.Tensor]:
     return output if isinstance(output, torch.Tensor) else None
 
 
+class _Restored(Exception):
+    """Raised by the step pre-hook of a manual restore once the expansion is rebuilt: the measuring
+    ``training_step`` stops at its ``opt.step(closure)``, and the step itself never runs."""
+
+
 @contextlib.contextmanager
 def _silenced(pl_module: "pl.LightningModule"):
-    """``self.log`` / ``self.log_dict`` do nothing inside: a measurement's ``training_step`` logs no metric."""
+    """``self.log`` / ``self.log_dict`` do nothing inside: a measurement's ``training_step`` logs no metric.
+
+    Lightning has no public switch for this (``self.log`` writes into the running loop's results,
+    under the hook being run), so the two methods are shadowed on the instance for the call only.
+    """
     def nothing(*args, **kwargs):
         return None
 
@@ -112,6 +122,7 @@ class QODECallback(pl.Callback):
                              f"got {len(found)} among {[type(o).__name__ for o in trainer.optimizers]}")
         return found[0]
 
+    @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         opt = self.qode(trainer)
         if trainer.accumulate_grad_batches != 1:
@@ -126,15 +137,17 @@ class QODECallback(pl.Callback):
                                  "same DissipationMonitor to both, or to the callback only")
         every = trainer.log_every_n_steps
         if trainer.loggers and every and opt.cycle % every:
-            warnings.warn(f"QODECallback: log_every_n_steps={every} does not divide cycle={opt.cycle}, so Lightning's "
-                          f"loggers write the per-cycle metrics of some cycles only (trainer.callback_metrics has "
-                          f"each); set Trainer(log_every_n_steps=...) to a divisor of {opt.cycle}", stacklevel=2)
+            rank_zero_warn(f"QODECallback: log_every_n_steps={every} does not divide cycle={opt.cycle}, so Lightning's "
+                           f"loggers write the per-cycle metrics of some cycles only (trainer.callback_metrics has "
+                           f"each); set Trainer(log_every_n_steps=...) to a divisor of {opt.cycle}")
 
+    @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.monitor is not None and self.qode(trainer).step_count == 0:
             self.monitor.step(0)                  # the state before training, as a plain loop's step(0)
 
     # --------------------------------------------------------------------------- every batch
+    @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
         opt = self.qode(trainer)
@@ -149,6 +162,7 @@ class QODECallback(pl.Callback):
                          "batch": apply_to_collection(batch, torch.Tensor, lambda t: t.detach().clone())}
         self._before = (k, candidate)
 
+    @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         opt = self.qode(trainer)
@@ -179,11 +193,13 @@ class QODECallback(pl.Callback):
                 pl_module.log(name, float(value), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------------- checkpoints
+    @override
     def state_dict(self) -> dict:
         """The live window's upload (step, batch, batch index, RNG state), or ``None`` between windows;
         under torch.distributed also every rank's (``"ranks"``: a collective, Lightning asks every rank)."""
         return {"upload": self._upload, "ranks": _gathered(self._upload)}
 
+    @override
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = state_dict or {}
         ranks, up = state_dict.get("ranks"), state_dict.get("upload")
@@ -203,8 +219,8 @@ class QODECallback(pl.Callback):
         if up is None or not opt.in_quantum_window:
             return
         self._upload = up                         # kept for the window's later checkpoints
-        if opt._system is not None:               # None exactly when a resumed matrix-free window still
-            return                                # needs its Taylor terms (explicit ones are in the state)
+        if not opt.awaits_expansion:              # explicit Taylor terms are in the state: nothing to rebuild
+            return
         if up["step"] // opt.cycle != opt.step_count // opt.cycle:
             raise RuntimeError(f"QODECallback: the checkpoint's upload (step {up['step']}) is not the one of the "
                                f"window the optimizer resumed in (step {opt.step_count}, cycle {opt.cycle})")
@@ -234,27 +250,28 @@ class QODECallback(pl.Callback):
 
     @staticmethod
     def _restore_manual(trainer: "pl.Trainer", opt: QODE, kwargs: OrderedDict) -> None:
-        """The module's own training_step on the upload batch, with ``opt.step(closure)`` turned into
-        ``opt.restore_expansion(closure)``; learning rates and LR schedulers it steps are put back."""
+        """The module's own training_step on the upload batch, its ``opt.step(closure)`` turned into
+        ``opt.restore_expansion(closure)`` by a step pre-hook (torch's public hook: the hook rebuilds the
+        expansion and stops the training_step there, so the step never runs); learning rates and LR
+        schedulers the training_step stepped before are put back."""
         calls = []
 
-        def restore(closure=None, **_):
+        def restore(optimizer, args, kw):
             calls.append(1)
+            closure = kw.get("closure", args[1] if len(args) > 1 else None)     # args[0] is the optimizer
             opt.restore_expansion(closure)
+            raise _Restored
 
         group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
         saved = [s.state_dict() for s in schedulers]
-        had = "step" in opt.__dict__              # an LR scheduler may have wrapped opt.step already
-        previous = opt.__dict__.get("step")
-        opt.step = restore
+        handle = opt.register_step_pre_hook(restore)
         try:
             trainer.strategy.training_step(*kwargs.values())
+        except _Restored:
+            pass
         finally:
-            if had:
-                opt.step = previous
-            else:
-                del opt.step
+            handle.remove()
             opt.param_groups[0].update(group)
             for s, sd in zip(schedulers, saved):
                 s.load_state_dict(sd)

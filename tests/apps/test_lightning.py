@@ -340,3 +340,27 @@ def test_a_lightning_ddp_fit_resumes_mid_window_bit_for_bit(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(ref[0][0], ref[1][0]))          # ranks identical
     for a, b in zip(ref, res):
         assert all(torch.equal(p, q) for p, q in zip(a[0], b[0])) and a[3] == b[3]
+
+
+# --------------------------------------------------------------------------------- conventions
+def test_the_callback_reads_no_private_attribute_and_swaps_no_method():
+    """QODECallback talks to QODE and Lightning through their public APIs: no ``x._name`` except on
+    itself, no assignment to another object's method (``opt.step = ...``, ``pl_module.log = ...``
+    happen only in the documented ``_silenced``), and Lightning's ``@override`` on every hook."""
+    import ast
+    import inspect
+
+    import torch_qode.lightning as mod
+    tree = ast.parse(inspect.getsource(mod))
+    private = [(n.lineno, ast.unparse(n)) for n in ast.walk(tree)
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+               and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "QODECallback"))]
+    assert private == []
+    silenced = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_silenced")
+    inside = {id(n) for n in ast.walk(silenced)}
+    methods = {"step", "zero_grad", "log", "log_dict", "training_step", "state_dict", "load_state_dict"}
+    swaps = [(n.lineno, ast.unparse(n)) for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.Delete))
+             and id(n) not in inside and any(isinstance(t, ast.Attribute) and t.attr in methods for t in n.targets)]
+    assert swaps == []
+    hooks = [name for name, f in vars(QODECallback).items() if name.startswith("on_") or name.endswith("state_dict")]
+    assert hooks and all(getattr(vars(QODECallback)[h], "__override__", False) for h in hooks)

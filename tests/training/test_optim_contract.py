@@ -508,6 +508,40 @@ def test_state_dict_and_load_state_dict_hooks_run_in_order_around_the_whole_stat
     assert sd["qode"]["k"] == 3                      # the caller's dict is left alone
 
 
+def test_qode_own_hooks_stay_outermost_whatever_users_register_and_copies_keep_them_once():
+    """QODE's part of the state goes through torch's public hooks: with user hooks registered before and
+    after, with and without ``prepend``, every user state_dict post-hook sees the ``"qode"`` entry, every
+    user load pre-hook sees it (and runs before QODE takes it out), every user load post-hook sees the
+    optimizer fully loaded; deepcopy and pickle carry QODE's hooks exactly once, and no user hook."""
+    opt, _, _ = _primed({"lr": 1e-3}, steps=3)
+    seen = []
+    for prepend in (False, True):
+        opt.register_state_dict_post_hook(lambda o, sd, p=prepend: seen.append(("post", p, "qode" in sd)),
+                                          prepend=prepend)
+        opt.register_load_state_dict_pre_hook(lambda o, sd, p=prepend: seen.append(("pre", p, sd.get("qode", {}).get("k"))),
+                                              prepend=prepend)
+        opt.register_load_state_dict_post_hook(lambda o, p=prepend: seen.append(("loaded", p, o.step_count)),
+                                               prepend=prepend)
+    sd = opt.state_dict()
+    assert sorted(seen) == [("post", False, True), ("post", True, True)]
+    seen.clear()
+    opt.load_state_dict(sd)
+    assert [e for e in seen if e[0] == "pre"] == [("pre", True, 3), ("pre", False, 3)]
+    assert [e for e in seen if e[0] == "loaded"] == [("loaded", True, 3), ("loaded", False, 3)]
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        seen.clear()
+        got = twin.state_dict()
+        assert seen == [] and _same(got, sd)                 # QODE's entry, no user hook
+        assert [len(getattr(twin, t)) for t in ("_optimizer_state_dict_post_hooks",
+                                                "_optimizer_load_state_dict_pre_hooks",
+                                                "_optimizer_load_state_dict_post_hooks")] == [1, 1, 1]
+        twin.load_state_dict(got)
+        assert twin.step_count == 3
+    with pytest.raises(ValueError, match="missing the 'qode' entry"):
+        opt.load_state_dict({k: v for k, v in sd.items() if k != "qode"})
+    assert opt.step_count == 3
+
+
 def test_step_hooks_local_and_global_run_in_order_and_come_off():
     w = torch.tensor([[1.0, 1.0]], requires_grad=True)
     opt = QODE([w], lr=1e-3, **CLASSICAL)

@@ -35,6 +35,7 @@ from ..bridge import flat as _flat
 from ..bridge.collective import hvp_group
 from ..bridge.flat import check_model_loss_batch
 from ..bridge.dissipation import DissipationCheck, hessian_spectrum
+from .window_monitor import WindowMonitor
 
 __all__ = ["DissipationMonitor", "paper_schedule", "plot_training_panels"]
 
@@ -68,8 +69,17 @@ def _jsonable(x):
     return x
 
 
-class DissipationMonitor:
+class DissipationMonitor(WindowMonitor):
     """Record Hessian spectra, error-proxy curves and a test metric over training.
+
+    Attached to QODE it implements the whole :class:`~torch_qode.training.window_monitor.WindowMonitor`
+    protocol, the four methods QODE calls: :meth:`on_upload` ``(step, verdict)`` at each upload of
+    ``mode="auto"`` (the predicted proxy curve), :meth:`on_window_open` ``(step, carleman)`` and
+    :meth:`on_window_closed` ``(step)`` around a window (scheduled spectra wait while a window holds its
+    upload graph), :meth:`on_window_end` ``(step, report)`` once a window is read out.  Any object with
+    some of these methods may be QODE's monitor (QODE wraps it once, at construction, into one that has
+    all four: :func:`~torch_qode.training.window_monitor.as_window_monitor`); subclass
+    :class:`~torch_qode.training.window_monitor.WindowMonitor` to write one.
 
     Args:
         model, loss_fn, probe_batch: the spectrum is that of ``loss_fn(model(inputs), targets)`` on

@@ -29,12 +29,10 @@ end) are the functions of :mod:`~torch_qode.training.cycle`, and their maths the
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import time
 import typing
 import warnings
-from collections import OrderedDict
 from typing import Callable, Optional
 
 import numpy as np
@@ -54,6 +52,7 @@ from .config import (MODES, NOISES, SETTINGS, UPLOADS, QODEConfig, check_budget,
                      check_sgd_settings, check_trainable, make_config, readout_warning, settings_fields,
                      settings_table)
 from .report import CycleReport, download_record
+from .window_monitor import WindowMonitor, as_window_monitor
 from .window import EXPLICIT_MAX_SUPPORT, KAPPA_MAX_UNKNOWNS  # noqa: F401  (public constants)
 
 __all__ = ["QODE", "CycleReport", "MODES", "UPLOADS", "NOISES"]
@@ -75,9 +74,11 @@ class QODE(Optimizer):
         dissipation: a :class:`~torch_qode.bridge.dissipation.DissipationCheck` (default: its defaults).
         prunable: which tensors the download prunes (default: ``p.dim() > 1``); see ``MagnitudePruner``.
         names: parameter names for per-layer pruning reports.
-        monitor: an object with ``on_upload(step, verdict)`` / ``on_window_end(step, report)`` (and optionally
-            ``on_window_open(step, carleman)`` / ``on_window_closed(step)``), e.g.
-            :class:`~torch_qode.training.monitor.DissipationMonitor`.
+        monitor: a :class:`~torch_qode.training.window_monitor.WindowMonitor` (e.g.
+            :class:`~torch_qode.training.monitor.DissipationMonitor`), or any object with some of its
+            methods ``on_upload(step, verdict)``, ``on_window_open(step, carleman)``,
+            ``on_window_closed(step)``, ``on_window_end(step, report)``: wrapped once, here
+            (:attr:`window_monitor`).
         model: the module the parameters belong to (optional; ``hvp="recompute"`` needs it).  With it,
             the closures QODE evaluates only to measure (``track_sgd``'s shadows, ``restore_expansion``)
             and the recomputed products run with BatchNorm running statistics frozen.
@@ -97,8 +98,6 @@ class QODE(Optimizer):
     sparse gradients train classically only.  The closure may return anything (its value is
     reported when it is one number).  ``copy.deepcopy`` and ``pickle`` keep the whole state.
     """
-
-    _closure_checked = _readout_checked = True   # a QODE pickled before these checks existed skips them
 
     @agreed
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, *,
@@ -157,6 +156,7 @@ class QODE(Optimizer):
         self._closure_checked = False         # the first step checks that the closure calls backward()
         self._readout_checked = False         # the first window checks that the shots resolve its readout
         self._own_keys = tuple(k for k in self.__dict__ if k not in base_keys)
+        self._register_own_hooks()            # QODE's part of the state_dict (not in _own_keys: hooks don't copy)
 
     def add_param_group(self, param_group: dict) -> None:
         """QODE trains a single parameter group (see the class docstring): a second one is refused."""
@@ -188,6 +188,27 @@ class QODE(Optimizer):
     def step_count(self) -> int:
         """Steps taken so far (``k``)."""
         return self._k
+
+    @property
+    def monitor(self):
+        """The monitor given to QODE (``None``: none); assigning one wraps it again (see :attr:`window_monitor`)."""
+        return self.__dict__.get("_monitor")
+
+    @monitor.setter
+    def monitor(self, value) -> None:
+        self._monitor, self._window_monitor = value, as_window_monitor(value)
+
+    @property
+    def window_monitor(self) -> WindowMonitor:
+        """:attr:`monitor` as QODE calls it: a :class:`~torch_qode.training.window_monitor.WindowMonitor`
+        with all four methods (no-ops for those the monitor lacks, or for no monitor)."""
+        return self._window_monitor
+
+    @property
+    def awaits_expansion(self) -> bool:
+        """True exactly when a resumed matrix-free window waits for :meth:`restore_expansion` (its Taylor
+        terms lived in the upload batch's autograd graph, which no state_dict holds)."""
+        return self._win is not None and self._win.system is None
 
     @property
     def in_quantum_window(self) -> bool:
@@ -299,54 +320,75 @@ class QODE(Optimizer):
         """The settings a saved state depends on (checked by :meth:`load_state_dict`)."""
         return {**self.cfg.saved(), "n_params": self._n_total}
 
-    def state_dict(self) -> dict:
-        """Everything needed to resume bit-for-bit, also inside a window (see ``load_state_dict``).
-        Wall-clock times stay out: two optimizers with the same history have equal state_dicts.
-        ``register_state_dict_pre_hook``/``post_hook`` hooks run around all of it (a post-hook sees
-        the ``"qode"`` entry too)."""
-        for pre in list(self._optimizer_state_dict_pre_hooks.values()):
-            pre(self)
-        with _hooks_off(self, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
-            sd = super().state_dict()
-        sd["qode"] = {"k": self._k, "rng": self._rng.bit_generator.state, "config": self._config(),
-                      "reports": [r.state() for r in self.reports],
-                      "pruner": self.pruner.state_dict() if self.pruner is not None else None,
-                      "window": None if self._win is None else _w.window_state_dict(self._win, self.cfg.track_sgd)}
-        for post in list(self._optimizer_state_dict_post_hooks.values()):
-            out = post(self, sd)
-            sd = sd if out is None else out
-        return sd
+    def _register_own_hooks(self) -> None:
+        """QODE's own part of the state, through torch's public hooks, registered outermost.
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a ``state_dict``.  Inside a window with explicit Taylor terms the resume is exact.
+        Everything needed to resume bit-for-bit, also inside a window, is the ``"qode"`` entry of
+        :meth:`state_dict` (wall-clock times stay out: two optimizers with the same history have equal
+        state_dicts).  Three hooks carry it, and stay where they are when a user registers more:
+
+        * a ``state_dict`` post-hook, first, adds the entry (every user post-hook sees it);
+        * a ``load_state_dict`` pre-hook, last, takes the entry out and checks its settings against
+          this optimizer's before anything is loaded (every user pre-hook sees it and may replace it);
+        * a ``load_state_dict`` post-hook, first, restores QODE's own state (every user post-hook sees
+          the optimizer fully loaded).
 
         A matrix-free window cannot be serialised (its Hessian-vector products live in the upload
-        batch's autograd graph): call :meth:`restore_expansion` with a closure over the upload batch
-        to continue exactly; otherwise the next step re-expands at θ0 on *its* batch and the report
-        notes it.  ``register_load_state_dict_pre_hook``/``post_hook`` hooks run around all of it (a
-        pre-hook sees and may replace the ``"qode"`` entry; a post-hook sees the optimizer fully loaded).
+        batch's autograd graph): after ``load_state_dict`` inside one, call :meth:`restore_expansion`
+        with a closure over the upload batch to continue exactly; otherwise the next step re-expands at
+        θ0 on *its* batch and the report notes it.  Called by ``__init__``, by ``__setstate__`` (torch
+        does not copy hooks) and after every hook registration; the old registrations are removed.
         """
-        state_dict = dict(state_dict)
-        for pre in list(self._optimizer_load_state_dict_pre_hooks.values()):
-            out = pre(self, state_dict)
-            state_dict = state_dict if out is None else dict(out)
-        q = state_dict.pop("qode", None)
-        if q is None:
-            raise ValueError("state_dict: not a QODE state_dict (missing the 'qode' entry)")
-        check_saved_config(q.get("config") or {}, self._config())
-        with _hooks_off(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
-            super().load_state_dict(state_dict)
-        self._release()
-        self._k = int(q["k"])
-        self._rng = np.random.default_rng()
-        self._rng.bit_generator.state = q["rng"]
-        self._reports = [CycleReport(**r) for r in q["reports"]]
-        self._masked = MaskedSGD()
-        if self.pruner is not None and q["pruner"] is not None:
-            self.pruner.load_state_dict(q["pruner"])
-        self._load_window(q["window"])
-        for post in list(self._optimizer_load_state_dict_post_hooks.values()):
-            post(self)
+        for handle in self.__dict__.get("_own_hooks", ()):
+            handle.remove()
+        self._own_hooks = (
+            Optimizer.register_state_dict_post_hook(self, _save_own_state, prepend=True),
+            Optimizer.register_load_state_dict_pre_hook(self, _take_own_state),
+            Optimizer.register_load_state_dict_post_hook(self, _load_own_state, prepend=True))
+
+    def register_state_dict_post_hook(self, hook: Callable, prepend: bool = False):
+        """As :meth:`torch.optim.Optimizer.register_state_dict_post_hook`; the hook sees the ``"qode"`` entry.
+
+        Args:
+            hook: ``hook(optimizer, state_dict) -> state_dict or None``.
+            prepend: run it before the other user post-hooks (QODE's own still runs first).
+
+        Returns:
+            The handle that removes the hook.
+        """
+        handle = super().register_state_dict_post_hook(hook, prepend=prepend)
+        self._register_own_hooks()
+        return handle
+
+    def register_load_state_dict_pre_hook(self, hook: Callable, prepend: bool = False):
+        """As :meth:`torch.optim.Optimizer.register_load_state_dict_pre_hook`; the hook sees, and may
+        replace, the ``"qode"`` entry (QODE's own pre-hook, which takes it out, runs last).
+
+        Args:
+            hook: ``hook(optimizer, state_dict) -> state_dict or None``.
+            prepend: run it before the other user pre-hooks.
+
+        Returns:
+            The handle that removes the hook.
+        """
+        handle = super().register_load_state_dict_pre_hook(hook, prepend=prepend)
+        self._register_own_hooks()
+        return handle
+
+    def register_load_state_dict_post_hook(self, hook: Callable, prepend: bool = False):
+        """As :meth:`torch.optim.Optimizer.register_load_state_dict_post_hook`; the hook sees the optimizer
+        fully loaded (QODE's own post-hook runs first).
+
+        Args:
+            hook: ``hook(optimizer) -> None``.
+            prepend: run it before the other user post-hooks (QODE's own still runs first).
+
+        Returns:
+            The handle that removes the hook.
+        """
+        handle = super().register_load_state_dict_post_hook(hook, prepend=prepend)
+        self._register_own_hooks()
+        return handle
 
     def _load_window(self, win: Optional[dict]) -> None:
         if win is not None:
@@ -369,12 +411,56 @@ class QODE(Optimizer):
         """Also what :meth:`load_state_dict` calls: a group saved before SGD's newer flags existed (or
         by SGD) gets their defaults, as ``torch.optim.SGD.__setstate__`` gives them."""
         win = state.pop("_win_saved", None)
+        copied = "_optimizer_load_state_dict_pre_hooks" not in self.__dict__   # a copy or an unpickle: no hooks
         super().__setstate__(state)
+        if copied:
+            self._register_own_hooks()
         for group in self.param_groups:
             for flag, default in (("nesterov", False), ("maximize", False), ("foreach", None), ("fused", None),
                                   ("differentiable", False)):
                 group.setdefault(flag, default)
         self._load_window(win)
+
+
+# ------------------------------------------------------- QODE's part of the state (its three hooks)
+def _save_own_state(opt: QODE, state_dict: dict) -> None:
+    """The ``state_dict`` post-hook: add the ``"qode"`` entry (step, RNG, settings, reports, pruner, window)."""
+    state_dict["qode"] = {
+        "k": opt._k, "rng": opt._rng.bit_generator.state, "config": opt._config(),
+        "reports": [r.state() for r in opt.reports],
+        "pruner": opt.pruner.state_dict() if opt.pruner is not None else None,
+        "window": None if opt._win is None else _w.window_state_dict(opt._win, opt.cfg.track_sgd)}
+
+
+def _take_own_state(opt: QODE, state_dict: dict) -> dict:
+    """The ``load_state_dict`` pre-hook: take the ``"qode"`` entry out and check its settings.
+
+    Returns:
+        ``state_dict`` without the entry (a new dict: the caller's is left alone).
+
+    Raises:
+        ValueError: no ``"qode"`` entry, or settings the saved state cannot be resumed under.
+    """
+    q = state_dict.get("qode")
+    if q is None:
+        raise ValueError("state_dict: not a QODE state_dict (missing the 'qode' entry)")
+    check_saved_config(q.get("config") or {}, opt._config())
+    opt.__dict__["_loading"] = q              # for _load_own_state, once torch has loaded the rest
+    return {k: v for k, v in state_dict.items() if k != "qode"}
+
+
+def _load_own_state(opt: QODE) -> None:
+    """The ``load_state_dict`` post-hook: restore QODE's own state from the entry the pre-hook took."""
+    q = opt.__dict__.pop("_loading")
+    opt._release()
+    opt._k = int(q["k"])
+    opt._rng = np.random.default_rng()
+    opt._rng.bit_generator.state = q["rng"]
+    opt._reports = [CycleReport(**r) for r in q["reports"]]
+    opt._masked = MaskedSGD()
+    if opt.pruner is not None and q["pruner"] is not None:
+        opt.pruner.load_state_dict(q["pruner"])
+    opt._load_window(q["window"])
 
 
 #: the attributes QODE reads from its settings (the schema's fields and the values derived from them)
@@ -402,17 +488,3 @@ def signature(init: Callable, schema: type = QODEConfig) -> inspect.Signature:
 
 QODE.__init__.__signature__ = signature(QODE.__init__.__wrapped__)
 QODE.__doc__ = QODE.__doc__.replace("<settings>", settings_table(indent=" " * 8))
-
-
-@contextlib.contextmanager
-def _hooks_off(opt: Optimizer, *names: str):
-    """``torch.optim.Optimizer``'s hook tables ``names`` emptied for the duration (QODE runs them itself,
-    around its own part of the state)."""
-    saved = [getattr(opt, n) for n in names]
-    for n in names:
-        setattr(opt, n, OrderedDict())
-    try:
-        yield
-    finally:
-        for n, table in zip(names, saved):
-            setattr(opt, n, table)
