@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from .._checks import check_bool
+from .carleman import carleman, default_max_bytes
 from .factored import EmbeddedOrder1, FactoredLevel2
 from .ode import MatrixFreeTerm, NonFiniteError, PolynomialODE, all_finite
 
@@ -26,6 +27,38 @@ class CarlemanState(abc.ABC):
 
     #: name under which :func:`state_from_dict` finds the class
     kind: str = ""
+    #: whether the window system (Eq. II.102) of this state's Carleman system can be built and solved
+    solvable: bool = True
+    #: whether the state also carries the order-1 level-1 state (``order_gap``; order ≥ 2)
+    embedded: bool = False
+
+    # -------------------------------------------------------------- what a window asks of its state
+    @classmethod
+    def system_for(cls, ode: PolynomialODE, order: int, form: str) -> Any:
+        """What the state advances through: the Carleman system of ``ode`` at ``order`` in ``form``
+        (Eq. II.102's ``A``, ``b(t)``)."""
+        return carleman(ode, order, form)
+
+    @classmethod
+    def open(cls, system: Any, *, order: int, max_rank: Optional[int] = None, device=None) -> "CarlemanState":
+        """A window's state ``y(0) = 0`` of ``system`` (from :meth:`system_for`) at Carleman ``order``."""
+        return cls.zeros(system, device=device)
+
+    @classmethod
+    def lifted_dim(cls, system: Any, order: int) -> int:
+        """``Δ = n + n² + … + n^N``, the lifted dimension of the window (the report's ``dim``)."""
+        return int(system.dim)
+
+    def ledger_system(self, system: Any, order: int, form: str) -> Any:
+        """The Carleman system the resource ledger describes (Theorems II.3/II.4): ``system`` itself."""
+        return system
+
+    def record(self) -> dict:
+        """The report's state fields: ``state``, ``rank`` (``None``), ``truncation`` (0.0: exact),
+        ``order_gap`` = ‖u⁽²⁾(T) − u⁽¹⁾(T)‖ / ‖u⁽²⁾(T)‖ (embedded states; else ``None``),
+        ``state_bytes``."""
+        return {"state": self.kind, "rank": None, "truncation": 0.0,
+                "order_gap": float(self.order_gap) if self.embedded else None, "state_bytes": int(self.nbytes)}
 
     @classmethod
     @abc.abstractmethod
@@ -76,6 +109,11 @@ class DenseLevels(CarlemanState, EmbeddedOrder1):
         z = torch.zeros(system.dim, dtype=torch.float64, device=device)
         v = torch.zeros(system.n, dtype=torch.float64, device=device) if check_bool(embedded, "embedded") else None
         return cls(z, system.n, v)
+
+    @classmethod
+    def open(cls, system: Any, *, order: int, max_rank: Optional[int] = None, device=None) -> "DenseLevels":
+        """``y(0) = 0``; at order ≥ 2 with the embedded order-1 state (``order_gap``)."""
+        return cls.zeros(system, device=device, embedded=order >= 2)
 
     def advance(self, system: Any, t: int) -> None:
         """See :meth:`CarlemanState.advance`.  Without the embedded state, the step is written into the
@@ -155,9 +193,38 @@ class FactoredLevels(CarlemanState):
     """
 
     kind = "factored"
+    solvable = False      # the dense window system is never built: u(T) is the recurrence's
 
     def __init__(self, level2: FactoredLevel2):
         self.level2 = level2
+
+    @classmethod
+    def system_for(cls, ode: PolynomialODE, order: int, form: str) -> PolynomialODE:
+        """The window's :class:`PolynomialODE` itself: no dense order-2 system is built."""
+        return ode
+
+    @classmethod
+    def open(cls, system: Any, *, order: int, max_rank: Optional[int] = None, device=None) -> "FactoredLevels":
+        """``y(0) = 0`` with the embedded order-1 state, level 2 truncated to ``max_rank``."""
+        return cls.zeros(system, max_rank=max_rank, embedded=True)
+
+    @classmethod
+    def lifted_dim(cls, system: Any, order: int) -> int:
+        n = _ode_of(system).n
+        return sum(n ** j for j in range(1, order + 1))
+
+    def ledger_system(self, system: Any, order: int, form: str) -> Any:
+        """The dense Carleman system, for the ledger only: it describes Δ and the sparsity bound and
+        is never stepped, so its budget only has to admit the description."""
+        dim = self.lifted_dim(system, order)
+        return carleman(_ode_of(system), order, form, max_bytes=max(default_max_bytes(), 4 * 8 * dim + 1))
+
+    def record(self) -> dict:
+        """As :meth:`CarlemanState.record`, with ``rank`` (largest k of ``Y2 = W C Wᵀ``) and ``truncation``
+        (discarded Frobenius mass of ``Y2``)."""
+        rec = super().record()
+        rec.update(rank=int(self.rank), truncation=float(self.truncation))
+        return rec
 
     @classmethod
     def zeros(cls, system: Any, *, device=None, max_rank: Optional[int] = None,

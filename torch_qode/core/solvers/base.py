@@ -16,23 +16,22 @@ class WindowSolver:
     A solver object carries its options (e.g. ``kappa_a`` of the filtered solver) and its cost
     formula for the resource ledger; :meth:`solve` does the classical simulation.
 
-    Class attributes
-    ----------------
-    name:
-        The registry name (``solve_window(method=name)``, ``QODE(solver=name)``).
-    option_names:
-        The options its constructor takes (``solver_options`` keys).
-    needs_explicit:
-        Whether :meth:`solve` needs the explicit ``M`` (hence explicit Taylor terms).
-    filtering:
-        Whether it post-selects a ``|well>`` flag (Eq. II.109): the ledger then counts that ancilla
-        and ``P(|well>)``.
+    Attributes:
+        name: The registry name (``solve_window(method=name)``, ``QODE(solver=name)``).
+        option_names: The options its constructor takes (``solver_options`` keys).
+        needs_explicit: Whether :meth:`solve` needs the explicit ``M`` (hence explicit Taylor terms).
+        filtering: Whether it post-selects a ``|well>`` flag (Eq. II.109): the ledger then counts that ancilla and
+            ``P(|well>)``.
+        replaces_forward: Whether its solution ``u(T)`` replaces the forward recurrence's in training (``False``: the
+            solve is reported, e.g. κ and its difference from the recurrence, and the recurrence's ``u(T)`` is read
+            out).
     """
 
     name: ClassVar[str] = ""
     option_names: ClassVar[tuple] = ()
     needs_explicit: ClassVar[bool] = False
     filtering: ClassVar[bool] = False
+    replaces_forward: ClassVar[bool] = True
 
     def __init__(self, *, argname: str = "solver"):
         #: the argument the solver was chosen by (for messages: "solver", "method")

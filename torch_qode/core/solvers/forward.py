@@ -23,6 +23,7 @@ class ForwardSolver(WindowSolver):
     """``X`` by ``y(t+1) = (I + A(t)) y(t) + b(t)``: what an exact QLSA (Theorem II.3) returns."""
 
     name = "forward"
+    replaces_forward = False   # the recurrence is its own solution: training reads the state's u(T)
 
     def solve(self, system: CarlemanSystem, u0, T: int, *, kappa: Optional[str] = "auto",
               dense_limit: int = DENSE_LIMIT, max_bytes: Optional[int] = None) -> WindowSolution:
