@@ -4,8 +4,9 @@ the common start of a run — a ``cifar_resnet`` loaded from a checkpoint or pre
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from recipes.checkpoints import load_checkpoint, save_checkpoint
 from recipes.config import ConfigError, check_choice, check_int, check_optional_str, check_real, keyed_error
@@ -14,19 +15,42 @@ from recipes.loop import evaluate, train_classifier
 if TYPE_CHECKING:       # pragma: no cover
     from recipes.cli import Run
 
-__all__ = ["DATA_DEFAULTS", "DATASETS", "check_classification", "classification_data", "pretrained_resnet"]
+__all__ = ["Data", "ResNet", "Pretrain", "DATASETS", "check_classification", "classification_data", "pretrained_resnet"]
 
 
 #: The ``data`` section shared by recipes that train classifiers (``setup(..., data=True)``).
-DATA_DEFAULTS = {
-    "name": "digits",       # "digits" (scikit-learn, offline) or "cifar100" (torchvision; --data-root/--download)
-    "root": None,           # CIFAR-100: folder holding cifar-100-python/ (a fixture folder works too)
-    "download": False,
-    "test_fraction": 0.2,   # digits only
-    "num_workers": 0,       # DataLoader worker processes (0: the main thread; keep 0 for the CPU configs)
-    "pin_memory": False,    # page-locked batches, copied to the GPU with non_blocking=True (CUDA only)
-    "persistent_workers": False,   # keep the workers alive between epochs (with num_workers > 0)
-}
+@dataclass
+class Data:
+    """The ``data`` section."""
+
+    name: str = "digits"        # "digits" (scikit-learn, offline) or "cifar100" (torchvision; --data-root/--download)
+    root: Any = None            # CIFAR-100: folder holding cifar-100-python/ (a fixture folder works too)
+    download: bool = False
+    test_fraction: float = 0.2  # digits only
+    num_workers: int = 0        # DataLoader worker processes (0: the main thread; keep 0 for the CPU configs)
+    pin_memory: bool = False    # page-locked batches, copied to the GPU with non_blocking=True (CUDA only)
+    persistent_workers: bool = False   # keep the workers alive between epochs (with num_workers > 0)
+
+
+@dataclass
+class ResNet:
+    """The ``model`` section (a ``cifar_resnet``)."""
+
+    depth: int = 8
+    widen: int = 1
+
+
+@dataclass
+class Pretrain:
+    """The ``pretrain`` section."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2.0e-4
+    schedule: str = "cosine"
+    save: bool = True
 
 #: ``data.name`` → ``(num_classes, in_channels)``.
 DATASETS = {"digits": (10, 1), "cifar100": (100, 3)}
@@ -78,7 +102,7 @@ def check_classification(cfg: Mapping) -> None:
 
 def classification_data(data: Mapping, seed: int = 0) -> dict:
     """``{"train", "test", "plain_train", "in_channels", "num_classes", "name", "root", "is_fixture"}``
-    for ``data`` (see :data:`DATA_DEFAULTS`); ``plain_train`` is the training split without
+    for ``data`` (see :class:`Data`); ``plain_train`` is the training split without
     augmentation (for Hessians); ``is_fixture`` tells the CIFAR-100 test fixture
     (:func:`torch_qode.data.write_cifar100_fixture`) from real data.
     CIFAR-100 errors name both remedies (``--data-root``, ``--download``)."""

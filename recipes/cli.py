@@ -1,16 +1,20 @@
 """The recipes' command line and run: argparse, the output folder, device, threads and seeds.
 
-Every recipe is a module with a ``DEFAULTS`` dict (the complete, typed schema of its config, see
-:mod:`recipes.config`) and a ``main(argv=None)`` that starts with :func:`setup` and runs inside the
-returned :class:`Run`::
+Every recipe is a module with a ``Config`` dataclass (the complete, typed schema of its config, an
+OmegaConf structured config, see :mod:`recipes.config`) and a ``main(argv=None)`` that starts with
+:func:`setup` and runs inside the returned :class:`Run`::
 
-    DEFAULTS = {"seed": 0, "device": "auto", "n": 8, "model": {"depth": 8}}
+    @dataclass
+    class Config:
+        seed: int = 0
+        device: str = "auto"
+        n: int = 8
 
     def check(cfg):     # every option, before anything is written: ConfigErrors naming the key
         config.check_int(cfg["n"], "n", 1)
 
     def main(argv=None):
-        with cli.setup("my_recipe", DEFAULTS, argv, description=__doc__, check=check) as run:
+        with cli.setup("my_recipe", Config, argv, description=__doc__, check=check) as run:
             run.log.write("step", step=0, loss=1.0)
             for t in run.progress(range(10), desc="steps"):
                 ...
@@ -19,11 +23,12 @@ returned :class:`Run`::
 Command line (``python -m recipes.NAME --config configs/NAME.yaml [key=value ...]``):
 
 ``--config PATH``
-    YAML file, read with ``yaml.safe_load`` only; its keys must exist in ``DEFAULTS``.  A syntax
+    YAML file, read with OmegaConf's safe loader; its keys must exist in ``Config``.  A syntax
     error is a :class:`~recipes.config.ConfigError` naming the file and the line.
 ``key=value`` (any number, after the options)
-    Dotted overrides (``model.depth=8``, ``lr=0.01``, ``flag=true``, ``fs=[1, 0.5]``); values are
-    parsed with ``yaml.safe_load``. Unknown keys are an error naming the key and the allowed ones.
+    Dotted overrides (``model.depth=8``, ``lr=0.01``, ``flag=true``, ``fs=[1, 0.5]``), parsed and
+    merged by OmegaConf (values as YAML).  An unknown key is an error naming it, the closest key and
+    the allowed ones.
 ``--out DIR``
     Output folder (default ``runs/NAME/<YYYYmmdd-HHMMSS>``); receives ``config.yaml`` (the merged,
     validated config; non-finite floats as ``.inf`` / ``-.inf`` / ``.nan``, so ``--config
@@ -48,14 +53,15 @@ Command line (``python -m recipes.NAME --config configs/NAME.yaml [key=value ...
     every batch; or run the recipe under ``torchrun --nproc_per_node N``.  Rank 0 writes the folder, the
     log, the figures and the progress bars; ``--threads auto`` splits the free cores over the ranks.
 
-Precedence: ``DEFAULTS`` < ``--config`` file < ``key=value`` overrides < dedicated flags.
+Precedence: ``Config``'s defaults < ``--config`` file < ``key=value`` overrides < dedicated flags.
 Every key is checked (``setup``'s ``check``) before the output folder is created or any training starts.
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import datetime as _dt
+import functools
 import math
 import os
 import random
@@ -67,20 +73,27 @@ import numpy as np
 import torch
 
 from recipes import launch
-from recipes.config import ConfigError, apply_overrides, check_int, coerce_floats, load_config, merge, validate
+from recipes.config import ConfigError, build, check_int, load_config
 from recipes.loop import JsonlLogger, progress, to_jsonable
 
 __all__ = ["Run", "setup", "build_parser", "seed_everything", "resolve_device", "resolve_threads", "free_cores",
-           "default_out"]
+           "default_out", "maybe_spawn"]
 
 
 # ------------------------------------------------------------------------------------ environment
-#: run-time keys of every recipe's config (``setup`` adds them to the recipe's ``DEFAULTS``):
+#: run-time keys of every recipe's config (``setup`` adds them to the recipe's ``Config``):
 #: ``cudnn_benchmark`` lets cuDNN time its kernels for the shapes it meets (GPU configs; the fastest
 #: kernel may differ run to run); ``deterministic`` asks for bit-for-bit reruns and resumes on a GPU:
 #: ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic kernel raises),
 #: cuDNN deterministic and not benchmarking, TF32 off, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``.
 RUNTIME_DEFAULTS = {"deterministic": False, "cudnn_benchmark": False}
+
+
+def with_runtime(schema: type) -> type:
+    """``schema`` with the run-time keys (:data:`RUNTIME_DEFAULTS`) it does not declare itself."""
+    have = {f.name for f in dataclasses.fields(schema)}
+    extra = [(k, bool, v) for k, v in RUNTIME_DEFAULTS.items() if k not in have]
+    return dataclasses.make_dataclass(schema.__name__, extra, bases=(schema,)) if extra else schema
 
 
 def apply_runtime(cfg: Mapping) -> Callable[[], None]:
@@ -104,9 +117,6 @@ def apply_runtime(cfg: Mapping) -> Callable[[], None]:
 
 
 def _check_runtime(cfg: Mapping) -> None:
-    for key in RUNTIME_DEFAULTS:
-        if not isinstance(cfg[key], bool):
-            raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
     if cfg["deterministic"] and cfg["cudnn_benchmark"]:
         raise ConfigError("deterministic=true and cudnn_benchmark=true contradict each other (benchmarking picks "
                           "kernels by timing): set cudnn_benchmark=false")
@@ -280,30 +290,28 @@ def _check_gpu(cfg: Mapping, device: torch.device, explicit_cpu: bool, config_fi
                           f"run it on the CPU anyway (slow)")
 
 
-def setup(name: str, defaults: Mapping, argv: Optional[Sequence[str]] = None,
+def setup(name: str, schema: type, argv: Optional[Sequence[str]] = None,
           description: Optional[str] = None, data: bool = False,
           check: Optional[Callable[[dict], None]] = None, cli_defaults: Optional[Mapping] = None,
           estimate: Optional[Callable[[dict, int], dict]] = None) -> Run:
     """Parse ``argv``, build and validate the config, run ``check(cfg)`` (the recipe's own checks,
     raising :class:`ConfigError`), resolve the device, refuse a non-empty ``--out``, then create the
     output folder, save ``config.yaml``, seed everything and open the log: nothing is written before
-    every check has passed.  ``defaults`` must hold ``seed`` and ``device``, and ``data.root`` /
-    ``data.download`` when ``data`` is true.  ``cli_defaults``: defaults of the command-line options
-    (``{"config": PATH, "threads": "1"}``; the command line still overrides them, in every spelling).
+    every check has passed.  ``schema`` (a dataclass, see :mod:`recipes.config`) must hold ``seed`` and
+    ``device``, and ``data.root`` / ``data.download`` when ``data`` is true.  ``cli_defaults``: defaults
+    of the command-line options (``{"config": PATH, "threads": "1"}``; the command line still overrides
+    them, in every spelling).
     ``estimate(cfg, device_bytes)``: the recipe's memory model (:mod:`recipes.memory`); with
     ``--estimate-memory`` it is printed and the process exits (``SystemExit(0)``) before anything is
     written, and a CUDA run whose estimate exceeds the device's memory is refused, naming the knobs."""
     import yaml
 
-    defaults = {**RUNTIME_DEFAULTS, **defaults}
+    schema = with_runtime(schema)
     parser = build_parser(name, description, data)
     if cli_defaults:
         parser.set_defaults(**cli_defaults)
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
-    cfg = copy.deepcopy(dict(defaults))
-    if args.config:
-        cfg = merge(defaults, cfg, load_config(args.config))
-    cfg = apply_overrides(cfg, args.overrides, defaults)
+    cfg = build(schema, [load_config(args.config)] if args.config else [], args.overrides)
     device_overridden = any(o.partition("=")[0].strip() == "device" for o in args.overrides)
     if args.seed is not None:
         cfg["seed"] = args.seed
@@ -314,7 +322,6 @@ def setup(name: str, defaults: Mapping, argv: Optional[Sequence[str]] = None,
             cfg["data"]["root"] = args.data_root
         if args.download:
             cfg["data"]["download"] = True
-    validate(coerce_floats(cfg, defaults), defaults)
     if args.nproc > 1 and launch.world() == 1:
         raise ConfigError(f"--nproc {args.nproc}: recipes.{name} runs in one process (--nproc is for "
                           "train_resnet_cifar100, demo and hessian_after_pruning)")
@@ -359,3 +366,29 @@ def setup(name: str, defaults: Mapping, argv: Optional[Sequence[str]] = None,
     return run
 
 
+
+
+def maybe_spawn(target: str, argv, recipe: str, **kwargs):
+    """``--nproc N`` (N > 1) outside torch.distributed: start N ranks (:func:`recipes.launch.spawn`) that
+    each run ``target(argv, **kwargs)`` (the recipe's ``main``) with the same output folder, and return
+    rank 0's result; else ``None``: the caller runs itself (one process, or a rank under ``torchrun``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--out")
+    p.add_argument("--device")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, _ = p.parse_known_args(argv)
+    if known.nproc < 1:
+        raise ConfigError(f"--nproc must be an integer >= 1, got {known.nproc}")
+    if known.nproc == 1 or launch.world() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    if known.out is None:
+        argv += ["--out", str(default_out(recipe))]
+    # NCCL when the command line asks for CUDA; gloo otherwise (it also reduces CUDA tensors)
+    device = resolve_device(known.device) if known.device not in (None, "auto") else torch.device("cpu")
+    res = launch.spawn(functools.partial(launch.recipe_rank, target), known.nproc, (argv, kwargs),
+                       backend=launch.backend_for(device, known.nproc), threads=None)
+    errors = [r["config_error"] for r in res if "config_error" in r]
+    if errors:
+        raise ConfigError(errors[0])
+    return res[0]["result"]

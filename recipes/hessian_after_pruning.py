@@ -30,7 +30,8 @@ Hessian; with ``hessian.mode=train`` BatchNorm uses each rank's own batch statis
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 from torch import nn
@@ -38,22 +39,59 @@ from torch import nn
 from recipes import classification, cli, config, launch, loop, memory
 from torch_qode._checks import as_int, as_real
 
-DEFAULTS = {
-    "seed": 0,
-    "device": "auto",
-    "gpu": False,                 # true: sized for a GPU; refuses to run without CUDA unless --device cpu
-    **cli.RUNTIME_DEFAULTS,          # cudnn_benchmark, deterministic (recipes/cli.py)
-    "data": dict(classification.DATA_DEFAULTS),
-    "model": {"depth": 8, "widen": 1},  # in_channels and classes come from the data
-    "checkpoint": None,           # state_dict file (weights_only); skips pre-training
-    "pretrain": {"epochs": 30, "batch_size": 64, "lr": 0.1, "momentum": 0.9, "weight_decay": 2.0e-4,
-                 "schedule": "cosine", "save": True},
-    "prune": {"sparsity": 0.9},
-    "hessian": {"batch_size": 512, "mode": "eval", "backend": "torch", "support": "all", "steps": 64,
-                "runs": 1, "grid": 256, "top_k": 3, "trace_samples": 20, "before_pruning": True},
-    "proxy": {"lr": 0.01, "cutoff": 0.4, "T": 100, "report_times": [1, 10, 50, 100]},
-    "eval_batch_size": 512,
-}
+@dataclass
+class Prune:
+    """The ``prune`` section."""
+
+    sparsity: float = 0.9
+
+
+@dataclass
+class Hessian:
+    """The ``hessian`` section."""
+
+    batch_size: int = 512
+    mode: str = "eval"
+    backend: str = "torch"
+    support: str = "all"
+    steps: int = 64
+    runs: int = 1
+    grid: int = 256
+    top_k: int = 3
+    trace_samples: int = 20
+    before_pruning: bool = True
+
+
+@dataclass
+class Proxy:
+    """The ``proxy`` section."""
+
+    lr: float = 0.01
+    cutoff: float = 0.4
+    T: int = 100
+    report_times: List[Any] = field(default_factory=lambda: [1, 10, 50, 100])
+
+
+@dataclass
+class Config:
+    """The recipe's config (its schema and defaults)."""
+
+    seed: int = 0
+    device: str = "auto"
+    gpu: bool = False                 # true: sized for a GPU; refuses to run without CUDA unless --device cpu
+    deterministic: bool = False       # run-time keys (recipes/cli.py)
+    cudnn_benchmark: bool = False
+    data: classification.Data = field(default_factory=classification.Data)
+    model: classification.ResNet = field(default_factory=classification.ResNet)  # in_channels, classes: the data's
+    checkpoint: Any = None            # state_dict file (weights_only); skips pre-training
+    pretrain: classification.Pretrain = field(default_factory=classification.Pretrain)
+    prune: Prune = field(default_factory=Prune)
+    hessian: Hessian = field(default_factory=Hessian)
+    proxy: Proxy = field(default_factory=Proxy)
+    eval_batch_size: int = 512
+
+
+DEFAULTS = config.defaults(Config)
 
 
 def spectrum_stats(spectrum, lr: float, cutoff: float, T: int, report_times: Sequence[int]) -> dict:
@@ -142,11 +180,11 @@ def _check(cfg: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the recipe; returns ``{"out", "dense", "pruned", "sparsity", "accuracy", "figures"}``."""
-    spawned = launch.maybe_spawn("recipes.hessian_after_pruning:main", argv, "hessian_after_pruning")
+    spawned = cli.maybe_spawn("recipes.hessian_after_pruning:main", argv, "hessian_after_pruning")
     if spawned is not None:                      # --nproc N: rank 0's result
         return spawned
     launch.from_environment()                    # a rank under torchrun
-    with cli.setup("hessian_after_pruning", DEFAULTS, argv, description=__doc__, data=True,
+    with cli.setup("hessian_after_pruning", Config, argv, description=__doc__, data=True,
                    check=_check, estimate=memory.hessian_estimate) as run:
         cfg, dev = run.cfg, run.device
         from torch_qode.bridge.dissipation import hessian_spectrum

@@ -9,7 +9,6 @@ the default group from ``torchrun``'s variables (``RANK``, ``WORLD_SIZE``, ``MAS
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import tempfile
@@ -19,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-__all__ = ["spawn", "from_environment", "backend_for", "is_rank0", "world", "rank", "group", "agree", "maybe_spawn",
+__all__ = ["spawn", "from_environment", "backend_for", "is_rank0", "world", "rank", "group", "agree", "recipe_rank",
            "NullLog", "shard", "shard_stream"]
 
 
@@ -201,43 +200,12 @@ def spawn(target: Union[str, Callable], nproc: int, args: tuple = (), *, backend
     return [res["ok"] for res in results]
 
 
-def _recipe_rank(target: str, rank_: int, world_: int, argv: list, kwargs: dict):
-    """One rank of a recipe started by :func:`maybe_spawn`: its ``main``; a ConfigError comes back as data."""
+def recipe_rank(target: str, rank_: int, world_: int, argv: list, kwargs: dict):
+    """One rank of a recipe started by :func:`recipes.cli.maybe_spawn`: its ``main``; a ConfigError comes
+    back as data."""
     from recipes.config import ConfigError
 
     try:
         return {"result": _resolve(target)(argv, **kwargs)}
     except ConfigError as exc:
         return {"config_error": str(exc)}
-
-
-def maybe_spawn(target: str, argv, recipe: str, **kwargs):
-    """``--nproc N`` (N > 1) outside torch.distributed: start N ranks that each run ``target(argv, **kwargs)``
-    (the recipe's ``main``) with the same output folder, and return rank 0's result; else ``None``, the
-    caller runs itself (one process, or a rank under ``torchrun`` / this launcher)."""
-    import argparse
-    import sys
-
-    from recipes.cli import default_out, resolve_device
-    from recipes.config import ConfigError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--out")
-    p.add_argument("--device")
-    known, _ = p.parse_known_args(argv)
-    if known.nproc < 1:
-        raise ConfigError(f"--nproc must be an integer >= 1, got {known.nproc}")
-    if known.nproc == 1 or world() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return None
-    if known.out is None:
-        argv += ["--out", str(default_out(recipe))]
-    # NCCL when the command line asks for CUDA; gloo otherwise (it also reduces CUDA tensors)
-    device = resolve_device(known.device) if known.device not in (None, "auto") else torch.device("cpu")
-    res = spawn(functools.partial(_recipe_rank, target), known.nproc, (argv, kwargs),
-                backend=backend_for(device, known.nproc), threads=None)
-    errors = [r["config_error"] for r in res if "config_error" in r]
-    if errors:
-        raise ConfigError(errors[0])
-    return res[0]["result"]

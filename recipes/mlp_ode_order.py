@@ -49,7 +49,8 @@ Run: ``python -m recipes.mlp_ode_order --config configs/mlp_ode_order.yaml``.
 from __future__ import annotations
 
 from math import comb
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,24 +61,29 @@ from torch_qode.models import Polynomial, mlp
 
 EPS64 = float(np.finfo(np.float64).eps)
 
-DEFAULTS = {
-    "seed": 0,
-    "device": "cpu",          # all arithmetic is float64 numpy; kept for the common command line
-    "layers": [1, 2, 3, 4],   # L
-    "degrees": [1, 2, 3],     # s_p
-    "activation": "full",     # "full": σ(z) = Σ_{k≤s_p} z^k / k!  (every coefficient non-zero); "monomial": z^s_p
-    "bias": True,
-    "inputs": 3,              # n_0
-    "width": 3,               # hidden widths n_1 … n_{L−1}
-    "outputs": 2,             # n_L
-    "samples": 4,             # |A|, random x ~ N(0, 1), y ~ N(0, 1)
-    "lines": 3,               # random lines per setting; all must give the same degree
-    "span": 8.0,              # width of the finite-difference stencil in s
-    "direction_scale": 0.5,   # entries of v ~ N(0, direction_scale²)
-    "threshold": 1000.0,      # |Δ^k g| / round-off scale above which the k-th difference is "non-zero"
-    "extra_orders": 2,        # differences computed up to k = q + extra_orders
-    "check_max_degree": 64,   # settings with q above this are reported symbolically only
-}
+@dataclass
+class Config:
+    """The recipe's config (its schema and defaults)."""
+
+    seed: int = 0
+    device: str = "cpu"         # all arithmetic is float64 numpy; kept for the common command line
+    layers: List[Any] = field(default_factory=lambda: [1, 2, 3, 4])   # L
+    degrees: List[Any] = field(default_factory=lambda: [1, 2, 3])     # s_p
+    activation: str = "full"    # "full": σ(z) = Σ_{k≤s_p} z^k / k!  (every coefficient non-zero); "monomial": z^s_p
+    bias: bool = True
+    inputs: int = 3             # n_0
+    width: int = 3              # hidden widths n_1 … n_{L−1}
+    outputs: int = 2            # n_L
+    samples: int = 4            # |A|, random x ~ N(0, 1), y ~ N(0, 1)
+    lines: int = 3              # random lines per setting; all must give the same degree
+    span: float = 8.0           # width of the finite-difference stencil in s
+    direction_scale: float = 0.5  # entries of v ~ N(0, direction_scale²)
+    threshold: float = 1000.0   # |Δ^k g| / round-off scale above which the k-th difference is "non-zero"
+    extra_orders: int = 2       # differences computed up to k = q + extra_orders
+    check_max_degree: int = 64  # settings with q above this are reported symbolically only
+
+
+DEFAULTS = config.defaults(Config)
 
 
 # ------------------------------------------------------------------------------------ symbolic
@@ -298,7 +304,7 @@ def _check(cfg: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the recipe; returns ``{"out", "rows", "figures"}``."""
-    with cli.setup("mlp_ode_order", DEFAULTS, argv, description=__doc__, check=_check) as run:
+    with cli.setup("mlp_ode_order", Config, argv, description=__doc__, check=_check) as run:
         cfg = run.cfg
         rng = np.random.default_rng(cfg["seed"])
         rows, diffs = [], []

@@ -20,7 +20,8 @@ Run: ``python -m recipes.quadratic_ode --config configs/quadratic_ode.yaml``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,26 +31,40 @@ from torch_qode._checks import as_int, as_real
 from torch_qode.core.carleman import FORMS, carleman, dissipativity
 from torch_qode.core.ode import NonFiniteError, PolynomialODE
 
-DEFAULTS = {
-    "seed": 0,
-    "device": "cpu",            # the math core runs in float64; "auto" uses CUDA when present
-    "n": 10,                    # ODE dimension (paper: not stated)
-    "T": 200,                   # steps (paper: not stated)
-    "u0_norm": 0.5,             # ||u0||, direction uniform on the sphere (paper: not stated)
-    "trials": 10,               # random systems per setting; curves are medians
-    "coordinate": None,         # which u_c to compare; null = random per trial (the paper's choice)
-    "orders": [1, 2, 3, 4],     # panel (a), at f = 1
-    "fs": [1.0, 0.9, 0.75, 0.5],  # panel (b)
-    "order_b": 4,               # panel (b) Carleman order
-    "forms": ["discrete", "continuous"],
-    "eig_pos": [0.0, 1.0],      # U(lo, hi) of the positive Hessian eigenvalues
-    "eig_neg": [-0.01, 0.0],    # U(lo, hi) of the negative ones
-    "f2_scale": 0.015,          # F2 entries ~ U(-f2_scale, f2_scale)
-    "report_times": [10, 50, 100, 200],
-    "error_threshold": 1.0e-3,  # summary column: last t with median error <= this
-    "blowup": 1.0e6,            # the exact trajectory counts as diverged once max|u| exceeds this
-    "resources": {"enabled": True, "eps": 1e-3, "max_bytes": 268435456},
-}
+@dataclass
+class Resources:
+    """The ``resources`` section."""
+
+    enabled: bool = True
+    eps: float = 1e-3
+    max_bytes: int = 268435456
+
+
+@dataclass
+class Config:
+    """The recipe's config (its schema and defaults)."""
+
+    seed: int = 0
+    device: str = "cpu"            # the math core runs in float64; "auto" uses CUDA when present
+    n: int = 10                    # ODE dimension (paper: not stated)
+    T: int = 200                   # steps (paper: not stated)
+    u0_norm: float = 0.5           # ||u0||, direction uniform on the sphere (paper: not stated)
+    trials: int = 10               # random systems per setting; curves are medians
+    coordinate: Any = None         # which u_c to compare; null = random per trial (the paper's choice)
+    orders: List[Any] = field(default_factory=lambda: [1, 2, 3, 4])          # panel (a), at f = 1
+    fs: List[Any] = field(default_factory=lambda: [1.0, 0.9, 0.75, 0.5])     # panel (b)
+    order_b: int = 4               # panel (b) Carleman order
+    forms: List[Any] = field(default_factory=lambda: ["discrete", "continuous"])
+    eig_pos: List[Any] = field(default_factory=lambda: [0.0, 1.0])    # U(lo, hi) of the positive Hessian eigenvalues
+    eig_neg: List[Any] = field(default_factory=lambda: [-0.01, 0.0])  # U(lo, hi) of the negative ones
+    f2_scale: float = 0.015        # F2 entries ~ U(-f2_scale, f2_scale)
+    report_times: List[Any] = field(default_factory=lambda: [10, 50, 100, 200])
+    error_threshold: float = 1.0e-3  # summary column: last t with median error <= this
+    blowup: float = 1.0e6          # the exact trajectory counts as diverged once max|u| exceeds this
+    resources: Resources = field(default_factory=Resources)
+
+
+DEFAULTS = config.defaults(Config)
 
 
 # ------------------------------------------------------------------------------------- systems
@@ -159,7 +174,7 @@ def _ledger(system, T: int, u0_norm: float, res_cfg: dict) -> Optional[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the recipe; returns ``{"out", "summary" (rows of the table), "curves", "figures"}``."""
-    with cli.setup("quadratic_ode", DEFAULTS, argv, description=__doc__, check=_check) as run:
+    with cli.setup("quadratic_ode", Config, argv, description=__doc__, check=_check) as run:
         cfg = run.cfg
         n, T, forms = cfg["n"], cfg["T"], list(cfg["forms"])
         # every (f, N, form) is simulated once; panel (a) is f = 1 over orders, (b) order_b over fs

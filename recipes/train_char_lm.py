@@ -28,30 +28,79 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 
 from recipes import cli, config, loop
-from recipes.train_resnet_cifar100 import TABLE_COLUMNS, check_sparse_training, cycle_row, panel_records
+from recipes.train_resnet_cifar100 import (TABLE_COLUMNS, Dissipation, Monitor, Qode, check_sparse_training,
+                                          cycle_row, panel_records)
 
-DEFAULTS = {
-    "seed": 0,
-    "device": "auto",
-    "gpu": False,
-    "data": {"max_files": None, "val_every": 10, "max_chars": None},
-    "model": {"d_model": 64, "heads": 4, "layers": 2, "ff": 128, "context": 64},
-    "pretrain": {"steps": 500, "batch_size": 64, "lr": 3.0e-3},
-    "train": {"steps": 1000, "batch_size": 64, "baseline": True},
-    "qode": {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "mode": "auto", "cycle": 100,
-             "classical_steps": 10, "sparsity": 0.9, "upload": "dense", "carleman_order": 1,
-             "taylor_degree": 2, "form": "discrete", "solver": "forward", "kappa_a": None, "shots": None,
-             "noise": "stream", "explicit": None, "track_sgd": True, "eps": 0.01,
-             "tomography_kwargs": config.OpenSection({"sign_method": "hadamard"})},
-    "dissipation": {"max_error_proxy": 1.0, "min_positive_fraction": 0.5, "cutoff": 0.4, "steps": 64},
-    "monitor": {"enabled": True, "probe_batch": 32, "steps": 64, "schedule": "paper", "backend": "torch"},
-    "eval": {"batches": 8, "batch_size": 64},
-}
+@dataclass
+class Data:
+    """The ``data`` section."""
+
+    max_files: Any = None
+    val_every: int = 10
+    max_chars: Any = None
+
+
+@dataclass
+class Model:
+    """The ``model`` section."""
+
+    d_model: int = 64
+    heads: int = 4
+    layers: int = 2
+    ff: int = 128
+    context: int = 64
+
+
+@dataclass
+class Pretrain:
+    """The ``pretrain`` section."""
+
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 3.0e-3
+
+
+@dataclass
+class Train:
+    """The ``train`` section."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    baseline: bool = True
+
+
+@dataclass
+class Eval:
+    """The ``eval`` section."""
+
+    batches: int = 8
+    batch_size: int = 64
+
+
+@dataclass
+class Config:
+    """The recipe's config (its schema and defaults)."""
+
+    seed: int = 0
+    device: str = "auto"
+    gpu: bool = False
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    pretrain: Pretrain = field(default_factory=Pretrain)
+    train: Train = field(default_factory=Train)
+    qode: Qode = field(default_factory=lambda: Qode(lr=0.1))
+    dissipation: Dissipation = field(default_factory=Dissipation)
+    monitor: Monitor = field(default_factory=lambda: Monitor(probe_batch=32))
+    eval: Eval = field(default_factory=Eval)
+
+
+DEFAULTS = config.defaults(Config)
 
 COLUMNS = TABLE_COLUMNS + ["ppl", "ppl_sgd"]
 
@@ -146,7 +195,7 @@ def plot_perplexity(rows: list, path):
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the recipe; returns ``{"out", "rows", "table", "reports", "figures"}``."""
-    with cli.setup("train_char_lm", DEFAULTS, argv, description=__doc__, check=_check) as run:
+    with cli.setup("train_char_lm", Config, argv, description=__doc__, check=_check) as run:
         cfg, dev, seed = run.cfg, run.device, run.cfg["seed"]
         from torch_qode.bridge.dissipation import DissipationCheck
         from torch_qode.data import char_batches, char_windows, stdlib_corpus

@@ -30,39 +30,74 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from recipes import classification, cli, config, launch, loop, memory
-from torch_qode._checks import as_int
 
-DEFAULTS = {
-    "seed": 0,
-    "device": "auto",
-    "gpu": False,                    # true: sized for a GPU; refuses to run without CUDA unless --device cpu
-    **cli.RUNTIME_DEFAULTS,          # cudnn_benchmark, deterministic (recipes/cli.py)
-    "data": dict(classification.DATA_DEFAULTS),
-    "model": {"depth": 32, "widen": 4},
-    "checkpoint": None,              # dense state_dict (weights_only) instead of pre-training
-    "pretrain": {"epochs": 50, "batch_size": 512, "lr": 0.1, "momentum": 0.9, "weight_decay": 2.0e-4,
-                 "schedule": "cosine", "save": True},
-    # micro_batches: the closure backwards the batch in this many parts (gradient accumulation; a BatchNorm
-    # normalises each part with its own statistics): with qode.hvp=recompute the window's peak is one part's
-    "train": {"steps": 1000, "batch_size": 2048, "baseline": True, "micro_batches": 1},
-    "qode": {"lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "mode": "auto", "cycle": 100,
-             "classical_steps": 10, "sparsity": 0.9, "upload": "dense", "carleman_order": 1,
-             "carleman_state": "auto", "max_rank": None,
-             "taylor_degree": 2, "form": "discrete", "solver": "forward", "kappa_a": None, "shots": None,
-             "noise": "stream", "explicit": None, "track_sgd": True, "eps": 0.01, "hvp": "auto",
-             # keyword arguments of torch_qode.core.tomography() that QODE passes through (sign_method, norm,
-             # norm_scale, split); QODE sets v, shots, seed, top_r and eps itself
-             "tomography_kwargs": config.OpenSection({"sign_method": "hadamard"})},
-    "dissipation": {"max_error_proxy": 1.0, "min_positive_fraction": 0.5, "cutoff": 0.4, "steps": 64},
-    "monitor": {"enabled": True, "probe_batch": 512, "steps": 64, "schedule": "paper", "backend": "torch"},
-    "eval_batch_size": 1000,
-}
+@dataclass
+class Dissipation:
+    """The ``dissipation`` section (``DissipationCheck``'s arguments)."""
+
+    max_error_proxy: float = 1.0
+    min_positive_fraction: float = 0.5
+    cutoff: float = 0.4
+    steps: int = 64
+
+
+@dataclass
+class Monitor:
+    """The ``monitor`` section."""
+
+    enabled: bool = True
+    probe_batch: int = 512
+    steps: int = 64
+    schedule: str = "paper"
+    backend: str = "torch"
+
+
+#: the ``qode:`` section: QODE's SGD keys and every setting of QODEConfig, these defaults the recipe's
+#: (tomography_kwargs: keyword arguments of torch_qode.core.tomography() that QODE passes through)
+Qode = config.qode_section(lr=0.01, track_sgd=True, tomography_kwargs={"sign_method": "hadamard"})
+
+
+@dataclass
+class Train:
+    """The ``train`` section."""
+
+    steps: int = 1000
+    batch_size: int = 2048
+    baseline: bool = True
+    # the closure backwards the batch in this many parts (gradient accumulation; a BatchNorm normalises each
+    # part with its own statistics): with qode.hvp=recompute the window's peak is one part's
+    micro_batches: int = 1
+
+
+@dataclass
+class Config:
+    """The recipe's config (its schema and defaults)."""
+
+    seed: int = 0
+    device: str = "auto"
+    gpu: bool = False                # true: sized for a GPU; refuses to run without CUDA unless --device cpu
+    deterministic: bool = False      # run-time keys (recipes/cli.py)
+    cudnn_benchmark: bool = False
+    data: classification.Data = field(default_factory=classification.Data)
+    model: classification.ResNet = field(default_factory=lambda: classification.ResNet(depth=32, widen=4))
+    checkpoint: Any = None           # dense state_dict (weights_only) instead of pre-training
+    pretrain: classification.Pretrain = field(default_factory=lambda: classification.Pretrain(epochs=50,
+                                                                                              batch_size=512))
+    train: Train = field(default_factory=Train)
+    qode: Qode = field(default_factory=Qode)
+    dissipation: Dissipation = field(default_factory=Dissipation)
+    monitor: Monitor = field(default_factory=Monitor)
+    eval_batch_size: int = 1000
+
+
+DEFAULTS = config.defaults(Config)
 
 #: Columns of the per-cycle table (the README shows one from a real run).  ``gates/FLOP``: the window's
 #: gate count (the ``gates`` column) over the FLOPs of the same window run classically (T SGD steps).
@@ -138,18 +173,7 @@ def check_sparse_training(cfg: dict, net: torch.nn.Module, probe: tuple, loss_fn
         config.check_int(cfg["train"]["micro_batches"], "train.micro_batches", 1, cfg["train"]["batch_size"])
     q = cfg["qode"]
     config.check_real(q["lr"], "qode.lr", 0.0, low_open=True)
-    cycle = config.check_int(q["cycle"], "qode.cycle", 1)
-    if as_int(q["classical_steps"]) is None or not 0 <= q["classical_steps"] < cycle:
-        raise config.ConfigError(f"qode.classical_steps must be an integer in 0..qode.cycle-1 = 0..{cycle - 1} "
-                                 f"(leaving a quantum window of >= 1 step), got {q['classical_steps']!r}")
-    if q["shots"] is not None and (as_int(q["shots"]) is None or q["shots"] < 1):
-        raise config.ConfigError(f"qode.shots must be null (exact readout) or an integer >= 1, got {q['shots']!r}"
-                                 + (" (write it as an integer, e.g. 10000000, not 1e7)"
-                                    if isinstance(q["shots"], (str, float)) else ""))
-    if q["kappa_a"] is not None:
-        config.check_real(q["kappa_a"], "qode.kappa_a", 1.0)
-    if q["explicit"] is not None and not isinstance(q["explicit"], bool):
-        raise config.ConfigError(f"qode.explicit must be null (automatic), true or false, got {q['explicit']!r}")
+    cycle = config.check_qode({**q, "seed": cfg["seed"]}).cycle
     d = cfg["dissipation"]
     try:
         check = DissipationCheck(seed=cfg["seed"], **d)
@@ -169,14 +193,6 @@ def check_sparse_training(cfg: dict, net: torch.nn.Module, probe: tuple, loss_fn
             QODE(net.parameters(), dissipation=check, seed=cfg["seed"], names=names, model=net, comm=LocalComm(),
                  **opts)
         except (TypeError, ValueError) as exc:
-            if str(exc).startswith("shots="):      # tomography() refused: the shots, or the kwargs?
-                try:
-                    QODE(net.parameters(), dissipation=check, seed=cfg["seed"], names=names, model=net,
-                         comm=LocalComm(), **{**opts, "tomography_kwargs": None})
-                    key = "qode.tomography_kwargs"
-                except (TypeError, ValueError):
-                    key = "qode.shots"
-                raise config.ConfigError(f"{key}: {exc}") from None
             raise config.keyed_error("qode", exc, q) from None
     try:
         DissipationMonitor(net, loss_fn, probe, lr=q["lr"], window=cycle - q["classical_steps"],
@@ -206,12 +222,12 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
     """Run the recipe; returns ``{"out", "rows", "table", "reports", "figures"}``.  ``name`` is the
     command shown by ``--help`` and logged (``recipes.demo`` runs this recipe as ``demo``);
     ``cli_defaults``: defaults of the command-line options (``recipes.demo``: its config, one thread)."""
-    spawned = launch.maybe_spawn("recipes.train_resnet_cifar100:main", argv, name, name=name,
+    spawned = cli.maybe_spawn("recipes.train_resnet_cifar100:main", argv, name, name=name,
                                  cli_defaults=cli_defaults)
     if spawned is not None:                      # --nproc N: rank 0's result
         return spawned
     launch.from_environment()                    # a rank under torchrun
-    with cli.setup(name, DEFAULTS, argv, description=__doc__, data=True, check=_check,
+    with cli.setup(name, Config, argv, description=__doc__, data=True, check=_check,
                    cli_defaults=cli_defaults, estimate=memory.train_resnet_estimate) as run:
         cfg, dev = run.cfg, run.device
         ddp = launch.world() > 1

@@ -150,12 +150,10 @@ def test_single_point_proxy_is_drawn(tmp_path, monkeypatch):
 
 
 def test_gpu_config_is_valid_and_marked():
-    cfg = config.merge(rh.DEFAULTS, rh.DEFAULTS, config.load_config(GPU))
-    config.validate(config.coerce_floats(cfg, rh.DEFAULTS), rh.DEFAULTS)
+    cfg = config.build(rh.Config, [config.load_config(GPU)])
     rh._check(cfg)
     assert cfg["gpu"] is True and "GPU-SIZED" in open(GPU, encoding="utf-8").read()
     assert cfg["data"]["name"] == "cifar100" and cfg["prune"]["sparsity"] == 0.9
     assert cifar_resnet_num_params(cfg["model"]["depth"], cfg["model"]["widen"], 100) == 103_024_340
-    cpu = config.merge(rh.DEFAULTS, rh.DEFAULTS, config.load_config(CPU))
-    config.validate(cpu, rh.DEFAULTS)
+    cpu = config.build(rh.Config, [config.load_config(CPU)])
     assert cpu["gpu"] is False

@@ -1,7 +1,10 @@
 """recipes.cli (with recipes.config through the command line): overrides, config files, the output
 folder, device, threads and seeds, all checked before anything is written."""
+import dataclasses
 import json
 import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -10,9 +13,37 @@ import yaml
 
 from recipes import cli, config
 
-SCHEMA = {"seed": 0, "device": "cpu", "lr": 0.1, "steps": 10, "flag": False, "name": "a", "fs": [1.0],
-          "opt": None, "model": {"depth": 8, "widen": 1},
-          "data": {"name": "digits", "root": None, "download": False}}
+@dataclass
+class Model:
+    depth: int = 8
+    widen: int = 1
+
+
+@dataclass
+class Data:
+    name: str = "digits"
+    root: Optional[str] = None
+    download: bool = False
+
+
+@dataclass
+class SCHEMA:
+    seed: int = 0
+    device: str = "cpu"
+    lr: float = 0.1
+    steps: int = 10
+    flag: bool = False
+    name: str = "a"
+    fs: List[float] = field(default_factory=lambda: [1.0])
+    opt: Any = None
+    model: Model = field(default_factory=Model)
+    data: Data = field(default_factory=Data)
+
+
+def extend(**fields):
+    """SCHEMA with ``fields`` added or their defaults changed (``name=(type, default)``)."""
+    return dataclasses.make_dataclass("S", [(k, tp, field(default_factory=lambda d=d: d) if isinstance(d, dict)
+                                             else d) for k, (tp, d) in fields.items()], bases=(SCHEMA,))
 
 
 def toy_main(argv, data=False):
@@ -143,7 +174,7 @@ def test_strings_in_float_lists_are_read_as_floats(tmp_path):
 
 
 def test_open_sections_take_any_sub_key(tmp_path):
-    schema = dict(SCHEMA, kw=config.OpenSection({"sign_method": "pairs"}))
+    schema = extend(kw=(Dict[str, Any], {"sign_method": "pairs"}))
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("kw:\n  split: {support: 0.5}\n")
     with cli.setup("toy", schema, ["--config", str(cfg_file), "--out", str(tmp_path / "o"), "kw.norm=exact",
@@ -167,7 +198,7 @@ def test_unsupported_devices_are_refused_before_anything_is_written(tmp_path, de
 
 def test_a_gpu_config_needs_cuda_or_an_explicit_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
-    schema = dict(SCHEMA, gpu=False, device="auto")
+    schema = extend(gpu=(bool, False), device=(str, "auto"))
     gpu = tmp_path / "gpu.yaml"
     gpu.write_text("gpu: true\ndevice: auto\n")
     with pytest.raises(config.ConfigError, match=r"gpu\.yaml' is sized for a GPU.*--device cpu"):

@@ -4,7 +4,7 @@ the Fig. 2 recipe trains with rank 0 alone writing.  (The library's two-rank equ
 tested in tests/training/test_distributed.py.)"""
 import pytest
 
-from recipes import hessian_after_pruning, launch, quadratic_ode, train_resnet_cifar100
+from recipes import cli, hessian_after_pruning, launch, quadratic_ode, train_resnet_cifar100
 from recipes.config import ConfigError
 
 
@@ -29,7 +29,7 @@ def test_one_process_recipes_refuse_nproc(tmp_path):
 def test_shard_without_a_group_is_the_whole_batch():
     batch = (list(range(6)), list(range(6)))
     assert launch.shard(batch) is batch and launch.world() == 1 and launch.rank() == 0 and launch.is_rank0()
-    assert launch.group() is None and launch.maybe_spawn("x:y", ["--nproc", "1"], "x") is None
+    assert launch.group() is None and cli.maybe_spawn("x:y", ["--nproc", "1"], "x") is None
 
 
 def sleeper(rank, world):
@@ -59,7 +59,7 @@ def test_a_two_rank_run_of_the_fig2_recipe_trains_and_rank_0_alone_writes(tmp_pa
 
     out = tmp_path / "run"
     argv = ["--out", str(out), "qode.mode=quantum"] + TINY
-    res = launch.spawn(functools.partial(launch._recipe_rank, "recipes.train_resnet_cifar100:main"), 2,
+    res = launch.spawn(functools.partial(launch.recipe_rank, "recipes.train_resnet_cifar100:main"), 2,
                        (argv, {}), threads=1, timeout=300)
     rows = res[0]["result"]["rows"]
     assert [r["cycle"] for r in rows] == [0, 1] and all(r["mode"] == "quantum" for r in rows)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from recipes import cli, config, loop, memory
+from recipes import cli, config, loop, memory, quadratic_ode
 from recipes import train_resnet_cifar100 as trr
 from torch_qode.models import cifar_resnet
 from torch_qode.training.capture import saved_bytes
@@ -90,8 +90,10 @@ def test_runtime_flags_are_set_and_restored(tmp_path):
     assert (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()) == before
     with pytest.raises(config.ConfigError, match="cudnn_benchmark"):
         cli._check_runtime({"deterministic": True, "cudnn_benchmark": True})
-    with pytest.raises(config.ConfigError, match="deterministic must be true or false"):
-        cli._check_runtime({"deterministic": "yes", "cudnn_benchmark": False})
+    with pytest.raises(config.ConfigError, match="'deterministic' must be of type bool, got 'yes'"):
+        with cli.setup("quadratic_ode", quadratic_ode.Config, ["deterministic='yes'", "--out", str(tmp_path / "o")]):
+            pass
+    assert not (tmp_path / "o").exists()
 
 
 def test_batch_stream_with_workers_gives_the_same_batches():
