@@ -113,6 +113,24 @@ class DissipationCheck:
       ``exp(t² σ_a² / (2(1 + a)²))`` — a factor of hundreds at t = 100 for typical kernels — while
       k-point Gauss quadrature integrates ``(1 − ηλ)^t`` exactly for t ≤ 2k − 1 (away from the
       cutoff and the sign change of ``1 + a``).  The verdict still carries the smoothed density.
+
+    Args:
+        max_error_proxy: The largest ``proxy(T)`` that passes.
+        min_positive_fraction: The smallest positive fraction that passes.
+        cutoff: The cutoff ``c`` of Eq. III.14.
+        steps: Lanczos steps per SLQ run.
+        runs: SLQ runs.
+        seed: Seed of the random start vectors.
+        grid: Points of the smoothed density.
+        sigma: Width of its Gaussian kernel (default: from the spectrum's range).
+        reorthogonalize: ``"full"`` or ``None``.
+        zero_tol: The relative flat band.
+        form: ``"quadrature"`` or ``"density"``.
+        flat_growth: The window flat band.
+        process_group: The torch.distributed group the products are averaged over.
+
+    Raises:
+        ValueError: An argument is out of range or an unknown ``form``/``reorthogonalize``.
     """
 
     def __init__(self, max_error_proxy: float = 1.0, min_positive_fraction: float = 0.5, cutoff: float = 0.4,

@@ -196,6 +196,21 @@ def make_loss_fn(model: nn.Module, criterion: Callable, batch, params: Optional[
     training mode uses the batch statistics and never updates its running buffers.  Randomness (dropout) is
     re-seeded with ``seed`` on every call, so every evaluation sees the same masks, and the global RNG state
     is left as it was.
+
+    Args:
+        model: The module.
+        criterion: ``criterion(outputs, targets) -> scalar``.
+        batch: ``(inputs, targets)``.
+        params: The parameters that ``theta`` stands for (default: the model's trainable ones).
+        seed: The seed of every call's randomness.
+        decompose_norms: Run normalisation layers decomposed (see above).
+
+    Returns:
+        The function ``theta -> loss``.
+
+    Raises:
+        TypeError: ``model``, ``criterion`` or ``batch`` is not of the expected kind.
+        ValueError: The model holds ``torch.nn.utils.prune`` re-parametrisations.
     """
     check_model_loss_batch(model, criterion, batch)
     check_no_torch_prune(model)

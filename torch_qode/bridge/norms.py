@@ -129,6 +129,13 @@ def decomposed_norms(model: nn.Module, *, update_running_stats: bool = False):
     on exit.  Wrapping a training step's forward in
     ``decomposed_norms(model, update_running_stats=True)`` computes the same loss and buffer updates
     as the fused layers, and leaves a graph that :meth:`TaylorExpansion.from_loss` accepts at degree ≥ 2.
+
+    Args:
+        model: The module whose normalisation layers are decomposed (all of its submodules).
+        update_running_stats: Update the running buffers of training-mode layers, as described above.
+
+    Returns:
+        A context manager; the modules are restored when it exits.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

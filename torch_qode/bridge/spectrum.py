@@ -117,6 +117,25 @@ def slq_density(hvp, n: int, *, steps: int = 64, runs: int = 1, grid: int = 256,
     (:func:`smooth_density`).  ``steps`` larger than n is reduced to n (reported in ``Density.steps``).
     A basis over ``max_basis_bytes`` (default :func:`~.lanczos.basis_budget`) is not stored: the runs
     go without reorthogonalisation and ``Density.reorthogonalize`` is ``None``.
+
+    Args:
+        hvp: The symmetric operator, ``v (n,) -> H v (n,)`` on torch tensors.
+        n: Its dimension.
+        steps: Lanczos steps per run.
+        runs: Independent runs pooled.
+        grid: Points of the smoothed density.
+        sigma: Width of the Gaussian kernel (default: from the spectrum's range, see :func:`smooth_density`).
+        seed: Seed of the Rademacher start vectors.
+        reorthogonalize: ``"full"`` or ``None`` (see :func:`~.lanczos.lanczos`).
+        dtype: The vectors' dtype.
+        device: The vectors' device.
+        max_basis_bytes: The memory cap of a stored basis described above.
+
+    Returns:
+        A :class:`Density`: the quadrature nodes and weights, the smoothed density and the HVPs spent.
+
+    Raises:
+        ValueError: An argument is out of range.
     """
     runs, steps = check_int(runs, "runs", 1), check_int(steps, "steps", 1)
     k = min(steps, int(n))
@@ -170,6 +189,24 @@ def error_proxy(spectrum, lr: float, t, cutoff: float = 0.4):
     Where nothing remains after the cutoff (N_c = 0: every mode has ``|lr·λ| < c``) the proxy is
     defined as 1 for every t — the level of a classical step, as in the paper's Fig. 2c.  Values
     that overflow float64 are returned as ``inf``.
+
+    Args:
+        spectrum: One of the three forms above.
+        lr: The learning rate ``η``.
+        t: A step count ``≥ 0`` or an array of them.
+        cutoff: The cutoff ``c`` of Eq. III.14.
+
+    Returns:
+        The proxy at ``t``: a float for a scalar ``t``, an array of ``t``'s shape otherwise.
+
+    Raises:
+        TypeError: ``spectrum`` is none of the three forms.
+        ValueError: A non-finite spectrum, negative weights or a negative ``t``.
+
+    Example:
+        >>> import numpy as np
+        >>> error_proxy(np.array([1.0, 5.0, 15.0]), lr=0.1, t=[0, 1, 2])   # a = −0.1 (under c), −0.5, −1.5
+        array([1.  , 0.5 , 0.25])
     """
     x, p, _ = _measure(spectrum)
     lr = check_real(lr, "lr", 0.0, low_open=True)
@@ -204,6 +241,19 @@ def positive_fraction(spectrum, zero_tol: float = 1e-3, *, flat_below: float = 0
     """Fraction of the spectral mass on positive (dissipative) eigenvalues, ignoring the flat band
     ``|λ| ≤ max(zero_tol·max|λ|, flat_below)`` (neither dissipative nor divergent).  A :class:`Density`
     uses its raw quadrature; an array counts eigenvalues.  ``1.0`` when everything lies in the flat band.
+
+    Args:
+        spectrum: A :class:`Density`, a :class:`Spectrum`, a ``(nodes, weights)`` pair or an array of eigenvalues.
+        zero_tol: The flat band's width relative to ``max|λ|``.
+        flat_below: The flat band's absolute width.
+
+    Returns:
+        The fraction in ``[0, 1]``.
+
+    Example:
+        >>> import numpy as np
+        >>> positive_fraction(np.array([-1.0, 2.0, 3.0, 1e-9]))     # 1e-9 lies in the flat band
+        0.6666666666666666
     """
     if isinstance(spectrum, Spectrum):
         spectrum = spectrum.density
@@ -264,6 +314,35 @@ def hessian_spectrum(model: nn.Module, loss_fn: Callable, batch, *, backend: str
     averages gradients): the spectrum is the global batch's (equal shards, a per-sample mean loss, no
     training-mode BatchNorm), the same on every rank.  Every rank of the group must call it.  DDP's
     ``.module`` runs the forward.  ``backend="torch"`` only; sharded (FSDP) parameters are refused.
+
+    Args:
+        model: The module (or its DDP wrapper) whose loss Hessian is analysed.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        batch: ``(inputs, targets)``.
+        backend: A name in ``SPECTRUM_BACKENDS``: ``"torch"`` or ``"pyhessian"``.
+        support: Flat indices of the parameters the Hessian is restricted to (``backend="torch"``).
+        params: The parameters (default: the model's).
+        top_k: How many top eigenvalues.
+        trace_samples: Hutchinson samples of the trace.
+        steps: Lanczos steps per SLQ run.
+        runs: SLQ runs.
+        grid: Points of the smoothed density.
+        sigma: Width of its Gaussian kernel (default: from the spectrum's range).
+        seed: Seed of the random start vectors.
+        reorthogonalize: ``"full"`` or ``None``.
+        density: Whether to compute the SLQ density.
+        trace: Whether to compute the trace.
+        which: ``"algebraic"`` or ``"magnitude"`` (see :func:`top_eigenvalues`).
+        eig_iters: Power iterations (``backend="pyhessian"``).
+        tol: PyHessian's relative tolerance.
+        process_group: The torch.distributed group the products are averaged over.
+
+    Returns:
+        A :class:`Spectrum`: the top eigenvalues, the trace and the density, with the HVPs and seconds spent.
+
+    Raises:
+        ValueError: An unknown ``backend`` or ``which``, an argument out of range, or an option the backend
+            does not support.
     """
     impl = SPECTRUM_BACKENDS.lookup(backend, "backend")
     if which is None:

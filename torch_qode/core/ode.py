@@ -294,6 +294,23 @@ class PolynomialODE:
             reach the ODE); torch sparse tensors are converted to scipy.sparse; complex input raises ``TypeError``.
         dtype: Where the math runs (float64 on the CPU by default); ``dtype`` must be a real floating dtype.
         device: See ``dtype``.
+
+    Raises:
+        TypeError: ``coefficients`` is not a list, a coefficient is complex or of an unknown type, or
+            ``dtype`` is not a torch dtype.
+        ValueError: Fewer than two coefficients, a ``None`` top-degree term, shapes that disagree with
+            ``n``, or a non-floating ``dtype``.
+        NonFiniteError: A coefficient holds NaN or ±inf.
+
+    Example:
+        >>> import numpy as np
+        >>> ode = PolynomialODE([np.zeros(1), -0.5 * np.eye(1), np.array([[0.25]])])   # u + (-u/2 + u²/4)
+        >>> ode
+        PolynomialODE(n=1, degree=2, F0=constant, terms=['explicit', 'explicit'])
+        >>> ode.f(np.array([1.0]))                  # -1/2 + 1/4
+        array([-0.25])
+        >>> ode.iterate(np.array([1.0]), 2).ravel()      # u(0), u(1), u(2), like the input (numpy)
+        array([1.      , 0.75    , 0.515625])
     """
 
     def __init__(self, coefficients: Sequence, *, dtype: torch.dtype = torch.float64, device=None):

@@ -266,6 +266,13 @@ def estimate_resources(system: CarlemanSystem, T: int, kappa_a: Optional[float] 
         block_encoding_ancillas: Override the assumed block-encoding ancilla count.
         t: The step whose ``A(t)`` is measured (only matters for a time-dependent ``F0``).
         max_bytes: Memory budget for building ``A`` (passed to ``system.matrix``).
+
+    Returns:
+        The :class:`Resources` ledger of the window.
+
+    Raises:
+        TypeError: ``system`` is not a :class:`~torch_qode.core.carleman.CarlemanSystem`.
+        ValueError: An argument is out of range (``T``, ``eps``, ``kappa_a``, ``r``, ``u_norm``, ``rate``, ...).
     """
     if not isinstance(system, CarlemanSystem):
         raise TypeError(f"system must be a CarlemanSystem (from carleman()), got {type(system).__name__}")

@@ -89,6 +89,21 @@ def coupon_collector_expected_draws(p) -> float:
     dropped (they are not part of the support and are never collected).  For equal weights this
     is ``r · H_r`` (:func:`coupon_cost`).  The integrand is evaluated in log space,
     ``1 − exp(Σ_a log(−expm1(−p_a y)))``, so it stays accurate for ``r`` up to ~10⁵.
+
+    Args:
+        p: The outcome weights described above.
+
+    Returns:
+        The expected number of draws ``E``.
+
+    Raises:
+        ValueError: ``p`` has a negative or non-finite weight, or no positive one.
+
+    Example:
+        >>> round(coupon_collector_expected_draws([0.5, 0.5]), 10)    # 1 + 2: the second coupon takes 2
+        3.0
+        >>> round(coupon_collector_expected_draws([1, 1, 1]), 10), round(coupon_cost(3), 10)   # 3 (1 + 1/2 + 1/3)
+        (5.5, 5.5)
     """
     if isinstance(p, torch.Tensor):
         p = p.detach().cpu().double().numpy()

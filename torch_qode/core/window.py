@@ -39,7 +39,21 @@ DENSE_LIMIT = 3000  # (T+1)Δ up to which κ and the filtered solve use a dense 
 
 
 def kappa_bound(T: int) -> int:
-    """``κ(M) ≤ 2(T+1)`` of Eq. (II.106), valid when ``||I + A|| ≤ 1``."""
+    """``κ(M) ≤ 2(T+1)`` of Eq. (II.106), valid when ``||I + A|| ≤ 1``.
+
+    Args:
+        T: The window length in steps (an integer ≥ 0).
+
+    Returns:
+        The bound ``2(T+1)``.
+
+    Raises:
+        ValueError: ``T`` is not an integer ≥ 0.
+
+    Example:
+        >>> kappa_bound(10)
+        22
+    """
     return 2 * (_check_T(T) + 1)
 
 
@@ -91,6 +105,21 @@ def window_system(system: CarlemanSystem, u0, T: int, *, explicit: Optional[bool
     takes numpy or torch).  ``B`` is a float64 numpy vector of length ``(T+1)Δ``.  ``max_bytes``
     defaults to the system's budget; what does not fit is refused (:class:`CarlemanTooLarge`)
     before ``B`` or ``M`` is allocated.
+
+    Args:
+        system: The :class:`~torch_qode.core.carleman.CarlemanSystem`.
+        u0: The initial state ``u(0)``, shape ``(n,)``.
+        T: The number of steps (an integer ≥ 0).
+        explicit: Build ``M`` as a scipy matrix (``True``), as a :class:`WindowOperator` (``False``) or
+            whichever fits (``None``).
+        max_bytes: The memory budget described above.
+
+    Returns:
+        The pair ``(M, B)``, ``M`` of shape ``((T+1)Δ, (T+1)Δ)`` and ``B`` of length ``(T+1)Δ``.
+
+    Raises:
+        ValueError: A bad ``T`` or ``u0``.
+        CarlemanTooLarge: ``M`` or ``B`` does not fit in ``max_bytes``.
     """
     system = check_system(system)
     T = _check_T(T)

@@ -34,5 +34,28 @@ def carleman(ode: PolynomialODE, order: int, form: str = "discrete", *,
     fit is refused before anything is allocated.  It is also the default budget of the system's
     later allocations (:meth:`CarlemanSystem.matrix`, :meth:`~CarlemanSystem.simulate`, and the
     window solvers).
+
+    Args:
+        ode: The :class:`~torch_qode.core.ode.PolynomialODE` to linearise.
+        order: The Carleman order ``N`` (an integer ≥ 1): the state is ``y = (u, u⊗u, …, u^{⊗N})``.
+        form: A name in ``FORMS``: ``"discrete"`` (default) or ``"continuous"``.
+        max_bytes: The memory budget described above.
+
+    Returns:
+        The :class:`CarlemanSystem` subclass registered as ``form``.
+
+    Raises:
+        TypeError: ``ode`` is not a :class:`~torch_qode.core.ode.PolynomialODE`.
+        ValueError: A bad ``order`` or an unknown ``form``.
+        CarlemanTooLarge: The state alone would not fit in ``max_bytes``.
+
+    Example:
+        >>> import numpy as np
+        >>> ode = PolynomialODE([np.zeros(1), -0.5 * np.eye(1), np.array([[0.25]])])   # u + (-u/2 + u²/4)
+        >>> system = carleman(ode, 2)
+        >>> system.dim                                      # Δ = n + n²
+        2
+        >>> system.step(system.lift(np.array([1.0])))       # (u, u²) after one step, truncated at N = 2
+        array([0.75, 0.25])
     """
     return FORMS.lookup(form, "form")(ode, order, max_bytes=max_bytes)

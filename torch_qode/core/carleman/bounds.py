@@ -40,8 +40,20 @@ def required_order(eps: float, u_norm: float, norms: Sequence[float], rate: floa
     Our reconstruction of Eq. (II.76) solves ``3 N ||ū||^{N+1} Σ_{ℓ=2}^q (ℓ−1)||F_ℓ|| / rate ≤ ε``
     (the bound of Eq. II.74) for ``N`` by an upward search, so the two functions never disagree; the
     closed form ``⌈log(3Σ/(rate·ε)) / log(1/||ū||)⌉`` drops the factor ``N`` and can fall short.  A
-    linear ODE (all ``F_ℓ = 0`` for ℓ ≥ 2) or ``||ū|| = 0`` needs ``N = 1``.  Raises ``ValueError``
-    when no ``N ≤ max_order`` reaches ``eps``.  Other arguments as in :func:`carleman_error_bound`.
+    linear ODE (all ``F_ℓ = 0`` for ℓ ≥ 2) or ``||ū|| = 0`` needs ``N = 1``.
+
+    Args:
+        eps: The target truncation error (> 0).
+        u_norm: ``||ū|| < 1``, the bound on the state's norm over the window.
+        norms: ``[||F0||, ||F1||, …, ||Fq||]`` (e.g. ``ode.norms()``), as in :func:`carleman_error_bound`.
+        rate: The dissipation scale of Eq. (II.74) (> 0).
+        max_order: The largest order searched.
+
+    Returns:
+        The smallest order ``N ≥ 1`` whose bound is at most ``eps``.
+
+    Raises:
+        ValueError: An argument is out of range, or no ``N ≤ max_order`` reaches ``eps``.
     """
     _check_bound_args(u_norm, norms, rate)
     eps = check_real(eps, "eps", 0.0, low_open=True)
@@ -88,7 +100,22 @@ class Dissipativity:
 
 
 def dissipativity(system: CarlemanSystem, t: int = 0, *, max_bytes: Optional[int] = None) -> Dissipativity:
-    """Test ``||I + A(t)|| ≤ 1`` (Theorem II.1) and report the level-1 spectrum of ``I + F1``."""
+    """Test ``||I + A(t)|| ≤ 1`` (Theorem II.1) and report the level-1 spectrum of ``I + F1``.
+
+    Args:
+        system: The :class:`CarlemanSystem` tested.
+        t: The step whose ``A(t)`` is tested (only matters for a time-dependent ``F0``).
+        max_bytes: Memory budget for building ``A`` (default: the system's).
+
+    Returns:
+        A :class:`Dissipativity`: ``||I + A(t)||_2``, whether it is at most 1, and the eigenvalues and
+        spectral radius of ``I + F1``.
+
+    Raises:
+        TypeError: ``system`` is not a :class:`CarlemanSystem`, or ``A`` is matrix-free (the test needs
+            the explicit matrix).
+        CarlemanTooLarge: ``A`` would not fit in ``max_bytes``.
+    """
     if not isinstance(system, CarlemanSystem):
         raise TypeError(f"system must be a CarlemanSystem, got {type(system).__name__}")
     A = system.matrix(t, max_bytes=max_bytes)
