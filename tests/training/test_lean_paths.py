@@ -38,8 +38,8 @@ def _closure(model, opt, x, y):
 def _generic(monkeypatch) -> None:
     """Force the generic path: no ``step_into``, F0 from the flat gradient."""
     monkeypatch.setattr(CarlemanSystem, "step_into", lambda self, y, t, out: False)
-    f0 = _w.WindowState.f0_from_grads
-    monkeypatch.setattr(_w.WindowState, "f0_from_grads",
+    f0 = _w.Window.f0_from_grads
+    monkeypatch.setattr(_w.Window, "f0_from_grads",
                         lambda self, g: f0(self, g if isinstance(g, torch.Tensor) else _w.flat_grads(g)))
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import torch_qode.training.window as optim_mod   # the window core calls tomography
+import torch_qode.training.finish as optim_mod   # the window's read_out stage calls tomography
 from torch_qode.training.qode import QODE
 
 from tests.training.test_qode import _untimed, batches, closure_for, flat, run, tiny_mlp
@@ -268,9 +268,15 @@ def test_writing_the_weights_inside_a_matrix_free_window_names_the_cause():
     data = batches(5)
     run(model, opt, data[:2])
     assert opt.in_quantum_window
+    theta0 = opt._win.theta0.clone()
     model.load_state_dict(tiny_mlp(2).state_dict())
-    with pytest.raises(RuntimeError, match="modified in place during a quantum window"):
-        run(model, opt, data[2:3])
+    run(model, opt, data[2:3])                   # the window ends at θ0 with the cause in the report
+    rep = opt.reports[0]
+    assert not opt.in_quantum_window and torch.equal(flat(model), theta0)
+    assert "modified in place during a quantum window" in rep.reason
+    assert any("modified in place during a quantum window" in f for f in rep.faults)
+    run(model, opt, data[3:5])                   # and the optimizer is not stuck: classical steps follow
+    assert opt.step_count == 5 and rep.mode == "classical"
 
 
 def test_load_state_dict_refuses_other_readout_settings():

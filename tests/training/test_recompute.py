@@ -200,16 +200,24 @@ def test_replay_of_another_batch_is_refused():
         opt.step(closure)
 
 
-def test_inplace_write_inside_a_recompute_window_is_refused():
+def test_inplace_write_inside_a_recompute_window_aborts_it():
+    """The write is seen (the parameter's version moved, the replay refuses): the window ends at θ0
+    with the fault's clear message in the report, and the rest of the window trains classically."""
     model = mlp_dropout(0)
     opt = QODE(model.parameters(), model=model, hvp="recompute", **BASE)
-    data = batches(3, seed=3)
+    data = batches(4, seed=3)
     for X, Y in data[:2]:
         opt.step(micro_closure(model, opt, X, Y))
+    theta0 = opt._win.theta0.clone()
     with torch.no_grad():
         next(model.parameters()).mul_(1.0)
-    with pytest.raises(RuntimeError, match="modified in place"):
-        opt.step(micro_closure(model, opt, *data[2]))
+    opt.step(micro_closure(model, opt, *data[2]))
+    rep = opt.reports[0]
+    assert not opt.in_quantum_window and torch.equal(flat(model), theta0.to(flat(model)))
+    assert rep.mode == "classical" and "aborted at t=1" in rep.reason and "modified in place" in rep.reason
+    assert any(f.startswith("step 2: QODE: the parameters or buffers") for f in rep.faults)
+    opt.step(micro_closure(model, opt, *data[3]))            # a classical step, no error raised again
+    assert not opt.in_quantum_window and opt.step_count == 4
 
 
 def test_recompute_resume_with_restore_expansion_is_bit_identical():

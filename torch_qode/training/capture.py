@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import types
 from typing import Callable, Optional
 
@@ -10,9 +11,11 @@ import torch
 from .._checks import as_real
 from ..bridge import flat as _flat
 from ..bridge.kernels import double_backward_kernels
+from ..bridge.norms import fused_norm_nodes
 from ..bridge.recompute import intercepting_backward, replaying_backward
+from .config import choose_hvp
 
-__all__ = ["capture_backward", "NoiseTape", "loss_value", "holding", "own_grads", "measuring",
+__all__ = ["Products", "capture_backward", "NoiseTape", "loss_value", "holding", "own_grads", "measuring",
            "upload_graph", "Replay", "rng_state", "frozen_closure", "saved_bytes", "NEEDS_CLOSURE",
            "checked_closure"]
 
@@ -23,6 +26,67 @@ NEEDS_CLOSURE = (
     "loss graph twice. Move the forward and backward into a closure:\n"
     "    def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss\n"
     "    opt.step(closure)")
+
+
+class Products(enum.Enum):
+    """How a window takes its Hessian products (the ``hvp`` setting, chosen once per expansion).
+
+    ``RETAIN`` keeps the upload loss graph for the window; ``RECOMPUTE`` keeps none and replays the
+    closure per product (:class:`Replay`); ``AUTO`` retains while measuring the graph's saved bytes,
+    then :meth:`decided` picks one of the two.
+    """
+
+    RETAIN = "retain"
+    RECOMPUTE = "recompute"
+    AUTO = "auto"
+
+    @classmethod
+    def of(cls, hvp: str, model, local: bool) -> "Products":
+        """The strategy for ``hvp``: a replay needs ``model`` (BatchNorm statistics left alone) and one
+        process (a replay of a DDP closure would all-reduce inside each product); else ``RETAIN``."""
+        return cls(hvp) if model is not None and local else cls.RETAIN
+
+    @property
+    def retains(self) -> bool:
+        """The closure's backward keeps its graph."""
+        return self is not Products.RECOMPUTE
+
+    @property
+    def may_replay(self) -> bool:
+        """A replay may follow (``RECOMPUTE``, ``AUTO``): the global RNG's state is kept for it."""
+        return self is not Products.RETAIN
+
+    @property
+    def replays(self) -> bool:
+        """Products replay the closure (no graph between them)."""
+        return self is Products.RECOMPUTE
+
+    @property
+    def measures(self) -> bool:
+        """The forward's saved bytes are measured, to decide after the closure."""
+        return self is Products.AUTO
+
+    def decided(self, meter: dict, device) -> tuple:
+        """``(strategy, report info)`` after the closure: ``AUTO`` chooses by the measured bytes
+        (:func:`~.config.choose_hvp`), the others stay."""
+        if not self.measures:
+            return self, {"hvp": self.value}
+        hvp, need = choose_hvp(meter["bytes"], device)
+        return Products(hvp), {"hvp": hvp, "graph_bytes_estimate": need}
+
+    def capture(self, inspect_fused: bool):
+        """The context the closure runs in: :func:`capture_backward` (retaining or not; with the
+        fused-norm check ``inspect`` for a replay at degree ≥ 2 when ``inspect_fused``) and, for
+        ``AUTO``, :func:`saved_bytes`; yields the capture dict with its ``"meter"``."""
+        @contextlib.contextmanager
+        def run():
+            with torch.enable_grad(), double_backward_kernels(), \
+                    capture_backward(retain=self.retains,
+                                     inspect=fused_norm_nodes if self.replays and inspect_fused else None) as cap, \
+                    (saved_bytes() if self.measures else contextlib.nullcontext({})) as meter:
+                cap["meter"] = meter
+                yield cap
+        return run()
 
 
 def checked_closure(closure, params: list):

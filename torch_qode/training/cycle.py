@@ -1,72 +1,107 @@
 """The quantum steps of a cycle: the upload, a window step, the window's end and its abort.
 
 ``QODE`` schedules the cycle (which step ``k mod cycle`` is) and owns the ``Optimizer`` contract;
-what a quantum step does is here, as functions of one :class:`StepContext` — the optimizer's parts
-and this step's closure, report and live window — around the window core's maths (:mod:`.window`).
-Classical steps are :func:`~torch_qode.training.classical.classical_step`.
+what a quantum step does is here.  :class:`QuantumSteps` is built once per optimizer (its parts,
+read live); a step passes only its closure, report and ``k`` (a :class:`Step`), and the live
+:class:`~.window.Window` does the maths.  Classical steps are
+:func:`~torch_qode.training.classical.classical_step`.
 
-A function here never leaves a half-done window: a fault ends it with θ0 written back
-(:func:`abort`), and a closure that raises leaves the window exactly as it was before the step.
+A function here never leaves a half-done window: a :class:`~.faults.WindowFault` ends it with θ0
+written back (:func:`abort`), and a closure that raises leaves the window exactly as it was before
+the step.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
-import numpy as np
 import torch
 
 from ..bridge import flat as _flat
 from ..bridge.kernels import KERNELS, double_backward_kernels, missing_double_backward
-from . import window as _w
 from ..bridge.norms import fused_norm_nodes
-from .capture import Replay, capture_backward, measuring, own_grads, rng_state, saved_bytes, upload_graph
+from . import window as _w
+from .capture import Products, Replay, capture_backward, measuring, own_grads, rng_state, upload_graph
 from .classical import all_finite_sync, finite_with, momentum_buffers, reset_momentum, sgd_step
 from .comm import Comm
-from .config import QODEConfig, check_trainable, choose_hvp
+from .config import QODEConfig, check_trainable
 from .distributed import NOT_REPLICATED, global_losses
+from .faults import Fault, WindowFault
 from .report import CycleReport
 from .shadow import drift_measurement, grads_at, shadow_grads, shadow_update
 
-__all__ = ["StepContext", "upload", "window_step", "advance", "finish", "abort", "go_classical",
+__all__ = ["QuantumSteps", "Step", "upload", "window_step", "advance", "finish", "abort", "go_classical",
            "restore_expansion", "write_params"]
+
+write_params = _w.write_params
+
+
+class QuantumSteps:
+    """The quantum steps of one optimizer (``QODE`` builds it once): its parts, read live from it.
+
+    Args:
+        opt: the :class:`~torch_qode.training.qode.QODE` whose steps these are.
+    """
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    params = property(lambda self: self.opt._params)
+    group = property(lambda self: self.opt.param_groups[0])     # lr, momentum, weight decay, …
+    state = property(lambda self: self.opt.state)               # per-parameter state (momentum buffers)
+    cfg = property(lambda self: self.opt.cfg)
+    comm = property(lambda self: self.opt.comm)
+    pruner = property(lambda self: self.opt.pruner)
+    monitor = property(lambda self: self.opt.monitor)
+    model = property(lambda self: self.opt.model)
+    rng = property(lambda self: self.opt._rng)                   # the sampler (tomography draws)
+    dissipation = property(lambda self: self.opt.dissipation)
+
+    @property
+    def win(self) -> Optional[_w.Window]:
+        """The live window (``None`` between windows)."""
+        return self.opt._win
+
+    @win.setter
+    def win(self, value: Optional[_w.Window]) -> None:
+        self.opt._win = value
+
+    def watched(self) -> tuple:
+        """The tensors whose in-place writes invalidate a window's products: the parameters and, with
+        ``model=``, its buffers (e.g. BatchNorm running statistics)."""
+        model = self.model
+        return tuple(self.params) + (tuple(model.buffers()) if model is not None else ())
+
+    def upload(self, closure: Callable, rep: CycleReport, k: int) -> tuple:
+        """The upload step (see :func:`upload`); returns ``(loss, post)``: the closure's loss and the
+        measurements to run once the step is complete."""
+        s = Step(closure, rep, k)
+        return upload(self, s), s.post
+
+    def window_step(self, closure: Callable, rep: CycleReport, k: int) -> tuple:
+        """A step inside the window (see :func:`window_step`); returns ``(loss, post)``."""
+        s = Step(closure, rep, k)
+        return window_step(self, s), s.post
 
 
 @dataclass
-class StepContext:
-    """What one quantum step works on (``QODE`` builds it per step; ``win`` is read back afterwards)."""
+class Step:
+    """One quantum step: its closure, this cycle's report and ``k``; the measurements that run user
+    code once the step is complete (``post``)."""
 
-    params: list
-    group: dict                          # the one parameter group (lr, momentum, weight decay, …)
-    state: dict                          # the optimizer's per-parameter state (momentum buffers)
-    cfg: QODEConfig
-    comm: Comm
-    rep: CycleReport                     # this cycle's report
-    k: int                               # the step
     closure: Callable
-    win: Optional[_w.WindowState] = None     # the live window; ``None`` once it closed
-    pruner: Any = None
-    monitor: Any = None
-    model: Optional[torch.nn.Module] = None
-    post: list = field(default_factory=list)  # measurements that run user code once the step is complete
-    rng_at_closure: Any = None           # the global RNG before an expanded closure (hvp: a replay's)
-    hvp_info: dict = field(default_factory=dict)   # how the window takes its products (the report's)
+    rep: CycleReport
+    k: int
+    post: list = field(default_factory=list)
 
-    def fault(self, message: str) -> None:
-        self.rep.faults.append(f"step {self.k}: {message}")
-
-
-@torch.no_grad()
-def write_params(params: list, flat: torch.Tensor) -> None:
-    """Copy the full flat vector ``flat`` into the parameters."""
-    for p, v in zip(params, _flat.unflatten(flat, params)):
-        p.copy_(v)
+    def fault(self, fault: Union[WindowFault, str]) -> None:
+        """The fault into the report, as text (``"step k: <text>"``)."""
+        self.rep.faults.append(f"step {self.k}: {fault}")
 
 
 # --------------------------------------------------------------------------------------- upload
-def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
+def upload(q: QuantumSteps, s: Step) -> Any:
     """c = classical_steps (``mode`` quantum or auto): expand this step's loss at θ0 on S and open
     the window (its step t = 0 included), or train the step classically and say why.
 
@@ -75,64 +110,65 @@ def upload(s: StepContext, rng: np.random.Generator, dissipation) -> Any:
     backward trains this step classically with the reason; any other exception after the closure
     leaves the optimizer as before the step (no window, the report as it was), so a retry is the run
     that never failed."""
-    rep, params = s.rep, s.params
+    rep = s.rep
     support = None
-    if s.cfg.upload == "sparse" and s.pruner is not None:
-        s.pruner.prune()                         # the uploaded state must be r-sparse
-        support = s.pruner.support()
-    hvp, run = expansion_closure(s)
-    with run() as cap, _w.flop_count() as flops:   # FLOPs counted for the ledger's classical cost
+    if q.cfg.upload == "sparse" and q.pruner is not None:
+        q.pruner.prune()                         # the uploaded state must be r-sparse
+        support = q.pruner.support()
+    hvp, rng = _products(q)
+    with hvp.capture(q.cfg.degree >= 2) as cap, _w.flop_count() as flops:   # FLOPs counted for the ledger
         loss = detached(s.closure())             # the caller never holds the retained graph
     before = rep.state()
     try:
-        return _open(s, rng, dissipation, loss, cap, support, hvp, flops["flops"])
+        return _open(q, s, loss, cap, support, hvp, rng, flops["flops"])
     except BaseException as exc:
-        if s.win is not None:                    # the model still holds θ0: nothing was written
-            s.win.release()
-            s.win = None
+        if q.win is not None:                    # the model still holds θ0: nothing was written
+            q.win.release()
+            q.win = None
         for key, value in before.items():
             setattr(rep, key, value)
         why = missing_double_backward(exc)
         if why is None:
             raise
-        s.fault(f"upload failed: {why}")
-        return go_classical(s, why, loss, update=True)
+        s.fault(WindowFault(Fault.UPLOAD_FAILED, why))
+        return go_classical(q, s, why, loss, update=True)
 
 
-def _open(s: StepContext, rng: np.random.Generator, dissipation, loss, cap: dict, support, hvp: str,
+def _open(q: QuantumSteps, s: Step, loss, cap: dict, support, hvp: Products, rng,
           closure_flops: Optional[int] = None) -> Any:
     """The upload after its closure: the window opened on the captured graph (or a replay) and its step t = 0;
     ``closure_flops`` (the closure's FLOPs) goes to the ledger."""
-    rep, params = s.rep, s.params
-    if s.comm.any(not all_finite_sync(loss, params)):   # one rank's NaN: every rank skips
-        s.fault("non-finite loss or gradient at upload: update skipped")
-        return go_classical(s, "non-finite loss or gradient at upload", loss, update=False)
+    rep, params = s.rep, q.params
+    if q.comm.any(not all_finite_sync(loss, params)):   # one rank's NaN: every rank skips
+        s.fault(WindowFault(Fault.UPLOAD_NONFINITE))
+        return go_classical(q, s, "non-finite loss or gradient at upload", loss, update=False)
     check_trainable(params)                      # requires_grad may have been switched off since
-    if not s.comm.local and not s.comm.replicated(torch.cat([_flat.flatten([p.detach() for p in params]),
+    if not q.comm.local and not q.comm.replicated(torch.cat([_flat.flatten([p.detach() for p in params]),
                                                              _w.flat_grads(params)])):
         raise RuntimeError(NOT_REPLICATED.format(k=s.k))
-    graph = expansion_source(s, hvp, cap)
+    graph, hvp_info = expansion_source(q, s, hvp, cap, rng)
     unused = [i for i, p in enumerate(params) if p.grad is None]
     if unused:                                   # SGD leaves them alone this step; so does the window
         support = _w.support_without(params, unused, support)
         rep.excluded_params = len(unused)
         if support.numel() == 0:
-            return go_classical(s, "no parameter received a gradient at upload", loss, update=True)
-    monitor = getattr(s.monitor, "on_upload", None)
-    win, why = _w.open_window(graph, params, support, s.group, momentum_buffers(params, s.state), s.cfg,
-                              s.comm, rng, dissipation, rep, monitor=monitor, k=s.k)
+            return go_classical(q, s, "no parameter received a gradient at upload", loss, update=True)
+    monitor = getattr(q.monitor, "on_upload", None)
+    win, why = _w.Window.open(graph, params, support, q.group, momentum_buffers(params, q.state), q.cfg,
+                              q.comm, q.rng, q.dissipation, rep, monitor=monitor, k=s.k,
+                              watched=q.watched())
     del graph
     if win is None:
-        return go_classical(s, why, loss, update=True)
+        return go_classical(q, s, why, loss, update=True)
     win.closure_flops = closure_flops
-    s.win = win
-    rep.carleman.update(s.hvp_info)
-    opened = getattr(s.monitor, "on_window_open", None)
+    q.win = win
+    rep.carleman.update(hvp_info)
+    opened = getattr(q.monitor, "on_window_open", None)
     if opened is not None:                       # the monitor keeps its spectra outside retained windows
         opened(s.k, dict(rep.carleman))
     rep.mode = "quantum"
     rep.carleman["kernels"] = KERNELS
-    advance(s, params)
+    advance(q, s, params)
     return loss
 
 
@@ -141,173 +177,160 @@ def detached(loss: Any) -> Any:
     return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
 
-def expansion_closure(s: StepContext) -> tuple:
-    """How this step's closure runs when its loss is expanded: ``(hvp, run)`` with ``run()`` the
-    context (graph kept for ``"retain"``/``"auto"``, the forward's saved bytes measured for
-    ``"auto"``; the global RNG's state kept for a replay).  ``hvp="recompute"``/``"auto"`` without
-    ``model=`` retain: a replay must leave BatchNorm statistics alone; so does ``"auto"`` under
-    torch.distributed (a replay would run DDP's all-reduce inside each product)."""
-    hvp = s.cfg.hvp if s.model is not None and s.comm.local else "retain"
-    deg2 = min(s.cfg.taylor_degree, s.cfg.carleman_order) >= 2
-    s.rng_at_closure = None if hvp == "retain" else rng_state(s.params)
-
-    @contextlib.contextmanager
-    def run():
-        with torch.enable_grad(), double_backward_kernels(), capture_backward(retain=hvp != "recompute",
-                                                   inspect=fused_norm_nodes if hvp == "recompute" and deg2
-                                                   else None) as cap, \
-                (saved_bytes() if hvp == "auto" else contextlib.nullcontext({})) as meter:
-            cap["meter"] = meter
-            yield cap
-    return hvp, run
+def _products(q: QuantumSteps) -> tuple:
+    """How this expansion takes its products (:class:`~.capture.Products`, once per expansion) and the
+    global RNG's state before the closure when a replay may follow (else ``None``)."""
+    hvp = Products.of(q.cfg.hvp, q.model, q.comm.local)
+    return hvp, (rng_state(q.params) if hvp.may_replay else None)
 
 
-def expansion_source(s: StepContext, hvp: str, cap: dict) -> Any:
-    """What the window expands: the retained loss graph, or a :class:`~.capture.Replay` of the
-    closure (``hvp="auto"`` decides by :func:`~.config.choose_hvp`; ``s.hvp_info`` says which)."""
+def expansion_source(q: QuantumSteps, s: Step, hvp: Products, cap: dict, rng) -> tuple:
+    """``(source, info)``: what the window expands — the retained loss graph, or a
+    :class:`~.capture.Replay` of the closure (``AUTO`` decides by the measured bytes) — and how, for
+    the report."""
     meter, values = cap.pop("meter"), list(cap["values"])
     inspected = [n for names in cap["inspected"] for n in names]
-    graph = upload_graph(s.params, cap)
-    info = {"hvp": hvp}
-    if hvp == "auto":
-        hvp, need = choose_hvp(meter["bytes"], s.params[0].device)
-        info = {"hvp": hvp, "graph_bytes_estimate": need}
-    s.hvp_info = info
-    if hvp != "recompute":
-        return graph
-    if graph is not None and min(s.cfg.taylor_degree, s.cfg.carleman_order) >= 2:
+    graph = upload_graph(q.params, cap)
+    hvp, info = hvp.decided(meter, q.params[0].device)
+    if not hvp.replays:
+        return graph, info
+    if graph is not None and q.cfg.degree >= 2:
         inspected = fused_norm_nodes(graph)
     del graph
-    return Replay(s.closure, s.params, s.model, s.rng_at_closure, _w.flat_grads(s.params), values, inspected)
+    return Replay(s.closure, q.params, q.model, rng, _w.flat_grads(q.params), values, inspected), info
 
 
-def go_classical(s: StepContext, reason: str, loss, update: bool) -> Any:
+def go_classical(q: QuantumSteps, s: Step, reason: str, loss, update: bool) -> Any:
     """The upload trains classically: SGD's update with this step's gradients (``update``, when
     finite), or none."""
     rep = s.rep
     rep.mode, rep.reason = "classical", reason
-    if update and all_finite_sync(loss, s.params):
-        sgd_step(s.params, s.group, s.state)
+    if update and all_finite_sync(loss, q.params):
+        sgd_step(q.params, q.group, q.state)
     else:
         rep.skipped_steps += 1
     return loss
 
 
 # --------------------------------------------------------------------------------------- window
-NONFINITE_STEP = "non-finite loss or gradient inside the quantum window"
-
-
-def window_step(s: StepContext) -> Any:
+def window_step(q: QuantumSteps, s: Step) -> Any:
     """A step inside the window: the closure's ∇L_t(θ0) advances the Carleman state (a matrix-free
     window restored by ``load_state_dict`` first re-expands on this step's batch)."""
-    w = s.win
+    w, params = q.win, q.params
     resumed = w.system is None
-    hvp, run = expansion_closure(s) if resumed else (None, lambda: torch.enable_grad())
-    with run() as cap:
+    if resumed:
+        hvp, rng = _products(q)
+        run = hvp.capture(q.cfg.degree >= 2)
+    else:
+        run = torch.enable_grad()
+    with run as cap:
         loss = detached(s.closure())             # the model holds θ0: ∇L_t(θ0)
-    graph = expansion_source(s, hvp, cap) if resumed and (cap.get("values") or cap.get("loss") is not None) \
-        else None
+    graph = expansion_source(q, s, hvp, cap, rng)[0] \
+        if resumed and (cap.get("values") or cap.get("loss") is not None) else None
     f0, deferred = None, False
     if not resumed and w.frozen is None and w.support is None:   # F0(t) holds every gradient
-        f0 = w.f0_from_grads(s.params)
+        f0 = w.f0_from_grads(params)
         # nothing runs before the state advances (no shadow closures, no collective): the gradients'
         # check is the state's own (a non-finite F0 makes it fail), diagnosed in advance() if it does
-        deferred = w.shadow is None and s.comm.local
-        ok = finite_with(loss, f0[:0] if deferred else f0) or all_finite_sync(loss, s.params)
+        deferred = w.shadow is None and q.comm.local
+        ok = finite_with(loss, f0[:0] if deferred else f0) or all_finite_sync(loss, params)
     else:
-        ok = all_finite_sync(loss, s.params)
-    if s.comm.any(not ok):
+        ok = all_finite_sync(loss, params)
+    if q.comm.any(not ok):
         s.rep.skipped_steps += 1
-        abort(s, NONFINITE_STEP)
+        abort(q, s, WindowFault(Fault.STEP_NONFINITE))
         return loss
     if resumed:
         try:
-            why = _w.reexpand(w, graph, s.params, s.cfg, s.comm)
+            _w.reexpand(w, graph, params)
+        except WindowFault as fault:
+            abort(q, s, fault)
+            return loss
         except RuntimeError as exc:
             why = missing_double_backward(exc)
             if why is None:
                 raise
-        if why is not None:
-            abort(s, f"re-expansion after resume failed: {why}")
+            abort(q, s, WindowFault(Fault.REEXPANSION_FAILED, why))
             return loss
-        s.fault("resumed a matrix-free window: F1..Fq re-expanded at θ0 on this step's batch (the upload "
-                "batch's autograd graph cannot be saved)")
-    advance(s, s.params, f0, deferred)
+        s.fault(WindowFault(Fault.RESUMED))
+    advance(q, s, params, f0, deferred)
     return loss
 
 
-def advance(s: StepContext, grads, f0: Optional[torch.Tensor] = None, deferred: bool = False) -> None:
-    """Window step t (window core) with ``grads`` (the parameters, whose ``.grad`` hold ∇L_t(θ0), or
-    their flat vector; ``f0``: F0(t) already computed from them; ``deferred``: the gradients are not
-    checked yet, a failed state is diagnosed here), the shadows' closure calls first: if one raises,
-    the window is exactly as before the step; finish at t = T."""
-    w = s.win
+def advance(q: QuantumSteps, s: Step, grads, f0: Optional[torch.Tensor] = None, deferred: bool = False) -> None:
+    """Window step t (:meth:`~.window.Window.advance`) with ``grads`` (the parameters, whose ``.grad``
+    hold ∇L_t(θ0), or their flat vector; ``f0``: F0(t) already computed from them; ``deferred``: the
+    gradients are not checked yet, a failed state is diagnosed here), the shadows' closure calls
+    first: if one raises, the window is exactly as before the step; finish at t = T."""
+    w, params = q.win, q.params
     shadow = None if w.shadow is None else shadow_grads(
-        w.shadow, w.t == 0, s.params, functools.partial(grads_at, s.params, s.closure, s.model))
-    fault = _w.advance(w, grads, s.comm, f0)
-    if fault is not None:
-        if deferred and not all_finite_sync(None, s.params):   # what the check before the step says
+        w.shadow, w.t == 0, params, functools.partial(grads_at, params, s.closure, q.model))
+    try:
+        w.advance(grads, f0)
+    except WindowFault as met:
+        nonfinite = deferred and not all_finite_sync(None, params)   # what the check before the step says
+        if nonfinite:
             s.rep.skipped_steps += 1
-            fault = NONFINITE_STEP
-        abort(s, fault)
+        abort(q, s, WindowFault(Fault.STEP_NONFINITE) if nonfinite else met)
         return
     if shadow is not None:
-        shadow_update(w.shadow, *shadow, s.group, w.lr, w.wd, w.support)
-    if w.t == s.cfg.window_length:
-        finish(s)
+        shadow_update(w.shadow, *shadow, q.group, w.lr, w.wd, w.support)
+    if w.t == q.cfg.window_length:
+        finish(q, s)
 
 
-def finish(s: StepContext) -> None:
-    """The window core's readout written back; drift and the monitor run once the step is complete;
-    momentum restarts."""
-    w, rep = s.win, s.rep
-    keep = _w.readout_keep(s.params, s.pruner) if s.cfg.upload == "dense" else None
-    res = _w.finish_window(w, s.cfg, s.comm, rep, keep)
-    if res.fault is not None:
-        abort(s, res.fault)
+def finish(q: QuantumSteps, s: Step) -> None:
+    """The window's finish stages (the readout written back); drift and the monitor run once the step
+    is complete; momentum restarts."""
+    w, rep = q.win, s.rep
+    keep = _w.readout_keep(q.params, q.pruner) if q.cfg.upload == "dense" else None
+    try:
+        res = w.finish(rep, keep)
+    except WindowFault as fault:
+        abort(q, s, fault)
         return
-    write_params(s.params, res.new)
     # measurements that run user code (closures, the monitor) wait until the step is complete
-    if s.cfg.track_sgd:
-        s.post.append(global_losses(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, s.params,
-                                                      s.closure, s.model, theta_lin1=res.lin1), rep, s.comm))
-    if s.monitor is not None and hasattr(s.monitor, "on_window_end"):
-        s.post.append(functools.partial(s.monitor.on_window_end, s.k, rep))
-    reset_momentum(s.params, s.state)            # momentum restarts after a quantum window
+    if q.cfg.track_sgd:
+        s.post.append(global_losses(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, q.params,
+                                                      s.closure, q.model, theta_lin1=res.lin1), rep, q.comm))
+    monitor = q.monitor
+    if monitor is not None and hasattr(monitor, "on_window_end"):
+        s.post.append(functools.partial(monitor.on_window_end, s.k, rep))
+    reset_momentum(q.params, q.state)            # momentum restarts after a quantum window
     w.release()
-    s.win = None
+    q.win = None
 
 
-def abort(s: StepContext, why: str) -> None:
+def abort(q: QuantumSteps, s: Step, fault: WindowFault) -> None:
     """A fault ends the window: θ0 back in the model, the rest of the window trains classically."""
-    w = s.win
-    write_params(s.params, w.theta0)
+    w = q.win
+    write_params(q.params, w.theta0)
     w.release()
-    s.win = None
+    q.win = None
     rep = s.rep
     rep.mode = "classical"
-    rep.reason = f"quantum window aborted at t={w.t}: {why}; parameters restored to θ0"
-    s.fault(why)
-    closed = getattr(s.monitor, "on_window_closed", None)
+    rep.reason = f"quantum window aborted at t={w.t}: {fault}; parameters restored to θ0"
+    s.fault(fault)
+    closed = getattr(q.monitor, "on_window_closed", None)
     if closed is not None:
         closed(s.k)
 
 
 # --------------------------------------------------------------------------------------- resume
-def restore_expansion(win: _w.WindowState, closure: Callable, params: list, cfg: QODEConfig, comm: Comm,
+def restore_expansion(win: _w.Window, closure: Callable, params: list, cfg: QODEConfig, comm: Comm,
                       model: Optional[torch.nn.Module]) -> None:
     """A resumed matrix-free window's Taylor terms rebuilt from ``closure`` (the upload batch's), a
     measuring evaluation (own ``.grad`` slots, forked RNG, frozen BatchNorm statistics with ``model``)."""
-    recompute = cfg.hvp == "recompute" and model is not None
-    deg2 = min(cfg.taylor_degree, cfg.carleman_order) >= 2
+    replays = Products.of(cfg.hvp, model, comm.local).replays
     rng = rng_state(params)
     with own_grads(params), torch.enable_grad(), measuring(params, model), double_backward_kernels(), \
-            capture_backward(retain=not recompute, inspect=fused_norm_nodes if recompute and deg2 else None) as cap:
+            capture_backward(retain=not replays,
+                             inspect=fused_norm_nodes if replays and cfg.degree >= 2 else None) as cap:
         closure()
         grad = _w.flat_grads(params)
     if not cap["values"]:
         raise RuntimeError("restore_expansion: the closure did not call loss.backward()")
     source = (Replay(closure, params, model, rng, grad, list(cap["values"]),
-                     [n for names in cap["inspected"] for n in names]) if recompute else cap.pop("loss"))
-    _w.build_system(win, _w.expand(source, params, win.support, win.lr, win.wd, cfg),
-                    cfg, comm)                   # errors raise here: the caller asked for this expansion
+                     [n for names in cap["inspected"] for n in names]) if replays else cap.pop("loss"))
+    win.build(_w.expand(source, params, win.support, win.lr, win.wd, cfg))   # errors raise here: the
+    #                                                                           caller asked for it

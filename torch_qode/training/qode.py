@@ -247,13 +247,8 @@ class QODE(Optimizer):
         if c < cfg.classical_steps or cfg.mode == "classical" or (c > cfg.classical_steps and self._win is None):
             loss = classical_step(closure, self._params, self.param_groups[0], self.state, self._masked, rep, self._k)
         else:                                        # the upload, or a step inside the window
-            s = self._context(closure, rep)
-            try:
-                loss = (_cycle.upload(s, self._rng, self.dissipation) if c == cfg.classical_steps
-                        else _cycle.window_step(s))
-            finally:
-                self._win = s.win
-            post = s.post
+            steps = self._context()
+            loss, post = (steps.upload if c == cfg.classical_steps else steps.window_step)(closure, rep, self._k)
             if not self._readout_checked and self._win is not None:
                 self._readout_checked = True      # once: the first window's θ0 on S
                 why = readout_warning(self.cfg, self._win.theta0 if self._win.support is None
@@ -288,10 +283,12 @@ class QODE(Optimizer):
             self.pruner.prune()
             rep.download = download_record(self.pruner)
 
-    def _context(self, closure, rep: CycleReport) -> _cycle.StepContext:
-        """What a quantum step works on (:mod:`~torch_qode.training.cycle`): the optimizer's parts."""
-        return _cycle.StepContext(self._params, self.param_groups[0], self.state, self.cfg, self.comm, rep,
-                                  self._k, closure, self._win, self.pruner, self.monitor, self.model)
+    def _context(self) -> _cycle.QuantumSteps:
+        """The quantum steps of this optimizer (:mod:`~torch_qode.training.cycle`): built once, not saved."""
+        steps = self.__dict__.get("_quantum_steps")
+        if steps is None or steps.opt is not self:
+            steps = self.__dict__["_quantum_steps"] = _cycle.QuantumSteps(self)
+        return steps
 
     @torch.no_grad()
     def restore_expansion(self, closure: Callable[[], torch.Tensor]) -> None:
@@ -392,7 +389,7 @@ class QODE(Optimizer):
 
     def _load_window(self, win: Optional[dict]) -> None:
         if win is not None:
-            self._win = _w.load_window(win, self.cfg, self.comm, self._rng, self._params[0].device)
+            self._win = _w.load_window(win, self.cfg, self.comm, self._rng, self._params, self._context().watched())
 
     # ------------------------------------------------------------------------------ copy / pickle
     def __getstate__(self) -> dict:

@@ -2,8 +2,11 @@
 
 A window (DESIGN.md, steps 4–8) starts at θ0 on the support S with the Taylor expansion of the upload
 step's loss, advances its Carleman state one step per closure (``F0(t) = −η(∇L_t(θ0) + wd·θ0)``),
-and at t = T solves the window system (Eq. II.102), reads ``θ0 + u(T)`` out by tomography (Eq.
-II.123), prunes the read-out to the r largest prunable weights and prices it (Theorems II.3/II.4).
+and at t = T finishes: the stages of :mod:`.finish` solve the window system (Eq. II.102), read
+``θ0 + u(T)`` out by tomography (Eq. II.123), prune the read-out to the r largest prunable weights,
+price it (Theorems II.3/II.4) and write it back.  A :class:`Window` owns that life (:meth:`Window.open`,
+:meth:`Window.advance`, :meth:`Window.finish`); its Carleman state class (core/state.py) decides
+dense versus factored, and a step that fails raises a typed :class:`~.faults.WindowFault`.
 Every collective goes through the window's :class:`~torch_qode.training.comm.Comm`.
 
 The solver, its options and its cost formula come from the core's registry (``cfg.window_solver``,
@@ -21,30 +24,33 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..bridge import flat as _flat
 from ..bridge.taylor import TaylorExpansion, UnsupportedGraphError
-from ..core.carleman import carleman, default_max_bytes
-from ..core.window import kappa_bound
-from ..core.linsolve import solve_window
-from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE, all_finite
-from ..core.resources import classical_cost, estimate_resources
-from ..core.state import CarlemanState, DenseLevels, FactoredLevels, state_from_dict
-from ..core.tomography import tomography
+from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
+from ..core.state import STATES, CarlemanState, DenseLevels, state_from_dict
+from . import finish as _finish
 from .capture import NoiseTape, Replay
 from .comm import Comm
 from .config import EXPLICIT_MAX_SUPPORT, QODEConfig, carleman_state_for, use_explicit
+from .faults import Fault, WindowFault
+from .finish import KAPPA_MAX_UNKNOWNS, Readout, write_params
+from .products import counted, new_counts
 from .report import CycleReport
 from .shadow import Shadow, start_shadow
 
-__all__ = ["WindowState", "WindowResult", "open_window", "start_window", "build_system", "advance", "finish_window",
-           "window_state_dict", "load_window", "expand", "flop_count", "EXPLICIT_MAX_SUPPORT", "KAPPA_MAX_UNKNOWNS"]
-
-#: κ(M) is computed for the report when the window system has at most this many unknowns.
-KAPPA_MAX_UNKNOWNS = 5_000
+__all__ = ["Window", "Readout", "open_window", "window_state_dict", "load_window", "expand", "flop_count",
+           "write_params", "EXPLICIT_MAX_SUPPORT", "KAPPA_MAX_UNKNOWNS"]
 
 
 # ------------------------------------------------------------------------------------------ the data
 @dataclass
-class WindowState:
-    """One live quantum window (between the upload and the readout)."""
+class Window:
+    """One live quantum window (between the upload and the readout), and its life.
+
+    :meth:`open` is the upload, :meth:`advance` one window step, :meth:`finish` the stages of
+    :mod:`.finish` (solve, read out, prune, price, write back); a fault raises a
+    :class:`~.faults.WindowFault` and the caller aborts (θ0 back in the model).  ``levels`` is the
+    Carleman state class (:class:`~torch_qode.core.state.DenseLevels` or ``FactoredLevels``): it
+    builds the system, the state and the ledger's system, so nothing here asks which it is.
+    """
 
     theta0: torch.Tensor                 # the full flat parameter vector at the upload
     support: Optional[torch.Tensor]      # S (indices into theta0); None: all weights
@@ -53,18 +59,23 @@ class WindowState:
     explicit: bool                       # explicit Taylor terms (resumable bit for bit)
     tape: NoiseTape                      # F0(t), streamed noise
     rng: np.random.Generator             # the optimizer's sampler (tomography draws)
+    cfg: QODEConfig
+    comm: Comm
+    params: list                         # the model's parameters (the readout is written back into them)
+    levels: type = DenseLevels           # the Carleman state class (core/state.py STATES)
+    watched: tuple = ()                  # parameters and buffers whose in-place writes invalidate products
     frozen: Optional[torch.Tensor] = None    # F0 of the upload batch (noise="frozen")
     t: int = 0
     state: Optional[CarlemanState] = None
     expansion: Optional[TaylorExpansion] = None
-    system: Any = None                   # the CarlemanSystem; for a factored state the PolynomialODE
-    #                                      (None: a resumed matrix-free window)
-    kind: str = "dense"                  # the Carleman state: "dense" or "factored" (core/state.py)
+    system: Any = None                   # what the state advances through (levels.system_for; None: a
+    #                                      resumed matrix-free window, until re-expanded)
     shadow: Optional[Shadow] = None      # track_sgd
     info: dict = field(default_factory=dict)
     closure_flops: Optional[int] = None  # FLOPs of the upload closure (FlopCounterMode), for the ledger
-    products: dict = field(default_factory=lambda: {"hvp": 0, "third_order": 0})   # through the graph
+    products: dict = field(default_factory=new_counts)   # products through the graph (.products.counted)
     spare_row: Optional[torch.Tensor] = None   # the tape row dropped last: the next F0's buffer (scratch)
+    versions: list = field(default_factory=list)        # the watched tensors' ``_version`` at the expansion
 
     def record(self, t: int, f0: torch.Tensor) -> None:
         """``F0(t)`` into the tape; a row it drops becomes :attr:`spare_row`."""
@@ -121,29 +132,100 @@ class WindowState:
             self.expansion.release()
         self.expansion, self.system, self.state, self.shadow = None, None, None, None
 
+    # ---------------------------------------------------------------------------------- life
+    def build(self, exp: TaylorExpansion) -> None:
+        """The window's ODE (Taylor terms of ``exp``, its products counted; F0 from the tape, Eq. I.3)
+        and what the state advances through (``levels.system_for``: the Carleman system of Eq. II.102,
+        or the ODE itself for a factored state); the watched tensors' versions are recorded."""
+        ode = counted(exp.ode(F0=self.f0_source(), explicit=self.explicit, dtype=torch.float64), self.products)
+        comm = self.comm
+        if not comm.local:
+            ode = PolynomialODE([self.f0_source()] + [_reduced(ode.terms[k], comm) for k in range(1, ode.degree + 1)],
+                                dtype=torch.float64, device=ode.device)
+        self.expansion = exp
+        self.system = self.levels.system_for(ode, self.cfg.carleman_order, self.cfg.form)
+        self.versions = [t._version for t in self.watched]
 
-@dataclass
-class WindowResult:
-    """What :func:`finish_window` produced: the weights to write back, or why the window failed."""
+    def written_in_place(self) -> bool:
+        """Whether a watched parameter or buffer was written in place since the expansion (its
+        ``_version`` moved): the upload batch's products are then invalid."""
+        return len(self.versions) == len(self.watched) and \
+            any(t._version != v for t, v in zip(self.watched, self.versions))
 
-    new: Optional[torch.Tensor] = None       # full flat vector θ0 + û(T)
-    lin: Optional[torch.Tensor] = None       # full flat vector θ0 + u(T) (before the readout)
-    lin1: Optional[torch.Tensor] = None      # θ0 + u⁽¹⁾(T): the embedded order-1 state (order ≥ 2)
-    fault: Optional[str] = None
+    def advance(self, grads, f0: Optional[torch.Tensor] = None) -> None:
+        """Window step t: record F0(t) (``f0`` when given, else from ``grads`` as :meth:`f0_from_grads`
+        takes them) and advance the Carleman state (Eq. II.102's forward recurrence).
+
+        Args:
+            grads: the parameters (their ``.grad`` hold ∇L_t(θ0)) or their flat gradient.
+            f0: F0(t), already computed from them.
+
+        Raises:
+            WindowFault: the state became non-finite (here or on another rank), or a product failed
+                because a watched tensor was written in place (``Fault.INPLACE_WRITE``); the window
+                is then as before the step, for the caller to abort.
+        """
+        t = self.t
+        if self.frozen is None:
+            self.record(t, f0 if f0 is not None else self.f0_from_grads(grads))
+        fault = None
+        try:
+            with torch.enable_grad():
+                self.state.advance(self.system, t)
+        except NonFiniteError as exc:
+            fault = WindowFault(Fault.STATE_NONFINITE, exc)
+        except RuntimeError:
+            if not self.written_in_place():
+                raise
+            fault = WindowFault(Fault.INPLACE_WRITE)
+        fault = WindowFault.agreed(fault, self.comm, Fault.STATE_NONFINITE)
+        if fault is not None:
+            raise fault
+        self.t = t + 1
+
+    def finish(self, rep: CycleReport, keep: Optional[tuple] = None) -> Readout:
+        """The stages of :mod:`.finish` in order (``finish.STAGES``: the state's record, solve (Eq.
+        II.102), read out (Eq. II.123), prune to r, price, write back).
+
+        Args:
+            rep: this cycle's report (each stage fills its part).
+            keep: ``(flags, keep)`` of :func:`readout_keep` for a dense upload with pruning, else ``None``.
+
+        Returns:
+            The :class:`~.finish.Readout` (``new``, ``lin``, ``lin1``: full flat vectors).
+
+        Raises:
+            WindowFault: a stage failed (on this rank or another); nothing was written back.
+        """
+        return _finish.run(self, rep, keep)
+
+    @classmethod
+    def open(cls, graph, params: list, support, group: dict, buffers: list, cfg: QODEConfig, comm: Comm,
+             rng: np.random.Generator, dissipation, rep: CycleReport, **kw) -> tuple:
+        """The upload: :func:`open_window` (same arguments and return value)."""
+        return open_window(graph, params, support, group, buffers, cfg, comm, rng, dissipation, rep, **kw)
+
+    def state_dict(self, track_sgd: bool) -> dict:
+        """The live window as plain tensors (``QODE.state_dict()['qode']['window']``)."""
+        return window_state_dict(self, track_sgd)
+
+
+#: the name before the window owned its life (issue 19)
+WindowState = Window
 
 
 # ---------------------------------------------------------------------------------------- functions
 def expand(source, params: list, support, lr: float, wd: float, cfg: QODEConfig) -> TaylorExpansion:
-    """The window's Taylor expansion at the current parameters (degree ≤ N: Carleman truncation at
-    order N never reaches higher terms) of ``source``: a loss graph kept for the window
-    (``hvp="retain"``), or a :class:`~.capture.Replay` of the closure that each product re-runs
-    (``hvp="recompute"``: no graph held between products)."""
-    degree = min(cfg.taylor_degree, cfg.carleman_order)
+    """The window's Taylor expansion at the current parameters (degree ``cfg.degree`` ≤ N: Carleman
+    truncation at order N never reaches higher terms) of ``source``: a loss graph kept for the window
+    (products through the retained graph), or a :class:`~.capture.Replay` of the closure that each
+    product re-runs (no graph held between products)."""
     with torch.enable_grad():                    # step() runs under no_grad; derivatives need a graph
         if isinstance(source, Replay):
-            return TaylorExpansion.from_replay(source, params, source.grad, lr=lr, support=support, degree=degree,
-                                               weight_decay=wd, losses=source.losses, fused=source.fused)
-        return TaylorExpansion.from_loss(source, params, lr=lr, support=support, degree=degree, weight_decay=wd)
+            return TaylorExpansion.from_replay(source, params, source.grad, lr=lr, support=support,
+                                               degree=cfg.degree, weight_decay=wd, losses=source.losses,
+                                               fused=source.fused)
+        return TaylorExpansion.from_loss(source, params, lr=lr, support=support, degree=cfg.degree, weight_decay=wd)
 
 
 def support_without(params: list, unused: list, support: Optional[torch.Tensor]) -> torch.Tensor:
@@ -182,52 +264,71 @@ def flat_grads(params: list) -> torch.Tensor:
     return _flat.flatten([p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params])
 
 
-def reexpand(win: WindowState, graph: Optional[torch.Tensor], params: list, cfg: QODEConfig,
-             comm: Comm) -> Optional[str]:
-    """A resumed matrix-free window: F1..Fq re-expanded at θ0 from ``graph``; returns why it failed, or None."""
+def reexpand(win: Window, graph: Optional[torch.Tensor], params: list) -> None:
+    """A resumed matrix-free window: F1..Fq re-expanded at θ0 from ``graph`` (this step's batch).
+
+    Raises:
+        WindowFault: ``Fault.REEXPANSION_FAILED`` (on this rank or another).
+    """
     why = "KeyError('loss')" if graph is None else None
     exp = None
     if graph is not None:
         try:
-            exp = expand(graph, params, win.support, win.lr, win.wd, cfg)
+            exp = expand(graph, params, win.support, win.lr, win.wd, win.cfg)
         except (UnsupportedGraphError, NonFiniteError) as exc:
             why = repr(exc)
-    if comm.any(exp is None):                    # a failure on one rank ends the window on all
+    if win.comm.any(exp is None):                # a failure on one rank ends the window on all
         if exp is not None:
             exp.release()
-        return why or "re-expansion failed on another rank"
-    build_system(win, exp, cfg, comm)
-    return None
+        raise WindowFault(Fault.REEXPANSION_FAILED, why or "re-expansion failed on another rank")
+    win.build(exp)
 
 
 def start_window(exp: TaylorExpansion, support, theta0: torch.Tensor, grads_flat: torch.Tensor, wd: float,
-                 cfg: QODEConfig, comm: Comm, rng: np.random.Generator) -> WindowState:
-    """Build the window's Carleman system at θ0 (the model keeps holding θ0 until the end)."""
+                 cfg: QODEConfig, comm: Comm, rng: np.random.Generator, params: list, watched: tuple) -> Window:
+    """Build the window's Carleman system and state at θ0 (the model keeps holding θ0 until the end);
+    the state class is the configured one (``carleman_state_for``), and it decides the rest."""
     explicit = use_explicit(cfg, exp.n)
     # an explicit window keeps all of F0(0..T-1): the window system is rebuilt at the end
-    win = WindowState(theta0=theta0, support=support, lr=exp.lr, wd=wd, explicit=explicit,
-                      tape=NoiseTape(keep=explicit), rng=rng, kind=carleman_state_for(cfg, explicit))
+    win = Window(theta0=theta0, support=support, lr=exp.lr, wd=wd, explicit=explicit, tape=NoiseTape(keep=explicit),
+                 rng=rng, cfg=cfg, comm=comm, params=params, levels=STATES[carleman_state_for(cfg, explicit)],
+                 watched=watched)
     if cfg.noise == "frozen":   # the upload step's .grad, as "stream" uses each step's (clipping included)
         win.frozen = win.f0_from_grads(grads_flat)
-    build_system(win, exp, cfg, comm)
-    n = exp.n
-    if win.kind == "factored":   # the PolynomialODE itself: no dense order-2 system is built
-        win.state = FactoredLevels.zeros(win.system, max_rank=cfg.max_rank, embedded=True)
-        dim = sum(n ** j for j in range(1, cfg.carleman_order + 1))
-    else:
-        win.state = DenseLevels.zeros(win.system, device=theta0.device, embedded=cfg.carleman_order >= 2)
-        dim = win.system.dim
-    win.info = {"n": n, "order": cfg.carleman_order, "form": cfg.form, "dim": dim,
-                "degree": win.ode.degree, "explicit": explicit, "noise": cfg.noise, "state": win.kind}
+    win.build(exp)
+    win.state = win.levels.open(win.system, order=cfg.carleman_order, max_rank=cfg.max_rank, device=theta0.device)
+    win.info = {"n": exp.n, "order": cfg.carleman_order, "form": cfg.form,
+                "dim": win.levels.lifted_dim(win.system, cfg.carleman_order), "degree": win.ode.degree,
+                "explicit": explicit, "noise": cfg.noise, "state": win.levels.kind}
     return win
 
 
 def open_window(graph: torch.Tensor, params: list, support, group: dict, buffers: list, cfg: QODEConfig,
                 comm: Comm, rng: np.random.Generator, dissipation, rep: CycleReport, *, monitor=None,
-                k: int = 0) -> tuple:
+                k: int = 0, watched: tuple = ()) -> tuple:
     """The upload (DESIGN.md steps 3–5): expand the loss ``graph`` at θ0 on S, run the dissipation
-    check (``mode="auto"``), build the window.  Returns ``(WindowState, "")`` or ``(None, why not)``;
-    the parameters' ``.grad`` hold ∇L_0(θ0)."""
+    check (``mode="auto"``, Eq. III.12–III.15), build the window.
+
+    Args:
+        graph: the upload loss graph, or a :class:`~.capture.Replay` of the closure.
+        params: the parameters (the model holds θ0).
+        support: S (indices into the flat vector), or ``None`` for all weights.
+        group: the parameter group (lr, weight decay, momentum).
+        buffers: the momentum buffers (copied by ``track_sgd``'s shadow).
+        cfg: the settings.
+        comm: the window's collectives.
+        rng: the optimizer's sampler (tomography draws).
+        dissipation: the dissipation check (``mode="auto"``).
+        rep: this cycle's report.
+        monitor: the monitor's ``on_upload``, or ``None``.
+        k: the step.
+        watched: tensors whose in-place writes invalidate the window's products (the parameters and
+            the model's buffers).
+
+    Returns:
+        ``(Window, "")``, or ``(None, why not)`` (a reason to train classically, not a fault); the
+        parameters' ``.grad`` hold ∇L_0(θ0).
+    """
     lr, wd = float(group["lr"]), float(group["weight_decay"])
     if lr <= 0:
         return None, (f"lr = {lr:g} (e.g. a scheduler reached 0): gradient descent does not move, there is "
@@ -255,7 +356,8 @@ def open_window(graph: torch.Tensor, params: list, support, group: dict, buffers
         rep.reason = "mode='quantum'"
     theta0 = _flat.flatten([p.detach() for p in params]).clone()
     try:
-        win = start_window(exp, support, theta0, flat_grads(params), wd, cfg, comm, rng)
+        win = start_window(exp, support, theta0, flat_grads(params), wd, cfg, comm, rng, params,
+                           watched or tuple(params))
     except (ValueError, MemoryError) as exc:   # e.g. terms too large for this support: refuse the window
         exp.release()
         return None, f"Carleman system not built: {exc}"
@@ -282,63 +384,6 @@ def _reduced(term, comm: Comm):
     return out
 
 
-def build_system(win: WindowState, exp: TaylorExpansion, cfg: QODEConfig, comm: Comm) -> None:
-    """The window's ODE (Taylor terms of ``exp``, F0 from the tape) and its Carleman system."""
-    _count_products(exp, win.products)
-    ode = exp.ode(F0=win.f0_source(), explicit=win.explicit, dtype=torch.float64)
-    lean = getattr(ode.terms[1], "matvec_buffer", None) if ode.degree >= 1 else None
-    if lean is not None:                         # the lean order-1 product counts as one HVP
-        def counted(y, _f=lean):
-            out = _f(y)
-            win.products["hvp"] += 1
-            return out
-        ode.terms[1].matvec_buffer = counted
-    if not comm.local:
-        ode = PolynomialODE([win.f0_source()] + [_reduced(ode.terms[k], comm) for k in range(1, ode.degree + 1)],
-                            dtype=torch.float64, device=ode.device)
-    win.expansion = exp
-    win.system = ode if win.kind == "factored" else carleman(ode, cfg.carleman_order, cfg.form)
-
-
-def _count_products(exp: TaylorExpansion, products: dict) -> None:
-    """Count, into ``products``, every product ``exp`` applies through the upload graph from now on
-    (the ledger's classical cost): HVP columns (``hvp``; ``derivative(2)``: n) and third-order products
-    (``third``, ``third_sym_sum``: one per column; ``third_sym``: one per non-zero eigenvalue of
-    sym(Z), as it computes them; ``derivative(3)``: n²).  Values are untouched."""
-    def cols(V) -> int:
-        V = torch.as_tensor(V)
-        return 1 if V.dim() == 1 else int(V.shape[1])
-
-    def wrap(name, key, count):
-        fn = getattr(exp, name)
-
-        def counted(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            products[key] += count(*args, **kwargs)
-            return out
-        setattr(exp, name, counted)
-
-    def sym_rank(Z) -> int:   # third_sym's own eigen-decomposition, repeated (dense-state path only)
-        Z = torch.as_tensor(Z).detach().to(dtype=torch.float64, device="cpu")
-        return int((torch.linalg.eigh(0.5 * (Z + Z.T))[0] != 0).sum())
-
-    wrap("hvp", "hvp", lambda V: cols(V))
-    wrap("third", "third_order", lambda A, B: cols(A))
-    wrap("third_sym", "third_order", sym_rank)
-    wrap("third_sym_sum", "third_order", lambda Z, lam: cols(Z))
-    n = exp.n
-    fn = exp.derivative
-
-    def derivative(k):
-        out = fn(k)
-        if k == 2:
-            products["hvp"] += n
-        elif k >= 3:
-            products["third_order"] += n ** (k - 1)
-        return out
-    exp.derivative = derivative
-
-
 @contextlib.contextmanager
 def flop_count():
     """``{"flops": …}`` filled with the FLOPs of what runs inside, as
@@ -351,147 +396,8 @@ def flop_count():
     box["flops"] = int(counter.get_total_flops())
 
 
-def advance(win: WindowState, grads, comm: Comm, f0: Optional[torch.Tensor] = None) -> Optional[str]:
-    """Window step t: record F0(t) (``f0`` when given, else from ``grads`` as
-    :meth:`WindowState.f0_from_grads` takes them) and advance the Carleman state; returns a fault, or None."""
-    t = win.t
-    if win.frozen is None:
-        win.record(t, f0 if f0 is not None else win.f0_from_grads(grads))
-    fault = None
-    try:
-        with torch.enable_grad():
-            win.state.advance(win.system, t)
-    except NonFiniteError as exc:
-        fault = f"{exc}"
-    except RuntimeError as exc:
-        if "inplace operation" in str(exc):
-            raise RuntimeError(
-                "QODE: the parameters or buffers (e.g. BatchNorm running statistics) were modified in "
-                "place during a quantum window (model.load_state_dict, an EMA, a manual write), which "
-                "invalidates the upload batch's Hessian-vector products; load model weights together "
-                "with QODE.load_state_dict, or between windows (QODE.in_quantum_window is False)") from exc
-        raise
-    if comm.any(fault is not None):
-        return fault or "a non-finite Carleman state on another rank"
-    win.t = t + 1
-    return None
-
-
-@torch.enable_grad()
-def finish_window(win: WindowState, cfg: QODEConfig, comm: Comm, rep: CycleReport,
-                  readout_keep: Optional[tuple] = None) -> WindowResult:
-    """Solve (Eq. II.102), read θ0 + u(T) on S back by tomography, prune to r, price it.
-
-    ``readout_keep``: ``(flags, keep)`` for a dense upload with pruning — the full-vector prunable
-    flags and how many prunable weights the download keeps.
-    """
-    T = cfg.window_length
-    factored = win.kind == "factored"
-    sys_ = _ledger_system(win, cfg) if factored else win.system
-    n = sys_.n
-    u_forward = win.state.level1()
-    _carleman_record(win, rep, u_forward)
-    sol = None
-    solver_info = {"method": cfg.solver, "kappa": None, "kappa_bound": kappa_bound(T), "fidelity": 1.0}
-    try:
-        if not factored and (cfg.window_solver.needs_explicit
-                             or (win.explicit and (T + 1) * sys_.dim <= KAPPA_MAX_UNKNOWNS)):
-            sol = solve_window(sys_, torch.zeros(n, dtype=torch.float64), T, method=cfg.window_solver)
-            solver_info.update(sol.as_dict())
-            solver_info["kappa_bound"] = kappa_bound(T)
-            u_T = torch.as_tensor(sol.final).to(u_forward)
-            solver_info["max_abs_diff_vs_forward"] = float((u_T - u_forward).abs().max())
-            if cfg.solver == "forward":
-                u_T = u_forward
-        else:
-            u_T = u_forward
-    except (ValueError, MemoryError) as exc:
-        comm.any(True)                           # matches the other ranks' fault flag below
-        return WindowResult(fault=f"window solve failed: {exc}")
-    rep.solver = solver_info
-    S = win.support
-    theta0_S = (win.theta0 if S is None else win.theta0[S]).to(torch.float64)
-    target = theta0_S + u_T
-    res, fault = None, None
-    if not all_finite(target):
-        fault = "the solved weights are not finite"
-    elif not bool(target.any()):
-        fault = "the solved weight vector is zero: nothing to read out"
-    else:
-        try:   # every rank samples (same vector, same seed: the samplers stay in step); rank 0's is read
-            res = tomography(target, cfg.shots, seed=win.rng, eps=cfg.eps, **cfg.readout_options())
-        except (ValueError, TypeError) as exc:
-            fault = f"tomography failed: {exc}"
-    if comm.any(fault is not None):
-        return WindowResult(fault=fault or "the readout failed on another rank")
-    rep.tomography = res.as_dict(arrays=False)
-    estimate = comm.broadcast(torch.as_tensor(res.estimate).to(device=target.device, dtype=torch.float64))
-    if not bool(estimate.any()):
-        return WindowResult(fault=f"tomography read out a zero vector (shots={cfg.shots}: no norm-stage shot "
-                                  "succeeded), which would erase the model")
-    r = None if readout_keep is None else readout_prune(estimate, win, *readout_keep, rep)
-    new = win.embed(estimate)
-    try:
-        led = estimate_resources(sys_, T, eps=cfg.eps, r=r if r is not None else n, solution=sol,
-                                 solver=cfg.window_solver)
-        rep.resources = led.as_dict()
-        rep.resources["classical"] = classical_cost(
-            T, win.closure_flops, hvps=win.products["hvp"], third_order=win.products["third_order"],
-            lanczos_hvps=int((rep.dissipation or {}).get("hvps") or 0),
-            gates=cfg.window_solver.gates(s_M=led.s_M, kappa=led.kappa, N_b=led.N_b, eps=led.eps)).as_dict()
-    except (ValueError, TypeError, MemoryError) as exc:  # the ledger must never stop training
-        rep.resources = {"error": str(exc)}
-    st = win.state
-    lin1 = win.embed(theta0_S + st.level1_order1()) if getattr(st, "embedded", False) else None
-    return WindowResult(new=new, lin=win.embed(target), lin1=lin1)
-
-
-def _ledger_system(win: WindowState, cfg: QODEConfig):
-    """The order-2 CarlemanSystem of a factored window, for the resource ledger only: it describes Δ and
-    the sparsity bound and is never stepped, so its budget only has to admit the description."""
-    dim = sum(win.ode.n ** j for j in range(1, cfg.carleman_order + 1))
-    return carleman(win.ode, cfg.carleman_order, cfg.form, max_bytes=max(default_max_bytes(), 4 * 8 * dim + 1))
-
-
-def _carleman_record(win: WindowState, rep: CycleReport, u_T: torch.Tensor) -> None:
-    """``rep.carleman``'s state fields: ``state``, ``rank`` (largest k), ``truncation`` (discarded
-    Frobenius mass of Y2, 0.0 when exact), ``order_gap`` = ‖u⁽²⁾(T) − u⁽¹⁾(T)‖ / ‖u⁽²⁾(T)‖ (order ≥ 2, dense or
-    factored: both carry the order-1 state; None at order 1), ``state_bytes``."""
-    st = win.state
-    rec = {"state": win.kind, "rank": None, "truncation": 0.0, "order_gap": None, "state_bytes": int(st.nbytes)}
-    if isinstance(st, FactoredLevels):
-        rec.update(rank=int(st.rank), truncation=float(st.truncation))
-    if getattr(st, "embedded", False):
-        rec["order_gap"] = float(st.order_gap)
-    if rep.carleman is None:
-        rep.carleman = {}
-    rep.carleman.update(rec)
-
-
-def readout_prune(estimate: torch.Tensor, win: WindowState, flags: torch.Tensor, keep: int,
-                  rep: CycleReport) -> int:
-    """Keep the ``keep`` largest read-out weights among the *prunable* entries (the paper's "tomography
-    reads the r largest components"); biases and norm scales, never pruned, are read as they are.
-    In place; returns r, the components read out."""
-    S = win.support
-    if S is not None:   # weights outside S keep θ0: count their non-zeros against r
-        outside = flags.clone()
-        outside[S] = False
-        keep = max(0, keep - int(torch.count_nonzero(win.theta0[outside])))
-        flags = flags[S]
-    idx = torch.nonzero(flags).reshape(-1)
-    order = torch.sort(estimate[idx].abs(), descending=True, stable=True).indices  # ties: lower index
-    drop = idx[order[keep:]]
-    dropped = estimate[drop]
-    total = float(estimate.pow(2).sum())
-    estimate[drop] = 0
-    rep.tomography["readout_pruned"] = int(torch.count_nonzero(dropped))
-    rep.tomography["readout_pruned_mass"] = float(dropped.pow(2).sum()) / total if total > 0 else 0.0
-    return int(estimate.numel() - idx.numel() + keep)
-
-
 # ---------------------------------------------------------------------------------------- resume
-def window_state_dict(win: WindowState, track_sgd: bool) -> dict:
+def window_state_dict(win: Window, track_sgd: bool) -> dict:
     """The live window as plain tensors (``QODE.state_dict()['qode']['window']``)."""
     sd = {"t": win.t, "lr": win.lr, "wd": win.wd, "explicit": win.explicit, "theta0": win.theta0.clone(),
           "support": None if win.support is None else win.support.clone(),
@@ -510,27 +416,31 @@ def window_state_dict(win: WindowState, track_sgd: bool) -> dict:
     return sd
 
 
-def load_window(sd: dict, cfg: QODEConfig, comm: Comm, rng: np.random.Generator, device) -> WindowState:
-    """The window saved by :func:`window_state_dict`; a matrix-free one waits for its expansion
-    (``system`` is ``None`` until ``QODE.restore_expansion`` or the next step re-expands)."""
+def load_window(sd: dict, cfg: QODEConfig, comm: Comm, rng: np.random.Generator, params: list,
+                watched: tuple = ()) -> Window:
+    """The window saved by :func:`window_state_dict` (on the parameters' device); a matrix-free one
+    waits for its expansion (``system`` is ``None`` until ``QODE.restore_expansion`` or the next step
+    re-expands).  ``watched``: as for :func:`open_window` (default: the parameters)."""
+    device = params[0].device
     tape = NoiseTape(keep=bool(sd["explicit"]))
     tape.rows = {int(t): v.to(device) for t, v in sd["tape"].items()}
-    win = WindowState(theta0=sd["theta0"].to(device), lr=float(sd["lr"]), wd=float(sd["wd"]),
-                      support=None if sd["support"] is None else sd["support"].to(device),
-                      explicit=bool(sd["explicit"]), tape=tape, rng=rng, t=int(sd["t"]),
-                      frozen=None if sd["frozen"] is None else sd["frozen"].to(device),
-                      closure_flops=sd.get("closure_flops"),
-                      products=dict(sd.get("products", {"hvp": 0, "third_order": 0})))
+    win = Window(theta0=sd["theta0"].to(device), lr=float(sd["lr"]), wd=float(sd["wd"]), cfg=cfg, comm=comm,
+                 params=params, watched=watched or tuple(params),
+                 support=None if sd["support"] is None else sd["support"].to(device),
+                 explicit=bool(sd["explicit"]), tape=tape, rng=rng, t=int(sd["t"]),
+                 frozen=None if sd["frozen"] is None else sd["frozen"].to(device),
+                 closure_flops=sd.get("closure_flops"), products=dict(sd.get("products", new_counts())))
     if "carleman_state" in sd:
         win.state = state_from_dict(sd["carleman_state"], device=device)
-        win.kind = win.state.kind
+        win.levels = type(win.state)
     else:
         win.state = DenseLevels(sd["y"].to(device), sd["theta0"].numel() if sd["support"] is None
                                 else sd["support"].numel())
     if sd["terms"] is not None:
         ode = PolynomialODE([win.f0_source()] + [T.to(device) for T in sd["terms"]], dtype=torch.float64,
                             device=device)        # saved after comm.reduce_hvp: the global batch's terms
-        win.system = ode if win.kind == "factored" else carleman(ode, cfg.carleman_order, cfg.form)
+        win.system = win.levels.system_for(ode, cfg.carleman_order, cfg.form)
+        win.versions = [t._version for t in win.watched]
     if cfg.track_sgd and "shadow" in sd:
         win.shadow = Shadow.load(sd, device)
     return win

@@ -1,0 +1,192 @@
+"""The end of a quantum window as a pipeline of named stages (:data:`STAGES`).
+
+At t = T a :class:`~.window.Window` runs, in order: :func:`record` (the Carleman state's report
+fields), :func:`solve` (the window system, Eq. II.102), :func:`read_out` (tomography of ``θ0 + u(T)``
+on S, Eq. II.123), :func:`prune` (the r largest prunable weights), :func:`price` (the resource
+ledger, Theorems II.3/II.4, and the classical cost) and :func:`write_back`.  Each stage reads and
+fills one :class:`Readout`; a stage that fails raises a :class:`~.faults.WindowFault` and nothing is
+written back.  A new stage (a second readout, a twin, a predicted error) is one function in the list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..bridge import flat as _flat
+from ..core.linsolve import solve_window
+from ..core.ode import all_finite
+from ..core.resources import classical_cost, estimate_resources
+from ..core.tomography import tomography
+from ..core.window import kappa_bound
+from .faults import Fault, WindowFault
+from .report import CycleReport
+
+__all__ = ["Readout", "STAGES", "run", "record", "solve", "read_out", "prune", "price", "write_back",
+           "readout_prune", "write_params", "KAPPA_MAX_UNKNOWNS"]
+
+#: κ(M) is computed for the report when the window system has at most this many unknowns.
+KAPPA_MAX_UNKNOWNS = 5_000
+
+
+@dataclass
+class Readout:
+    """What the finish stages pass along (full flat vectors unless said otherwise)."""
+
+    rep: CycleReport
+    keep: Optional[tuple] = None             # (flags, keep) for the read-out pruning, or None
+    system: Any = None                       # the Carleman system the solve and the ledger describe
+    u_T: Optional[torch.Tensor] = None       # u(T) on S
+    sol: Any = None                          # the WindowSolution (None: not solved)
+    target: Optional[torch.Tensor] = None    # θ0 + u(T) on S
+    estimate: Optional[torch.Tensor] = None  # the read-out on S
+    r: Optional[int] = None                  # components read out (None: all of S)
+    new: Optional[torch.Tensor] = None       # θ0 + û(T)
+    lin: Optional[torch.Tensor] = None       # θ0 + u(T) (before the readout)
+    lin1: Optional[torch.Tensor] = None      # θ0 + u⁽¹⁾(T): the embedded order-1 state (order ≥ 2)
+
+
+def record(win, out: Readout) -> None:
+    """The state's report fields into ``rep.carleman`` (``CarlemanState.record``); the system the
+    solve and the ledger describe (``CarlemanState.ledger_system``); u(T) of the forward recurrence."""
+    cfg = win.cfg
+    out.system = win.state.ledger_system(win.system, cfg.carleman_order, cfg.form)
+    out.u_T = win.state.level1()
+    rep = out.rep
+    if rep.carleman is None:
+        rep.carleman = {}
+    rep.carleman.update(win.state.record())
+
+
+def solve(win, out: Readout) -> None:
+    """The window system ``M X = B`` (Eq. II.102) by the configured solver, when the state allows it
+    (``CarlemanState.solvable``) and the solver needs it or it is small enough for κ(M); its ``u(T)``
+    replaces the recurrence's when the solver says so (``WindowSolver.replaces_forward``).
+
+    Raises:
+        WindowFault: ``Fault.SOLVE_FAILED`` (the other ranks see it at :func:`read_out`'s agreement).
+    """
+    cfg, sys_, T = win.cfg, out.system, win.cfg.window_length
+    solver = cfg.window_solver
+    info = {"method": cfg.solver, "kappa": None, "kappa_bound": kappa_bound(T), "fidelity": 1.0}
+    try:
+        small = win.explicit and (T + 1) * sys_.dim <= KAPPA_MAX_UNKNOWNS
+        if win.state.solvable and (solver.needs_explicit or small):
+            sol = solve_window(sys_, torch.zeros(sys_.n, dtype=torch.float64), T, method=solver)
+            info.update(sol.as_dict())
+            info["kappa_bound"] = kappa_bound(T)
+            u_T = torch.as_tensor(sol.final).to(out.u_T)
+            info["max_abs_diff_vs_forward"] = float((u_T - out.u_T).abs().max())
+            out.sol = sol
+            if solver.replaces_forward:
+                out.u_T = u_T
+    except (ValueError, MemoryError) as exc:
+        win.comm.any(True)                       # matches the other ranks' fault flag in read_out
+        raise WindowFault(Fault.SOLVE_FAILED, exc) from exc
+    out.rep.solver = info
+
+
+def read_out(win, out: Readout) -> None:
+    """``θ0 + u(T)`` on S read out by tomography (Eq. II.123; ``shots``, ``eps``, the readout
+    options); every rank samples (same vector, same seed), rank 0's estimate is broadcast.
+
+    Raises:
+        WindowFault: the weights are not finite or zero, tomography failed (on any rank), or it read
+            out a zero vector.
+    """
+    cfg, S = win.cfg, win.support
+    theta0_S = (win.theta0 if S is None else win.theta0[S]).to(torch.float64)
+    target = theta0_S + out.u_T
+    res, fault = None, None
+    if not all_finite(target):
+        fault = WindowFault(Fault.WEIGHTS_NONFINITE)
+    elif not bool(target.any()):
+        fault = WindowFault(Fault.WEIGHTS_ZERO)
+    else:
+        try:   # every rank samples (same vector, same seed: the samplers stay in step); rank 0's is read
+            res = tomography(target, cfg.shots, seed=win.rng, eps=cfg.eps, **cfg.readout_options())
+        except (ValueError, TypeError) as exc:
+            fault = WindowFault(Fault.TOMOGRAPHY_FAILED, exc)
+    fault = WindowFault.agreed(fault, win.comm, Fault.TOMOGRAPHY_FAILED)
+    if fault is not None:
+        raise fault
+    out.rep.tomography = res.as_dict(arrays=False)
+    estimate = win.comm.broadcast(torch.as_tensor(res.estimate).to(device=target.device, dtype=torch.float64))
+    if not bool(estimate.any()):
+        raise WindowFault(Fault.READOUT_ZERO, cfg.shots)
+    out.target, out.estimate = target, estimate
+
+
+def prune(win, out: Readout) -> None:
+    """A dense upload with pruning keeps the r largest prunable read-out weights (:func:`readout_prune`)."""
+    if out.keep is not None:
+        out.r = readout_prune(out.estimate, win, *out.keep, out.rep)
+    out.new = win.embed(out.estimate)
+
+
+def price(win, out: Readout) -> None:
+    """The resource ledger (Theorems II.3/II.4) and the same window's classical cost (its closure
+    FLOPs, the products counted through the graph, the dissipation check's HVPs) into
+    ``rep.resources``; an error there never stops training (``{"error": …}``)."""
+    cfg, rep, sys_ = win.cfg, out.rep, out.system
+    try:
+        led = estimate_resources(sys_, cfg.window_length, eps=cfg.eps, r=out.r if out.r is not None else sys_.n,
+                                 solution=out.sol, solver=cfg.window_solver)
+        rep.resources = led.as_dict()
+        rep.resources["classical"] = classical_cost(
+            cfg.window_length, win.closure_flops, hvps=win.products["hvp"], third_order=win.products["third_order"],
+            lanczos_hvps=int((rep.dissipation or {}).get("hvps") or 0),
+            gates=cfg.window_solver.gates(s_M=led.s_M, kappa=led.kappa, N_b=led.N_b, eps=led.eps)).as_dict()
+    except (ValueError, TypeError, MemoryError) as exc:  # the ledger must never stop training
+        rep.resources = {"error": str(exc)}
+    st, S = win.state, win.support
+    if st.embedded:
+        out.lin1 = win.embed((win.theta0 if S is None else win.theta0[S]).to(torch.float64) + st.level1_order1())
+    out.lin = win.embed(out.target)
+
+
+def write_back(win, out: Readout) -> None:
+    """``θ0 + û(T)`` into the model's parameters."""
+    write_params(win.params, out.new)
+
+
+@torch.no_grad()
+def write_params(params: list, flat: torch.Tensor) -> None:
+    """Copy the full flat vector ``flat`` into the parameters."""
+    for p, v in zip(params, _flat.unflatten(flat, params)):
+        p.copy_(v)
+
+
+#: the finish pipeline, in order
+STAGES = (record, solve, read_out, prune, price, write_back)
+
+
+@torch.enable_grad()
+def run(win, rep: CycleReport, keep: Optional[tuple] = None) -> Readout:
+    """Run :data:`STAGES` on ``win`` (see :meth:`~.window.Window.finish`)."""
+    out = Readout(rep=rep, keep=keep)
+    for stage in STAGES:
+        stage(win, out)
+    return out
+
+
+def readout_prune(estimate: torch.Tensor, win, flags: torch.Tensor, keep: int, rep: CycleReport) -> int:
+    """Keep the ``keep`` largest read-out weights among the *prunable* entries (the paper's "tomography
+    reads the r largest components"); biases and norm scales, never pruned, are read as they are.
+    In place; returns r, the components read out."""
+    S = win.support
+    if S is not None:   # weights outside S keep θ0: count their non-zeros against r
+        outside = flags.clone()
+        outside[S] = False
+        keep = max(0, keep - int(torch.count_nonzero(win.theta0[outside])))
+        flags = flags[S]
+    idx = torch.nonzero(flags).reshape(-1)
+    order = torch.sort(estimate[idx].abs(), descending=True, stable=True).indices  # ties: lower index
+    drop = idx[order[keep:]]
+    dropped = estimate[drop]
+    total = float(estimate.pow(2).sum())
+    estimate[drop] = 0
+    rep.tomography["readout_pruned"] = int(torch.count_nonzero(dropped))
+    rep.tomography["readout_pruned_mass"] = float(dropped.pow(2).sum()) / total if total > 0 else 0.0
+    return int(estimate.numel() - idx.numel() + keep)
