@@ -102,7 +102,7 @@ class Step:
 
 # --------------------------------------------------------------------------------------- upload
 def upload(q: QuantumSteps, s: Step) -> Any:
-    """c = classical_steps (``mode`` quantum or auto): expand this step's loss at θ0 on S and open
+    """At c = classical_steps (``mode`` quantum or auto): expand this step's loss at θ0 on S and open
     the window (its step t = 0 included), or train the step classically and say why.
 
     The closure runs under :func:`~torch_qode.bridge.kernels.double_backward_kernels` (math attention,
