@@ -12,7 +12,8 @@ import pytest
 
 #: what ``import torch_qode`` must not load (each costs 0.03-0.6 s to import)
 HEAVY = ("scipy.sparse", "scipy.sparse.linalg", "scipy.linalg", "scipy.stats", "scipy.integrate", "scipy.special",
-         "scipy.optimize", "matplotlib", "pyhessian", "lightning", "omegaconf", "torchvision", "sklearn")
+         "scipy.optimize", "matplotlib", "pyhessian", "lightning", "omegaconf", "torchvision", "sklearn",
+         "torch.utils.flop_counter")   # the ledger's FLOP counter: it imports triton where triton is installed
 
 
 def _loaded_after(code: str) -> set:

@@ -53,7 +53,7 @@ class QuantumSteps:
     cfg = property(lambda self: self.opt.cfg)
     comm = property(lambda self: self.opt.comm)
     pruner = property(lambda self: self.opt.pruner)
-    monitor = property(lambda self: self.opt.monitor)
+    monitor = property(lambda self: self.opt.window_monitor)   # a WindowMonitor: all four methods
     model = property(lambda self: self.opt.model)
     rng = property(lambda self: self.opt._rng)                   # the sampler (tomography draws)
     dissipation = property(lambda self: self.opt.dissipation)
@@ -153,9 +153,8 @@ def _open(q: QuantumSteps, s: Step, loss, cap: dict, support, hvp: Products, rng
         rep.excluded_params = len(unused)
         if support.numel() == 0:
             return go_classical(q, s, "no parameter received a gradient at upload", loss, update=True)
-    monitor = getattr(q.monitor, "on_upload", None)
     win, why = _w.Window.open(graph, params, support, q.group, momentum_buffers(params, q.state), q.cfg,
-                              q.comm, q.rng, q.dissipation, rep, monitor=monitor, k=s.k,
+                              q.comm, q.rng, q.dissipation, rep, monitor=q.monitor.on_upload, k=s.k,
                               watched=q.watched())
     del graph
     if win is None:
@@ -163,9 +162,7 @@ def _open(q: QuantumSteps, s: Step, loss, cap: dict, support, hvp: Products, rng
     win.closure_flops = closure_flops
     q.win = win
     rep.carleman.update(hvp_info)
-    opened = getattr(q.monitor, "on_window_open", None)
-    if opened is not None:                       # the monitor keeps its spectra outside retained windows
-        opened(s.k, dict(rep.carleman))
+    q.monitor.on_window_open(s.k, dict(rep.carleman))   # the monitor keeps its spectra outside retained windows
     rep.mode = "quantum"
     rep.carleman["kernels"] = KERNELS
     advance(q, s, params)
@@ -293,9 +290,7 @@ def finish(q: QuantumSteps, s: Step) -> None:
     if q.cfg.track_sgd:
         s.post.append(global_losses(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, q.params,
                                                       s.closure, q.model, theta_lin1=res.lin1), rep, q.comm))
-    monitor = q.monitor
-    if monitor is not None and hasattr(monitor, "on_window_end"):
-        s.post.append(functools.partial(monitor.on_window_end, s.k, rep))
+    s.post.append(functools.partial(q.monitor.on_window_end, s.k, rep))
     reset_momentum(q.params, q.state)            # momentum restarts after a quantum window
     w.release()
     q.win = None
@@ -311,9 +306,7 @@ def abort(q: QuantumSteps, s: Step, fault: WindowFault) -> None:
     rep.mode = "classical"
     rep.reason = f"quantum window aborted at t={w.t}: {fault}; parameters restored to θ0"
     s.fault(fault)
-    closed = getattr(q.monitor, "on_window_closed", None)
-    if closed is not None:
-        closed(s.k)
+    q.monitor.on_window_closed(s.k)
 
 
 # --------------------------------------------------------------------------------------- resume

@@ -20,7 +20,6 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..bridge import flat as _flat
 from ..bridge.taylor import TaylorExpansion, UnsupportedGraphError
@@ -390,6 +389,8 @@ def flop_count():
     ``torch.utils.flop_counter.FlopCounterMode`` counts them (it only observes: results are unchanged;
     its module and gradient hooks are removed on exit).  Left ``None`` when the body raises."""
     box: dict = {"flops": None}
+    from torch.utils.flop_counter import FlopCounterMode   # imports triton where installed: on first use
+
     counter = FlopCounterMode(display=False)
     with counter:
         yield box
