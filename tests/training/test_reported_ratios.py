@@ -110,9 +110,7 @@ def test_a_skip_just_before_a_mid_cycle_save_is_in_the_saved_reports(how):
     assert torch.isfinite(flat(model2)).all()
 
 
-@pytest.mark.parametrize("how", ["state_dict", "deepcopy", pytest.param("pickle", marks=pytest.mark.xfail(
-    strict=True, reason="bug: plain pickle copies MaskedSGD._flat's block and its views as separate storages, "
-    "so the momentum buffers (the views) stop sharing the block the flat momentum update computes in"))])
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])   # pickle: MaskedSGD.__getstate__
 def test_a_mid_cycle_copy_with_flat_momentum_continues_bit_identically(how):
     """Classical steps with momentum on a small model take the flat momentum path (its buffers are views of
     one block); a copy taken mid-cycle goes on exactly as the original."""

@@ -221,6 +221,14 @@ class MaskedSGD:
         self.carried = 0                              # read from a previous device's count, not yet reported
         self._flat: Optional[tuple] = None            # the flat momentum buffers and their scratch block
 
+    def __getstate__(self) -> dict:
+        """A copy (``pickle``, ``copy.deepcopy``) drops the flat momentum block, rebuilt from the momentum
+        buffers at the next step: ``pickle`` stores the block and its views as separate storages, so the
+        buffers would stop sharing the block the flat update computes in."""
+        state = dict(self.__dict__)
+        state["_flat"] = None
+        return state
+
     @staticmethod
     def path(loss, params: list, group: dict, grads: Optional[list] = None) -> Optional[str]:
         """The SGD path the masked update reproduces, or ``None`` (then the synchronous check keeps SGD's
