@@ -1,7 +1,7 @@
 """The abstract sign scheme of the tomography readout (stage 3 of :func:`~torch_qode.core.tomography.tomography`)."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import numpy as np
 
@@ -23,7 +23,14 @@ class SignScheme:
     def signs(self, rng: np.random.Generator, w: np.ndarray, mags: np.ndarray, shots: int) -> np.ndarray:
         raise NotImplementedError   # pragma: no cover - abstract
 
-    def sign_error(self, w: np.ndarray, shots: int) -> np.ndarray:
-        """Probability that each component's sign reads wrong (``w = v / ||v||`` observed, decreasing
-        ``|w|``), for :func:`~torch_qode.core.readout_model.expected_relative_error`."""
+    def sign_error(self, w: np.ndarray, shots: int, *, size: Optional[int] = None) -> np.ndarray:
+        """Probability that each component's sign reads wrong, for
+        :func:`~torch_qode.core.readout_model.expected_relative_error`.
+
+        Args:
+            w: ``v / ||v||`` observed; ``w[0]`` the largest ``|w|``, the rest in any order (an entry
+                may stand for a group of components of about the same ``w``).
+            shots: the sign stage's budget.
+            size: the number of components in all (default ``w.size``; more when entries are groups).
+        """
         raise NotImplementedError(f"sign scheme {self.name!r} has no error model")

@@ -34,7 +34,7 @@ class HadamardSigns(SignScheme):
     def signs(self, rng, w, mags, shots):
         return hadamard_signs(rng, w, mags, shots)
 
-    def sign_error(self, w, shots):
+    def sign_error(self, w, shots, *, size=None):
         """With ``φ_a ≈ |w_a|`` a negative ``v_a`` lands on ``(a, 1)`` at rate ``shots·w_a²`` and reads
         wrong (+) only without a hit; a positive one is read right."""
         return np.where(w < 0, np.exp(-shots * w * w), 0.0)

@@ -49,10 +49,11 @@ class PairSigns(SignScheme):
     def signs(self, rng, w, mags, shots):
         return pair_signs(rng, w, mags, shots)
 
-    def sign_error(self, w, shots):
+    def sign_error(self, w, shots, *, size=None):
         """Pair ``a`` gets ``m = shots/k`` shots; ``n₊ − n₋`` has mean ``2m·w_a w_ref`` and variance
-        ``m(w_a² + w_ref²)`` (normal approximation: wrong with ``Φ(−|mean|/sd)``, ½ without shots)."""
-        m = shots / max(w.size, 1)
+        ``m(w_a² + w_ref²)`` (normal approximation: wrong with ``Φ(−|mean|/sd)``, ½ without shots); ``w[0]``
+        is the reference, ``size`` the pairs' count (``k``)."""
+        m = shots / max(w.size if size is None else size, 1)
         wr = w[0]
         z = 2 * np.sqrt(m) * np.abs(w * wr) / np.sqrt(w * w + wr * wr)
         import scipy.special
