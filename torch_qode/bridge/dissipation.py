@@ -44,8 +44,22 @@ def __getattr__(name: str):
 
 @dataclass
 class Verdict:
-    """Outcome of a :class:`DissipationCheck`: ``proxy[t]`` for t = 0..T, ``kept_mass`` = N_c (the
-    spectral mass beyond the cutoff), the SLQ ``density``, the number of HVPs and the seconds spent."""
+    """Outcome of a :class:`DissipationCheck`.
+
+    Attributes:
+        passed: Whether the window may run (``proxy(T) ≤ max_error_proxy`` and enough positive curvature).
+        reason: One sentence: the numbers compared, or why the check failed.
+        top_eigenvalue: The largest Ritz value of the Hessian (NaN when the products were non-finite).
+        positive_fraction: The dissipative share of the non-flat spectral mass.
+        proxy: The error proxy ``proxy[t]`` for t = 0..T (Eq. III.14).
+        lr: The step ``η`` the proxy was computed for.
+        T: The window length in steps.
+        cutoff: The cutoff ``c`` on ``|ηλ|`` (Eq. III.14).
+        kept_mass: ``N_c``, the spectral mass beyond the cutoff.
+        density: The SLQ density (``None`` when the products were non-finite).
+        hvps: The number of Hessian-vector products spent.
+        seconds: The wall time spent.
+    """
 
     passed: bool
     reason: str
@@ -61,6 +75,11 @@ class Verdict:
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
+        """The verdict as plain Python values (for logs and JSON).
+
+        Returns:
+            Every field but ``density``; ``proxy`` as a list.
+        """
         return {"passed": self.passed, "reason": self.reason, "top_eigenvalue": self.top_eigenvalue,
                 "positive_fraction": self.positive_fraction, "proxy": np.asarray(self.proxy).tolist(),
                 "lr": self.lr, "T": self.T, "cutoff": self.cutoff, "kept_mass": self.kept_mass,
@@ -166,9 +185,20 @@ class DissipationCheck:
         self._group = hvp_group(None, process_group)
 
     def evaluate(self, density: Density, lr: float, T: int) -> tuple[np.ndarray, float, float]:
-        """``(proxy[0..T], positive_fraction, kept_mass)`` of a density under this check's settings
-        (``form``, ``cutoff``, the flat bands) — what :meth:`__call__` decides on, reusable for any
-        spectrum (e.g. :class:`~torch_qode.callbacks.DissipationMonitor`'s probe spectra)."""
+        """The numbers a density gives under this check's settings (``form``, ``cutoff``, the flat bands).
+
+        What :meth:`__call__` decides on, reusable for any spectrum (e.g.
+        :class:`~torch_qode.training.monitor.DissipationMonitor`'s probe spectra).
+
+        Args:
+            density: The spectral density of the Hessian (from :func:`slq_density`).
+            lr: The step ``η``.
+            T: The window length in steps.
+
+        Returns:
+            ``(proxy[0..T], positive_fraction, kept_mass)``: the error proxy (Eq. III.14), the dissipative
+            share of the non-flat mass, and the mass with ``|ηλ| ≥ cutoff``.
+        """
         measure = density if self.form == "density" else (density.nodes, density.weights)
         proxy = np.atleast_1d(error_proxy(measure, lr, np.arange(int(T) + 1), self.cutoff))
         pos = positive_fraction(density, self.zero_tol, flat_below=self.flat_growth / (lr * T) if T > 0 else 0.0)

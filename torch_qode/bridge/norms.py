@@ -134,8 +134,12 @@ def decomposed_norms(model: nn.Module, *, update_running_stats: bool = False):
         model: The module whose normalisation layers are decomposed (all of its submodules).
         update_running_stats: Update the running buffers of training-mode layers, as described above.
 
-    Returns:
-        A context manager; the modules are restored when it exits.
+    Yields:
+        ``model`` itself, its normalisation layers decomposed (a context manager: the modules are
+        restored when it exits).
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

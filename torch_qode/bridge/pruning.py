@@ -60,6 +60,11 @@ class SparsityReport:
     total_sparsity: float = 0.0
 
     def as_dict(self) -> dict:
+        """All fields as a plain dict, each layer's row with its ``sparsity`` added.
+
+        Returns:
+            One entry per field; ``layers`` a list of dicts.
+        """
         d = asdict(self)
         for row, layer in zip(d["layers"], self.layers):
             row["sparsity"] = layer.sparsity
@@ -133,7 +138,14 @@ class MagnitudePruner:
         return s
 
     def n_pruned_target(self, sparsity: Optional[float] = None) -> int:
-        """``round(sparsity * n_prunable)`` (Python's round, half to even)."""
+        """``round(sparsity * n_prunable)`` (Python's round, half to even).
+
+        Args:
+            sparsity: The fraction to count for (default: the pruner's).
+
+        Returns:
+            The number of entries a prune at ``sparsity`` zeroes.
+        """
         s = self.sparsity if sparsity is None else sparsity
         return int(round(s * self.n_prunable))
 
@@ -142,8 +154,16 @@ class MagnitudePruner:
     def prune(self, sparsity: Optional[float] = None) -> list[torch.Tensor]:
         """Zero the ``round(sparsity · n_prunable)`` smallest-magnitude prunable entries in place.
 
-        Returns (and stores in :attr:`masks`) one bool mask per tensor, ``True`` = kept;
-        non-prunable tensors get all-``True``.  ``sparsity`` overrides the constructor's value.
+        Args:
+            sparsity: Overrides (and replaces) the constructor's value, in ``[0, 1)``.
+
+        Returns:
+            One bool mask per tensor (copies of what :attr:`masks` now stores), ``True`` = kept;
+            non-prunable tensors get all-``True``.
+
+        Raises:
+            ValueError: A bad ``sparsity`` (outside ``[0, 1)``, pruning every prunable entry, or under the
+                ``min_density`` floor), or a prunable tensor that holds NaN or ±inf.
         """
         if sparsity is not None:
             self.sparsity = self._check_sparsity(sparsity)
@@ -180,7 +200,16 @@ class MagnitudePruner:
         regrowth) — the sparse upload — plus, if ``include_nonprunable`` (default), every entry of the
         non-prunable tensors (biases initialised at 0 stay trainable).  With
         ``include_nonprunable=False`` only currently non-zero entries of every tensor are returned.
-        Raises if the support would be empty.
+
+        Args:
+            nonzero_only: Take the entries non-zero now instead of the masks' kept entries.
+            include_nonprunable: With ``nonzero_only``, add every entry of the non-prunable tensors.
+
+        Returns:
+            The support ``S``, flat indices into the parameters in the optimizer's order.
+
+        Raises:
+            ValueError: The support would be empty.
         """
         parts = []
         for off, p, m, f in zip(self._offsets, self.params, self.masks, self.prunable):
@@ -195,6 +224,11 @@ class MagnitudePruner:
         return S
 
     def report(self) -> SparsityReport:
+        """Per-layer and global sparsity now (zeros after regrowth) and of the masks.
+
+        Returns:
+            A :class:`SparsityReport`, one :class:`LayerSparsity` per tensor.
+        """
         layers = []
         for nm, p, m, f in zip(self.names, self.params, self.masks, self.prunable):
             layers.append(LayerSparsity(name=nm, numel=p.numel(), prunable=f, pruned=int((~m).sum()),
@@ -209,10 +243,26 @@ class MagnitudePruner:
 
     # ---------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
+        """The pruner's state, for checkpoints.
+
+        Returns:
+            ``sparsity``, ``names``, ``prunable``, ``masks`` (CPU copies), ``distribution`` and ``min_density``.
+        """
         return {"sparsity": self.sparsity, "names": list(self.names), "prunable": list(self.prunable),
                 "masks": [m.detach().cpu().clone() for m in self.masks]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (the masks move to the parameters' devices).
+
+        A state saved before distributions existed loads as ``"global"`` with no floor.
+
+        Args:
+            state: A dict from :meth:`state_dict` of a pruner over the same tensors.
+
+        Raises:
+            ValueError: ``state`` is not such a dict, its names, prunable flags, mask shapes or count
+                disagree with this pruner's, or it holds an unknown distribution or a bad sparsity.
+        """
         if not isinstance(state, dict) or not {"sparsity", "names", "prunable", "masks"} <= set(state):
             raise ValueError("state must be a dict from MagnitudePruner.state_dict() "
                              "(keys sparsity, names, prunable, masks)")

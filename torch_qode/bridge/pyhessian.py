@@ -65,6 +65,21 @@ class PyHessianAdapter(_pyhessian_module.hessian):
     (6) models re-parametrised by ``torch.nn.utils.prune`` (``weight_orig``) are refused; (7) a
     BatchNorm in training mode normalises with the batch statistics without updating its running
     buffers.
+
+    Args:
+        model: The network (its mode, ``.grad`` and buffers are left as they were).
+        criterion: ``(outputs, targets) -> scalar loss``.
+        data: One batch ``(inputs, targets)``: its gradient graph is built once, here.
+        dataloader: Batches ``(inputs, targets)`` averaged over by every product (instead of ``data``).
+        cuda: Only checked against the model's device (``None``: take the model's).
+        params: The tensors the Hessian is taken over (default: the model's parameters).
+        seed: Seeds the forked RNG of the random vectors (``None`` = 0).
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``, ``criterion`` is not callable, or ``data`` is
+            not a pair.
+        ValueError: Not exactly one of ``data`` and ``dataloader``, a ``cuda`` that contradicts the
+            model's device, a ``torch.nn.utils.prune`` model, or a non-scalar loss.
     """
 
     def __init__(self, model: nn.Module, criterion, data=None, dataloader=None, cuda: Optional[bool] = None,
@@ -103,6 +118,17 @@ class PyHessianAdapter(_pyhessian_module.hessian):
         return stack
 
     def dataloader_hv_product(self, v):
+        """The Hessian-vector product averaged over the dataloader's batches (weighted by batch size).
+
+        Args:
+            v: One tensor per parameter (the direction).
+
+        Returns:
+            ``(v·Hv, Hv)``: the Rayleigh numerator as a float and ``Hv``, one detached tensor per parameter.
+
+        Raises:
+            ValueError: The criterion returned a non-scalar loss.
+        """
         THv = [torch.zeros_like(p) for p in self.params]
         num = 0.0
         for inputs, targets in self.data:
@@ -130,13 +156,41 @@ class PyHessianAdapter(_pyhessian_module.hessian):
                 _pyhessian_module.torch = saved
 
     def eigenvalues(self, maxIter=100, tol=1e-3, top_n=1):
+        """The top eigenvalues by PyHessian's power iteration (with deflation).
+
+        Args:
+            maxIter: Most power-iteration steps per eigenvalue.
+            tol: Relative change between two steps at which an eigenvalue is taken.
+            top_n: How many eigenvalues, largest first.
+
+        Returns:
+            ``(eigenvalues, eigenvectors)``: ``top_n`` floats and, for each, one detached tensor per parameter.
+        """
         vals, vecs = self._guarded(super().eigenvalues, maxIter=maxIter, tol=tol, top_n=top_n)
         return vals, [[t.detach() for t in v] for v in vecs]
 
     def density(self, iter=100, n_v=1):
+        """The Hessian's spectral density by PyHessian's stochastic Lanczos quadrature (SLQ).
+
+        Args:
+            iter: Lanczos steps per run.
+            n_v: Number of SLQ runs (random start vectors).
+
+        Returns:
+            ``(eigen_list_full, weight_list_full)``: for each run, the Ritz values and their weights.
+        """
         return self._guarded(super().density, iter=iter, n_v=n_v)
 
     def trace(self, maxIter=100, tol=1e-3):
+        """Hutchinson samples ``vᵀHv`` (Rademacher ``v``) of the Hessian's trace.
+
+        Args:
+            maxIter: Most samples.
+            tol: Stop when the running mean changes by less than this, relative to ``|mean|``.
+
+        Returns:
+            The samples as floats: their mean estimates the trace.
+        """
         return self._guarded(self._trace, maxIter, tol)
 
     def _trace(self, maxIter, tol):

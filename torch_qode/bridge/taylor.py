@@ -122,6 +122,20 @@ class TaylorExpansion:
     Build with :meth:`from_loss` (a live loss graph over the optimizer's parameters) or
     :meth:`from_function` (a pure function of the flat parameter vector).  Everything returned is
     detached.  Call :meth:`release` (or use ``with``) at the end of the window: no graph outlives it.
+
+    Args:
+        engine: The product engine of the backend (:class:`~torch_qode.bridge.engines.GraphEngine`,
+            :class:`~torch_qode.bridge.engines.FuncEngine` or :class:`~.recompute.RecomputeEngine`).
+        theta0_full: The expansion point θ0, the flat ``(N,)`` parameter vector.
+        grad_full: ``∇L(θ0)``, flat ``(N,)`` (without weight decay).
+        lr: The step ``η``.
+        support: The support ``S`` (an index tensor), or ``None`` for all ``N`` entries.
+        degree: The degree ``q`` of the ODE.
+        weight_decay: A 0-d or flat ``(N,)`` tensor (see :meth:`from_loss`).
+        backend: The backend's name (``"double_backward"``, ``"jvp"`` or ``"recompute"``).
+
+    Raises:
+        NonFiniteError: The gradient at θ0 (plus weight decay) holds NaN or ±inf.
     """
 
     def __init__(self, *, engine, theta0_full: torch.Tensor, grad_full: torch.Tensor, lr: float,
@@ -298,11 +312,26 @@ class TaylorExpansion:
         return R if self.support is None else R[:, self.support]
 
     def gradient(self) -> torch.Tensor:
-        """``∇L(θ0)`` on S plus ``weight_decay·θ0``: ``(n,)``."""
+        """``∇L(θ0)`` on S plus ``weight_decay·θ0``.
+
+        Returns:
+            A copy, of shape ``(n,)``.
+        """
         return self._grad.clone()
 
     def hvp(self, V) -> torch.Tensor:
-        """``(H_SS + wd·I) V`` for ``V`` of shape ``(n,)`` or ``(n, m)`` (same shape back; m = 0 allowed)."""
+        """``(H_SS + wd·I) V``, the Hessian-vector products on S (``F1 = −η`` times this).
+
+        Args:
+            V: ``(n,)`` or ``(n, m)`` (m = 0 allowed); numpy is accepted.
+
+        Returns:
+            The products, of ``V``'s shape, detached.
+
+        Raises:
+            RuntimeError: The expansion was released.
+            ValueError: ``V`` is not of shape ``(n,)`` or ``(n, m)``.
+        """
         eng = self._live()
         rows, vec = self._cols(V, "V")
         if rows.shape[0] == 0:
@@ -315,7 +344,19 @@ class TaylorExpansion:
         return HV[:, 0] if vec else HV
 
     def third(self, A, B) -> torch.Tensor:
-        """Columns ``∇³L[a_i, b_i]`` restricted to S: ``(n, m)`` (``(n,)`` for vectors)."""
+        """Columns ``∇³L[a_i, b_i]`` restricted to S (``F2 (a ⊗ b) = −(η/2)`` times this).
+
+        Args:
+            A: ``(n,)`` or ``(n, m)``: the first directions ``a_i``.
+            B: The second directions ``b_i``, of ``A``'s shape.
+
+        Returns:
+            ``(n, m)`` (``(n,)`` for vectors), detached.
+
+        Raises:
+            RuntimeError: The expansion was released.
+            ValueError: ``degree < 2``, or ``A`` and ``B`` of a bad or differing shape.
+        """
         eng = self._live()
         self._need_third()
         ra, va = self._cols(A, "A")
@@ -333,6 +374,17 @@ class TaylorExpansion:
 
         Only ``sym(Z)`` matters (∇³L is symmetric); ``sym(Z) = Σ λ_r v_r v_rᵀ`` (exact zeros
         dropped) turns it into ``Σ λ_r ∇³L[v_r, v_r]``, one batched set of third-order products.
+
+        Args:
+            Z: A real ``(n, n)`` matrix (numpy or torch).
+
+        Returns:
+            ``Σ_ab ∇³L_{iab} Z_ab`` on S, of shape ``(n,)``, detached.
+
+        Raises:
+            RuntimeError: The expansion was released.
+            ValueError: ``degree < 2``, or ``Z`` is not of shape ``(n, n)``.
+            NonFiniteError: ``Z`` holds NaN or ±inf.
         """
         eng = self._live()
         self._need_third()
@@ -357,6 +409,16 @@ class TaylorExpansion:
         Includes weight decay (``k = 1``: ``+wd·θ0``; ``k = 2``: ``+wd·I``).  Built with batched
         backward passes (``is_grads_batched``) or nested torch.func ``jvp``/``vmap`` — n**(k-1)
         products, so for small n only.
+
+        Args:
+            k: The order, ``1 ≤ k ≤ degree + 1``.
+
+        Returns:
+            ``∇^k L`` on S, of shape ``(n, n**(k-1))``, detached.
+
+        Raises:
+            ValueError: ``k`` is outside ``1..degree+1``.
+            RuntimeError: The expansion was released (``k ≥ 2``).
         """
         k = check_int(k, "k", 1, self.degree + 1, hint=" (degree + 1)")
         n = self.n
@@ -385,6 +447,24 @@ class TaylorExpansion:
         uses :meth:`third_sym`); ``None`` explicit iff ``8·Σ_k n**(k+1)`` bytes ≤ ``budget_bytes``
         (:data:`EXPLICIT_BUDGET_BYTES`), else matrix-free.  The ODE runs in ``dtype`` on ``device``
         (default: the parameters' device); matrix-free terms convert on the fly.
+
+        Args:
+            F0: ``None`` -> ``−lr·gradient()``; otherwise the ``(n,)`` vector or callable ``t -> (n,)`` used
+                as F0 itself (already multiplied by −lr).
+            explicit: ``True``: dense coefficients; ``False``: matrix-free terms; ``None``: decide by
+                ``budget_bytes``.
+            dtype: The ODE's dtype.
+            device: The ODE's device (default: the parameters').
+            budget_bytes: The most bytes of float64 F1..Fq that ``explicit=None`` builds densely.
+
+        Returns:
+            The :class:`~torch_qode.core.ode.PolynomialODE` ``u(t+1) = u(t) + F0 + Σ_k Fk u^{⊗k}``
+            with ``Fk = −(η/k!) ∇^{k+1}L`` on S (Eq. II.1, V.5).
+
+        Raises:
+            RuntimeError: The expansion was released.
+            ValueError: A bad ``explicit``, or matrix-free coefficients asked for (or needed by the budget)
+                at degree > 2.
         """
         self._live()
         if explicit not in (None, True, False):
@@ -445,9 +525,22 @@ class TaylorExpansion:
         return term
 
     def third_sym_sum(self, Z, lam) -> torch.Tensor:
-        """``Σ_l lam_l ∇³L[z_l, z_l]`` restricted to S for ``Z`` of shape ``(n, m)`` and ``lam`` ``(m,)``:
-        ``(n,)``.  One backward of ``Σ_l lam_l z_l·H(θ)z_l`` (chunked); the columns are scattered onto
-        the support for a sparse upload.  ``F2``'s ``sym_sum`` is ``−(η/2)`` times this."""
+        """``Σ_l lam_l ∇³L[z_l, z_l]`` restricted to S.
+
+        One backward of ``Σ_l lam_l z_l·H(θ)z_l`` (chunked); the columns are scattered onto
+        the support for a sparse upload.  ``F2``'s ``sym_sum`` is ``−(η/2)`` times this.
+
+        Args:
+            Z: The directions ``z_l`` as columns, ``(n, m)``.
+            lam: The weights, ``(m,)``.
+
+        Returns:
+            The sum, of shape ``(n,)``, detached.
+
+        Raises:
+            RuntimeError: The expansion was released.
+            ValueError: ``degree < 2``, a bad shape of ``Z``, or ``lam`` without one entry per column.
+        """
         eng = self._live()
         self._need_third()
         rows, _ = self._cols(Z, "Z")

@@ -213,7 +213,17 @@ class MatrixFreeTerm(LinearOperator):
         self.nnz = None if row_nnz is None else int(np.sum(row_nnz))
 
     def matmat(self, Y: torch.Tensor) -> torch.Tensor:
-        """``Fk @ Y`` by the user's callable; its output shape is checked."""
+        """``Fk @ Y`` by the user's callable; its output shape is checked.
+
+        Args:
+            Y: A ``(n**k, m)`` block of columns.
+
+        Returns:
+            ``Fk @ Y``, of shape ``(n, m)``.
+
+        Raises:
+            ValueError: The callable returned a shape other than ``(n, m)``.
+        """
         out = self._matmat(Y)
         if tuple(out.shape) != (self.n, Y.shape[1]):
             raise ValueError(f"matmat of the degree-{self.k} term returned shape {tuple(out.shape)}, "
@@ -221,13 +231,30 @@ class MatrixFreeTerm(LinearOperator):
         return out
 
     def rmatmat(self, W: torch.Tensor) -> torch.Tensor:
-        """``Fkᵀ @ W`` (given ``rmatmat=``, or ``symmetric``)."""
+        """``Fkᵀ @ W`` (given ``rmatmat=``, or ``symmetric``).
+
+        Args:
+            W: A ``(n, m)`` block of columns.
+
+        Returns:
+            ``Fkᵀ @ W``, of shape ``(n**k, m)``.
+
+        Raises:
+            NotExplicitError: The term has neither ``rmatmat=`` nor ``symmetric`` (``transposable = False``).
+        """
         if self._rmatmat is not None:
             return self._rmatmat(W)
         return super().rmatmat(W)
 
     def power(self, u: torch.Tensor) -> torch.Tensor:
-        """``Fk u^{⊗k}``, by the ``power`` fast path when given."""
+        """``Fk u^{⊗k}``, by the ``power`` fast path when given.
+
+        Args:
+            u: The state, of shape ``(n,)``.
+
+        Returns:
+            ``Fk u^{⊗k}``, of shape ``(n,)``.
+        """
         if self._power is not None:
             return self._power(u)
         return self.matmat(_kron_power(u, self.k)[:, None])[:, 0]
@@ -239,7 +266,18 @@ class MatrixFreeTerm(LinearOperator):
     scipy = LinearOperator.to_scipy   # the name used before the operator protocol (raises here)
 
     def norm(self, iters: int = 50, seed: int = 0) -> float:
-        """``||Fk||``: the given value, else power iteration on ``FkᵀFk`` (cached)."""
+        """``||Fk||``: the given value, else power iteration on ``FkᵀFk`` (cached).
+
+        Args:
+            iters: Power-iteration steps.
+            seed: Seed of the random start vector.
+
+        Returns:
+            The operator 2-norm (largest singular value), or its power-iteration estimate.
+
+        Raises:
+            ValueError: No ``norm=`` was given and the term has neither ``rmatmat=`` nor ``symmetric``.
+        """
         if self._norm is not None:
             return float(self._norm)
         if self._rmatmat is None and not self.symmetric:
@@ -387,20 +425,50 @@ class PolynomialODE:
         return all(t is None or t.explicit for t in self.terms[1:])
 
     def F0(self, t: int = 0, *, check: bool = True) -> torch.Tensor:
-        """The constant term at step ``t`` as a torch tensor ``(n,)``; ``check=False`` skips the
-        finiteness test of a time-dependent F0 (for a caller that tests what it computes from it)."""
+        """The constant term at step ``t`` as a torch tensor ``(n,)``.
+
+        Args:
+            t: The step (only read when F0 is a callable).
+            check: ``False`` skips the finiteness test of a time-dependent F0 (for a caller that tests
+                what it computes from it).
+
+        Returns:
+            ``F0(t)``, of shape ``(n,)`` (zeros when F0 is ``None``).
+
+        Raises:
+            ValueError: A callable F0 returned a shape other than ``(n,)``.
+            NonFiniteError: It returned NaN or ±inf (with ``check=True``).
+        """
         if self.time_dependent:
             return self._coerce_F0(self._F0(t), f"F0({t})", check=check)
         return self._F0_const
 
     def term(self, k: int):
-        """The degree-``k`` term (``None`` when zero)."""
+        """The degree-``k`` term.
+
+        Args:
+            k: The degree, ``1 ≤ k ≤ degree``.
+
+        Returns:
+            The term ``Fk`` (an :class:`ExplicitTerm` or :class:`MatrixFreeTerm`), or ``None`` when zero.
+
+        Raises:
+            ValueError: ``k`` is outside ``1..degree``.
+        """
         if not 1 <= k <= self.degree:
             raise ValueError(f"k must be in 1..{self.degree}, got {k}")
         return self.terms[k]
 
     def f(self, u, t: int = 0):
-        """``f(u, t) = F0(t) + Σ_k Fk u^{⊗k}`` (arrays in, arrays out)."""
+        """``f(u, t) = F0(t) + Σ_k Fk u^{⊗k}`` (arrays in, arrays out).
+
+        Args:
+            u: The state, of shape ``(n,)``.
+            t: The step (for a time-dependent F0).
+
+        Returns:
+            ``f(u, t)``, of shape ``(n,)``: numpy when ``u`` is not a torch tensor.
+        """
         x = self._vec(u, "u")
         out = self.F0(t).clone()
         for k in range(1, self.degree + 1):
@@ -411,7 +479,15 @@ class PolynomialODE:
         return like(out, u)
 
     def iterate(self, u0, T: int):
-        """The exact nonlinear trajectory ``u(0..T)`` of the map ``u ↦ u + f(u, t)``: ``(T+1, n)``."""
+        """The exact nonlinear trajectory ``u(0..T)`` of the map ``u ↦ u + f(u, t)``.
+
+        Args:
+            u0: The initial state, of shape ``(n,)``.
+            T: The number of steps, ``T ≥ 0``.
+
+        Returns:
+            The trajectory, of shape ``(T+1, n)``: numpy when ``u0`` is not a torch tensor.
+        """
         T = _check_T(T)
         u = self._vec(u0, "u0")
         traj = torch.empty(T + 1, self.n, dtype=self.dtype, device=self.device)
@@ -425,6 +501,9 @@ class PolynomialODE:
         """Operator 2-norms ``[||F0||, ||F1||, …, ||Fq||]`` used by the error bounds (Eq. II.69–II.76).
 
         For a time-dependent F0 the norm at t = 0 is reported.
+
+        Returns:
+            ``[||F0||, ||F1||, …, ||Fq||]``, with 0.0 for a ``None`` term.
         """
         out = [float(self.F0(0).norm())]
         for term in self.terms[1:]:

@@ -80,7 +80,14 @@ class LinearOperator:
         raise self._not_explicit()
 
     def to_scipy(self) -> sp.csr_matrix:
-        """The matrix as a float64 scipy CSR matrix (only when ``explicit``)."""
+        """The matrix as a float64 scipy CSR matrix (only when ``explicit``).
+
+        Returns:
+            The CSR matrix (explicit subclasses override this method).
+
+        Raises:
+            NotExplicitError: The operator is matrix-free (``explicit = False``).
+        """
         raise self._not_explicit()
 
     def _not_explicit(self) -> NotExplicitError:

@@ -129,7 +129,11 @@ class Resources:
     solver: Optional[str] = None
 
     def as_dict(self) -> dict:
-        """All fields as a plain dict (copies of ``ancillas`` and ``notes``)."""
+        """All fields as a plain dict (copies of ``ancillas`` and ``notes``).
+
+        Returns:
+            One entry per field, keyed by the field's name.
+        """
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["ancillas"], out["notes"] = dict(self.ancillas), list(self.notes)
         return out
@@ -381,7 +385,11 @@ class ClassicalCost:
     gates_per_flop: Optional[float]
 
     def as_dict(self) -> dict:
-        """All fields as a plain dict."""
+        """All fields as a plain dict.
+
+        Returns:
+            One entry per field, keyed by the field's name.
+        """
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 

@@ -192,8 +192,15 @@ class TomographyResult:
     sign_method: Optional[str] = None
 
     def as_dict(self, arrays: bool = True) -> dict:
-        """All fields as a dict (``arrays=False`` leaves out ``estimate`` and ``support`` and adds
-        ``observed`` = the support size, for logging)."""
+        """All fields as a dict (copies of ``shots`` and ``split``).
+
+        Args:
+            arrays: ``False`` leaves out ``estimate`` and ``support`` and adds ``observed`` = the support
+                size (for logging).
+
+        Returns:
+            One entry per field, keyed by the field's name.
+        """
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["shots"] = dict(self.shots)
         out["split"] = dict(self.split)

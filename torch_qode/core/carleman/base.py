@@ -103,7 +103,17 @@ class CarlemanSystem:
         raise NotImplementedError
 
     def offset(self, t: int = 0) -> np.ndarray:   # pragma: no cover - abstract
-        """``b(t)`` as a ``(Δ,)`` numpy vector."""
+        """``b(t)`` as a ``(Δ,)`` numpy vector.
+
+        Args:
+            t: The step (``b`` depends on it through a time-dependent F0).
+
+        Returns:
+            ``b(t)``, of shape ``(Δ,)`` (each form overrides this method).
+
+        Raises:
+            NotImplementedError: On the base class.
+        """
         raise NotImplementedError
 
     def _nnz_bound(self, g: list) -> float:   # pragma: no cover - abstract
@@ -120,7 +130,14 @@ class CarlemanSystem:
 
     # ------------------------------------------------------------------------------- state helpers
     def lift(self, u0):
-        """``(u0, u0⊗u0, …, u0^{⊗N})`` as one ``(Δ,)`` vector (arrays in, arrays out)."""
+        """``(u0, u0⊗u0, …, u0^{⊗N})`` as one ``(Δ,)`` vector (arrays in, arrays out).
+
+        Args:
+            u0: The state, of shape ``(n,)``.
+
+        Returns:
+            The lifted state ``y(0)``, of shape ``(Δ,)``: numpy when ``u0`` is not a torch tensor.
+        """
         u = self.ode._vec(u0, "u0")
         parts, cur = [u], u
         for _ in range(1, self.order):
@@ -129,7 +146,14 @@ class CarlemanSystem:
         return like(torch.cat(parts), u0)
 
     def levels(self, y) -> list:
-        """Split a ``(Δ,)`` state into its levels ``[y_1, …, y_N]`` (views, flat)."""
+        """Split a ``(Δ,)`` state into its levels ``[y_1, …, y_N]`` (views, flat).
+
+        Args:
+            y: A Carleman state, of shape ``(Δ,)``.
+
+        Returns:
+            The ``N`` levels, ``y_j`` of shape ``(n**j,)``: numpy when ``y`` is not a torch tensor.
+        """
         x = self._state(y, "y")
         return [like(x[self.offsets[j]:self.offsets[j + 1]], y) for j in range(self.order)]
 
@@ -142,7 +166,15 @@ class CarlemanSystem:
 
     # ------------------------------------------------------------------------------ matrix-free
     def step(self, y, t: int = 0):
-        """One step ``y + A(t) y + b(t)``, matrix-free (arrays in, arrays out)."""
+        """One step ``y + A(t) y + b(t)``, matrix-free (arrays in, arrays out).
+
+        Args:
+            y: The state, of shape ``(Δ,)``.
+            t: The step (for a time-dependent F0).
+
+        Returns:
+            ``y(t+1)``, of shape ``(Δ,)``: numpy when ``y`` is not a torch tensor.
+        """
         x = self._state(y, "y")
         out = self._advance(x[:, None], t, offset=True)[:, 0]
         return like(out, y)
@@ -151,8 +183,20 @@ class CarlemanSystem:
         """:meth:`step` of a torch ``y (Δ,)`` written into ``out``, bit for bit, with no flat temporary:
         at order 1 with an F1 that offers ``matvec_buffer`` (``F1 y`` before its cast to the state's
         dtype, in a reused buffer), ``out = y + F0(t)``, ``out += F1 y``, then the state's finiteness
-        check, back to back (``out`` stays in cache).  Returns False, touching nothing, where that
-        lean path does not apply (then use :meth:`step`)."""
+        check, back to back (``out`` stays in cache).
+
+        Args:
+            y: The state, a torch tensor of shape ``(Δ,)`` in the ODE's dtype and device.
+            t: The step (for a time-dependent F0).
+            out: Where ``y(t+1)`` is written: the same shape, dtype and device as ``y``.
+
+        Returns:
+            True when ``out`` holds the step; False, touching nothing, where that lean path does not
+            apply (then use :meth:`step`).
+
+        Raises:
+            NonFiniteError: F0(t) or the new state holds NaN or ±inf.
+        """
         F1 = self.ode.terms[1] if self.degree >= 1 else None
         product = getattr(F1, "matvec_buffer", None)
         if self.order != 1 or product is None or y.dtype != self.ode.dtype or y.device != self.ode.device \
@@ -172,7 +216,20 @@ class CarlemanSystem:
         return True
 
     def apply(self, Y: torch.Tensor, t: int = 0, *, offset: bool = False) -> torch.Tensor:
-        """``(I + A(t)) Y`` (plus ``b(t)`` in every column if ``offset``) for a ``(Δ, m)`` torch block."""
+        """``(I + A(t)) Y`` (plus ``b(t)`` in every column if ``offset``) for a ``(Δ, m)`` torch block.
+
+        Args:
+            Y: A ``(Δ, m)`` torch block of states.
+            t: The step (for a time-dependent F0).
+            offset: Add ``b(t)`` to every column.
+
+        Returns:
+            The advanced block, of shape ``(Δ, m)``, in the ODE's dtype.
+
+        Raises:
+            ValueError: ``Y`` is not of shape ``(Δ, m)``.
+            NonFiniteError: The result holds NaN or ±inf.
+        """
         if Y.dim() != 2 or Y.shape[0] != self.dim:
             raise ValueError(f"Y must have shape ({self.dim}, m); got {tuple(Y.shape)}")
         return self._advance(Y.to(self.ode.dtype), t, offset=offset)
@@ -206,8 +263,17 @@ class CarlemanSystem:
     def simulate(self, u0, T: int, *, max_bytes: Optional[int] = None):
         """The level-1 trajectory ``u(0..T)`` of the Carleman system: ``(T+1, n)``.
 
-        Refuses (:class:`CarlemanTooLarge`) before allocating when the trajectory would not fit in
-        ``max_bytes`` (default: the system's budget).
+        Args:
+            u0: The initial state, of shape ``(n,)``.
+            T: The number of steps, ``T ≥ 0``.
+            max_bytes: Memory budget of the trajectory (default: the system's budget).
+
+        Returns:
+            The level-1 trajectory, of shape ``(T+1, n)``: numpy when ``u0`` is not a torch tensor.
+
+        Raises:
+            CarlemanTooLarge: The trajectory would not fit in ``max_bytes`` (before allocating).
+            NonFiniteError: The state became non-finite.
         """
         T = _check_T(T)
         budget = _budget(max_bytes, self.max_bytes)
@@ -236,13 +302,28 @@ class CarlemanSystem:
         return float(term.nnz)
 
     def nnz_bound(self, t: int = 0) -> float:
-        """An upper bound on ``nnz(A(t))`` computed from the coefficients' non-zeros alone."""
+        """An upper bound on ``nnz(A(t))`` computed from the coefficients' non-zeros alone.
+
+        Args:
+            t: The step (a constant F0's non-zeros are counted at ``t``; a time-dependent one counts as dense).
+
+        Returns:
+            The bound (a matrix-free term counts as dense).
+        """
         n = self.n
         f0_nnz = float(np.count_nonzero(self.ode.F0(t).detach().cpu().numpy())) if not self.ode.time_dependent else n
         return self._nnz_bound([f0_nnz] + [self._term_nnz(k) for k in range(1, self.degree + 1)])
 
     def matrix_refusal(self, t: int = 0, *, max_bytes: Optional[int] = None) -> Optional[str]:
-        """Why :meth:`matrix` would refuse (matrix-free terms, or over the memory budget), else ``None``."""
+        """Why :meth:`matrix` would refuse (matrix-free terms, or over the memory budget).
+
+        Args:
+            t: The step.
+            max_bytes: Memory budget of ``A(t)`` (default: the system's budget, else half the available memory).
+
+        Returns:
+            The reason as a sentence, or ``None`` when :meth:`matrix` would build ``A(t)``.
+        """
         budget = _budget(max_bytes, self.max_bytes)
         if not self.ode.explicit:
             return ("this system has matrix-free coefficients and no explicit matrix; use the "
@@ -258,9 +339,16 @@ class CarlemanSystem:
     def matrix(self, t: int = 0, *, max_bytes: Optional[int] = None) -> sp.csr_matrix:
         """``A(t)`` as a scipy CSR matrix (``Δ×Δ``).
 
-        A matrix-free system raises ``TypeError``; one whose non-zeros would not fit in ``max_bytes``
-        (default: the system's budget, else half the available memory) raises
-        :class:`CarlemanTooLarge` before allocating (see :meth:`matrix_refusal`).
+        Args:
+            t: The step (``A`` depends on it through a time-dependent F0).
+            max_bytes: Memory budget of ``A(t)`` (default: the system's budget, else half the available memory).
+
+        Returns:
+            ``A(t)``, a ``Δ×Δ`` CSR matrix with sorted indices and no explicit zeros.
+
+        Raises:
+            TypeError: The system has matrix-free coefficients (see :meth:`matrix_refusal`).
+            CarlemanTooLarge: Its non-zeros would not fit in ``max_bytes`` (before allocating).
         """
         why = self.matrix_refusal(t, max_bytes=max_bytes)
         if why is not None:
@@ -276,7 +364,19 @@ class CarlemanSystem:
         return A
 
     def row_sparsity(self, t: int = 0, *, max_bytes: Optional[int] = None) -> int:
-        """Measured row sparsity ``s``: the most non-zeros in any row of ``A(t)`` (cf. Theorem V.1)."""
+        """Measured row sparsity ``s``: the most non-zeros in any row of ``A(t)`` (cf. Theorem V.1).
+
+        Args:
+            t: The step.
+            max_bytes: Memory budget of ``A(t)``, as in :meth:`matrix`.
+
+        Returns:
+            ``s`` (0 for an empty matrix).
+
+        Raises:
+            TypeError: The system has matrix-free coefficients.
+            CarlemanTooLarge: ``A(t)`` would not fit in ``max_bytes``.
+        """
         A = self.matrix(t, max_bytes=max_bytes)
         return int(np.diff(A.indptr).max()) if A.shape[0] else 0
 
@@ -285,6 +385,9 @@ class CarlemanSystem:
 
         ``S_i^{(k)}`` = non-zeros of row ``i`` of ``Fk`` (a matrix-free term counts as dense; a
         time-dependent ``F0`` as 1 per row).
+
+        Returns:
+            The bound, at most ``Δ``.
         """
         n, q = self.n, self.degree
         rows = [np.ones(n) if self.ode.time_dependent
