@@ -152,6 +152,69 @@ def test_a_compiled_mlp_trains_quantum_windows_like_the_eager_one():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
+def _bn_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+
+
+def _bn_run(compiled: bool, steps: int = 8, pass_model: bool = True, **kw):
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(6, 1, 6, 6, generator=g), torch.randint(0, 2, (6,), generator=g)) for _ in range(steps)]
+    model = _bn_cnn()
+    fwd = torch.compile(model, backend="aot_eager") if compiled else model
+    opt = QODE(model.parameters(), lr=0.05, model=fwd if pass_model else None, seed=0, **CYCLE, **kw)
+    for x, y in data:
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(fwd(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return model, opt
+
+
+@pytest.mark.parametrize("hvp", ["auto", "retain", "recompute"])
+def test_a_compiled_batchnorm_cnn_trains_quantum_windows_bit_for_bit_like_the_eager_one(hvp):
+    """The compiled forward updates BatchNorm's running statistics with copy_ (a version bump eager
+    BatchNorm's kernel does not make); the retained graph holds the upload's buffers as snapshots, so
+    every window runs to its end, equal to eager bit for bit: weights, running statistics, counters."""
+    (model, opt), (ref, ref_opt) = _bn_run(True, hvp=hvp), _bn_run(False, hvp=hvp)
+    assert [r.mode for r in opt.reports] == ["quantum", "quantum"] and not any(r.faults for r in opt.reports)
+    for a, b in zip(list(model.parameters()) + list(model.buffers()), list(ref.parameters()) + list(ref.buffers())):
+        assert torch.equal(a, b)
+    assert [r.loss_last for r in opt.reports] == [r.loss_last for r in ref_opt.reports]
+
+
+def test_a_compiled_batchnorm_window_without_model_raises_once_and_the_next_cycle_runs():
+    """Without model= QODE cannot know the buffers: the compiled forward's write fails the next product,
+    the window ends at θ0 with the fault and the error propagates once; the optimizer is not stuck:
+    the window's other steps and the next cycle's train."""
+    g = torch.Generator().manual_seed(5)
+    model = _bn_cnn()
+    fwd = torch.compile(model, backend="aot_eager")
+    opt = QODE(model.parameters(), lr=0.05, seed=0, hvp="retain", **CYCLE)
+    failed = []
+    for k in range(8):
+        x, y = torch.randn(6, 1, 6, 6, generator=g), torch.randint(0, 2, (6,), generator=g)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(fwd(x), y)
+            loss.backward()
+            return loss
+        theta0 = opt._win.theta0.clone() if opt.in_quantum_window else None
+        try:
+            opt.step(closure)
+        except RuntimeError as exc:
+            failed.append(k)
+            assert "modified by an inplace operation" in str(exc) and not opt.in_quantum_window
+            assert torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), theta0)
+    assert failed == [2, 7] and opt.step_count == 6   # a step that raised was not taken
+    for rep in opt.reports:
+        assert rep.mode == "classical" and "aborted at t=1: a window product failed" in rep.reason
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def _flash_closure(opt, model, x, y, calls):
     def closure():
         calls.append(1)

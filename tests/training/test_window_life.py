@@ -88,9 +88,9 @@ def _bn_closure(model, opt, X, Y):
     return closure
 
 
-def test_a_buffer_written_mid_window_aborts_to_theta0_and_the_next_cycle_runs():
-    """A matrix-free window holds the upload graph, which saved the BatchNorm running mean: a write to
-    it is seen by its version counter, the window aborts to θ0 with the fault, the next cycle is quantum."""
+def test_a_weight_written_mid_window_aborts_to_theta0_and_the_next_cycle_runs():
+    """A matrix-free window holds the upload graph, which saved the weights: a write to one is seen by
+    its version counter, the window aborts to θ0 with the fault, the next cycle is quantum."""
     model = _BNNet().double()
     opt = QODE(model.parameters(), model=model, explicit=False, **BASE)
     data = batches(10, seed=4)
@@ -99,7 +99,7 @@ def test_a_buffer_written_mid_window_aborts_to_theta0_and_the_next_cycle_runs():
     assert opt.in_quantum_window
     theta0 = opt._win.theta0.clone()
     with torch.no_grad():
-        model.bn.running_mean.mul_(0.5)          # an EMA-like manual write
+        model.fc2.weight.mul_(0.5)               # an in-place write (an EMA-like update) of a weight
     opt.step(_bn_closure(model, opt, *data[3]))
     rep = opt.reports[0]
     assert not opt.in_quantum_window and torch.equal(flat(model), theta0)
@@ -111,8 +111,29 @@ def test_a_buffer_written_mid_window_aborts_to_theta0_and_the_next_cycle_runs():
     assert nxt.mode == "quantum" and not nxt.faults and not opt.in_quantum_window
 
 
+def test_a_buffer_written_mid_window_leaves_the_window_on_the_uploads_buffers():
+    """With model=, the upload graph holds the buffers as snapshots (what a compiled BatchNorm's own
+    running-statistics copy_ needs): a manual write to a running mean mid-window invalidates nothing,
+    and in training mode (the statistics unused by the products) the window equals one without it."""
+    runs = []
+    for write in (True, False):
+        model = _BNNet().double()
+        opt = QODE(model.parameters(), model=model, explicit=False, **BASE)
+        data = batches(5, seed=4)
+        for k, (X, Y) in enumerate(data):
+            if k == 3 and write:
+                assert opt.in_quantum_window
+                with torch.no_grad():
+                    model.bn.running_mean.mul_(0.5)
+            opt.step(_bn_closure(model, opt, X, Y))
+        runs.append((flat(model), opt.reports[0]))
+    (theta, rep), (ref, _) = runs
+    assert rep.mode == "quantum" and not rep.faults and torch.equal(theta, ref)
+
+
 def test_without_an_inplace_write_a_failing_product_still_raises(monkeypatch):
-    """A product's RuntimeError that no version counter explains is not swallowed."""
+    """A product's RuntimeError that no version counter explains is not swallowed, and does not leave the
+    optimizer stuck: the window ended at θ0 with the fault, the next steps train."""
     model = tiny_mlp(0)
     opt = QODE(model.parameters(), explicit=False, **BASE)
     data = batches(3)
@@ -123,8 +144,16 @@ def test_without_an_inplace_write_a_failing_product_still_raises(monkeypatch):
     def boom(system, t):
         raise RuntimeError("a bug in a product")
     monkeypatch.setattr(win.state, "advance", boom)
+    theta0 = win.theta0.clone()
     with pytest.raises(RuntimeError, match="a bug in a product"):
         opt.step(closure_for(model, opt, *data[2]))
+    rep = opt.reports[0]
+    assert not opt.in_quantum_window and torch.equal(flat(model), theta0) and opt.step_count == 2   # not taken
+    assert rep.mode == "classical" and rep.faults == ["step 2: a window product failed (the error propagates; "
+                                                      "the window ended at θ0): a bug in a product"]
+    for X, Y in batches(8)[2:]:                  # the step again, the rest of the cycle, the next cycle's window
+        opt.step(closure_for(model, opt, X, Y))
+    assert opt.reports[1].mode == "quantum" and not opt.reports[1].faults
 
 
 def test_the_finish_pipeline_is_a_list_of_named_stages(monkeypatch):

@@ -16,7 +16,7 @@ from ..bridge.recompute import intercepting_backward, replaying_backward
 from .config import choose_hvp
 
 __all__ = ["Products", "capture_backward", "NoiseTape", "loss_value", "holding", "own_grads", "measuring",
-           "upload_graph", "Replay", "rng_state", "frozen_closure", "saved_bytes", "NEEDS_CLOSURE",
+           "upload_graph", "Replay", "rng_state", "frozen_closure", "saved_bytes", "saving", "NEEDS_CLOSURE",
            "checked_closure"]
 
 #: ``QODE.step()`` without a closure: why one is needed, and the two-line fix.
@@ -74,16 +74,19 @@ class Products(enum.Enum):
         hvp, need = choose_hvp(meter["bytes"], device)
         return Products(hvp), {"hvp": hvp, "graph_bytes_estimate": need}
 
-    def capture(self, inspect_fused: bool):
+    def capture(self, inspect_fused: bool, model: Optional[torch.nn.Module] = None):
         """The context the closure runs in: :func:`capture_backward` (retaining or not; with the
-        fused-norm check ``inspect`` for a replay at degree ≥ 2 when ``inspect_fused``) and, for
-        ``AUTO``, :func:`saved_bytes`; yields the capture dict with its ``"meter"``."""
+        fused-norm check ``inspect`` for a replay at degree ≥ 2 when ``inspect_fused``) and
+        :func:`saving` (a retained graph keeps ``model``'s buffers as snapshots; ``AUTO`` measures
+        the saved bytes); yields the capture dict with its ``"meter"``."""
+        buffers = tuple(model.buffers()) if model is not None and self.retains else ()
+
         @contextlib.contextmanager
         def run():
             with torch.enable_grad(), double_backward_kernels(), \
                     capture_backward(retain=self.retains,
                                      inspect=fused_norm_nodes if self.replays and inspect_fused else None) as cap, \
-                    (saved_bytes() if self.measures else contextlib.nullcontext({})) as meter:
+                    saving(buffers, measure=self.measures) as meter:
                 cap["meter"] = meter
                 yield cap
         return run()
@@ -281,15 +284,50 @@ class Replay:
                 self.closure()
 
 
-@contextlib.contextmanager
 def saved_bytes():
     """``box["bytes"]``: the storage bytes of the tensors autograd saved for backward inside the
     context (the graph a retained loss holds; leaf tensors such as parameters excluded)."""
-    seen: dict = {}
+    return saving(measure=True)
+
+
+@contextlib.contextmanager
+def saving(buffers: tuple = (), measure: bool = False):
+    """The tensors autograd saves for backward inside the context, as a window retains them.
+
+    A module buffer among ``buffers`` is saved as a snapshot (a copy, one per buffer and version)
+    instead of the live tensor: the graph then holds the expansion batch's buffers, and a later
+    write to the live one cannot invalidate the window's products.  That write is the forward's
+    own in training: a ``torch.compile``'d BatchNorm updates its running statistics with
+    ``copy_`` (eager BatchNorm writes them inside its kernel, unseen by the version counter), so
+    the next product after a compiled window step would fail.  BatchNorm's backward reads the
+    running statistics only in eval mode, where no forward writes them: the products are those of
+    the live buffers, bit for bit.
+
+    Args:
+        buffers: the model's buffers (empty: every tensor is saved as autograd saves it).
+        measure: count the saved bytes (``box["bytes"]``, as :func:`saved_bytes`).
+
+    Yields:
+        ``box``: ``{"bytes": n}`` once the context exits (``0`` without ``measure``).
+    """
     box = {"bytes": 0}
+    if not buffers and not measure:              # no hooks: autograd saves as it always does
+        yield box
+        return
+    seen: dict = {}
+    live = {b._cdata: b for b in buffers}
+    copies: dict = {}
+
+    def snapshot(t):
+        key = (t._cdata, t._version)
+        if key not in copies:
+            copies[key] = t.detach().clone()
+        return copies[key]
 
     def pack(t):
-        if not t.is_leaf:
+        if t._cdata in live and not t.requires_grad:
+            return snapshot(t)
+        if measure and not t.is_leaf:
             try:
                 st = t.untyped_storage()
                 seen[st.data_ptr()] = st.nbytes()

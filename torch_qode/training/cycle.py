@@ -22,7 +22,7 @@ from ..bridge import flat as _flat
 from ..bridge.kernels import KERNELS, double_backward_kernels, missing_double_backward
 from ..bridge.norms import fused_norm_nodes
 from . import window as _w
-from .capture import Products, Replay, capture_backward, measuring, own_grads, rng_state, upload_graph
+from .capture import Products, Replay, capture_backward, measuring, own_grads, rng_state, saving, upload_graph
 from .classical import all_finite_sync, finite_with, momentum_buffers, reset_momentum, sgd_step
 from .comm import Comm
 from .config import QODEConfig, check_trainable
@@ -116,7 +116,7 @@ def upload(q: QuantumSteps, s: Step) -> Any:
         q.pruner.prune()                         # the uploaded state must be r-sparse
         support = q.pruner.support()
     hvp, rng = _products(q)
-    with hvp.capture(q.cfg.degree >= 2) as cap, _w.flop_count() as flops:   # FLOPs counted for the ledger
+    with hvp.capture(q.cfg.degree >= 2, q.model) as cap, _w.flop_count() as flops:   # FLOPs: for the ledger
         loss = detached(s.closure())             # the caller never holds the retained graph
     before = rep.state()
     try:
@@ -217,7 +217,7 @@ def window_step(q: QuantumSteps, s: Step) -> Any:
     resumed = w.system is None
     if resumed:
         hvp, rng = _products(q)
-        run = hvp.capture(q.cfg.degree >= 2)
+        run = hvp.capture(q.cfg.degree >= 2, q.model)
     else:
         run = torch.enable_grad()
     with run as cap:
@@ -270,6 +270,9 @@ def advance(q: QuantumSteps, s: Step, grads, f0: Optional[torch.Tensor] = None, 
             s.rep.skipped_steps += 1
         abort(q, s, WindowFault(Fault.STEP_NONFINITE) if nonfinite else met)
         return
+    except Exception as exc:                     # no fault explains it: the window ends at θ0 (the next
+        abort(q, s, WindowFault(Fault.PRODUCT_FAILED, exc))   # step trains as after any abort), then
+        raise                                    # the error propagates: a bug is not swallowed
     if shadow is not None:
         shadow_update(w.shadow, *shadow, q.group, w.lr, w.wd, w.support)
     if w.t == q.cfg.window_length:
@@ -318,7 +321,8 @@ def restore_expansion(win: _w.Window, closure: Callable, params: list, cfg: QODE
     rng = rng_state(params)
     with own_grads(params), torch.enable_grad(), measuring(params, model), double_backward_kernels(), \
             capture_backward(retain=not replays,
-                             inspect=fused_norm_nodes if replays and cfg.degree >= 2 else None) as cap:
+                             inspect=fused_norm_nodes if replays and cfg.degree >= 2 else None) as cap, \
+            saving(() if replays or model is None else tuple(model.buffers())):
         closure()
         grad = _w.flat_grads(params)
     if not cap["values"]:

@@ -30,6 +30,7 @@ class Fault(enum.Enum):
     STATE_NONFINITE = ("{detail}", "a non-finite Carleman state on another rank")
     INPLACE_WRITE = (INPLACE_WRITE, None)
     REEXPANSION_FAILED = ("re-expansion after resume failed: {detail}", None)
+    PRODUCT_FAILED = ("a window product failed (the error propagates; the window ended at θ0): {detail}", None)
     RESUMED = ("resumed a matrix-free window: F1..Fq re-expanded at θ0 on this step's batch (the upload "
                "batch's autograd graph cannot be saved)", None)
     SOLVE_FAILED = ("window solve failed: {detail}", None)
