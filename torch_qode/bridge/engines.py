@@ -48,7 +48,7 @@ class GraphEngine:
 
     def scaled_hvp(self, y: torch.Tensor, c: float) -> torch.Tensor:
         """``c·H y`` for a flat ``y (N,)`` (any dtype), in the leaves' dtype, in a buffer that the next
-        call reuses: the numbers of ``c * hvp(y)`` before ``taylor._scaled`` casts them (adding it to a
+        call reuses: the numbers of ``c * hvp(y)`` before ``taylor_ode._scaled`` casts them (adding it to a
         float64 ``acc`` gives ``acc + _scaled(hvp(y), c, acc)`` bit for bit), without the flat copies:
         ``y`` is converted into a reused vector and each leaf's product written into its slice."""
         if self._bufs is None:

@@ -43,7 +43,6 @@ forward that built the ``from_loss`` graph is the caller's training forward).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -55,7 +54,7 @@ from .engines import FuncEngine, GraphEngine
 from .flat import make_loss_fn
 from .recompute import RecomputeEngine
 from .norms import decomposed_norms, fused_norm_nodes
-from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
+from ..core.ode import NonFiniteError, PolynomialODE
 from ..core.registry import Registry
 
 __all__ = ["TaylorExpansion", "UnsupportedGraphError", "make_loss_fn", "decomposed_norms",
@@ -279,18 +278,9 @@ class TaylorExpansion:
     def from_model(cls, model: torch.nn.Module, criterion: Callable, batch, *, lr: float, params=None,
                    support=None, degree: int = 2, weight_decay=0.0, backend: str = "auto",
                    seed: int = 0, chunk: int = DEFAULT_CHUNK) -> "TaylorExpansion":
-        """:meth:`from_function` on ``make_loss_fn(model, criterion, batch, params)`` at the current values.
-
-        Normalisation layers run decomposed when ``degree >= 2`` (third derivatives needed) and fused
-        otherwise (faster, exact to second order).  ``weight_decay`` takes the forms of
-        :meth:`from_loss` (a float, one float per tensor of ``params``, or a flat ``(N,)`` vector).
-        """
-        loss_fn = make_loss_fn(model, criterion, batch, params, seed=seed,
-                               decompose_norms=_check_degree(degree) >= 2)
-        wd = _check_weight_decay(weight_decay, loss_fn.params)   # per-tensor values -> the flat vector
-        theta0 = _flat.flatten([p.detach() for p in loss_fn.params])
-        return cls.from_function(loss_fn, theta0, lr=lr, support=support, degree=degree,
-                                 weight_decay=wd, backend=backend, chunk=chunk)
+        """:meth:`from_function` on ``make_loss_fn(model, criterion, batch, params)``: see :func:`_from_model`."""
+        return _from_model(cls, model, criterion, batch, lr=lr, params=params, support=support, degree=degree,
+                           weight_decay=weight_decay, backend=backend, seed=seed, chunk=chunk)
 
     # ------------------------------------------------------------------------------- products
     def _live(self):
@@ -438,15 +428,11 @@ class TaylorExpansion:
     # ------------------------------------------------------------------------------------ ODE
     def ode(self, F0=None, explicit: Optional[bool] = None, *, dtype: torch.dtype = torch.float64,
             device=None, budget_bytes: int = EXPLICIT_BUDGET_BYTES) -> PolynomialODE:
-        """The gradient-descent ODE on S: ``[F0, F1, …, Fq]`` with q = ``degree``.
+        """The gradient-descent ODE on S: ``[F0, F1, …, Fq]`` with q = ``degree``
+        (:func:`~torch_qode.bridge.taylor_ode.expansion_ode`).
 
-        ``F0``: ``None`` -> ``−lr·gradient()``; otherwise the given ``(n,)`` vector or callable
-        ``t -> (n,)`` is used *as F0 itself* (already multiplied by −lr).
-        ``explicit``: ``True`` dense tensors from :meth:`derivative`; ``False`` matrix-free terms
-        (degree ≤ 2: F1 by HVPs, F2 by third-order products; ``F2.matmat`` on a general n² column
-        uses :meth:`third_sym`); ``None`` explicit iff ``8·Σ_k n**(k+1)`` bytes ≤ ``budget_bytes``
-        (:data:`EXPLICIT_BUDGET_BYTES`), else matrix-free.  The ODE runs in ``dtype`` on ``device``
-        (default: the parameters' device); matrix-free terms convert on the fly.
+        Matrix-free terms (degree ≤ 2) take F1 by HVPs and F2 by third-order products (``F2.matmat`` on
+        a general n² column uses :meth:`third_sym`) and convert to ``dtype`` on the fly.
 
         Args:
             F0: ``None`` -> ``−lr·gradient()``; otherwise the ``(n,)`` vector or callable ``t -> (n,)`` used
@@ -466,63 +452,7 @@ class TaylorExpansion:
             ValueError: A bad ``explicit``, or matrix-free coefficients asked for (or needed by the budget)
                 at degree > 2.
         """
-        self._live()
-        if explicit not in (None, True, False):
-            raise ValueError(f"explicit must be None (decide by memory), True or False; got {explicit!r}")
-        budget_bytes = check_int(budget_bytes, "budget_bytes", 0)
-        device = self.device if device is None else torch.device(device)
-        n, q = self.n, self.degree
-        need = 8 * sum(n ** (k + 1) for k in range(1, q + 1))
-        if explicit is None:
-            explicit = need <= budget_bytes
-            if not explicit and q > 2:
-                raise ValueError(f"degree {q} needs explicit coefficients ({need / 2**20:.1f} MiB > budget "
-                                 f"{budget_bytes / 2**20:.1f} MiB); matrix-free supports degree <= 2: lower degree "
-                                 "or raise budget_bytes")
-        if not explicit and q > 2:
-            raise ValueError(f"explicit=False (matrix-free) supports degree <= 2, this expansion has degree {q}")
-        if F0 is None:
-            F0 = (-self.lr * self.gradient()).to(dtype=dtype, device=device)
-        coeffs = [F0]
-        if explicit:
-            for k in range(1, q + 1):
-                Dk = self.derivative(k + 1).to(dtype=dtype, device=device)
-                coeffs.append(Dk * (-self.lr / math.factorial(k)))
-        else:
-            coeffs.append(self._term_F1())
-            if q == 2:
-                coeffs.append(self._term_F2())
-        return PolynomialODE(coeffs, dtype=dtype, device=device)
-
-    def _term_F1(self) -> MatrixFreeTerm:
-        lr = self.lr
-
-        def matmat(Y):
-            return _scaled(self.hvp(Y), -lr, Y)
-
-        def power(u):
-            return matmat(u[:, None])[:, 0]
-
-        return _lean_F1(self, MatrixFreeTerm(self.n, 1, matmat, symmetric=True, rmatmat=matmat, power=power), -lr)
-
-    def _term_F2(self) -> MatrixFreeTerm:
-        n, c = self.n, -self.lr / 2.0
-
-        def matmat(Y):
-            cols = [self.third_sym(Y[:, j].reshape(n, n)) for j in range(Y.shape[1])]
-            return _scaled(torch.stack(cols, dim=1), c, Y)
-
-        def rmatmat(W):
-            cols = [self._hessian_of_dot(W[:, j]).reshape(-1) for j in range(W.shape[1])]
-            return _scaled(torch.stack(cols, dim=1), c, W)
-
-        def power(u):
-            return _scaled(self.third(u, u), c, u)
-
-        term = MatrixFreeTerm(n, 2, matmat, rmatmat=rmatmat, power=power)
-        # Σ_l λ_l F2(z_l ⊗ z_l) in one batched call (the factored level-2 state's product)
-        term.sym_sum = lambda Z, lam: _scaled(self.third_sym_sum(Z, lam), c, Z)
-        return term
+        return expansion_ode(self, F0, explicit, dtype=dtype, device=device, budget_bytes=budget_bytes)
 
     def third_sym_sum(self, Z, lam) -> torch.Tensor:
         """``Σ_l lam_l ∇³L[z_l, z_l]`` restricted to S.
@@ -557,19 +487,6 @@ class TaylorExpansion:
         if self.degree < 2:
             raise ValueError("third-order products need an expansion of degree >= 2 (this one has degree 1, "
                              "whose graph may hold fused norms that PyTorch cannot differentiate three times)")
-
-    def _hessian_of_dot(self, w) -> torch.Tensor:
-        """``∂²(w·∇L)/∂θ_S²`` = ``Σ_i ∇³L_{i··} w_i`` as ``(n, n)`` (F2ᵀ w up to the factor)."""
-        eng = self._live()
-        self._need_third()
-        rows, _ = self._cols(w, "w")
-        with torch.enable_grad():
-            if not isinstance(eng, FuncEngine):
-                M = eng.hessian_of_dot(rows, self.support)
-            else:
-                E = _flat.scatter_rows(torch.eye(self.n, dtype=self.dtype, device=self.device), self.support, self.N)
-                M = self._restrict(eng.third(E, rows.expand(self.n, -1))).detach()
-        return M
 
     # ------------------------------------------------------------------------------- lifetime
     def _wd_col(self) -> torch.Tensor:
@@ -654,21 +571,19 @@ def _check_weight_decay(weight_decay, params: Sequence[torch.Tensor]) -> torch.T
     return wd
 
 
-def _lean_F1(exp: TaylorExpansion, term: MatrixFreeTerm, c: float) -> MatrixFreeTerm:
-    """F1 with ``matvec_buffer``: ``y -> c·H y`` in the model dtype in a reused buffer
-    (:meth:`GraphEngine.scaled_hvp`), which the lean order-1 window step adds to its float64 state
-    (``CarlemanSystem.step_into``).  Only on all weights, without weight decay, on a retained graph
-    whose leaves share one dtype (the generic product multiplies in the flat vector's dtype)."""
-    eng = exp._engine
-    if exp.support is None and exp._wd_zero and isinstance(eng, GraphEngine) \
-            and all(p.dtype == exp.dtype for p in eng.leaves):
-        term.matvec_buffer = lambda y: exp._live().scaled_hvp(y, c)
-    return term
+def _from_model(cls, model, criterion, batch, *, lr, params, support, degree, weight_decay, backend, seed, chunk):
+        """:meth:`from_function` on ``make_loss_fn(model, criterion, batch, params)`` at the current values.
+
+        Normalisation layers run decomposed when ``degree >= 2`` (third derivatives needed) and fused
+        otherwise (faster, exact to second order).  ``weight_decay`` takes the forms of
+        :meth:`from_loss` (a float, one float per tensor of ``params``, or a flat ``(N,)`` vector).
+        """
+        loss_fn = make_loss_fn(model, criterion, batch, params, seed=seed,
+                               decompose_norms=_check_degree(degree) >= 2)
+        wd = _check_weight_decay(weight_decay, loss_fn.params)   # per-tensor values -> the flat vector
+        theta0 = _flat.flatten([p.detach() for p in loss_fn.params])
+        return cls.from_function(loss_fn, theta0, lr=lr, support=support, degree=degree,
+                                 weight_decay=wd, backend=backend, chunk=chunk)
 
 
-def _scaled(x: torch.Tensor, c: float, like: torch.Tensor) -> torch.Tensor:
-    """``(c * x).to(like's dtype and device)`` in one pass: the product in ``x``'s dtype, cast on
-    write (the same numbers as multiplying first and converting after, without the temporary)."""
-    if x.device != like.device:
-        return (c * x).to(dtype=like.dtype, device=like.device)
-    return torch.mul(x, c, out=torch.empty(x.shape, dtype=like.dtype, device=x.device))
+from .taylor_ode import expansion_ode  # noqa: E402  (the ODE of an expansion: its own module)
