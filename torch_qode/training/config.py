@@ -84,6 +84,18 @@ def _optional_dict(value, name):
     return None if value is None else dict(value)
 
 
+def _optional_positive(none: str):
+    """A field check: ``None`` (``none``) or a finite number > 0."""
+    def check(value, name):
+        if value is None:
+            return None
+        x = as_real(value)
+        if x is None or not math.isfinite(x) or x <= 0:
+            raise ValueError(f"{name} must be a finite number > 0 or None ({none}), got {value!r}")
+        return float(x)
+    return check
+
+
 def setting(default, doc: str, check: Callable, *, section: str, saved: bool = True):
     """One field of :class:`QODEConfig`: its default, its documentation (the source of QODE's docstring
     table), its check (``check(value, name) -> value``, raising with the name) and whether a saved
@@ -164,6 +176,17 @@ class QODEConfig:
     track_sgd: bool = setting(
         False, "also run SGD from ``θ0`` on the same batches in every quantum window and report the drift "
         "(two extra closure calls per window step).", _bool, section="measure")
+    max_displacement: Optional[float] = setting(
+        100.0, "a window whose ``‖u(T)‖`` (the solved displacement on S) exceeds ``max_displacement × "
+        "Σ_t ‖F0(t)‖`` (the path of its T gradient steps at θ0; ``T·‖F0‖`` with ``noise=\"frozen\"``) or whose "
+        "read-out is not finite is rejected: θ0 stays, QODE warns once.  A dissipative window has "
+        "``‖u(T)‖ ≤ Σ_t ‖F0(t)‖``; ``None`` checks finiteness only.  Not part of a saved state.",
+        _optional_positive("finiteness only"), section="measure", saved=False)
+    check_budget: Optional[float] = setting(
+        1.0, "the dissipation check's Hessian-vector products per product of the window it guards (T at "
+        "order 1): its Lanczos steps are ``max(8, min(steps, ⌊check_budget·T/runs⌋))`` unless the "
+        "``DissipationCheck`` was given ``steps=`` explicitly; ``None``: the check's own steps (64).  Not "
+        "part of a saved state.", _optional_positive("the check's own steps"), section="measure", saved=False)
     seed: int = setting(0, "seeds the tomography sampler and the default dissipation check.", _int(0),
                         section="measure")
     #: the registry's solver object built from ``solver`` and ``solver_options`` (derived, not a setting)

@@ -13,6 +13,7 @@ the step.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -27,7 +28,7 @@ from .classical import all_finite_sync, finite_with, momentum_buffers, reset_mom
 from .comm import Comm
 from .config import QODEConfig, check_trainable
 from .distributed import NOT_REPLICATED, global_losses
-from .faults import Fault, WindowFault
+from .faults import REJECTS, Fault, WindowFault
 from .report import CycleReport
 from .shadow import drift_measurement, grads_at, shadow_grads, shadow_update
 
@@ -46,6 +47,8 @@ class QuantumSteps:
 
     def __init__(self, opt):
         self.opt = opt
+        self.warned: set = set()                 # what QODE has warned about (once each: :func:`warn_once`)
+        self.nonfinite_uploads = 0               # consecutive uploads with a non-finite loss or gradient
 
     params = property(lambda self: self.opt._params)
     group = property(lambda self: self.opt.param_groups[0])     # lr, momentum, weight decay, …
@@ -141,6 +144,7 @@ def _open(q: QuantumSteps, s: Step, loss, cap: dict, support, hvp: Products, rng
     rep, params = s.rep, q.params
     if q.comm.any(not all_finite_sync(loss, params)):   # one rank's NaN: every rank skips
         s.fault(WindowFault(Fault.UPLOAD_NONFINITE))
+        nonfinite_upload(q, s)
         return go_classical(q, s, "non-finite loss or gradient at upload", loss, update=False)
     check_trainable(params)                      # requires_grad may have been switched off since
     if not q.comm.local and not q.comm.replicated(torch.cat([_flat.flatten([p.detach() for p in params]),
@@ -162,11 +166,38 @@ def _open(q: QuantumSteps, s: Step, loss, cap: dict, support, hvp: Products, rng
     win.closure_flops = closure_flops
     q.win = win
     rep.carleman.update(hvp_info)
+    q.nonfinite_uploads = 0
     q.monitor.on_window_open(s.k, dict(rep.carleman))   # the monitor keeps its spectra outside retained windows
     rep.mode = "quantum"
     rep.carleman["kernels"] = KERNELS
     advance(q, s, params)
     return loss
+
+
+#: consecutive uploads with a non-finite loss or gradient after which QODE warns (once)
+NONFINITE_UPLOADS_WARN = 3
+
+
+def warn_once(q: QuantumSteps, key: Any, text: str) -> None:
+    """``warnings.warn(text)`` the first time ``key`` is met by this optimizer (a UserWarning: a window
+    rejected, a model that stopped training)."""
+    if key not in q.warned:
+        q.warned.add(key)
+        warnings.warn(text, stacklevel=5)
+
+
+def nonfinite_upload(q: QuantumSteps, s: Step) -> None:
+    """An upload skipped for a non-finite loss or gradient: warn once when the parameters themselves are
+    not finite (every later step would skip) or after :data:`NONFINITE_UPLOADS_WARN` such uploads in a
+    row, naming the count (the classical steps between them skip too: ``CycleReport.skipped_steps``)."""
+    q.nonfinite_uploads += 1
+    bad = not all(bool(torch.isfinite(p.detach()).all()) for p in q.params)
+    if bad:
+        warn_once(q, "nonfinite_params", f"QODE: step {s.k}: the model's parameters are not finite, so every "
+                  "step skips from here on (its loss and gradients are NaN); restore a checkpoint or lower lr")
+    elif q.nonfinite_uploads >= NONFINITE_UPLOADS_WARN:
+        warn_once(q, "nonfinite_uploads", f"QODE: step {s.k}: {q.nonfinite_uploads} uploads in a row had a "
+                  "non-finite loss or gradient and were skipped (see CycleReport.skipped_steps and faults)")
 
 
 def detached(loss: Any) -> Any:
@@ -309,6 +340,9 @@ def abort(q: QuantumSteps, s: Step, fault: WindowFault) -> None:
     rep.mode = "classical"
     rep.reason = f"quantum window aborted at t={w.t}: {fault}; parameters restored to θ0"
     s.fault(fault)
+    if fault.kind in REJECTS:                    # a window that exploded: say so once, not only in the report
+        warn_once(q, fault.kind, f"QODE: step {s.k}: {rep.reason} (the window's steps are spent; training "
+                  "continues classically; further rejections of this kind are in CycleReport.faults)")
     q.monitor.on_window_closed(s.k)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Any, Optional
 
-__all__ = ["Fault", "WindowFault", "INPLACE_WRITE"]
+__all__ = ["Fault", "WindowFault", "INPLACE_WRITE", "REJECTS"]
 
 #: what an in-place write of the parameters or buffers during a window means, and the fix
 INPLACE_WRITE = (
@@ -37,6 +37,9 @@ class Fault(enum.Enum):
     WEIGHTS_NONFINITE = ("the solved weights are not finite", "the readout failed on another rank")
     WEIGHTS_ZERO = ("the solved weight vector is zero: nothing to read out", "the readout failed on another rank")
     TOMOGRAPHY_FAILED = ("tomography failed: {detail}", "the readout failed on another rank")
+    READOUT_NONFINITE = ("the read-out weights are not finite: window rejected", None)
+    DISPLACEMENT = ("the window would move the weights by ‖u(T)‖ = {detail}: window rejected (θ0 kept; "
+                    "setting max_displacement)", None)
     READOUT_ZERO = ("tomography read out a zero vector (shots={detail}: no norm-stage shot succeeded), which "
                     "would erase the model", None)
     ELSEWHERE = ("{detail}", None)               # a step that failed on another rank (its own sentence)
@@ -83,3 +86,8 @@ class WindowFault(Exception):
         if not comm.any(fault is not None):
             return None
         return fault if fault is not None else cls(kind, remote=True)
+
+
+#: the faults that reject a whole window's result (a solution, read-out or displacement that exploded):
+#: QODE warns once per kind (``warnings.warn``) besides the report's reason and faults
+REJECTS = frozenset({Fault.STATE_NONFINITE, Fault.WEIGHTS_NONFINITE, Fault.READOUT_NONFINITE, Fault.DISPLACEMENT})

@@ -3,7 +3,8 @@
 At t = T a :class:`~.window.Window` runs, in order: :func:`record` (the Carleman state's report
 fields), :func:`solve` (the window system, Eq. II.102), :func:`read_out` (tomography of ``θ0 + u(T)``
 on S, Eq. II.123), :func:`prune` (the r largest prunable weights), :func:`price` (the resource
-ledger, Theorems II.3/II.4, and the classical cost) and :func:`write_back`.  Each stage reads and
+ledger, Theorems II.3/II.4, and the classical cost), :func:`guard` (a non-finite or exploded result is
+rejected) and :func:`write_back`.  Each stage reads and
 fills one :class:`Readout`; a stage that fails raises a :class:`~.faults.WindowFault` and nothing is
 written back.  A new stage (a second readout, a twin, a predicted error) is one function in the list.
 """
@@ -23,7 +24,7 @@ from ..core.window import kappa_bound
 from .faults import Fault, WindowFault
 from .report import CycleReport
 
-__all__ = ["Readout", "STAGES", "run", "record", "solve", "read_out", "prune", "price", "write_back",
+__all__ = ["Readout", "STAGES", "run", "record", "solve", "read_out", "prune", "price", "guard", "write_back",
            "readout_prune", "write_params", "KAPPA_MAX_UNKNOWNS"]
 
 #: κ(M) is computed for the report when the window system has at most this many unknowns.
@@ -128,7 +129,8 @@ def prune(win, out: Readout) -> None:
 def price(win, out: Readout) -> None:
     """The resource ledger (Theorems II.3/II.4) and the same window's classical cost (its closure
     FLOPs, the products counted through the graph, the dissipation check's HVPs) into
-    ``rep.resources``; an error there never stops training (``{"error": …}``)."""
+    ``rep.resources``; an error there never stops training (``{"error": …}``).  The check's
+    ``cost_ratio`` (its HVPs per HVP of the window) is recomputed on the window's counted HVPs."""
     cfg, rep, sys_ = win.cfg, out.rep, out.system
     try:
         led = estimate_resources(sys_, cfg.window_length, eps=cfg.eps, r=out.r if out.r is not None else sys_.n,
@@ -140,10 +142,46 @@ def price(win, out: Readout) -> None:
             gates=cfg.window_solver.gates(s_M=led.s_M, kappa=led.kappa, N_b=led.N_b, eps=led.eps)).as_dict()
     except (ValueError, TypeError, MemoryError) as exc:  # the ledger must never stop training
         rep.resources = {"error": str(exc)}
+    if rep.dissipation is not None and win.products["hvp"]:   # the check's cost against the window's own HVPs
+        rep.dissipation["window_hvps"] = int(win.products["hvp"])
+        rep.dissipation["cost_ratio"] = int(rep.dissipation.get("hvps") or 0) / rep.dissipation["window_hvps"]
     st, S = win.state, win.support
     if st.embedded:
         out.lin1 = win.embed((win.theta0 if S is None else win.theta0[S]).to(torch.float64) + st.level1_order1())
     out.lin = win.embed(out.target)
+
+
+def first_order_path(win) -> Optional[float]:
+    """``Σ_t ‖F0(t)‖`` over the window (``T·‖F0‖`` with ``noise="frozen"``): the length of the path of
+    its T gradient steps at θ0, the scale of ``u(T)`` when ``‖I + F1‖ ≤ 1`` (``None``: unknown, a window
+    resumed from a state saved before issue 20)."""
+    if win.frozen is not None:
+        return win.cfg.window_length * float(torch.linalg.vector_norm(win.frozen))
+    return None if win.f0_path is None else float(win.f0_path)
+
+
+def guard(win, out: Readout) -> None:
+    """Reject a window that exploded before it reaches the model: a non-finite read-out, or a
+    displacement ``‖u(T)‖ > max_displacement · Σ_t ‖F0(t)‖`` (:func:`first_order_path`; a dissipative
+    window stays within ``1 ×``).  One verdict for all ranks.  Measured on ResNet-18 before this stage:
+    ``‖u(T)‖`` of 2.5e17 written back, NaN weights, every later step skipped.
+
+    Raises:
+        WindowFault: ``Fault.READOUT_NONFINITE`` or ``Fault.DISPLACEMENT`` (nothing is written back).
+    """
+    fault = None
+    if not all_finite(out.new):
+        fault = WindowFault(Fault.READOUT_NONFINITE)
+    elif win.cfg.max_displacement is not None:
+        path = first_order_path(win)
+        moved = float(torch.linalg.vector_norm(out.u_T))
+        if path is not None and moved > win.cfg.max_displacement * path:
+            fault = WindowFault(Fault.DISPLACEMENT, f"{moved:.3g}, {moved / path if path > 0 else float('inf'):.3g}× "
+                                f"the path of its gradient steps Σ‖F0(t)‖ = {path:.3g} (max_displacement = "
+                                f"{win.cfg.max_displacement:g})")
+    fault = WindowFault.agreed(fault, win.comm, Fault.DISPLACEMENT)
+    if fault is not None:
+        raise fault
 
 
 def write_back(win, out: Readout) -> None:
@@ -159,7 +197,7 @@ def write_params(params: list, flat: torch.Tensor) -> None:
 
 
 #: the finish pipeline, in order
-STAGES = (record, solve, read_out, prune, price, write_back)
+STAGES = (record, solve, read_out, prune, price, guard, write_back)
 
 
 @torch.enable_grad()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..bridge import flat as _flat
+from ..bridge.dissipation import DissipationCheck
 from ..bridge.taylor import TaylorExpansion, UnsupportedGraphError
 from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
 from ..core.state import STATES, CarlemanState, DenseLevels, state_from_dict
@@ -75,11 +76,14 @@ class Window:
     products: dict = field(default_factory=new_counts)   # products through the graph (.products.counted)
     spare_row: Optional[torch.Tensor] = None   # the tape row dropped last: the next F0's buffer (scratch)
     versions: list = field(default_factory=list)        # the watched tensors' ``_version`` at the expansion
+    f0_path: Any = 0.0                   # Σ_t ‖F0(t)‖ so far (a device scalar; None: unknown after a resume)
 
     def record(self, t: int, f0: torch.Tensor) -> None:
         """``F0(t)`` into the tape; a row it drops becomes :attr:`spare_row`."""
         old = self.tape.rows.get(t - 1) if not self.tape.keep and len(self.tape.rows) == 1 else None
         self.tape.record(t, f0)
+        if self.f0_path is not None:             # no host read: summed on the device
+            self.f0_path = self.f0_path + torch.linalg.vector_norm(f0)
         if old is not None and old is not f0 and old.dtype == torch.float64:
             self.spare_row = old
 
@@ -236,15 +240,36 @@ def support_without(params: list, unused: list, support: Optional[torch.Tensor])
     return torch.nonzero(keep).reshape(-1) if support is None else support[keep[support]]
 
 
-def check_dissipation(exp: TaylorExpansion, dissipation, lr: float, T: int, comm: Comm, device):
-    """The dissipation check (Eq. III.12–III.15) on the upload batch's Hessian, its products through
-    ``comm``; one verdict for all ranks."""
+def check_dissipation(exp: TaylorExpansion, dissipation, lr: float, T: int, comm: Comm, device,
+                      budget: Optional[float] = None):
+    """The dissipation check (Eq. III.12–III.15) on the upload batch's Hessian; one verdict for all ranks.
+
+    Its products are the window's own (``exp.hvp``: the retained graph, or with ``hvp="recompute"`` a
+    replay of the closure per product, one micro-batch's graph at a time), through ``comm``.  A
+    :class:`~torch_qode.bridge.dissipation.DissipationCheck` without explicit ``steps`` is bounded by
+    ``budget`` HVPs per HVP of the window (T at order 1): ``max_steps = ⌊budget·T/runs⌋``.
+
+    Args:
+        exp: the window's expansion at θ0.
+        dissipation: the check (a ``DissipationCheck`` or a callable ``(hvp, n, lr=, T=, dtype=, device=)``).
+        lr: the step η.
+        T: the window length.
+        comm: the window's collectives.
+        device: where the Lanczos basis lives.
+        budget: the check's HVPs per window HVP (``QODEConfig.check_budget``; ``None``: unbounded).
+
+    Returns:
+        The verdict every rank acts on.
+    """
+    bounded = isinstance(dissipation, DissipationCheck) and budget is not None
+    kw = {"max_steps": int(budget * T // dissipation.runs)} if bounded else {}
+    steps = dissipation.steps_for(kw.get("max_steps")) if isinstance(dissipation, DissipationCheck) \
+        else getattr(dissipation, "steps", 64)
     # the Lanczos basis holds steps·n numbers: float64 unless that passes 1 GiB (then float32)
-    steps = getattr(dissipation, "steps", 64)
     dtype = torch.float64 if 8 * steps * exp.n <= 2**30 else torch.float32
     hvp = exp.hvp if comm.local else (lambda V: comm.reduce_hvp(exp.hvp(V)))
     with torch.enable_grad():
-        verdict = dissipation(hvp, exp.n, lr=lr, T=T, dtype=dtype, device=device)
+        verdict = dissipation(hvp, exp.n, lr=lr, T=T, dtype=dtype, device=device, **kw)
     return comm.agree(verdict)
 
 
@@ -343,8 +368,12 @@ def open_window(graph: torch.Tensor, params: list, support, group: dict, buffers
         return None, why or "Taylor expansion failed on another rank"
     rep.support_size = exp.n
     if cfg.mode == "auto":
-        verdict = check_dissipation(exp, dissipation, lr, cfg.window_length, comm, params[0].device)
+        verdict = check_dissipation(exp, dissipation, lr, cfg.window_length, comm, params[0].device,
+                                    cfg.check_budget)
         rep.dissipation = verdict.as_dict()
+        # its cost against the window it guards: T HVPs at order 1 until the window's own are counted (price)
+        rep.dissipation.update(window_hvps=cfg.window_length,
+                               cost_ratio=getattr(verdict, "hvps", 0) / cfg.window_length)
         if monitor is not None:
             monitor(k, verdict)
         if not verdict.passed:
@@ -406,7 +435,8 @@ def window_state_dict(win: Window, track_sgd: bool) -> dict:
           "tape": {int(t): v.clone() for t, v in win.tape.rows.items()},
           "terms": ([win.ode.terms[k].dense().clone() for k in range(1, win.ode.degree + 1)]
                     if win.explicit else None),
-          "closure_flops": win.closure_flops, "products": dict(win.products)}
+          "closure_flops": win.closure_flops, "products": dict(win.products),
+          "f0_path": None if win.f0_path is None else float(win.f0_path)}
     st = win.state.state_dict()
     if st.get("kind") == DenseLevels.kind and "v" not in st:
         sd["y"] = st["y"]                    # the format of earlier versions (order 1)
@@ -430,7 +460,8 @@ def load_window(sd: dict, cfg: QODEConfig, comm: Comm, rng: np.random.Generator,
                  support=None if sd["support"] is None else sd["support"].to(device),
                  explicit=bool(sd["explicit"]), tape=tape, rng=rng, t=int(sd["t"]),
                  frozen=None if sd["frozen"] is None else sd["frozen"].to(device),
-                 closure_flops=sd.get("closure_flops"), products=dict(sd.get("products", new_counts())))
+                 closure_flops=sd.get("closure_flops"), products=dict(sd.get("products", new_counts())),
+                 f0_path=sd.get("f0_path"))          # None (saved before issue 20): the guard checks finiteness only
     if "carleman_state" in sd:
         win.state = state_from_dict(sd["carleman_state"], device=device)
         win.levels = type(win.state)
