@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch_qode.bridge.engines import GraphEngine
-from torch_qode.bridge.taylor import TaylorExpansion, _scaled
+from torch_qode.bridge.taylor import TaylorExpansion
+from torch_qode.bridge.taylor_ode import _scaled
 from torch_qode.core.carleman.base import CarlemanSystem
 from torch_qode.core.carleman import carleman
 from torch_qode.core.state import DenseLevels
