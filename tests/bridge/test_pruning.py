@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -61,9 +62,13 @@ def test_rounding_is_python_round():
 def test_ties_lower_flat_index_pruned_first_and_deterministic():
     a = nn.Parameter(torch.ones(2, 3))
     b = nn.Parameter(-torch.ones(3, 2))  # same magnitude, later in the flat order
-    masks = MagnitudePruner([a, b], 0.5).prune()
+    with pytest.warns(UserWarning, match="param0"):   # no floor: the tie rule empties a
+        masks = MagnitudePruner([a, b], 0.5, min_density=0).prune()
     assert torch.equal(masks[0], torch.zeros(2, 3, dtype=torch.bool))
     assert torch.equal(masks[1], torch.ones(3, 2, dtype=torch.bool))
+    masks = MagnitudePruner([a, b], 0.5).prune()      # the default floor keeps a's last entry
+    assert masks[0].tolist() == [[False, False, False], [False, False, True]]
+    assert masks[1].tolist() == [[False, True], [True, True], [True, True]]
     c = nn.Parameter(torch.tensor([[2.0, 1.0, 1.0, 3.0]]))
     assert MagnitudePruner([c], 0.5).prune()[0].tolist() == [[True, False, False, True]]
     d = nn.Parameter(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))
@@ -189,12 +194,14 @@ def test_property_exact_count_and_order(shapes, sparsity, seed, quantise):
     k = round(sparsity * n)
     if k >= n:
         with pytest.raises(ValueError):
-            MagnitudePruner(params, sparsity)
+            MagnitudePruner(params, sparsity, min_density=0)
         return
     mags = torch.cat([p.detach().abs().reshape(-1) for p in params]).tolist()
     expected = set(sorted(range(n), key=lambda i: (mags[i], i))[:k])  # independent reference ordering
-    pr = MagnitudePruner(params, sparsity)
-    masks = pr.prune()
+    pr = MagnitudePruner(params, sparsity, min_density=0)   # no floor: may empty a tensor (and warn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        masks = pr.prune()
     keep = torch.cat([m.reshape(-1) for m in masks])
     assert set(torch.nonzero(~keep).reshape(-1).tolist()) == expected
     flat = torch.cat([p.detach().reshape(-1) for p in params])

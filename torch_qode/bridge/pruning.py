@@ -13,10 +13,21 @@ With ``n_prunable`` entries over the prunable tensors, :meth:`MagnitudePruner.pr
 half to even: 0.5 -> 0, 2.5 -> 2).  The k entries of smallest ``|w|`` are pruned; among equal
 magnitudes the entry with the lower global flat index (parameter order, then row-major order) is
 pruned first, so the result is deterministic and independent of the device.
+
+Distributions and the floor
+---------------------------
+``distribution`` chooses how the k pruned entries spread over the tensors (the registry
+:data:`~torch_qode.bridge.sparsity.DISTRIBUTIONS`: ``"global"``, ``"uniform"``, ``"erk"``; see
+:mod:`torch_qode.bridge.sparsity`); every one prunes exactly k entries.  ``min_density`` is a
+per-tensor floor: each prunable tensor keeps at least ``max(1, ceil(min_density · numel))`` entries
+(default 1 %), so no tensor is pruned to all zeros; ``"global"`` with a floor that does not bind is
+the rule above bit for bit, and ``min_density=0`` is that rule always.  A prune that empties a
+tensor (possible only with ``min_density=0``) warns once, naming it.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -25,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from . import flat as _flat
+from .sparsity import DEFAULT_MIN_DENSITY, DISTRIBUTIONS, floor_counts, keep_counts, keep_dense_rule
 from .._checks import require_real
 
 __all__ = ["MagnitudePruner", "SparsityReport", "LayerSparsity"]
@@ -72,19 +84,27 @@ class SparsityReport:
 
 
 class MagnitudePruner:
-    """Global magnitude pruning with masks (``True`` = kept) and the support ``S`` as flat indices.
+    """Magnitude pruning (global, uniform or ERK per tensor) with masks (``True`` = kept) and the support ``S``.
 
     Args:
         params: The parameter tensors in the optimizer's order (a list, each tensor once, or an ``nn.Module`` whose
             ``named_parameters()`` then also give the names).
         sparsity: Fraction of the prunable entries to zero, in ``[0, 1)``.
         names: One name per tensor (default ``param0``, ``param1``, … or the module's parameter names).
-        prunable: ``None`` -> tensors with ``dim() > 1`` (weights; biases and norm scales are kept); a list of bools,
-            one per tensor; or a callable ``(name, tensor) -> bool``.
+        prunable: ``None`` -> with ``model``, :func:`~torch_qode.bridge.sparsity.keep_dense_rule` (embeddings,
+            tokens, norms, biases and the output layer stay dense); without, tensors with ``dim() > 1`` (weights;
+            biases and norm scales are kept); a list of bools, one per tensor; or a callable ``(name, tensor) -> bool``.
+        distribution: how the pruned entries spread over the tensors: ``"global"`` (default), ``"uniform"`` or
+            ``"erk"`` (:data:`~torch_qode.bridge.sparsity.DISTRIBUTIONS`).
+        min_density: per-tensor floor in ``[0, 1)``: each prunable tensor keeps at least
+            ``max(1, ceil(min_density · numel))`` entries (default 0.01); 0: no floor.
+        model: the module that owns the tensors, for the default ``prunable`` rule (optional).
     """
 
     def __init__(self, params, sparsity: float, *, names: Optional[Sequence[str]] = None,
-                 prunable: Union[None, Sequence[bool], Callable[[str, torch.Tensor], bool]] = None):
+                 prunable: Union[None, Sequence[bool], Callable[[str, torch.Tensor], bool]] = None,
+                 distribution: str = "global", min_density: float = DEFAULT_MIN_DENSITY,
+                 model: Optional[nn.Module] = None):
         if isinstance(params, nn.Module):
             named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
             if names is None:
@@ -106,6 +126,14 @@ class MagnitudePruner:
         if len(set(names)) != k:
             raise ValueError("names must be distinct")
         self.names = names
+        DISTRIBUTIONS.lookup(distribution, "pruning")     # an unknown name raises, listing the registry
+        self.distribution = distribution
+        md = require_real(min_density, "min_density", "a float in [0, 1)")
+        if not (math.isfinite(md) and 0.0 <= md < 1.0):
+            raise ValueError(f"min_density must be in [0, 1) (each tensor's least kept fraction), got {min_density!r}")
+        self.min_density = float(md)
+        if prunable is None and model is not None:
+            prunable = keep_dense_rule(model)
         if prunable is None:
             flags = [p.dim() > 1 for p in self.params]
         elif callable(prunable):
@@ -120,6 +148,7 @@ class MagnitudePruner:
         self.n_prunable = int(sum(p.numel() for p, f in zip(self.params, flags) if f))
         self.sparsity = self._check_sparsity(sparsity)
         self.masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]
+        self._warned_empty: set = set()
         self._offsets = [0]
         for p in self.params:
             self._offsets.append(self._offsets[-1] + p.numel())
@@ -135,6 +164,11 @@ class MagnitudePruner:
         if self.n_prunable and k >= self.n_prunable:
             raise ValueError(f"sparsity {s} prunes all {self.n_prunable} prunable entries "
                              f"(round({s} * {self.n_prunable}) = {k}); use a smaller sparsity")
+        floors = sum(floor_counts([p.numel() for p, f in zip(self.params, self.prunable) if f], self.min_density))
+        if k and floors > self.n_prunable - k:
+            raise ValueError(f"sparsity {s} keeps {self.n_prunable - k} entries, fewer than the {floors} that "
+                             f"min_density={self.min_density} keeps (at least one per prunable tensor); "
+                             "use a smaller sparsity or min_density=0")
         return s
 
     def n_pruned_target(self, sparsity: Optional[float] = None) -> int:
@@ -152,7 +186,8 @@ class MagnitudePruner:
     # ------------------------------------------------------------------------------------ pruning
     @torch.no_grad()
     def prune(self, sparsity: Optional[float] = None) -> list[torch.Tensor]:
-        """Zero the ``round(sparsity · n_prunable)`` smallest-magnitude prunable entries in place.
+        """Zero ``round(sparsity · n_prunable)`` prunable entries in place: each tensor loses its smallest
+        magnitudes, as many as :attr:`distribution` (and the floor) give it.
 
         Args:
             sparsity: Overrides (and replaces) the constructor's value, in ``[0, 1)``.
@@ -171,18 +206,27 @@ class MagnitudePruner:
         pr = [p for p, f in zip(self.params, self.prunable) if f]
         masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]
         if k > 0:
-            mags = torch.cat([p.detach().reshape(-1).abs().to(torch.float64) for p in pr])
-            if not bool(torch.isfinite(mags).all()):
+            if not all(bool(torch.isfinite(p.detach()).all()) for p in pr):
                 raise ValueError("params: a prunable tensor holds NaN or inf; cannot rank magnitudes")
-            order = torch.sort(mags, stable=True).indices  # ties: lower flat index first
-            keep = torch.ones(mags.numel(), dtype=torch.bool, device=mags.device)
-            keep[order[:k]] = False
-            chunks = keep.split([p.numel() for p in pr])
-            it = iter(chunks)
+            counts = iter(keep_counts(self.distribution, pr, self.n_prunable - k, self.min_density))
+            emptied = []
             for i, (p, f) in enumerate(zip(self.params, self.prunable)):
                 if f:
-                    masks[i] = next(it).view(p.shape).to(p.device)
+                    c = next(counts)
+                    mag = p.detach().reshape(-1).abs().to(torch.float64)
+                    order = torch.sort(mag, stable=True).indices  # ties: lower flat index pruned first
+                    keep = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
+                    keep[order[:p.numel() - c]] = False
+                    masks[i] = keep.view(p.shape)
                     p.masked_fill_(~masks[i], 0)
+                    if c == 0 and p.numel():
+                        emptied.append(self.names[i])
+            new = [nm for nm in emptied if nm not in self._warned_empty]
+            if new:
+                self._warned_empty.update(new)
+                warnings.warn(f"pruning={self.distribution!r} at sparsity {self.sparsity} with min_density="
+                              f"{self.min_density} zeroes every entry of {len(new)} tensor(s): {', '.join(new)}; "
+                              "a floor (min_density > 0) keeps some of each", UserWarning, stacklevel=2)
         self.masks = masks
         return [m.clone() for m in masks]
 
@@ -249,7 +293,8 @@ class MagnitudePruner:
             ``sparsity``, ``names``, ``prunable``, ``masks`` (CPU copies), ``distribution`` and ``min_density``.
         """
         return {"sparsity": self.sparsity, "names": list(self.names), "prunable": list(self.prunable),
-                "masks": [m.detach().cpu().clone() for m in self.masks]}
+                "masks": [m.detach().cpu().clone() for m in self.masks], "distribution": self.distribution,
+                "min_density": self.min_density}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (the masks move to the parameters' devices).
@@ -276,9 +321,13 @@ class MagnitudePruner:
                 raise ValueError(f"state masks[{i}] must be a bool tensor of shape {tuple(p.shape)}")
         if len(masks) != len(self.params):
             raise ValueError(f"state holds {len(masks)} masks, expected {len(self.params)}")
+        dist = state.get("distribution", "global")      # a state from before distributions: global, no floor
+        DISTRIBUTIONS.lookup(dist, "state distribution")
+        self.distribution, self.min_density = dist, float(state.get("min_density", 0.0))
         self.sparsity = self._check_sparsity(state["sparsity"])
         self.masks = [m.to(p.device).clone() for m, p in zip(masks, self.params)]
 
     def __repr__(self) -> str:
-        return (f"MagnitudePruner(sparsity={self.sparsity}, tensors={len(self.params)}, "
+        return (f"MagnitudePruner(sparsity={self.sparsity}, distribution={self.distribution!r}, "
+                f"min_density={self.min_density}, tensors={len(self.params)}, "
                 f"prunable_entries={self.n_prunable})")

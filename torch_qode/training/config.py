@@ -16,6 +16,7 @@ import torch
 
 from .._checks import as_real, check_bool, check_choice, check_int, check_optional_int, check_real
 from ..bridge.taylor import EXPLICIT_BUDGET_BYTES
+from ..bridge.sparsity import DISTRIBUTIONS
 from ..core.carleman import FORMS, default_max_bytes
 from ..core.solvers import SOLVERS, WindowSolver, make_solver
 from ..core.readout_model import expected_relative_error, shots_for_error
@@ -127,6 +128,18 @@ class QODEConfig:
         "``T = cycle − classical_steps`` steps.", _int(0), section="cycle")
     sparsity: float = setting(0.9, "pruning ratio in ``[0, 1)`` at each download (0 disables pruning).",
                               _unit_interval, section="cycle")
+    pruning: str = setting(
+        "erk", "how each download spreads ``sparsity`` over the prunable tensors: ``\"erk\"`` (Erdős–Rényi-"
+        "Kernel: thin and small tensors keep more), ``\"uniform\"`` (the same fraction each) or ``\"global\"`` "
+        "(the paper's global magnitude); the registry ``torch_qode.bridge.sparsity.DISTRIBUTIONS``.  ERK is "
+        "the default: global magnitude empties whole tensors (zero-initialised heads and tokens, depthwise "
+        "convolutions) and leaves models that output a constant.  With ``model=`` and ``prunable=None`` the "
+        "embeddings, tokens, norms, biases and the output layer stay dense (``keep_dense_rule``).",
+        _choice(lambda: tuple(DISTRIBUTIONS)), section="cycle")
+    min_density: float = setting(
+        0.01, "per-tensor floor in ``[0, 1)``: each prunable tensor keeps at least ``max(1, ceil(min_density · "
+        "numel))`` entries at a download, so none is pruned to all zeros; 0: no floor.", _unit_interval,
+        section="cycle")
     upload: Literal["dense", "sparse"] = setting(
         "dense", "``\"dense\"`` (QRAM: ``S`` = all weights) or ``\"sparse\"`` (``S`` = the weights the "
         "upload's prune keeps); parameters the upload closure gives no gradient stay out of ``S``.",
@@ -191,6 +204,10 @@ class QODEConfig:
                         section="measure")
     #: the registry's solver object built from ``solver`` and ``solver_options`` (derived, not a setting)
     window_solver: WindowSolver = field(init=False, repr=False, compare=False)
+
+    def pruner_options(self) -> dict:
+        """The keywords of :class:`~torch_qode.bridge.pruning.MagnitudePruner` these settings choose."""
+        return {"distribution": self.pruning, "min_density": self.min_density}
 
     def __post_init__(self):
         for f in settings_fields(type(self)):
@@ -318,7 +335,7 @@ def settings_table(indent: str = "        ", schema: type = None) -> str:
 
 #: old spellings a saved state (or a config) may carry: each upgraded, with a DeprecationWarning on use
 #: in a call, silently in a saved state (the state was written by an earlier version, not by the user)
-_SAVED_DEFAULTS = {"carleman_state": "auto", "max_rank": None}
+_SAVED_DEFAULTS = {"carleman_state": "auto", "max_rank": None, "pruning": "global", "min_density": 0.0}
 
 
 def upgrade_saved(saved: dict) -> dict:

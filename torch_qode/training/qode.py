@@ -72,7 +72,7 @@ class QODE(Optimizer):
             steps are the Carleman system's).  ``maximize`` and ``differentiable`` are accepted only
             as False (QODE minimises; its steps are not differentiable), so that SGD's keywords port.
         dissipation: a :class:`~torch_qode.bridge.dissipation.DissipationCheck` (default: its defaults).
-        prunable: which tensors the download prunes (default: ``p.dim() > 1``); see ``MagnitudePruner``.
+        prunable: which tensors the download prunes (default: ``keep_dense_rule(model)``, else ``p.dim() > 1``).
         names: parameter names for per-layer pruning reports.
         monitor: a :class:`~torch_qode.training.window_monitor.WindowMonitor` (e.g.
             :class:`~torch_qode.training.monitor.DissipationMonitor`), or any object with some of its
@@ -143,8 +143,8 @@ class QODE(Optimizer):
         self.cfg, self.comm = cfg, comm
         self.dissipation = dissipation if dissipation is not None else DissipationCheck(seed=cfg.seed)
         self.monitor, self.model = monitor, model
-        self.pruner = MagnitudePruner(self._params, cfg.sparsity, names=names, prunable=prunable) \
-            if cfg.sparsity > 0 else None
+        self.pruner = MagnitudePruner(self._params, cfg.sparsity, names=names, prunable=prunable, model=model,
+                                      **cfg.pruner_options()) if cfg.sparsity > 0 else None
         self._n_total = _flat.numel(self._params)
         n_S = self._n_total - (self.pruner.n_pruned_target() if cfg.upload == "sparse" and self.pruner else 0)
         check_budget(cfg, n_S)

@@ -51,8 +51,10 @@ class CycleReport:
 
 
 def download_record(pruner) -> dict:
-    """``CycleReport.download`` after a download: kept, total, sparsity, per-layer pruned fractions."""
+    """``CycleReport.download`` after a download: kept, total, sparsity, per-layer pruned fractions
+    (``layers``) and per-layer kept fractions (``density``; 0 names a tensor the download emptied)."""
     r = pruner.report()
     return {"kept": int(pruner.support().numel()), "total": int(r.n_total), "sparsity": float(r.mask_sparsity),
             "total_sparsity": float(r.total_sparsity),
-            "layers": {x.name: x.pruned / x.numel for x in r.layers if x.prunable and x.numel}}
+            "layers": {x.name: x.pruned / x.numel for x in r.layers if x.prunable and x.numel},
+            "density": {x.name: 1 - x.pruned / x.numel for x in r.layers if x.prunable and x.numel}}
