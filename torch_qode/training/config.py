@@ -133,9 +133,13 @@ class QODEConfig:
         "Kernel: thin and small tensors keep more), ``\"uniform\"`` (the same fraction each) or ``\"global\"`` "
         "(the paper's global magnitude); the registry ``torch_qode.bridge.sparsity.DISTRIBUTIONS``.  ERK is "
         "the default: global magnitude empties whole tensors (zero-initialised heads and tokens, depthwise "
-        "convolutions) and leaves models that output a constant.  With ``model=`` and ``prunable=None`` the "
-        "embeddings, tokens, norms, biases and the output layer stay dense (``keep_dense_rule``).",
-        _choice(lambda: tuple(DISTRIBUTIONS)), section="cycle")
+        "convolutions) and leaves models that output a constant.", _choice(lambda: tuple(DISTRIBUTIONS)),
+        section="cycle")
+    keep_dense: bool = setting(
+        True, "with ``model=`` and ``prunable=None``: embeddings, position/class tokens, norms, biases and the "
+        "output layer stay dense (``torch_qode.bridge.sparsity.keep_dense_rule``); ``False``: every tensor "
+        "with ``dim() > 1`` is prunable (the paper's rule; also the rule without ``model=``).", _bool,
+        section="cycle")
     min_density: float = setting(
         0.01, "per-tensor floor in ``[0, 1)``: each prunable tensor keeps at least ``max(1, ceil(min_density · "
         "numel))`` entries at a download, so none is pruned to all zeros; 0: no floor.", _unit_interval,
@@ -335,7 +339,8 @@ def settings_table(indent: str = "        ", schema: type = None) -> str:
 
 #: old spellings a saved state (or a config) may carry: each upgraded, with a DeprecationWarning on use
 #: in a call, silently in a saved state (the state was written by an earlier version, not by the user)
-_SAVED_DEFAULTS = {"carleman_state": "auto", "max_rank": None, "pruning": "global", "min_density": 0.0}
+_SAVED_DEFAULTS = {"carleman_state": "auto", "max_rank": None, "pruning": "global", "min_density": 0.0,
+                   "keep_dense": False}
 
 
 def upgrade_saved(saved: dict) -> dict:

@@ -143,7 +143,8 @@ class QODE(Optimizer):
         self.cfg, self.comm = cfg, comm
         self.dissipation = dissipation if dissipation is not None else DissipationCheck(seed=cfg.seed)
         self.monitor, self.model = monitor, model
-        self.pruner = MagnitudePruner(self._params, cfg.sparsity, names=names, prunable=prunable, model=model,
+        self.pruner = MagnitudePruner(self._params, cfg.sparsity, names=names, prunable=prunable,
+                                      model=model if cfg.keep_dense else None,
                                       **cfg.pruner_options()) if cfg.sparsity > 0 else None
         self._n_total = _flat.numel(self._params)
         n_S = self._n_total - (self.pruner.n_pruned_target() if cfg.upload == "sparse" and self.pruner else 0)
