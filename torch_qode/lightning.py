@@ -262,7 +262,7 @@ class QODECallback(pl.Callback):
             opt.restore_expansion(closure)
             raise _Restored
 
-        group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
         saved = [s.state_dict() for s in schedulers]
         handle = opt.register_step_pre_hook(restore)
@@ -272,7 +272,8 @@ class QODECallback(pl.Callback):
             pass
         finally:
             handle.remove()
-            opt.param_groups[0].update(group)
+            for g, saved_group in zip(opt.param_groups, groups):
+                g.update(saved_group)
             for s, sd in zip(schedulers, saved):
                 s.load_state_dict(sd)
         if len(calls) != 1:

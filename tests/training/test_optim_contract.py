@@ -7,10 +7,13 @@ registered the way SGD is: it takes SGD's own registration (its inputs, error in
 flags an old state_dict lacks, the sparse check's settings; read by :func:`registered`), and each test
 below re-states one of the generic checks that applies to an SGD-like optimizer on the CPU — and, where
 the generic test only asks for a direction or "no error", also asks for SGD's numbers bit for bit.
-Where QODE differs from SGD by design, the test asserts the refusal and its message: one parameter
-group (as LBFGS), a closure on every step (``step_requires_closure``, as LBFGS), no ``maximize`` or
-``differentiable``, complex weights only in classical mode, and no ``fused=True`` on a non-contiguous
-CPU weight (PyTorch's fused kernel updates the wrong entries there: shown below on SGD itself).
+Classical QODE is driven the way the generic tests drive SGD (``STYLES``): gradients from
+``loss.backward()`` outside the optimizer then ``opt.step()``, or ``opt.step(closure)`` with a closure
+that only returns the loss, and also the LBFGS way, a closure that calls ``backward()`` (what a window
+needs).  Where QODE differs from SGD by design, the test asserts the refusal and its message: a closure
+at the upload and the window's steps (not in classical mode), no ``maximize`` or ``differentiable``,
+complex weights only in classical mode, and no ``fused=True`` on a non-contiguous CPU weight
+(PyTorch's fused kernel updates the wrong entries there: shown below on SGD itself).
 """
 from __future__ import annotations
 
@@ -147,10 +150,16 @@ def _linear_loss(w, b, x):
     return (w.mv(x) + b).pow(2).sum()
 
 
-def _step(opt, loss_fn, after=None):
-    """``opt.step(closure)``: QODE needs a closure on every step (``step_requires_closure``, as LBFGS is
-    registered); ``after()`` runs at the closure's end (where a test touches the gradients)."""
-    def closure():
+#: how a test drives an optimizer: the generic tests' SGD ways (``backward()`` outside, then ``step()``;
+#: or ``step(closure)`` with a closure that only returns the loss) and the LBFGS way (the closure calls
+#: ``backward()``: what a quantum window needs)
+STYLES = ["closure", "step()", "loss-only closure"]
+
+
+def _step(opt, loss_fn, after=None, style: str = "closure"):
+    """One step of ``opt`` in ``style`` (:data:`STYLES`); ``after()`` runs once the gradients are in
+    ``.grad`` (where a test touches them).  Returns what ``opt.step`` returns."""
+    def grads():
         opt.zero_grad()
         loss = loss_fn()
         if loss.requires_grad:
@@ -158,7 +167,10 @@ def _step(opt, loss_fn, after=None):
         if after is not None:
             after()
         return loss
-    return opt.step(closure)
+    if style == "closure":
+        return opt.step(grads)
+    loss = grads()
+    return opt.step() if style == "step()" else opt.step(lambda: loss)
 
 
 # ------------------------------------------------------------------------------ construction
@@ -202,11 +214,13 @@ def test_maximize_is_refused_naming_the_fix():
 
 
 # ------------------------------------------------------------------------------ numbers
+@pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("kw", _inputs())
-def test_goes_the_right_way_as_sgd_does_bit_for_bit(kw, contiguous):
+def test_goes_the_right_way_as_sgd_does_bit_for_bit(kw, contiguous, style):
     """20 steps on ``(W x + b)²`` (the generic direction test), with and without SGD's registered
-    schedulers: the loss falls, and every weight equals SGD's after every step.  ``fused=True`` on
+    schedulers, QODE driven in ``style`` and SGD as the generic test drives it (backward, ``step()``):
+    the loss falls, and every weight equals SGD's after every step.  ``fused=True`` on
     non-contiguous weights is refused (:func:`test_fused_on_non_contiguous_weights_is_refused`)."""
     x = torch.randn(5, generator=torch.Generator().manual_seed(1))
     if kw.get("fused") and not contiguous:
@@ -220,12 +234,18 @@ def test_goes_the_right_way_as_sgd_does_bit_for_bit(kw, contiguous):
         first = None
         for _ in range(20):
             for opt, (w, b), sch in ((q, (wq, bq), sq), (s, (ws, bs), ss)):
-                def closure(opt=opt, w=w, b=b):
+                def fn(w=w, b=b):
+                    return _linear_loss(w, b, x)
+                if opt is q:
+                    loss = _step(q, fn, style=style)
+                    if style == "step()":
+                        assert loss is None               # as SGD's step() returns
+                        loss = fn().detach()
+                else:
                     opt.zero_grad()
-                    loss = _linear_loss(w, b, x)
+                    loss = fn()
                     loss.backward()
-                    return loss
-                loss = opt.step(closure)
+                    opt.step()
                 for sc in sch:
                     sc.step(loss.detach()) if isinstance(sc, lr_scheduler.ReduceLROnPlateau) else sc.step()
             first = loss.item() if first is None else first
@@ -252,9 +272,10 @@ def _derived_model():
     return nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.Linear(3, 1), nn.Sigmoid()).to(torch.float64)
 
 
+@pytest.mark.parametrize("style", STYLES[:2])
 @pytest.mark.parametrize("impl", ["foreach", "fused"])
 @pytest.mark.parametrize("kw", _inputs(impls=("",)))
-def test_foreach_and_fused_match_the_for_loop(kw, impl):
+def test_foreach_and_fused_match_the_for_loop(kw, impl, style):
     """The generic derived-path check: the same model twice, one on the for-loop path and one on
     ``impl``; 7 steps with a step without gradients (2), a layer frozen (3) and unfrozen (5) — by
     setting its ``.grad`` to None, as QODE keeps every parameter trainable — and a 0-d parameter;
@@ -275,7 +296,7 @@ def test_foreach_and_fused_match_the_for_loop(kw, impl):
                 if i in (3, 4):
                     for p in model[2].parameters():
                         p.grad = None
-            _step(opt, (lambda: model(x).sum()) if i != 2 else (lambda: torch.tensor(0.0)), after)
+            _step(opt, (lambda: model(x).sum()) if i != 2 else (lambda: torch.tensor(0.0)), after, style)
             trace.append(([p.detach().clone() for p in params],
                           [{k: v.clone() for k, v in opt.state[p].items()} for p in params]))
         runs.append(trace)
@@ -386,17 +407,55 @@ def test_sparse_gradients_train_as_sgd_on_its_sparse_input():
     assert (weights["qode"] - 1).norm() < (torch.tensor([1.5, 1.5]) - 1).norm()
 
 
+@pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("kw", _inputs())
-def test_no_gradients_or_zero_gradients_change_nothing(kw):
-    w, b = _weights()
+def test_no_gradients_or_zero_gradients_change_nothing(kw, style):
+    """As SGD: a step where every ``.grad`` is None moves nothing (and keeps no state); zero gradients
+    move nothing without weight decay, and move as SGD's with it."""
+    (w, b), (ws, bs) = _weights(), _weights()
     before = (w.detach().clone(), b.detach().clone())
-    opt = QODE([w, b], **_lr(kw), **CLASSICAL)
-    if kw.get("weight_decay", 0) == 0:
-        _step(opt, lambda: (w * 0).sum() + (b * 0).sum())       # zero gradients
-        assert torch.equal(w, before[0]) and torch.equal(b, before[1])
-    opt._closure_checked = True                               # (its first-step check wants a backward)
-    _step(opt, lambda: torch.tensor([1.0]))                   # no .grad at all
+    opt, sgd = _pair([w, b], [ws, bs], kw)
+    _step(opt, lambda: torch.tensor([1.0]), style=style)       # no .grad at all
+    sgd.step()
     assert w.grad is None and torch.equal(w, before[0]) and torch.equal(b, before[1])
+    assert not opt.state and not sgd.state
+    _step(opt, lambda: (w * 0).sum() + (b * 0).sum(), style=style)   # zero gradients
+    _step(sgd, lambda: (ws * 0).sum() + (bs * 0).sum(), style="step()")
+    assert torch.equal(w, ws) and torch.equal(b, bs)
+    if kw.get("weight_decay", 0) == 0:
+        assert torch.equal(w, before[0]) and torch.equal(b, before[1])
+    assert opt.step_count == 2 and opt.reports[0].skipped_steps == 0
+
+
+@pytest.mark.parametrize("mode", ["auto", "quantum"])
+def test_the_classical_steps_of_a_cycle_take_step_without_a_closure_and_the_upload_names_itself(mode):
+    """In mode auto/quantum the classical steps (c < classical_steps) are SGD's, ``step()`` included, bit
+    for bit; the upload (the window expands its loss) raises a TypeError naming it, changing nothing,
+    and then takes the closure."""
+    (wq, bq), (ws, bs) = _weights(dtype=torch.float64), _weights(dtype=torch.float64)
+    x = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    q = QODE([wq, bq], lr=0.01, momentum=0.9, weight_decay=0.1, mode=mode, cycle=5, classical_steps=3,
+             sparsity=0.0, shots=None)
+    s = torch.optim.SGD([ws, bs], lr=0.01, momentum=0.9, weight_decay=0.1)
+    for i in range(3):
+        _step(q, lambda: _linear_loss(wq, bq, x), style=STYLES[1 + i % 2])
+        _step(s, lambda: _linear_loss(ws, bs, x), style="step()")
+        assert torch.equal(wq, ws) and torch.equal(bq, bs)
+    before = (wq.detach().clone(), bq.detach().clone())
+    with pytest.raises(TypeError, match=rf"(?s)step 3 is the upload \(c = classical_steps\) of its cycle "
+                                        rf"\(mode='{mode}'\), which needs a closure.*torch.optim.SGD"):
+        _step(q, lambda: _linear_loss(wq, bq, x), style="step()")
+    assert q.step_count == 3 and not q.in_quantum_window
+    assert torch.equal(wq, before[0]) and torch.equal(bq, before[1])
+    with pytest.raises(RuntimeError, match=r"did not call loss.backward"):   # the loss-only closure, too
+        _step(q, lambda: _linear_loss(wq, bq, x), style="loss-only closure")
+    assert q.step_count == 3 and torch.equal(wq, before[0])
+    _step(q, lambda: _linear_loss(wq, bq, x))            # the upload with a closure: the window opens
+    assert q.in_quantum_window
+    with pytest.raises(TypeError, match=r"step 4 is step t=1 of a quantum window"):
+        _step(q, lambda: _linear_loss(wq, bq, x), style="step()")
+    _step(q, lambda: _linear_loss(wq, bq, x))
+    assert q.step_count == 5 and q.reports[0].mode == "quantum"
 
 
 @pytest.mark.parametrize("kw", _inputs())
@@ -426,16 +485,17 @@ def _primed(kw, steps: int = 10, named: bool = False):
     return opt, (w, b), x
 
 
+@pytest.mark.parametrize("style", STYLES[:2])
 @pytest.mark.parametrize("named", [False, True])
 @pytest.mark.parametrize("kw", _inputs())
-def test_a_loaded_state_dict_continues_identically_and_stays_equal(kw, named):
+def test_a_loaded_state_dict_continues_identically_and_stays_equal(kw, named, style):
     opt, (w, b), x = _primed(kw, named=named)
     wc, bc = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     opt_c = QODE([("w", wc), ("b", bc)] if named else [wc, bc], **_lr(kw), **CLASSICAL)
     opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))
     for _ in range(10):
         for o, (p, q) in ((opt, (w, b)), (opt_c, (wc, bc))):
-            _step(o, lambda p=p, q=q: _linear_loss(p, q, x))
+            _step(o, lambda p=p, q=q: _linear_loss(p, q, x), style=style)
         assert torch.equal(w, wc) and torch.equal(b, bc)
     sd, sd_c = opt.state_dict(), opt_c.state_dict()
     assert _same(sd, sd_c)

@@ -332,13 +332,15 @@ def test_invalid_arguments_name_the_argument():
         QODE(nn.Linear(100, 100).parameters(), carleman_order=3, sparsity=0.0)
     with pytest.raises(TypeError, match="track_sgd"):
         QODE(ps, track_sgd="yes")
-    with pytest.raises(ValueError, match="single parameter group"):
-        QODE([{"params": ps[:2]}, {"params": ps[2:]}])
-    opt = QODE(ps)
+    with pytest.raises(ValueError, match="lr differ"):
+        QODE([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.5}])
+    opt = QODE(ps, classical_steps=0)                # step 0 is the upload: it needs a closure
     with pytest.raises(TypeError, match="closure"):
         opt.step()
     with pytest.raises(TypeError, match="closure"):
         opt.step(None)
+    with pytest.raises(TypeError, match="closure must be callable"):
+        opt.step(3)
 
 
 # ------------------------------------------------------------------------------- state dict

@@ -50,10 +50,10 @@ def test_freezing_after_construction_is_refused_at_the_upload():
         opt.step(closure_for(model, opt, X1, Y1))       # the upload
 
 
-def test_a_second_parameter_group_is_refused():
+def test_a_parameter_group_added_after_construction_is_refused():
     model = tiny_mlp(1)
     opt = QODE(list(model.parameters())[:2], **WINDOW)
-    with pytest.raises(ValueError, match="single parameter group"):
+    with pytest.raises(ValueError, match="add_param_group after construction"):
         opt.add_param_group({"params": list(model.parameters())[2:]})
     assert len(opt.param_groups) == 1
 

@@ -384,17 +384,19 @@ def test_enough_shots_do_not_warn():
 
 
 # ------------------------------------------------------------------------------------------ closures
-def test_step_without_a_closure_explains_the_two_line_fix():
-    opt = QODE(_mlp().parameters(), sparsity=0.0)
-    with pytest.raises(TypeError, match=r"needs a closure .* as torch.optim.LBFGS") as err:
+def test_step_without_a_closure_at_the_upload_explains_the_two_line_fix():
+    opt = QODE(_mlp().parameters(), sparsity=0.0, mode="auto", cycle=4, classical_steps=0)
+    with pytest.raises(TypeError, match=r"step 0 is the upload .*needs a closure .* as torch.optim.LBFGS") as err:
         opt.step()
     assert "def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss\n" \
            "    opt.step(closure)" in str(err.value)
-    assert opt.step_count == 0
+    assert opt.step_count == 0 and not opt.reports          # nothing happened: not even the download
 
 
-@pytest.mark.parametrize("classical_steps", [2, 0], ids=["first-step-classical", "first-step-upload"])
-def test_a_closure_without_backward_is_caught_at_the_first_step(classical_steps):
+@pytest.mark.parametrize("classical_steps", [2, 0], ids=["classical-steps-first", "first-step-upload"])
+def test_a_closure_without_backward_is_caught_at_the_first_step_that_needs_one(classical_steps):
+    """Classical steps take a closure that only returns the loss, as SGD does (the gradients in
+    ``.grad``: none here, so nothing moves); the upload needs the backward, and says so."""
     model = _mlp()
     x = torch.randn(6, 5, dtype=torch.float64)
     opt = QODE(model.parameters(), lr=0.05, mode="auto", cycle=4, classical_steps=classical_steps, sparsity=0.0)
@@ -403,9 +405,12 @@ def test_a_closure_without_backward_is_caught_at_the_first_step(classical_steps)
     def forgot():
         opt.zero_grad()
         return model(x).pow(2).mean()
+    for _ in range(classical_steps):
+        opt.step(forgot)
+    assert opt.step_count == classical_steps
     with pytest.raises(RuntimeError, match=r"the closure did not call loss.backward\(\)"):
         opt.step(forgot)
-    assert opt.step_count == 0 and not opt.in_quantum_window
+    assert opt.step_count == classical_steps and not opt.in_quantum_window
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
     def fixed():
@@ -414,4 +419,4 @@ def test_a_closure_without_backward_is_caught_at_the_first_step(classical_steps)
         loss.backward()
         return loss
     opt.step(fixed)
-    assert opt.step_count == 1
+    assert opt.step_count == classical_steps + 1

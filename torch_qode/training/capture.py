@@ -94,17 +94,24 @@ class Products(enum.Enum):
 
 def checked_closure(closure, params: list):
     """``closure`` that raises, once it has run, if it left every ``.grad`` of ``params`` as it found
-    it (it never called ``backward()``).  QODE wraps the closure of its first step only: the classical
-    hot path pays nothing."""
+    it (it never called ``backward()``).  QODE wraps the closure of its first quantum step only: the
+    hot path pays nothing.  Only the wrapper's first call is checked; a replay (``hvp="recompute"``)
+    freezes and runs the closure itself (:func:`frozen_closure` unwraps the wrapper)."""
+    checked = []
+
     def run():
+        if checked:
+            return closure()
         before = [p.grad for p in params]        # held: an accumulation then replaces the tensor
         versions = [None if g is None else g._version for g in before]
         out = closure()
+        checked.append(True)
         if all(p.grad is g and (g is None or g._version == v) for p, g, v in zip(params, before, versions)):
             raise RuntimeError("QODE: the closure did not call loss.backward(): no parameter's .grad changed. "
                                "The closure must compute the loss and backward it (def closure(): "
                                "opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss)")
         return out
+    run._qode_unchecked = closure                # (for frozen_closure: the user's closure, whose cells it binds)
     return run
 
 
@@ -240,7 +247,9 @@ def rng_state(params: list) -> tuple:
 
 def frozen_closure(closure: Callable) -> Callable:
     """``closure`` with its free variables bound to their values now.  A closure defined in a loop body
-    reads ``x, y`` through cells that the next iteration rebinds; the copy keeps this batch's."""
+    reads ``x, y`` through cells that the next iteration rebinds; the copy keeps this batch's.  The
+    wrapper of :func:`checked_closure` is unwrapped first (its check is the first call's only)."""
+    closure = getattr(closure, "_qode_unchecked", closure)
     cells = getattr(closure, "__closure__", None)
     if not isinstance(closure, types.FunctionType) or not cells:
         return closure

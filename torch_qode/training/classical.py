@@ -9,9 +9,9 @@ never waits for the GPU.  :func:`masked_sgd_update` follows ``_single_tensor_sgd
 :func:`masked_flat_momentum_update` either of them for heavy-ball momentum with the buffers in one
 flat block (a few dispatches per step instead of a few per tensor).
 
-:func:`classical_step` is QODE's classical step over the optimizer's parts (its parameters, its one
-parameter group, its ``state`` with the momentum buffers): the closure, then the masked update where
-it reproduces SGD's arithmetic, else SGD's own after a synchronous finiteness check.
+:func:`classical_step` is QODE's classical step over the optimizer's parts (its parameter groups,
+its ``state`` with the momentum buffers): the closure (if any), then the masked update of every group
+where it reproduces SGD's arithmetic, else SGD's own after a synchronous finiteness check.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from ..core.ode import all_finite
 from .capture import loss_value
 
 __all__ = ["sgd_update", "masked_sgd_update", "masked_flat_momentum_update", "masked_multi_tensor_sgd_update",
-           "nonfinite_flag", "all_finite_sync", "finite_with", "MaskedSGD", "classical_step", "sgd_step",
+           "nonfinite_flag", "all_finite_sync", "finite_with", "MaskedSGD", "classical_step", "sgd_step", "sgd_steps",
            "momentum_buffers", "keep_buffers", "reset_momentum"]
 
 
@@ -220,13 +220,14 @@ class MaskedSGD:
         self.first: Optional[int] = None              # first step not yet counted
         self.carried = 0                              # read from a previous device's count, not yet reported
         self._flat: Optional[tuple] = None            # the flat momentum buffers and their scratch block
+        self._flats: dict = {}                        # the same for the parameter groups after the first
 
     def __getstate__(self) -> dict:
         """A copy (``pickle``, ``copy.deepcopy``) drops the flat momentum block, rebuilt from the momentum
         buffers at the next step: ``pickle`` stores the block and its views as separate storages, so the
         buffers would stop sharing the block the flat update computes in."""
         state = dict(self.__dict__)
-        state["_flat"] = None
+        state["_flat"], state["_flats"] = None, {}
         return state
 
     @staticmethod
@@ -235,8 +236,9 @@ class MaskedSGD:
         own arithmetic): ``"single"`` or ``"foreach"``, as ``torch.optim.sgd.sgd`` resolves them (by default
         the single-tensor path on the CPU, ``foreach`` on CUDA); a tensor loss, dense gradients on one
         device.  The fused path (only when set on the group) and sparse gradients are left to the check.
-        ``grads``: the parameters' ``.grad`` when the caller has them already."""
-        if not isinstance(loss, torch.Tensor) or group["fused"]:
+        ``grads``: the parameters' ``.grad`` when the caller has them already.  ``loss`` ``None`` (a step
+        without a closure: the gradients alone are checked) takes the masked path too."""
+        if (loss is not None and not isinstance(loss, torch.Tensor)) or group["fused"]:
             return None
         grads = [g for g in ([p.grad for p in params] if grads is None else grads) if g is not None]
         if all(g.is_cpu and not g.is_sparse for g in grads):    # the common case, checked cheaply
@@ -257,38 +259,57 @@ class MaskedSGD:
                path: str = "single", grads: Optional[list] = None) -> list:
         """One masked SGD step at step ``k`` on SGD's ``path`` (:meth:`path`); returns the momentum buffers."""
         grads = [p.grad for p in params] if grads is None else grads
-        present = [g for g in grads if g is not None]
+        return self.update_groups(loss, [(params, buffers, group, path, grads)], k)[0]
+
+    def update_groups(self, loss: Optional[torch.Tensor], parts: list, k: int) -> list:
+        """One masked SGD step at step ``k`` over several parameter groups, as ``torch.optim.SGD`` steps
+        its groups (each with its own settings, one after the other), with one skip flag for all.
+
+        Args:
+            loss: the closure's loss (a tensor), or ``None`` (a step without a closure).
+            parts: ``(params, buffers, group, path, grads)`` per group (``path`` from :meth:`path`).
+            k: the step (for the report of skipped steps).
+
+        Returns:
+            The momentum buffers of each group (a list per group).
+        """
+        present = [g for part in parts for g in part[4] if g is not None]
+        if not present and not isinstance(loss, torch.Tensor):
+            return [list(part[1]) for part in parts]   # nothing to step, nothing to check
         device = present[0].device if present else loss.device
         if self.skipped is None or self.skipped.device != device or self.skipped.dim():   # (a [1] from an old pickle)
             self.carried += self.count_pending()
             self.skipped = torch.zeros((), dtype=torch.float32, device=device)
             self.found = torch.zeros_like(self.skipped)
         skip = nonfinite_flag(loss, present, self.found).bool()   # 0-d: broadcasts to any shape, 0-d weights too
-        flat = self._flat_buffers(params, grads, buffers, group)
-        if flat is not None:
-            bufs = masked_flat_momentum_update(params, grads, flat, group, skip)
-        else:
-            update = masked_multi_tensor_sgd_update if path == "foreach" else masked_sgd_update
-            bufs = update(params, grads, buffers, group, skip)
+        out = []
+        for i, (params, buffers, group, path, grads) in enumerate(parts):
+            flat = self._flat_buffers(params, grads, buffers, group, i)
+            if flat is not None:
+                out.append(masked_flat_momentum_update(params, grads, flat, group, skip))
+            else:
+                update = masked_multi_tensor_sgd_update if path == "foreach" else masked_sgd_update
+                out.append(update(params, grads, buffers, group, skip))
         self.skipped.add_(skip)
         if self.first is None:
             self.first = k
-        return bufs
+        return out
 
     #: the flat momentum path up to this many weights (above it, the per-tensor dispatches cost little
     #: against the update's memory traffic, and the scratch block would cost memory)
     FLAT_MAX = 2**20
 
-    def _flat_buffers(self, params: list, grads: list, buffers: list, group: dict) -> Optional[tuple]:
+    def _flat_buffers(self, params: list, grads: list, buffers: list, group: dict, index: int = 0) -> Optional[tuple]:
         """The flat buffers of :func:`masked_flat_momentum_update`, or ``None`` where that path does not
         apply: no momentum or Nesterov (a flat step would first copy the gradients, a pass that costs
         more than the dispatches it saves on all but small models), a missing gradient or buffer, mixed
         dtypes or devices, a large model.  Buffers that are not its views (created by the step before,
-        or loaded from a ``state_dict``) are copied in once."""
+        or loaded from a ``state_dict``) are copied in once.  ``index``: the parameter group's (one flat
+        block per group)."""
         if group["momentum"] == 0 or group["nesterov"] or not grads or any(g is None for g in grads) \
                 or any(b is None for b in buffers):
             return None
-        flat = self._flat
+        flat = self._flat if index == 0 else self.__dict__.setdefault("_flats", {}).get(index)
         if flat is None or len(flat[1]) != len(grads) or any(
                 v.shape != g.shape or v.dtype != g.dtype or v.device != g.device for v, g in zip(flat[1], grads)):
             g0 = grads[0]
@@ -296,8 +317,12 @@ class MaskedSGD:
             if sum(sizes) > self.FLAT_MAX or any(g.dtype != g0.dtype or g.device != g0.device for g in grads):
                 return None
             buf, tmp = (torch.empty(sum(sizes), dtype=g0.dtype, device=g0.device) for _ in range(2))
-            flat = self._flat = (buf, [v.view(g.shape) for v, g in zip(buf.split(sizes), grads)],
-                                 tmp, [v.view(g.shape) for v, g in zip(tmp.split(sizes), grads)])
+            flat = (buf, [v.view(g.shape) for v, g in zip(buf.split(sizes), grads)],
+                    tmp, [v.view(g.shape) for v, g in zip(tmp.split(sizes), grads)])
+            if index == 0:
+                self._flat = flat
+            else:
+                self._flats[index] = flat
         if any(b is not v for b, v in zip(buffers, flat[1])):
             for v, b in zip(flat[1], buffers):
                 if b is not v:
@@ -353,20 +378,47 @@ def sgd_step(params: list, group: dict, state: dict) -> None:
     keep_buffers(params, state, group, bufs)
 
 
-def classical_step(closure, params: list, group: dict, state: dict, masked: MaskedSGD, rep, k: int):
-    """QODE's classical step ``k``: SGD's update, masked on the device when the loss or a gradient is
-    not finite (no host sync); where the mask cannot reproduce SGD, a synchronous check skips the
-    update and ``rep`` (the cycle's report) says so.  Returns the closure's loss."""
-    with torch.enable_grad():
-        loss = closure()
-    grads = [p.grad for p in params]
-    path = masked.path(loss, params, group, grads)
-    if path is not None:
-        bufs = masked.update(loss, params, momentum_buffers(params, state), group, k, path, grads)
-        keep_buffers(params, state, group, bufs)
-    elif not all_finite_sync(loss, params):
+def sgd_steps(groups: list, state: dict) -> None:
+    """An SGD step of every parameter group (``torch.optim.SGD.step`` after its closure): each group
+    with its own settings, in order."""
+    for group in groups:
+        sgd_step(group["params"], group, state)
+
+
+def classical_step(closure, groups: list, state: dict, masked: MaskedSGD, rep, k: int):
+    """QODE's classical step ``k`` over the parameter groups ``groups`` (each with its own ``lr``,
+    ``momentum``, ``weight_decay``, …, as ``torch.optim.SGD`` steps them): SGD's update, masked on the
+    device when the loss or a gradient is not finite (no host sync); where the mask cannot reproduce
+    SGD, a synchronous check skips the update and ``rep`` (the cycle's report) says so.
+
+    Args:
+        closure: re-evaluates the loss (and usually calls ``backward()``), or ``None``: the gradients
+            already in ``.grad`` are used, as ``torch.optim.SGD.step()`` uses them.
+        groups: the optimizer's parameter groups.
+        state: the optimizer's per-parameter state (momentum buffers).
+        masked: the optimizer's :class:`MaskedSGD`.
+        rep: this cycle's report.
+        k: the step.
+
+    Returns:
+        The closure's loss (``None`` without a closure).
+    """
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    parts = []
+    for group in groups:
+        params = group["params"]
+        grads = [p.grad for p in params]
+        path = masked.path(loss, params, group, grads)
+        parts.append((params, momentum_buffers(params, state), group, path, grads))
+    if all(part[3] is not None for part in parts):
+        for (params, _, group, _, _), bufs in zip(parts, masked.update_groups(loss, parts, k)):
+            keep_buffers(params, state, group, bufs)
+    elif not all_finite_sync(loss, [p for group in groups for p in group["params"]]):
         rep.skipped_steps += 1
         rep.faults.append(f"step {k}: non-finite loss or gradient: update skipped")
     else:
-        sgd_step(params, group, state)
+        sgd_steps(groups, state)
     return loss

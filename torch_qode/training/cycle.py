@@ -24,7 +24,7 @@ from ..bridge.kernels import KERNELS, double_backward_kernels, missing_double_ba
 from ..bridge.norms import fused_norm_nodes
 from . import window as _w
 from .capture import Products, Replay, capture_backward, measuring, own_grads, rng_state, saving, upload_graph
-from .classical import all_finite_sync, finite_with, momentum_buffers, reset_momentum, sgd_step
+from .classical import all_finite_sync, finite_with, momentum_buffers, reset_momentum, sgd_steps
 from .comm import Comm
 from .config import QODEConfig, check_trainable
 from .distributed import NOT_REPLICATED, global_losses
@@ -51,7 +51,7 @@ class QuantumSteps:
         self.nonfinite_uploads = 0               # consecutive uploads with a non-finite loss or gradient
 
     params = property(lambda self: self.opt._params)
-    group = property(lambda self: self.opt.param_groups[0])     # lr, momentum, weight decay, …
+    groups = property(lambda self: self.opt.param_groups)       # lr, momentum, weight decay, … per group
     state = property(lambda self: self.opt.state)               # per-parameter state (momentum buffers)
     cfg = property(lambda self: self.opt.cfg)
     comm = property(lambda self: self.opt.comm)
@@ -157,7 +157,7 @@ def _open(q: QuantumSteps, s: Step, loss, cap: dict, support, hvp: Products, rng
         rep.excluded_params = len(unused)
         if support.numel() == 0:
             return go_classical(q, s, "no parameter received a gradient at upload", loss, update=True)
-    win, why = _w.Window.open(graph, params, support, q.group, momentum_buffers(params, q.state), q.cfg,
+    win, why = _w.Window.open(graph, params, support, q.groups, momentum_buffers(params, q.state), q.cfg,
                               q.comm, q.rng, q.dissipation, rep, monitor=q.monitor.on_upload, k=s.k,
                               watched=q.watched())
     del graph
@@ -234,7 +234,7 @@ def go_classical(q: QuantumSteps, s: Step, reason: str, loss, update: bool) -> A
     rep = s.rep
     rep.mode, rep.reason = "classical", reason
     if update and all_finite_sync(loss, q.params):
-        sgd_step(q.params, q.group, q.state)
+        sgd_steps(q.groups, q.state)
     else:
         rep.skipped_steps += 1
     return loss
@@ -305,7 +305,7 @@ def advance(q: QuantumSteps, s: Step, grads, f0: Optional[torch.Tensor] = None, 
         abort(q, s, WindowFault(Fault.PRODUCT_FAILED, exc))   # step trains as after any abort), then
         raise                                    # the error propagates: a bug is not swallowed
     if shadow is not None:
-        shadow_update(w.shadow, *shadow, q.group, w.lr, w.wd, w.support)
+        shadow_update(w.shadow, *shadow, q.groups, w.lr, w.wd, w.support)
     if w.t == q.cfg.window_length:
         finish(q, s)
 

@@ -17,9 +17,15 @@ Step ``k`` sits at position ``c = k mod cycle`` of a cycle (paper's Algorithm 1 
   the ``r`` largest for a dense upload with ``sparsity > 0``) and written to the model.
 
 Classical steps — every step of ``mode="classical"`` and of a classical window — are bit-identical to
-``torch.optim.SGD`` (same ``lr``, ``momentum``, ``dampening``, ``nesterov``, ``weight_decay``).
-A quantum window runs plain gradient descent (the paper's Eq. I.3) on ``L + (wd/2)||θ||²``; momentum
-applies to classical steps only and its buffers restart after a quantum window.
+``torch.optim.SGD`` (same ``lr``, ``momentum``, ``dampening``, ``nesterov``, ``weight_decay``, per
+parameter group), and like SGD's they take ``step()`` without a closure (the gradients already in
+``.grad``) or a closure that does not call ``backward()``.  The upload and the steps of a live window
+need a closure that calls ``backward()`` (the window expands that loss, and re-evaluates each batch's
+gradient at θ0): ``step()`` without one there raises a ``TypeError`` naming the step.
+A quantum window runs plain gradient descent (the paper's Eq. I.3) on ``L + Σ_i (wd_i/2) θ_i²`` (each
+coordinate with its group's weight decay: F0 gets ``wd_i·θ0_i``, F1 ``−η·wd_i`` on its diagonal) with
+one step size η: outside ``mode="classical"`` the groups must share ``lr``; momentum applies to classical
+steps only and its buffers restart after a quantum window.
 
 ``QODE`` schedules the cycle and keeps the ``Optimizer`` contract (the parameter group, state_dict,
 hooks, copies); what the steps do lives below it: a classical step is
@@ -66,7 +72,10 @@ class QODE(Optimizer):
     recipes' ``qode:`` section are written from it.
 
     Args:
-        params: iterable of parameters (one parameter group, like ``torch.optim.LBFGS``).
+        params: iterable of parameters, or of parameter groups (dicts, as for ``torch.optim.SGD``: e.g. no
+            weight decay on biases and norms).  Groups may differ in ``weight_decay``, ``momentum``,
+            ``dampening``, ``nesterov``, ``foreach`` and ``fused``; in ``lr`` only with
+            ``mode="classical"`` (a window runs one step size; a ValueError naming ``lr`` otherwise).
         lr, momentum, weight_decay, dampening, nesterov: as ``torch.optim.SGD``.
         foreach, fused: as ``torch.optim.SGD``: the implementation of the classical steps (a window's
             steps are the Carleman system's).  ``maximize`` and ``differentiable`` are accepted only
@@ -94,9 +103,11 @@ class QODE(Optimizer):
 <settings>
 
     Differences from ``torch.optim.SGD`` a user meets: every parameter must require grad (pass
-    ``[p for p in model.parameters() if p.requires_grad]``); one parameter group; no ``maximize``;
-    sparse gradients train classically only.  The closure may return anything (its value is
-    reported when it is one number).  ``copy.deepcopy`` and ``pickle`` keep the whole state.
+    ``[p for p in model.parameters() if p.requires_grad]``); the groups are fixed at construction
+    (``add_param_group`` afterwards is refused) and share ``lr`` outside ``mode="classical"``; no
+    ``maximize``; sparse gradients train classically only; the upload and window steps need a closure.
+    The closure may return anything (its value is reported when it is one number).  ``copy.deepcopy``
+    and ``pickle`` keep the whole state.
     """
 
     @agreed
@@ -133,12 +144,13 @@ class QODE(Optimizer):
                         nesterov=nesterov, maximize=False, foreach=foreach, fused=fused, differentiable=False)
         super().__init__(params, defaults)
         base_keys = set(self.__dict__)
-        if len(self.param_groups) != 1:
-            raise ValueError("QODE supports a single parameter group (like LBFGS): the window's ODE "
-                             "uses one learning rate for all of S")
-        check_sgd_settings(self.param_groups[0], where="the parameter group's ")
-        self._params = self.param_groups[0]["params"]
-        check_trainable(self._params, fused=self.param_groups[0]["fused"], classical=cfg.mode == "classical")
+        for i, group in enumerate(self.param_groups):
+            check_sgd_settings(group, where="the parameter group's " if len(self.param_groups) == 1
+                               else f"param_groups[{i}]'s ")
+        _w.check_window_groups(self.param_groups, cfg.mode)
+        self._params = [p for group in self.param_groups for p in group["params"]]
+        for group in self.param_groups:      # (params[i]: the i-th of its group)
+            check_trainable(group["params"], fused=group["fused"], classical=cfg.mode == "classical")
         refuse_sharded(self._params, model=model)
         self.cfg, self.comm = cfg, comm
         self.dissipation = dissipation if dissipation is not None else DissipationCheck(seed=cfg.seed)
@@ -154,16 +166,26 @@ class QODE(Optimizer):
         self._k = 0
         self._win: Optional[_w.WindowState] = None   # the live quantum window
         self._masked = MaskedSGD()            # classical steps without a host sync
-        self._closure_checked = False         # the first step checks that the closure calls backward()
+        self._closure_checked = False         # the first quantum step checks that the closure calls backward()
         self._readout_checked = False         # the first window checks that the shots resolve its readout
         self._own_keys = tuple(k for k in self.__dict__ if k not in base_keys)
         self._register_own_hooks()            # QODE's part of the state_dict (not in _own_keys: hooks don't copy)
 
     def add_param_group(self, param_group: dict) -> None:
-        """QODE trains a single parameter group (see the class docstring): a second one is refused."""
-        if getattr(self, "param_groups", None):
-            raise ValueError("QODE supports a single parameter group (like LBFGS): add_param_group "
-                             "cannot add a second one; build the optimizer over all the parameters")
+        """As :meth:`torch.optim.Optimizer.add_param_group` while QODE is being built (pass every group to
+        ``QODE(...)``, as for SGD); once built, its parameters are fixed (the download's pruner, the
+        window's flat vector and the saved state are over them), so a later group is refused.
+
+        Args:
+            param_group: ``{"params": ..., "lr": ..., "weight_decay": ..., ...}``.
+
+        Raises:
+            ValueError: the optimizer is built already.
+        """
+        if "cfg" in self.__dict__:
+            raise ValueError("QODE: add_param_group after construction is not supported (the download's pruner, "
+                             "the window's flat parameter vector and the saved state cover the parameters given to "
+                             "QODE); pass every group to QODE([{'params': ...}, {'params': ..., 'weight_decay': 0}])")
         super().add_param_group(param_group)
 
     def __getattr__(self, name: str):
@@ -231,14 +253,35 @@ class QODE(Optimizer):
     # ----------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):  # type: ignore[override]
-        """One training step; ``closure`` re-evaluates the loss and calls ``backward()`` (as for LBFGS).
-        The first step checks that it does (any ``.grad`` changed)."""
-        if closure is None or not callable(closure):
-            raise TypeError(NEEDS_CLOSURE)
-        if not self._closure_checked:
-            closure = checked_closure(closure, self._params)
+        """One training step.
+
+        A classical step (``c < classical_steps``, a classical window, every step of ``mode="classical"``)
+        is ``torch.optim.SGD.step``: ``closure`` is optional, and may or may not call ``backward()`` (the
+        gradients in ``.grad`` after it are used).  A step that is, or may be, quantum (the upload, whose
+        loss the window expands, and every step of a live window, which re-evaluates its batch's
+        gradient at θ0) needs a closure that re-evaluates the loss and calls ``backward()`` (as for
+        LBFGS); the first such step checks that it does (any ``.grad`` changed).
+
+        Args:
+            closure: re-evaluates the loss (``None``: a classical step with the gradients in ``.grad``).
+
+        Returns:
+            The closure's return value (``None`` without a closure).
+
+        Raises:
+            TypeError: no closure (or not a callable) at a step that needs one, naming that step.
+        """
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be callable or None, got {type(closure).__name__}. " + NEEDS_CLOSURE)
         cfg = self.cfg
         c = self._k % cfg.cycle
+        quantum = cfg.mode != "classical" and (c == cfg.classical_steps or
+                                               (c > cfg.classical_steps and self._win is not None))
+        if quantum:
+            if closure is None:
+                raise TypeError(_needs_closure(self._k, c == cfg.classical_steps, self._win, cfg.mode))
+            if not self._closure_checked:
+                closure = checked_closure(closure, self._params)
         if c == 0:
             self._download()
         t0 = time.perf_counter()
@@ -246,7 +289,7 @@ class QODE(Optimizer):
         if c == cfg.classical_steps and cfg.mode == "classical":
             rep.mode, rep.reason = "classical", "mode='classical'"
         if c < cfg.classical_steps or cfg.mode == "classical" or (c > cfg.classical_steps and self._win is None):
-            loss = classical_step(closure, self._params, self.param_groups[0], self.state, self._masked, rep, self._k)
+            loss = classical_step(closure, self.param_groups, self.state, self._masked, rep, self._k)
         else:                                        # the upload, or a step inside the window
             steps = self._context()
             loss, post = (steps.upload if c == cfg.classical_steps else steps.window_step)(closure, rep, self._k)
@@ -256,7 +299,7 @@ class QODE(Optimizer):
                                       else self._win.theta0[self._win.support])
                 if why is not None:
                     warnings.warn(why, stacklevel=4)   # the caller of opt.step (no_grad, step hooks)
-        self._closure_checked = True
+        self._closure_checked = self._closure_checked or quantum
         if c in (0, cfg.cycle - 1):   # two host syncs per cycle, not one per step
             value = self.comm.mean(loss_value(loss))   # the global batch's under DDP (equal shards)
             if c == 0:
@@ -418,6 +461,14 @@ class QODE(Optimizer):
                                   ("differentiable", False)):
                 group.setdefault(flag, default)
         self._load_window(win)
+
+
+def _needs_closure(k: int, upload: bool, win, mode: str) -> str:
+    """The TypeError's text for ``step()`` without a closure at step ``k``, the upload or a window step."""
+    which = "the upload (c = classical_steps)" if upload else f"step t={win.t} of a quantum window"
+    return (f"QODE.step(): step {k} is {which} of its cycle (mode={mode!r}), which needs a closure. "
+            f"{NEEDS_CLOSURE}\nThe classical steps (c < classical_steps, and every step of mode='classical') "
+            "take step() without one, as torch.optim.SGD.")
 
 
 # ------------------------------------------------------- QODE's part of the state (its three hooks)

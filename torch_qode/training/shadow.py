@@ -58,15 +58,26 @@ def shadow_grads(shadow: Shadow, first: bool, params: list, grads_at: Callable[[
     return grads, _flat.flatten([torch.zeros_like(p) if g is None else g for p, g in zip(params, g_gd)])
 
 
-def shadow_update(shadow: Shadow, grads: list, g_gd: torch.Tensor, group: dict, lr: float, wd: float,
+def shadow_update(shadow: Shadow, grads: list, g_gd: torch.Tensor, groups, lr: float, wd,
                   support) -> None:
-    """Advance both shadows one step (SGD with the group's current settings; GD at the window's lr)."""
-    if shadow.gd is None and float(group["lr"]) != lr:
+    """Advance both shadows one step (SGD with the groups' current settings, ``groups`` a list of
+    parameter groups or one group; GD at the window's lr and weight decay, ``wd`` a float or per
+    coordinate: a full flat vector)."""
+    groups = [groups] if isinstance(groups, dict) else groups
+    if shadow.gd is None and any(float(g["lr"]) != lr for g in groups):
         shadow.gd = _flat.flatten(shadow.params).clone()   # a scheduler moved lr: the two part here
-    shadow.bufs = sgd_update(shadow.params, grads, shadow.bufs, group)
+    bufs, i = [], 0
+    for group in groups:                         # as SGD steps its groups: one after the other
+        j = i + len(group["params"])
+        bufs += sgd_update(shadow.params[i:j], grads[i:j], shadow.bufs[i:j], group)
+        i = j
+    shadow.bufs = bufs
     if shadow.gd is not None:
         S = slice(None) if support is None else support
-        step = g_gd[S] + wd * shadow.gd[S] if wd else g_gd[S]
+        if isinstance(wd, torch.Tensor):
+            step = g_gd[S] + wd[S].to(shadow.gd.dtype) * shadow.gd[S]
+        else:
+            step = g_gd[S] + wd * shadow.gd[S] if wd else g_gd[S]
         shadow.gd[S] = shadow.gd[S] - lr * step
 
 

@@ -36,8 +36,8 @@ from .products import counted, new_counts
 from .report import CycleReport
 from .shadow import Shadow, start_shadow
 
-__all__ = ["Window", "Readout", "open_window", "window_state_dict", "load_window", "expand", "flop_count",
-           "write_params", "EXPLICIT_MAX_SUPPORT", "KAPPA_MAX_UNKNOWNS"]
+__all__ = ["Window", "Readout", "open_window", "window_rates", "check_window_groups", "window_state_dict",
+           "load_window", "expand", "flop_count", "write_params", "EXPLICIT_MAX_SUPPORT", "KAPPA_MAX_UNKNOWNS"]
 
 
 # ------------------------------------------------------------------------------------------ the data
@@ -55,7 +55,7 @@ class Window:
     theta0: torch.Tensor                 # the full flat parameter vector at the upload
     support: Optional[torch.Tensor]      # S (indices into theta0); None: all weights
     lr: float
-    wd: float
+    wd: Any                              # weight decay: a float, or per coordinate (float64, full flat vector)
     explicit: bool                       # explicit Taylor terms (resumable bit for bit)
     tape: NoiseTape                      # F0(t), streamed noise
     rng: np.random.Generator             # the optimizer's sampler (tomography draws)
@@ -92,7 +92,8 @@ class Window:
         return (lambda t: frozen) if frozen is not None else self.tape
 
     def f0_from_grads(self, grads) -> torch.Tensor:
-        """``F0(t) = −η (∇L_t(θ0) + wd·θ0)`` on S, in float64, from the flat gradient or from the
+        """``F0(t) = −η (∇L_t(θ0) + wd·θ0)`` on S (``wd`` per coordinate with parameter groups of
+        different weight decay), in float64, from the flat gradient or from the
         parameters (their ``.grad``; ``None``: zeros).  Parameters on all weights are copied straight
         into a float64 vector (:attr:`spare_row`, the row the tape dropped last, when there is one):
         the numbers of ``flat_grads`` then ``.to(float64)``, without the flat float32 copy."""
@@ -110,7 +111,10 @@ class Window:
                     part.zero_()
                 else:
                     part.view(p.shape).copy_(p.grad.detach())
-        if self.wd:
+        if isinstance(self.wd, torch.Tensor):
+            th, wd = (self.theta0, self.wd) if S is None else (self.theta0[S], self.wd[S])
+            f0.add_(th.to(torch.float64) * wd)
+        elif self.wd:
             th = self.theta0 if S is None else self.theta0[S]
             f0.add_(th.to(torch.float64), alpha=self.wd)
         return f0.mul_(-self.lr)
@@ -218,7 +222,7 @@ WindowState = Window
 
 
 # ---------------------------------------------------------------------------------------- functions
-def expand(source, params: list, support, lr: float, wd: float, cfg: QODEConfig) -> TaylorExpansion:
+def expand(source, params: list, support, lr: float, wd, cfg: QODEConfig) -> TaylorExpansion:
     """The window's Taylor expansion at the current parameters (degree ``cfg.degree`` ≤ N: Carleman
     truncation at order N never reaches higher terms) of ``source``: a loss graph kept for the window
     (products through the retained graph), or a :class:`~.capture.Replay` of the closure that each
@@ -308,7 +312,7 @@ def reexpand(win: Window, graph: Optional[torch.Tensor], params: list) -> None:
     win.build(exp)
 
 
-def start_window(exp: TaylorExpansion, support, theta0: torch.Tensor, grads_flat: torch.Tensor, wd: float,
+def start_window(exp: TaylorExpansion, support, theta0: torch.Tensor, grads_flat: torch.Tensor, wd,
                  cfg: QODEConfig, comm: Comm, rng: np.random.Generator, params: list, watched: tuple) -> Window:
     """Build the window's Carleman system and state at θ0 (the model keeps holding θ0 until the end);
     the state class is the configured one (``carleman_state_for``), and it decides the rest."""
@@ -327,7 +331,7 @@ def start_window(exp: TaylorExpansion, support, theta0: torch.Tensor, grads_flat
     return win
 
 
-def open_window(graph: torch.Tensor, params: list, support, group: dict, buffers: list, cfg: QODEConfig,
+def open_window(graph: torch.Tensor, params: list, support, group, buffers: list, cfg: QODEConfig,
                 comm: Comm, rng: np.random.Generator, dissipation, rep: CycleReport, *, monitor=None,
                 k: int = 0, watched: tuple = ()) -> tuple:
     """The upload (DESIGN.md steps 3–5): expand the loss ``graph`` at θ0 on S, run the dissipation
@@ -337,7 +341,8 @@ def open_window(graph: torch.Tensor, params: list, support, group: dict, buffers
         graph: the upload loss graph, or a :class:`~.capture.Replay` of the closure.
         params: the parameters (the model holds θ0).
         support: S (indices into the flat vector), or ``None`` for all weights.
-        group: the parameter group (lr, weight decay, momentum).
+        group: the parameter groups (a list; or one group, a dict): one lr, weight decay and momentum
+            per group (:func:`window_rates`).
         buffers: the momentum buffers (copied by ``track_sgd``'s shadow).
         cfg: the settings.
         comm: the window's collectives.
@@ -353,7 +358,10 @@ def open_window(graph: torch.Tensor, params: list, support, group: dict, buffers
         ``(Window, "")``, or ``(None, why not)`` (a reason to train classically, not a fault); the
         parameters' ``.grad`` hold ∇L_0(θ0).
     """
-    lr, wd = float(group["lr"]), float(group["weight_decay"])
+    groups = [group] if isinstance(group, dict) else list(group)
+    lr, wd, why = window_rates(groups, params[0].device)
+    if lr is None:
+        return None, why
     if lr <= 0:
         return None, (f"lr = {lr:g} (e.g. a scheduler reached 0): gradient descent does not move, there is "
                       "nothing to linearise")
@@ -391,8 +399,52 @@ def open_window(graph: torch.Tensor, params: list, support, group: dict, buffers
         return None, f"Carleman system not built: {exc}"
     rep.carleman = dict(win.info)
     if cfg.track_sgd:
-        win.shadow = start_shadow(params, buffers, group["momentum"], support, theta0)
+        win.shadow = start_shadow(params, buffers, max(float(g["momentum"]) for g in groups), support, theta0)
     return win, ""
+
+
+def window_rates(groups: list, device) -> tuple:
+    """The window's gradient-descent settings from the parameter groups: ``(lr, wd, "")``, with ``wd`` a
+    float when every group has the same weight decay, else per coordinate (float64, the full flat
+    vector: F0 gets ``wd_i·θ0_i``, F1 ``−η·wd_i`` on the diagonal); ``(None, None, why)`` when the
+    groups' ``lr`` differ (a window runs one step size η over S; e.g. a per-group LR scheduler).
+
+    Args:
+        groups: the parameter groups (each with ``params``, ``lr``, ``weight_decay``).
+        device: the device of the per-coordinate vector.
+
+    Returns:
+        ``(lr, wd, why)``.
+    """
+    lrs = [float(g["lr"]) for g in groups]
+    if len(set(lrs)) > 1:
+        return None, None, (f"the parameter groups' lr differ ({', '.join(f'{v:g}' for v in lrs)}): a quantum "
+                            "window runs one step size over S; this window trains classically")
+    wds = [float(g["weight_decay"]) for g in groups]
+    if len(set(wds)) == 1:
+        return lrs[0], wds[0], ""
+    return lrs[0], torch.cat([torch.full((p.numel(),), w, dtype=torch.float64, device=device)
+                              for g, w in zip(groups, wds) for p in g["params"]]), ""
+
+
+def check_window_groups(groups: list, mode: str) -> None:
+    """Refuse parameter groups a quantum window cannot honour (outside ``mode="classical"``): groups
+    whose ``lr`` differ.  Weight decay may differ (applied per coordinate), and so may momentum,
+    dampening, nesterov, foreach and fused (they shape the classical steps only: a window has none).
+
+    Args:
+        groups: the parameter groups.
+        mode: the ``mode`` setting.
+
+    Raises:
+        ValueError: the groups' ``lr`` differ and ``mode`` is not ``"classical"``.
+    """
+    lrs = [float(g["lr"]) for g in groups]
+    if mode != "classical" and len(set(lrs)) > 1:
+        raise ValueError(f"QODE(mode={mode!r}): the parameter groups' lr differ ({', '.join(f'{v:g}' for v in lrs)}); "
+                         "a quantum window runs gradient descent with one step size η over all of S, so per-group "
+                         "lr is honoured in mode='classical' only. Give every group the same lr (weight_decay, "
+                         "momentum, dampening and nesterov may differ per group) or use mode='classical'")
 
 
 def _reduced(term, comm: Comm):
@@ -429,7 +481,8 @@ def flop_count():
 # ---------------------------------------------------------------------------------------- resume
 def window_state_dict(win: Window, track_sgd: bool) -> dict:
     """The live window as plain tensors (``QODE.state_dict()['qode']['window']``)."""
-    sd = {"t": win.t, "lr": win.lr, "wd": win.wd, "explicit": win.explicit, "theta0": win.theta0.clone(),
+    wd = win.wd.clone() if isinstance(win.wd, torch.Tensor) else win.wd    # per coordinate, or a float
+    sd = {"t": win.t, "lr": win.lr, "wd": wd, "explicit": win.explicit, "theta0": win.theta0.clone(),
           "support": None if win.support is None else win.support.clone(),
           "frozen": None if win.frozen is None else win.frozen.clone(),
           "tape": {int(t): v.clone() for t, v in win.tape.rows.items()},
@@ -455,7 +508,8 @@ def load_window(sd: dict, cfg: QODEConfig, comm: Comm, rng: np.random.Generator,
     device = params[0].device
     tape = NoiseTape(keep=bool(sd["explicit"]))
     tape.rows = {int(t): v.to(device) for t, v in sd["tape"].items()}
-    win = Window(theta0=sd["theta0"].to(device), lr=float(sd["lr"]), wd=float(sd["wd"]), cfg=cfg, comm=comm,
+    wd = sd["wd"].to(device) if isinstance(sd["wd"], torch.Tensor) else float(sd["wd"])
+    win = Window(theta0=sd["theta0"].to(device), lr=float(sd["lr"]), wd=wd, cfg=cfg, comm=comm,
                  params=params, watched=watched or tuple(params),
                  support=None if sd["support"] is None else sd["support"].to(device),
                  explicit=bool(sd["explicit"]), tape=tape, rng=rng, t=int(sd["t"]),
