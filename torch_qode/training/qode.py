@@ -81,7 +81,8 @@ class QODE(Optimizer):
             steps are the Carleman system's).  ``maximize`` and ``differentiable`` are accepted only
             as False (QODE minimises; its steps are not differentiable), so that SGD's keywords port.
         dissipation: a :class:`~torch_qode.bridge.dissipation.DissipationCheck` (default: its defaults).
-        prunable: which tensors the download prunes (default: ``keep_dense_rule(model)``, else ``p.dim() > 1``).
+        prunable: which tensors the download prunes (default: ``keep_dense_rule(model)`` when ``keep_dense``,
+            else ``p.dim() > 1``).
         names: parameter names for per-layer pruning reports.
         monitor: a :class:`~torch_qode.training.window_monitor.WindowMonitor` (e.g.
             :class:`~torch_qode.training.monitor.DissipationMonitor`), or any object with some of its
