@@ -277,7 +277,7 @@ class MaskedSGD:
         if not present and not isinstance(loss, torch.Tensor):
             return [list(part[1]) for part in parts]   # nothing to step, nothing to check
         device = present[0].device if present else loss.device
-        if self.skipped is None or self.skipped.device != device or self.skipped.dim():   # (a [1] from an old pickle)
+        if self.skipped is None or self.skipped.device != device:
             self.carried += self.count_pending()
             self.skipped = torch.zeros((), dtype=torch.float32, device=device)
             self.found = torch.zeros_like(self.skipped)
