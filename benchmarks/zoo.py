@@ -147,6 +147,9 @@ def run(name: str, optimizer: str = "qode", steps: int = STEPS, seed: int = 0, *
         out["reasons"] = [r.reason for r in reps]
         out["drift"] = [None if not r.drift else r.drift.get("relative") for r in reps]
         out["drift_lin"] = [None if not r.drift else r.drift.get("linearization_relative") for r in reps]
+        # the dissipation check's Lanczos products and the window it guards (None: no check that cycle)
+        out["check_hvps"] = [None if not r.dissipation else r.dissipation.get("hvps") for r in reps]
+        out["window_T"] = opt.window_length
         dens = [r.download.get("density", {}) for r in reps if r.download]
         out["emptied"] = sorted({n for d in dens for n, v in d.items() if v == 0})
         out["prunable"] = int(sum(opt.pruner.prunable)) if opt.pruner else 0

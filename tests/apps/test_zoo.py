@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch_qode import DissipationCheck
+from torch_qode.bridge.dissipation import MIN_STEPS
+from torch_qode.training.config import QODEConfig
 
 _spec = importlib.util.spec_from_file_location("_zoo", Path(__file__).resolve().parents[2] / "benchmarks" / "zoo.py")
 zoo = importlib.util.module_from_spec(_spec)
@@ -29,8 +30,9 @@ def _one_thread():
 
 
 def _run(name, **qode):
-    # the drop-in settings; an 8-step Lanczos keeps ResNet-18's dissipation check (11M weights) in seconds
-    return zoo.run(name, dissipation=DissipationCheck(steps=8), **qode)
+    # the drop-in settings with the default dissipation check: bounded by check_budget (1 HVP per window HVP,
+    # at least MIN_STEPS), which keeps ResNet-18's check (11M weights) in seconds
+    return zoo.run(name, **qode)
 
 
 @pytest.mark.slow
@@ -51,6 +53,11 @@ def test_zoo_model_trains_two_cycles_without_an_emptied_tensor(name):
         assert all(FALLBACK[name] in why for why in r["reasons"]), r["reasons"]
     for m, d in zip(r["modes"], r["drift"]):
         assert (d is not None) == (m == "quantum")     # track_sgd: a quantum window reports its drift
+    # the check's cost within its default bound: max(MIN_STEPS, min(64, check_budget·T)) products (one SLQ run)
+    bound = max(MIN_STEPS, min(64, int(QODEConfig().check_budget * r["window_T"])))
+    ran = [h for h in r["check_hvps"] if h is not None]
+    assert ran or name in FALLBACK, r["reasons"]
+    assert all(0 < h <= bound for h in ran), (ran, bound)
 
 
 @pytest.mark.slow
