@@ -101,8 +101,10 @@ DEFAULTS = config.defaults(Config)
 
 #: Columns of the per-cycle table (the README shows one from a real run).  ``gates/FLOP``: the window's
 #: gate count (the ``gates`` column) over the FLOPs of the same window run classically (T SGD steps).
-TABLE_COLUMNS = ["cycle", "mode", "why", "proxy(T)", "drift", "drift_lin", "acc", "acc_sgd", "qubits", "gates",
-                 "gates/FLOP", "shots"]
+#: ``parts``: the drift's four parts over ``‖θ_SGD − θ0‖`` (``report.drift["parts"]``), written
+#: ``support/linearization/readout_pruning/readout_noise`` in one column (the JSON log has each).
+TABLE_COLUMNS = ["cycle", "mode", "why", "proxy(T)", "drift", "drift_lin", "parts", "acc", "acc_sgd", "qubits",
+                 "gates", "gates/FLOP", "shots"]
 #: Added at Carleman order ≥ 2: the order-1 state's linearisation drift (embedded) and ``order_gap``.
 ORDER2_COLUMNS = ["drift_lin1", "order_gap"]
 
@@ -128,14 +130,23 @@ def _short_reason(rep) -> str:
     return r.split(";")[0][:40] or "classical"
 
 
+def parts_cell(parts: Optional[dict]) -> Optional[str]:
+    """The drift's parts as one table cell, ``support/linearization/readout_pruning/readout_noise``
+    (e.g. ``0.97/0.1/0.5/0.02``), or ``None`` without them."""
+    if not parts:
+        return None
+    return "/".join(format(parts[k], ".2g") for k in ("support", "linearization", "readout_pruning", "readout_noise"))
+
+
 def cycle_row(rep, acc: float, acc_sgd: Optional[float]) -> dict:
     """One row of the per-cycle table from a :class:`~torch_qode.training.qode.CycleReport`."""
     dis, res, tomo, drift = rep.dissipation or {}, rep.resources or {}, rep.tomography or {}, rep.drift or {}
     proxy = dis.get("proxy")
     return {"cycle": rep.cycle, "mode": rep.mode, "why": _short_reason(rep),
             "proxy(T)": proxy[-1] if proxy else None, "drift": drift.get("relative"),
-            "drift_lin": drift.get("linearization_relative"),
-            "drift_lin1": drift.get("linearization_order1_relative"), "order_gap": (rep.carleman or {}).get("order_gap"),
+            "drift_lin": drift.get("linearization_relative"), "parts": parts_cell(drift.get("parts")),
+            "drift_lin1": drift.get("linearization_order1_relative"),
+            "order_gap": (rep.carleman or {}).get("order_gap"),
             "acc": acc, "acc_sgd": acc_sgd, "qubits": res.get("qubits"), "gates": res.get("gates_qlsa"),
             "gates/FLOP": (res.get("classical") or {}).get("gates_per_flop"),
             "shots": (tomo.get("shots") or {}).get("total")}

@@ -13,7 +13,9 @@ closure QODE needs (training_step, zero_grad, backward), and a manual ``training
   optimizer (upload verdicts, window ends), a probe spectrum ``monitor.step(k)`` after every step
   ``k`` on its schedule (and before the first), a download record at every pruning step;
 * **each completed cycle logged** with ``pl_module.log`` (``qode/quantum``, ``qode/proxy_T``,
-  ``qode/drift``, ``qode/drift_lin``, ``qode/loss``, ``qode/support_size``, ``qode/cycle``), so any
+  ``qode/drift``, ``qode/drift_lin``, the drift's parts ``qode/drift_support``,
+  ``qode/drift_linearization``, ``qode/drift_readout_pruning``, ``qode/drift_readout_noise``,
+  ``qode/loss``, ``qode/support_size``, ``qode/cycle``), so any
   Lightning logger sees them; the loggers write them when ``log_every_n_steps`` divides ``cycle``.
 
 This module imports Lightning; ``import torch_qode`` does not (``torch_qode.QODECallback`` loads it
@@ -188,6 +190,8 @@ class QODECallback(pl.Callback):
                    "qode/proxy_T": None if not proxy else proxy[-1], "qode/drift": drift.get("relative"),
                    "qode/drift_lin": drift.get("linearization_relative"), "qode/loss": rep.loss_last,
                    "qode/support_size": rep.support_size}
+        for part, value in (drift.get("parts") or {}).items():   # the drift's four parts (issue 21)
+            metrics[f"qode/drift_{part}"] = value
         for name, value in metrics.items():
             if value is not None:
                 pl_module.log(name, float(value), on_step=True, on_epoch=False)

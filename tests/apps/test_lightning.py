@@ -231,6 +231,8 @@ def test_each_cycle_is_logged_to_lightning_loggers(tmp_path):
         if rep.mode == "quantum":
             assert float(row["qode/drift"]) == pytest.approx(rep.drift["relative"], rel=1e-6)
             assert float(row["qode/drift_lin"]) == pytest.approx(rep.drift["linearization_relative"], rel=1e-6)
+            for part in ("support", "linearization", "readout_pruning", "readout_noise"):
+                assert float(row[f"qode/drift_{part}"]) == pytest.approx(rep.drift["parts"][part], rel=1e-6, abs=0)
     assert [r.mode for r in opt.reports] == ["quantum", "quantum"]
     last = opt.reports[-1]
     assert float(tr.callback_metrics["qode/cycle"]) == last.cycle == 1

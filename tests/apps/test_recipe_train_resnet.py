@@ -29,6 +29,10 @@ def test_cpu_config_runs_and_writes_log_table_and_figure(tmp_path, capsys):
         assert r["qubits"] > 0 and r["gates"] > 0 and r["shots"] == 100_000
         assert r["drift"] is not None and r["drift_lin"] is not None and 0 <= r["acc"] <= 1
         assert 0 <= r["acc_sgd"] <= 1
+    parts = [c["report"]["drift"]["parts"] for c in _lines(out / "log.jsonl") if c["event"] == "cycle"]
+    for r, p in zip(rows, parts):                     # the table's cell and the log's numbers agree
+        assert [float(x) for x in r["parts"].split("/")] == pytest.approx(
+            [p[k] for k in ("support", "linearization", "readout_pruning", "readout_noise")], rel=0.05, abs=1e-12)
     printed = capsys.readouterr().out
     assert "drift_lin" in printed and "acc_sgd" in printed and "quantum" in printed
     log = _lines(out / "log.jsonl")

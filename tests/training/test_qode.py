@@ -224,12 +224,15 @@ def test_sparse_upload_leaves_pruned_weights_at_zero():
     assert opt.reports[0].support_size == sum(p.numel() for p in model.parameters()) - n_out
 
 
-def test_top_r_readout_gives_exact_sparsity_on_the_prunable_weights_only():
+@pytest.mark.parametrize("readout", ["weights", "displacement"])
+def test_top_r_readout_gives_exact_sparsity_on_the_prunable_weights_only(readout):
+    """The readout's prune applies to the weights with either readout; the ledger's r is the support of the
+    vector read: the r kept weights of θ0 + u(T), or every non-zero of u(T) (all of S here)."""
     model = tiny_mlp(4)
     with torch.no_grad():
         model[0].bias.mul_(1e-3)              # tiny biases: a readout over all of S would prune them
     opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=5, classical_steps=2, sparsity=0.5,
-               upload="dense", shots=None)
+               upload="dense", shots=None, readout=readout)
     run(model, opt, batches(5, seed=3))
     keep = opt.pruner.n_prunable - opt.pruner.n_pruned_target()
     weights = [p for p, f in zip(model.parameters(), opt.pruner.prunable) if f]
@@ -238,13 +241,15 @@ def test_top_r_readout_gives_exact_sparsity_on_the_prunable_weights_only():
     assert all(bool((p != 0).all()) for p in others)          # biases are read, never pruned
     assert opt.reports[0].support_size == flat(model).numel()
     assert opt.reports[0].tomography["readout_pruned"] == opt.pruner.n_pruned_target()
-    assert opt.reports[0].resources["r"] == keep + sum(p.numel() for p in others)
+    assert opt.reports[0].resources["r"] == (keep + sum(p.numel() for p in others) if readout == "weights"
+                                             else flat(model).numel())
+    assert opt.reports[0].resources["readout"] == opt.reports[0].tomography["readout"] == readout
 
 
 def test_shots_make_the_readout_noisy_but_bounded():
     model = tiny_mlp(4)
     opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=5, classical_steps=1, sparsity=0.0,
-               shots=20_000, seed=3, track_sgd=True)
+               shots=20_000, seed=3, track_sgd=True, readout="weights")
     run(model, opt, batches(5, seed=3))
     tomo, d = opt.reports[0].tomography, opt.reports[0].drift
     assert tomo["shots"]["total"] == 20_000 and 0 < tomo["relative_error"] < 0.5
@@ -255,6 +260,16 @@ def test_shots_make_the_readout_noisy_but_bounded():
     assert d["readout"] > 3 * d["linearization"]          # 20k shots dominate the N = 1 error here
     assert d["l2"] <= d["readout"] + d["linearization"] + 1e-12
     assert opt.reports[0].resources["qubits"] > 0
+    # reading u(T) instead (the default): the same tomography error, now relative to ‖u(T)‖ (θ0 added exactly)
+    weights_readout = d["readout"]
+    model = tiny_mlp(4)
+    opt = QODE(model.parameters(), lr=0.05, mode="quantum", cycle=5, classical_steps=1, sparsity=0.0,
+               shots=20_000, seed=3, track_sgd=True)
+    run(model, opt, batches(5, seed=3))
+    tomo, d = opt.reports[0].tomography, opt.reports[0].drift
+    assert tomo["readout"] == "displacement" and 0 < tomo["relative_error"] < 0.5
+    assert d["readout"] == pytest.approx(tomo["relative_error"] * tomo["read_norm"], rel=1e-8)
+    assert d["readout"] < weights_readout / 3
 
 
 # ------------------------------------------------------------------------------------- faults

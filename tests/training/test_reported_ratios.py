@@ -61,6 +61,16 @@ def test_every_drift_ratio_matches_norms_computed_by_hand():
     assert d["linearization_order1_relative"] == pytest.approx(lin1 / gd_disp, rel=1e-6)
     # the two displacements differ enough that swapping them changes every ratio visibly
     assert abs(sgd_disp / gd_disp - 1) > 0.2
+    # the drift's parts (issue 21), each over ‖θ_SGD − θ0‖: S is every weight, so the support part is the
+    # momentum's (SGD against GD); no prune (sparsity 0) and exact readout: the last two parts are zero
+    sup = float((theta_gd - theta_sgd).norm())
+    assert d["parts"]["support"] == pytest.approx(sup / sgd_disp, rel=1e-8)
+    assert d["parts"]["linearization"] == pytest.approx(lin / sgd_disp, rel=1e-6)
+    assert d["parts"]["readout_pruning"] == 0.0 and d["parts"]["readout_noise"] == 0.0
+    assert d["parts_l2"]["support"] == pytest.approx(sup, rel=1e-8)
+    assert d["twin"]["relative_sgd"] == pytest.approx(sup / sgd_disp, rel=1e-8)
+    assert d["twin"]["relative_qode"] == pytest.approx(lin / sgd_disp, rel=1e-6)
+    assert d["parts"]["linearization"] != pytest.approx(d["linearization_relative"], rel=0.1)   # other denominators
     # the reported losses are the closure's (the last batch) at θ_SGD and θ_qode
     X, Y = data[-1]
     assert d["loss_sgd"] == pytest.approx(float(flat_loss(model, X, Y)(theta_sgd)), rel=1e-12)

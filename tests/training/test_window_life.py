@@ -158,7 +158,7 @@ def test_without_an_inplace_write_a_failing_product_still_raises(monkeypatch):
 
 def test_the_finish_pipeline_is_a_list_of_named_stages(monkeypatch):
     assert [st.__name__ for st in _finish.STAGES] == ["record", "solve", "read_out", "prune", "price", "guard",
-                                                     "write_back"]
+                                                     "chain", "write_back"]
     seen = []
 
     def twin(win, out):                          # a new stage: sees what the earlier ones produced

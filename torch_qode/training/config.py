@@ -24,7 +24,8 @@ from ..core.tomography import DEFAULT_SIGN_METHOD, tomography
 
 __all__ = ["QODEConfig", "make_config", "check_sgd_settings", "check_trainable", "MODES", "UPLOADS", "NOISES",
            "CARLEMAN_STATES", "EXPLICIT_MAX_SUPPORT", "use_explicit", "carleman_state_for", "HVPS", "choose_hvp",
-           "RETAIN_BUDGET_BYTES_CPU", "RETAIN_GRAPH_FACTOR", "READOUT_WARN_ERROR", "readout_warning"]
+           "RETAIN_BUDGET_BYTES_CPU", "RETAIN_GRAPH_FACTOR", "READOUT_WARN_ERROR", "readout_warning",
+           "READOUTS"]
 
 #: ``hvp="auto"`` off a GPU retains the upload graph when its estimate fits this many bytes
 #: (assign to change it; on a GPU the budget is the device's free memory).
@@ -187,6 +188,13 @@ class QODEConfig:
     tomography_kwargs: Optional[dict] = setting(
         None, "extra keyword arguments of :func:`~torch_qode.core.tomography.tomography` (``sign_method``, "
         "``split``, ``norm_scale``, …).", _optional_dict, section="readout")
+    readout: Literal["displacement", "weights"] = setting(
+        "displacement", "what tomography reads at the window's end: ``\"displacement\"`` the level-1 block "
+        "``u(T)`` of the Carleman state (the ODE is expanded at θ0, so that block holds ``u = θ − θ0``; θ0 is "
+        "classical data and is added back exactly) or ``\"weights\"`` ``θ0 + u(T)`` (Algorithm 1's literal "
+        "output, whose shot noise scales with ``‖θ‖`` instead of ``‖u‖``).  The readout's prune (keep r) "
+        "applies to the weights in both; at exact readout both give the same weights.", _literal,
+        section="readout")
     eps: float = setting(1e-2, "target error in ``(0, 1)`` used by the resource ledger.", _open_unit_interval,
                          section="readout")
     # --- measurement and reproducibility
@@ -319,6 +327,8 @@ CARLEMAN_STATES = choices("carleman_state")
 #: how a matrix-free window takes its Hessian-vector products: "retain" the upload batch's graph for
 #: the whole window, "recompute" it by replaying the upload closure per product, "auto" by memory
 HVPS = choices("hvp")
+#: what a window's tomography reads: "displacement" u(T) (θ0 added classically) or "weights" θ0 + u(T)
+READOUTS = choices("readout")
 
 SETTINGS = tuple(f.name for f in dataclasses.fields(QODEConfig) if f.init)
 #: the settings by section, in the order QODE's docstring lists them
@@ -340,7 +350,7 @@ def settings_table(indent: str = "        ", schema: type = None) -> str:
 #: old spellings a saved state (or a config) may carry: each upgraded, with a DeprecationWarning on use
 #: in a call, silently in a saved state (the state was written by an earlier version, not by the user)
 _SAVED_DEFAULTS = {"carleman_state": "auto", "max_rank": None, "pruning": "global", "min_density": 0.0,
-                   "keep_dense": False}
+                   "keep_dense": False, "readout": "weights"}
 
 
 def upgrade_saved(saved: dict) -> dict:
@@ -521,9 +531,19 @@ def check_saved_config(saved: dict, current: dict) -> None:
 
 
 def readout_warning(cfg: QODEConfig, values: torch.Tensor) -> Optional[str]:
-    """Why ``cfg.shots`` cannot resolve ``values`` (the weights a window reads: θ0 on S), naming the shots
-    that give :data:`READOUT_WARN_ERROR`, or ``None`` (exact readout, a scheme without an error model, or
-    a predicted error within it).  The core's model: :mod:`torch_qode.core.readout_model`."""
+    """Why ``cfg.shots`` cannot resolve ``values`` (the vector a window reads, as the upload knows it:
+    ``Window.read_estimate()``), naming the shots that give :data:`READOUT_WARN_ERROR`, or ``None``
+    (exact readout, a scheme without an error model, or a predicted error within it).  The core's model:
+    :mod:`torch_qode.core.readout_model` (a relative error: it depends on the vector's shape, not its scale).
+
+    Args:
+        cfg: the settings (``shots``, ``readout``, the tomography options).
+        values: with ``readout="weights"`` θ0 on S; with ``readout="displacement"`` the window's first-order
+            displacement ``T·F0(0)`` on S (``u(T)`` is not known at the upload).
+
+    Returns:
+        The warning's text, or ``None``.
+    """
     if cfg.shots is None or not bool(values.any()):
         return None
     opts = cfg.readout_options()
@@ -536,7 +556,9 @@ def readout_warning(cfg: QODEConfig, values: torch.Tensor) -> Optional[str]:
         return None
     need = shots_for_error(values, READOUT_WARN_ERROR, **model)
     r = int(torch.count_nonzero(values))
-    return (f"QODE: shots={cfg.shots:,} cannot resolve the {r:,} weights the readout reads: the tomography error "
+    what = "weights θ0 + u(T)" if cfg.readout == "weights" else "components of u(T) (estimated as T·F0(0))"
+    return (f"QODE: shots={cfg.shots:,} cannot resolve the {r:,} {what} the readout reads (readout="
+            f"{cfg.readout!r}): the tomography error "
             f"model predicts a relative readout error of {err:.2g} with sign_method={model['sign_method']!r}; "
             f"about shots={need:,} give {READOUT_WARN_ERROR:.0%} "
             "(torch_qode.core.readout_model.shots_for_error)")

@@ -323,7 +323,8 @@ def finish(q: QuantumSteps, s: Step) -> None:
     # measurements that run user code (closures, the monitor) wait until the step is complete
     if q.cfg.track_sgd:
         s.post.append(global_losses(drift_measurement(rep, w.shadow, w.theta0, res.new, res.lin, q.params,
-                                                      s.closure, q.model, theta_lin1=res.lin1), rep, q.comm))
+                                                      s.closure, q.model, theta_lin1=res.lin1, theta_lin_r=res.lin_r,
+                                                      theta_twin=res.twin), rep, q.comm))
     s.post.append(functools.partial(q.monitor.on_window_end, s.k, rep))
     reset_momentum(q.params, q.state)            # momentum restarts after a quantum window
     w.release()

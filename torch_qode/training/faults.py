@@ -42,6 +42,10 @@ class Fault(enum.Enum):
                     "setting max_displacement)", None)
     READOUT_ZERO = ("tomography read out a zero vector (shots={detail}: no norm-stage shot succeeded), which "
                     "would erase the model", None)
+    DISPLACEMENT_ZERO = ("the solved displacement u(T) is zero: nothing to read out (readout='displacement')",
+                         "the readout failed on another rank")
+    READOUT_ZERO_DISPLACEMENT = ("tomography read out a zero vector for the displacement u(T) (shots={detail}: "
+                                 "no norm-stage shot succeeded): the window's move is lost", None)
     ELSEWHERE = ("{detail}", None)               # a step that failed on another rank (its own sentence)
 
 

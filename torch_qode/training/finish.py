@@ -1,10 +1,11 @@
 """The end of a quantum window as a pipeline of named stages (:data:`STAGES`).
 
 At t = T a :class:`~.window.Window` runs, in order: :func:`record` (the Carleman state's report
-fields), :func:`solve` (the window system, Eq. II.102), :func:`read_out` (tomography of ``θ0 + u(T)``
-on S, Eq. II.123), :func:`prune` (the r largest prunable weights), :func:`price` (the resource
-ledger, Theorems II.3/II.4, and the classical cost), :func:`guard` (a non-finite or exploded result is
-rejected) and :func:`write_back`.  Each stage reads and
+fields), :func:`solve` (the window system, Eq. II.102), :func:`read_out` (tomography on S, Eq. II.123,
+of ``u(T)`` or of ``θ0 + u(T)``: the ``readout`` setting), :func:`prune` (the r largest prunable
+weights), :func:`price` (the resource ledger, Theorems II.3/II.4, and the classical cost), :func:`guard`
+(a non-finite or exploded result is rejected), :func:`chain` (``track_sgd``: the classical runs the
+drift is decomposed against) and :func:`write_back`.  Each stage reads and
 fills one :class:`Readout`; a stage that fails raises a :class:`~.faults.WindowFault` and nothing is
 written back.  A new stage (a second readout, a twin, a predicted error) is one function in the list.
 """
@@ -24,8 +25,8 @@ from ..core.window import kappa_bound
 from .faults import Fault, WindowFault
 from .report import CycleReport
 
-__all__ = ["Readout", "STAGES", "run", "record", "solve", "read_out", "prune", "price", "guard", "write_back",
-           "readout_prune", "write_params", "KAPPA_MAX_UNKNOWNS"]
+__all__ = ["Readout", "STAGES", "run", "record", "solve", "read_out", "prune", "price", "guard", "chain",
+           "write_back", "readout_prune", "top_r", "write_params", "KAPPA_MAX_UNKNOWNS"]
 
 #: κ(M) is computed for the report when the window system has at most this many unknowns.
 KAPPA_MAX_UNKNOWNS = 5_000
@@ -41,11 +42,14 @@ class Readout:
     u_T: Optional[torch.Tensor] = None       # u(T) on S
     sol: Any = None                          # the WindowSolution (None: not solved)
     target: Optional[torch.Tensor] = None    # θ0 + u(T) on S
-    estimate: Optional[torch.Tensor] = None  # the read-out on S
+    read: Optional[torch.Tensor] = None      # the vector tomography read on S: u(T) or θ0 + u(T)
+    estimate: Optional[torch.Tensor] = None  # the read-out weights on S (θ0 + û(T), or the estimate of θ0 + u(T))
     r: Optional[int] = None                  # components read out (None: all of S)
     new: Optional[torch.Tensor] = None       # θ0 + û(T)
     lin: Optional[torch.Tensor] = None       # θ0 + u(T) (before the readout)
     lin1: Optional[torch.Tensor] = None      # θ0 + u⁽¹⁾(T): the embedded order-1 state (order ≥ 2)
+    lin_r: Optional[torch.Tensor] = None     # θ_lin,r: θ0 + u(T) pruned as the readout prunes (track_sgd)
+    twin: Optional[torch.Tensor] = None      # the classical twin: GD on S pruned as the readout prunes (track_sgd)
 
 
 def record(win, out: Readout) -> None:
@@ -89,34 +93,40 @@ def solve(win, out: Readout) -> None:
 
 
 def read_out(win, out: Readout) -> None:
-    """``θ0 + u(T)`` on S read out by tomography (Eq. II.123; ``shots``, ``eps``, the readout
-    options); every rank samples (same vector, same seed), rank 0's estimate is broadcast.
+    """Tomography on S (Eq. II.123) of the vector the ``readout`` setting names: ``u(T)``, the level-1
+    block of the Carleman state expanded at θ0, with θ0 added back classically (``"displacement"``), or
+    ``θ0 + u(T)`` (``"weights"``, Algorithm 1's literal output); ``shots``, ``eps``, the readout options.
+    The norm stage estimates the norm of that vector (``‖u(T)‖`` or ``‖θ(T)‖``).  Every rank samples
+    (same vector, same seed), rank 0's estimate is broadcast.
 
     Raises:
-        WindowFault: the weights are not finite or zero, tomography failed (on any rank), or it read
-            out a zero vector.
+        WindowFault: the weights are not finite, the vector read is zero, tomography failed (on any
+            rank), or it read out a zero vector.
     """
     cfg, S = win.cfg, win.support
     theta0_S = (win.theta0 if S is None else win.theta0[S]).to(torch.float64)
     target = theta0_S + out.u_T
+    moves = cfg.readout == "displacement"
+    read = out.u_T if moves else target
     res, fault = None, None
     if not all_finite(target):
         fault = WindowFault(Fault.WEIGHTS_NONFINITE)
-    elif not bool(target.any()):
-        fault = WindowFault(Fault.WEIGHTS_ZERO)
+    elif not bool(read.any()):
+        fault = WindowFault(Fault.DISPLACEMENT_ZERO if moves else Fault.WEIGHTS_ZERO)
     else:
         try:   # every rank samples (same vector, same seed: the samplers stay in step); rank 0's is read
-            res = tomography(target, cfg.shots, seed=win.rng, eps=cfg.eps, **cfg.readout_options())
+            res = tomography(read, cfg.shots, seed=win.rng, eps=cfg.eps, **cfg.readout_options())
         except (ValueError, TypeError) as exc:
             fault = WindowFault(Fault.TOMOGRAPHY_FAILED, exc)
     fault = WindowFault.agreed(fault, win.comm, Fault.TOMOGRAPHY_FAILED)
     if fault is not None:
         raise fault
     out.rep.tomography = res.as_dict(arrays=False)
+    out.rep.tomography.update(readout=cfg.readout, read_norm=float(torch.linalg.vector_norm(read)))
     estimate = win.comm.broadcast(torch.as_tensor(res.estimate).to(device=target.device, dtype=torch.float64))
     if not bool(estimate.any()):
-        raise WindowFault(Fault.READOUT_ZERO, cfg.shots)
-    out.target, out.estimate = target, estimate
+        raise WindowFault(Fault.READOUT_ZERO_DISPLACEMENT if moves else Fault.READOUT_ZERO, cfg.shots)
+    out.target, out.read, out.estimate = target, read, (theta0_S + estimate if moves else estimate)
 
 
 def prune(win, out: Readout) -> None:
@@ -130,12 +140,20 @@ def price(win, out: Readout) -> None:
     """The resource ledger (Theorems II.3/II.4) and the same window's classical cost (its closure
     FLOPs, the products counted through the graph, the dissipation check's HVPs) into
     ``rep.resources``; an error there never stops training (``{"error": …}``).  The check's
-    ``cost_ratio`` (its HVPs per HVP of the window) is recomputed on the window's counted HVPs."""
+    ``cost_ratio`` (its HVPs per HVP of the window) is recomputed on the window's counted HVPs.  The
+    tomography's support ``r`` is that of the vector read: the r kept weights (``readout="weights"``
+    with the readout's prune), the non-zeros of ``u(T)`` (``"displacement"``: the prune needs all of
+    them, it applies to θ0 + û), else all of S."""
     cfg, rep, sys_ = win.cfg, out.rep, out.system
+    if cfg.readout == "displacement":
+        r = max(1, int(torch.count_nonzero(out.read)))
+    else:
+        r = out.r if out.r is not None else sys_.n
     try:
-        led = estimate_resources(sys_, cfg.window_length, eps=cfg.eps, r=out.r if out.r is not None else sys_.n,
-                                 solution=out.sol, solver=cfg.window_solver)
+        led = estimate_resources(sys_, cfg.window_length, eps=cfg.eps, r=r, solution=out.sol,
+                                 solver=cfg.window_solver)
         rep.resources = led.as_dict()
+        rep.resources["readout"] = cfg.readout
         rep.resources["classical"] = classical_cost(
             cfg.window_length, win.closure_flops, hvps=win.products["hvp"], third_order=win.products["third_order"],
             lanczos_hvps=int((rep.dissipation or {}).get("hvps") or 0),
@@ -184,6 +202,27 @@ def guard(win, out: Readout) -> None:
         raise fault
 
 
+def chain(win, out: Readout) -> None:
+    """``track_sgd``: the classical runs the drift is decomposed against (DESIGN.md, "What a window gets
+    wrong, measured apart"), each pruned exactly as :func:`prune` prunes the read-out (:func:`top_r` on a
+    copy): ``θ_lin,r`` (the exact Carleman solution θ0 + u(T), Eq. II.102) and the classical twin
+    (``θ_GD,S``, gradient descent on S at the window's lr and weight decay: the shadow's, no
+    linearisation, no shot noise).  Nothing without a shadow."""
+    shadow = win.shadow
+    if shadow is None:
+        return
+    gd = _flat.flatten(shadow.params) if shadow.gd is None else shadow.gd
+    S = slice(None) if win.support is None else win.support
+    lin_S, twin_S = out.target.clone(), gd[S].clone()
+    if out.keep is not None:
+        top_r(lin_S, win, *out.keep)
+        top_r(twin_S, win, *out.keep)
+    out.lin_r = win.embed(lin_S)
+    twin = gd.clone()
+    twin[S] = twin_S
+    out.twin = twin
+
+
 def write_back(win, out: Readout) -> None:
     """``θ0 + û(T)`` into the model's parameters."""
     write_params(win.params, out.new)
@@ -197,7 +236,7 @@ def write_params(params: list, flat: torch.Tensor) -> None:
 
 
 #: the finish pipeline, in order
-STAGES = (record, solve, read_out, prune, price, guard, write_back)
+STAGES = (record, solve, read_out, prune, price, guard, chain, write_back)
 
 
 @torch.enable_grad()
@@ -211,8 +250,30 @@ def run(win, rep: CycleReport, keep: Optional[tuple] = None) -> Readout:
 
 def readout_prune(estimate: torch.Tensor, win, flags: torch.Tensor, keep: int, rep: CycleReport) -> int:
     """Keep the ``keep`` largest read-out weights among the *prunable* entries (the paper's "tomography
-    reads the r largest components"); biases and norm scales, never pruned, are read as they are.
-    In place; returns r, the components read out."""
+    reads the r largest components"; :func:`top_r`); biases and norm scales, never pruned, are read as
+    they are.  In place; the pruned count and mass into ``rep.tomography``; returns r, the components
+    read out."""
+    total = float(estimate.pow(2).sum())
+    r, dropped = top_r(estimate, win, flags, keep)
+    rep.tomography["readout_pruned"] = int(torch.count_nonzero(dropped))
+    rep.tomography["readout_pruned_mass"] = float(dropped.pow(2).sum()) / total if total > 0 else 0.0
+    return r
+
+
+def top_r(values: torch.Tensor, win, flags: torch.Tensor, keep: int) -> tuple:
+    """The readout's prune of ``values`` (a vector on S, in place): its prunable entries outside the
+    ``keep`` largest in magnitude (ties: the lower index) are set to 0; the weights outside S keep θ0, and
+    their non-zeros count against ``keep``.
+
+    Args:
+        values: the weights on S (changed in place).
+        win: the window (its support and θ0).
+        flags: the prunable entries of the full flat vector.
+        keep: how many prunable weights the download keeps.
+
+    Returns:
+        ``(r, dropped)``: the components read out and the values set to 0.
+    """
     S = win.support
     if S is not None:   # weights outside S keep θ0: count their non-zeros against r
         outside = flags.clone()
@@ -220,11 +281,8 @@ def readout_prune(estimate: torch.Tensor, win, flags: torch.Tensor, keep: int, r
         keep = max(0, keep - int(torch.count_nonzero(win.theta0[outside])))
         flags = flags[S]
     idx = torch.nonzero(flags).reshape(-1)
-    order = torch.sort(estimate[idx].abs(), descending=True, stable=True).indices  # ties: lower index
+    order = torch.sort(values[idx].abs(), descending=True, stable=True).indices  # ties: lower index
     drop = idx[order[keep:]]
-    dropped = estimate[drop]
-    total = float(estimate.pow(2).sum())
-    estimate[drop] = 0
-    rep.tomography["readout_pruned"] = int(torch.count_nonzero(dropped))
-    rep.tomography["readout_pruned_mass"] = float(dropped.pow(2).sum()) / total if total > 0 else 0.0
-    return int(estimate.numel() - idx.numel() + keep)
+    dropped = values[drop]
+    values[drop] = 0
+    return int(values.numel() - idx.numel() + keep), dropped

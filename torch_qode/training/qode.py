@@ -296,8 +296,7 @@ class QODE(Optimizer):
             loss, post = (steps.upload if c == cfg.classical_steps else steps.window_step)(closure, rep, self._k)
             if not self._readout_checked and self._win is not None:
                 self._readout_checked = True      # once: the first window's θ0 on S
-                why = readout_warning(self.cfg, self._win.theta0 if self._win.support is None
-                                      else self._win.theta0[self._win.support])
+                why = readout_warning(self.cfg, self._win.read_estimate())   # the vector the readout reads
                 if why is not None:
                     warnings.warn(why, stacklevel=4)   # the caller of opt.step (no_grad, step hooks)
         self._closure_checked = self._closure_checked or quantum

@@ -12,7 +12,10 @@ from .capture import holding, loss_value, measuring, own_grads
 from .classical import sgd_update
 
 __all__ = ["drift_measurement", "Shadow", "start_shadow", "shadow_grads", "shadow_update", "drift", "grads_at",
-           "measure_losses"]
+           "measure_losses", "chain_parts", "PARTS"]
+
+#: the drift's parts, in the order of the chain θ_SGD → θ_GD,S → θ_lin → θ_lin,r → θ_QODE
+PARTS = ("support", "linearization", "readout_pruning", "readout_noise")
 
 
 @dataclass
@@ -74,11 +77,12 @@ def shadow_update(shadow: Shadow, grads: list, g_gd: torch.Tensor, groups, lr: f
     shadow.bufs = bufs
     if shadow.gd is not None:
         S = slice(None) if support is None else support
+        # SGD's arithmetic (d = g + wd·θ, θ ← θ + (−η)·d): the twin is SGD without momentum on S, to the bit
         if isinstance(wd, torch.Tensor):
             step = g_gd[S] + wd[S].to(shadow.gd.dtype) * shadow.gd[S]
         else:
-            step = g_gd[S] + wd * shadow.gd[S] if wd else g_gd[S]
-        shadow.gd[S] = shadow.gd[S] - lr * step
+            step = g_gd[S].add(shadow.gd[S], alpha=wd) if wd else g_gd[S]
+        shadow.gd[S] = shadow.gd[S].add(step, alpha=-lr)
 
 
 def _rel(d: float, m: float) -> float:
@@ -87,8 +91,30 @@ def _rel(d: float, m: float) -> float:
     return d / m if m > 0 else (float("inf") if d > 0 else 0.0)
 
 
+def chain_parts(theta_s: torch.Tensor, theta_gd: torch.Tensor, theta_lin: torch.Tensor, theta_lin_r: torch.Tensor,
+                theta_q: torch.Tensor) -> dict:
+    """The drift ``θ_QODE − θ_SGD`` as four difference vectors along the chain of runs that differ in one
+    thing each (DESIGN.md, "What a window gets wrong, measured apart"); they sum to ``θ_QODE − θ_SGD``
+    (to round-off).
+
+    Args:
+        theta_s: ``θ_SGD``, SGD from θ0 on all weights on the window's batches (its momentum).
+        theta_gd: ``θ_GD,S``, exact gradient descent on S at the window's lr and weight decay.
+        theta_lin: ``θ_lin = θ0 + u(T)``, the exact Carleman solution (Eq. II.102).
+        theta_lin_r: ``θ_lin,r``, that solution pruned as the readout prunes.
+        theta_q: ``θ_QODE``, the tomography estimate (Eq. II.123) pruned the same way.
+
+    Returns:
+        ``{"support": θ_GD,S − θ_SGD, "linearization": θ_lin − θ_GD,S, "readout_pruning": θ_lin,r − θ_lin,
+        "readout_noise": θ_QODE − θ_lin,r}`` (:data:`PARTS`).
+    """
+    runs = (theta_s, theta_gd, theta_lin, theta_lin_r, theta_q)
+    return {name: b - a for name, a, b in zip(PARTS, runs[:-1], runs[1:])}
+
+
 def drift(theta_q: torch.Tensor, theta_lin: torch.Tensor, snapshot: dict,
-          theta_lin1: Optional[torch.Tensor] = None) -> dict:
+          theta_lin1: Optional[torch.Tensor] = None, theta_lin_r: Optional[torch.Tensor] = None,
+          theta_twin: Optional[torch.Tensor] = None) -> dict:
     """How far the window landed from SGD on the same batches, and why.
 
     * ``l2`` / ``relative``: ``||θ_qode − θ_sgd||`` against SGD run from θ0 on the same batches
@@ -100,6 +126,13 @@ def drift(theta_q: torch.Tensor, theta_lin: torch.Tensor, snapshot: dict,
     * ``linearization_order1`` / ``linearization_order1_relative``: the same as ``linearization`` for
       ``θ0 + u⁽¹⁾(T)``, the order-1 state an order ≥ 2 window carries (``theta_lin1``; else ``None``):
       what an order-1 window would have drifted on the same batches (keys present only then).
+    * ``parts``: the drift decomposed (:func:`chain_parts`), each part's norm relative to
+      ``||θ_sgd − θ0||``: ``support`` (the sparsity constraint: GD on S against SGD on all weights),
+      ``linearization`` (the Carleman model), ``readout_pruning`` (the readout's top-r prune of the exact
+      solution), ``readout_noise`` (tomography); ``parts_l2`` the same norms unscaled (with ``theta_lin_r``).
+    * ``twin``: the classical twin ``θ_twin`` (GD on S, then the readout's prune: ``theta_twin``):
+      ``relative_sgd`` = ``||θ_twin − θ_sgd||`` and ``relative_qode`` = ``||θ_qode − θ_twin||`` (what the
+      quantum errors cost), both relative to ``||θ_sgd − θ0||``.
     """
     theta0, theta_s, theta_gd = snapshot["theta0"], snapshot["theta_s"], snapshot["theta_gd"]
     moved, moved_gd = float((theta_s - theta0).norm()), float((theta_gd - theta0).norm())
@@ -110,6 +143,12 @@ def drift(theta_q: torch.Tensor, theta_lin: torch.Tensor, snapshot: dict,
     if theta_lin1 is not None:
         d1 = float((theta_lin1 - theta_gd).norm())
         out.update(linearization_order1=d1, linearization_order1_relative=_rel(d1, moved_gd))
+    if theta_lin_r is not None:
+        l2 = {k: float(v.norm()) for k, v in chain_parts(theta_s, theta_gd, theta_lin, theta_lin_r, theta_q).items()}
+        out.update(parts={k: _rel(v, moved) for k, v in l2.items()}, parts_l2=l2)
+    if theta_twin is not None:
+        out["twin"] = {"relative_sgd": _rel(float((theta_twin - theta_s).norm()), moved),
+                       "relative_qode": _rel(float((theta_q - theta_twin).norm()), moved)}
     return out
 
 
@@ -133,14 +172,17 @@ def measure_losses(info: dict, params: list, closure: Callable, model, theta_s: 
 
 def drift_measurement(rep, shadow: Shadow, theta0: torch.Tensor, theta_q: torch.Tensor, theta_lin: torch.Tensor,
                       params: list, closure: Optional[Callable], model, *,
-                      theta_lin1: Optional[torch.Tensor] = None) -> Callable[[], None]:
-    """The window-end measurement, run once the step is complete: ``rep.drift`` (see :func:`drift`)
-    and, with a closure, both losses."""
+                      theta_lin1: Optional[torch.Tensor] = None, theta_lin_r: Optional[torch.Tensor] = None,
+                      theta_twin: Optional[torch.Tensor] = None) -> Callable[[], None]:
+    """The window-end measurement, run once the step is complete: ``rep.drift`` (see :func:`drift`;
+    ``theta_lin_r`` and ``theta_twin`` from the finish stage :func:`~.finish.chain`) and, with a
+    closure, both losses."""
     theta_s = _flat.flatten(shadow.params).clone()
     snapshot = {"theta0": theta0, "theta_s": theta_s, "theta_gd": theta_s if shadow.gd is None else shadow.gd}
 
     def measure() -> None:
-        rep.drift = drift(theta_q, theta_lin, snapshot, theta_lin1)   # the distances stand if a loss evaluation raises
+        # the distances stand if a loss evaluation raises
+        rep.drift = drift(theta_q, theta_lin, snapshot, theta_lin1, theta_lin_r, theta_twin)
         if closure is not None:
             measure_losses(rep.drift, params, closure, model, theta_s, theta_q)
 

@@ -128,6 +128,24 @@ class Window:
             full[self.support] = values_S.to(full.dtype)
         return full
 
+    def read_estimate(self) -> torch.Tensor:
+        """The vector the readout will read, as the upload knows it (for :func:`~.config.readout_warning`):
+        θ0 on S with ``readout="weights"``; with ``readout="displacement"`` the first-order displacement
+        ``T·F0`` on S, F0 the first recorded step's (``u(T)`` is not known before the window ends; to first
+        order it is the path of T gradient steps at θ0, of norm ``T·‖η g‖``).
+
+        Returns:
+            A vector on S (zeros when no step was recorded yet).
+        """
+        if self.cfg.readout == "weights":
+            return self.theta0 if self.support is None else self.theta0[self.support]
+        rows = self.tape.rows
+        f0 = self.frozen if self.frozen is not None else (rows[min(rows)] if rows else None)
+        if f0 is None:
+            n = self.theta0.numel() if self.support is None else self.support.numel()
+            return torch.zeros(n, dtype=torch.float64, device=self.theta0.device)
+        return self.cfg.window_length * f0
+
     @property
     def ode(self) -> PolynomialODE:
         """The window's ODE (that of the system, or the system itself for a factored state)."""
