@@ -47,7 +47,7 @@ def case(rank: int, world: int, batch: int, steps: int, device: str) -> dict:
     per = batch // world
     x, t = X[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
     opt = QODE(list(model.parameters()), lr=0.01, mode="quantum", cycle=steps + 2, classical_steps=1,
-               sparsity=0.0, explicit=False)
+               sparsity=0.0, explicit=False, model=net)
 
     def closure():
         opt.zero_grad()

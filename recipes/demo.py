@@ -22,6 +22,15 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train_resnet_cifa
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run :mod:`recipes.train_resnet_cifar100` with the demo's defaults (the CPU configuration, one thread).
+
+    Args:
+        argv: that recipe's command-line arguments (default: ``sys.argv[1:]``); ``--config``, ``--threads``
+            and ``--out`` given there win over the demo's defaults.
+
+    Returns:
+        The recipe's result: ``{"out", "rows", "table", "reports", "figures"}``.
+    """
     # defaults of the command-line options, so that --config/--threads/--out given in any spelling
     # (--out DIR, --out=DIR) win; the output folder defaults to runs/demo/<timestamp>
     result = train_resnet_cifar100.main(argv, name="demo", cli_defaults={

@@ -121,7 +121,8 @@ def batch_stream(dataset, batch_size: int, seed: int, device, *, num_workers: in
     loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True,
                                          drop_last=len(dataset) >= batch_size,
                                          generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
-                                         pin_memory=pin, persistent_workers=bool(persistent_workers) and num_workers > 0)
+                                         pin_memory=pin,
+                                         persistent_workers=bool(persistent_workers) and num_workers > 0)
     while True:
         for x, y in loader:
             yield x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["saved_per_sample", "estimate_classifier", "format_estimate", "DEFAULT_DEVICE_BYTES",
-           "BACKWARD_FACTOR", "DOUBLE_BACKWARD_FACTOR", "GiB", "train_resnet_estimate", "hessian_estimate", "no_device_estimate"]
+           "BACKWARD_FACTOR", "DOUBLE_BACKWARD_FACTOR", "GiB", "train_resnet_estimate", "hessian_estimate",
+           "no_device_estimate"]
 
 GiB = 2**30
 #: the device memory an estimate assumes without a GPU: an 80 GB card (74.5 GiB)

@@ -101,6 +101,16 @@ def activation_module(s_p: int, kind: str = "full") -> Polynomial:
 
 
 def build_mlp(L: int, s_p: int, cfg: dict) -> nn.Sequential:
+    """The experiment's MLP: ``L`` linear layers with the degree-``s_p`` activation between them, in float64.
+
+    Args:
+        L: the number of linear layers.
+        s_p: the activation's degree.
+        cfg: the model section (``inputs``, ``width``, ``outputs``, ``activation``, ``bias``).
+
+    Returns:
+        The model (:func:`~torch_qode.models.mlp`).
+    """
     widths = [cfg["inputs"]] + [cfg["width"]] * (L - 1) + [cfg["outputs"]]
     return mlp(widths, activation_module(s_p, cfg["activation"]), bias=cfg["bias"]).double()
 

@@ -275,7 +275,8 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
             monitor.record({"step": 0, "event": "eval", "test_acc": dense_acc, "test_acc_sgd": dense_acc})
         opt_sgd = None
         if baseline is not None:
-            opt_sgd = QODE(baseline.parameters(), **{**q, "mode": "classical", "track_sgd": False, "hvp": "retain"})
+            opt_sgd = QODE(baseline.parameters(), **{**q, "mode": "classical", "track_sgd": False, "hvp": "retain"},
+                           model=net_sgd)        # the DDP wrapper: a DistComm under --nproc (global-batch losses)
 
         # Carleman order ≥ 2 needs third derivatives, which PyTorch's fused norm layers get wrong:
         # run the QODE model's norms decomposed (same loss, same running-statistics updates).

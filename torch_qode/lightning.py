@@ -41,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "(or pip install 'lightning>=2.4')") from exc
 
 from .bridge.flat import forked_rng
+from .training.distributed import DistComm, bind_comm
 from .training.monitor import DissipationMonitor
 from .training.qode import QODE
 
@@ -131,6 +132,9 @@ class QODECallback(pl.Callback):
             raise ValueError(f"QODECallback: accumulate_grad_batches={trainer.accumulate_grad_batches}: QODE's upload "
                              "expands the graph of the closure's loss, which would be the last micro-batch's alone; "
                              "use accumulate_grad_batches=1 (accumulate inside one closure in manual optimisation)")
+        ddp = trainer.strategy.model
+        if trainer.world_size > 1 and opt.comm.local and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            bind_comm(opt, DistComm(ddp.process_group))   # the strategy wrapped the model after configure_optimizers
         if self.monitor is not None:
             if opt.monitor is None:
                 opt.monitor = self.monitor

@@ -174,7 +174,8 @@ def test_order2_cpu_config_runs_on_the_cifar100_fixture(tmp_path, capsys):
     write_cifar100_fixture(root, n_train=96, n_test=40, seed=0)
     out = tmp_path / "r"
     res = recipe.main(["--config", ORDER2_CPU, "--out", str(out), "--data-root", str(root), "data.name=cifar100",
-                       "train.baseline=false", "qode.mode=quantum", "train.batch_size=16", "qode.cycle=5", "qode.classical_steps=2",
+                       "train.baseline=false", "qode.mode=quantum", "train.batch_size=16", "qode.cycle=5",
+                       "qode.classical_steps=2",
                        "train.steps=10", "monitor.probe_batch=16"] + TINY[:4] + TINY[10:])
     rows = res["rows"]
     assert len(rows) == 2 and all(r["mode"] == "quantum" for r in rows)

@@ -124,6 +124,7 @@ def test_classical_cost_from_numbers_and_its_checks():
     assert c.flops == 1e4 and c.gates_per_flop == 5.0 and c.hvp_equivalents == 12 + 64 + 3 * THIRD_ORDER_HVPS
     assert classical_cost(10, None).gates_per_flop is None and classical_cost(0, 5, gates=1.0).gates_per_flop is None
     for kw, name in ((dict(T=-1, closure_flops=1), "T"), (dict(T=1, closure_flops=-2), "closure_flops"),
-                     (dict(T=1, closure_flops=1, hvps=1.5), "hvps"), (dict(T=1, closure_flops=1, gates=float("nan")), "gates")):
+                     (dict(T=1, closure_flops=1, hvps=1.5), "hvps"),
+                     (dict(T=1, closure_flops=1, gates=float("nan")), "gates")):
         with pytest.raises((ValueError, TypeError), match=name):
             classical_cost(**kw)

@@ -125,8 +125,10 @@ def refusals(rank, world):
         QODE([shard])
     except ValueError as exc:
         out["dtensor"] = str(exc)
+    import torch.distributed as dist
+
     model = mlp()                                 # no DDP: the gradients stay rank-local
-    opt = QODE(list(model.parameters()), **BASE, mode="quantum")
+    opt = QODE(list(model.parameters()), **BASE, mode="quantum", process_group=dist.group.WORLD)
     try:
         train(model, opt, data(False), rank, world, stop=3)
     except RuntimeError as exc:

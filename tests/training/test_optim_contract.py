@@ -142,7 +142,8 @@ def _weights(seed: int = 0, dtype=torch.float32, contiguous: bool = True):
     if contiguous:
         w, b = torch.randn(10, 5, generator=g, dtype=dtype), torch.randn(10, generator=g, dtype=dtype)
     else:
-        w, b = torch.randn(10, 5, 2, generator=g, dtype=dtype)[..., 0], torch.randn(10, 2, generator=g, dtype=dtype)[..., 0]
+        w = torch.randn(10, 5, 2, generator=g, dtype=dtype)[..., 0]
+        b = torch.randn(10, 2, generator=g, dtype=dtype)[..., 0]
     return w.requires_grad_(), b.requires_grad_()
 
 
@@ -203,7 +204,8 @@ def test_errors_are_sgds(err):
         with pytest.warns(UserWarning, match="duplicate"):
             QODE(params, **kwargs, **CLASSICAL)
     else:
-        with pytest.raises({"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError}[err["error"]]):
+        errors = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError}
+        with pytest.raises(errors[err["error"]]):
             QODE(params, **kwargs, **CLASSICAL)
 
 
@@ -578,8 +580,8 @@ def test_qode_own_hooks_stay_outermost_whatever_users_register_and_copies_keep_t
     for prepend in (False, True):
         opt.register_state_dict_post_hook(lambda o, sd, p=prepend: seen.append(("post", p, "qode" in sd)),
                                           prepend=prepend)
-        opt.register_load_state_dict_pre_hook(lambda o, sd, p=prepend: seen.append(("pre", p, sd.get("qode", {}).get("k"))),
-                                              prepend=prepend)
+        opt.register_load_state_dict_pre_hook(
+            lambda o, sd, p=prepend: seen.append(("pre", p, sd.get("qode", {}).get("k"))), prepend=prepend)
         opt.register_load_state_dict_post_hook(lambda o, p=prepend: seen.append(("loaded", p, o.step_count)),
                                                prepend=prepend)
     sd = opt.state_dict()

@@ -335,7 +335,8 @@ def test_invalid_arguments_name_the_argument():
     bad = [dict(lr=-1), dict(momentum=-0.1), dict(weight_decay=float("nan")), dict(sparsity=1.0),
            dict(sparsity=-0.1), dict(carleman_order=0), dict(classical_steps=10, cycle=10), dict(cycle=0),
            dict(mode="hybrid"), dict(form="euler"), dict(solver="hhl"), dict(noise="white"), dict(upload="qram"),
-           dict(solver="filtered"), dict(solver_options={"kappa_a": 5.0}), dict(shots=0), dict(taylor_degree=0), dict(eps=2.0),
+           dict(solver="filtered"), dict(solver_options={"kappa_a": 5.0}), dict(shots=0), dict(taylor_degree=0),
+           dict(eps=2.0),
            dict(explicit="yes"), dict(nesterov=True)]
     names = ["lr", "momentum", "weight_decay", "sparsity", "sparsity", "carleman_order", "classical_steps", "cycle",
              "mode", "form", "solver", "noise", "upload", "kappa_a", "kappa_a", "shots", "taylor_degree", "eps",
@@ -390,8 +391,8 @@ def test_resume_mid_window_is_bit_identical(stop, order):
     """Stops: inside the first window, at its last step, inside the second cycle's classical steps."""
     make = tiny_mlp if order == 1 else micro_mlp
     data = batches(14, seed=11, dims=(3, 2) if order == 1 else (2, 1))
-    kwargs = dict(lr=0.05, momentum=0.9, mode="auto" if order == 1 else "quantum", cycle=7, classical_steps=2, sparsity=0.3,
-                  carleman_order=order, shots=5000, seed=4, track_sgd=True)
+    kwargs = dict(lr=0.05, momentum=0.9, mode="auto" if order == 1 else "quantum", cycle=7, classical_steps=2,
+                  sparsity=0.3, carleman_order=order, shots=5000, seed=4, track_sgd=True)
     m_ref = make(8)
     o_ref = QODE(m_ref.parameters(), **kwargs)
     run(m_ref, o_ref, data)

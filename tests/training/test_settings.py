@@ -75,7 +75,8 @@ def test_old_spellings_keep_loading():
     old = {k: v for k, v in cfg.saved().items() if k not in ("solver_options", "carleman_state", "max_rank")}
     old["kappa_a"] = 20.0                        # a state saved before solver_options and the factored state
     C.check_saved_config(old, cfg.saved())       # loads
-    with pytest.raises(ValueError, match=r"kappa_a.*30.0 there vs .*20.0 here|solver_options=\{'kappa_a': 30.0\} there"):
+    with pytest.raises(ValueError,
+                       match=r"kappa_a.*30.0 there vs .*20.0 here|solver_options=\{'kappa_a': 30.0\} there"):
         C.check_saved_config({**old, "kappa_a": 30.0}, cfg.saved())
     with warnings.catch_warnings():
         warnings.simplefilter("error")

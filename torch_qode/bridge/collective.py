@@ -73,7 +73,8 @@ def _is_ddp(model) -> bool:
 def hvp_group(model: Optional[nn.Module], process_group=None, name: str = "process_group"):
     """The group a Hessian tool averages its products over: ``process_group`` when given, else a
     DDP-wrapped ``model``'s own group; ``None`` otherwise (a plain model stays local even when a group
-    is initialised, so a rank-0-only call cannot hang).  ``None`` for a single-rank group too."""
+    is initialised, so a rank-0-only call cannot hang).  ``None`` for a single-rank group too.  QODE's
+    comm follows this rule too (:func:`~torch_qode.training.distributed.window_comm` calls it)."""
     if process_group is None and model is not None and _is_ddp(model):
         process_group = model.process_group
     if process_group is None:

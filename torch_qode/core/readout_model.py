@@ -160,7 +160,10 @@ def shots_for_error(v, target: float = 0.1, *, sign_method: str = "hadamard", sp
     Args:
         v: the vector the readout reads.
         target: the relative error to reach, > 0.
-        sign_method, split, norm, norm_scale: as for :func:`expected_relative_error`.
+        sign_method: the sign scheme, as for :func:`~torch_qode.core.tomography.tomography`.
+        split: the shares of the shots per stage, as for ``tomography``.
+        norm: ``None`` (the norm is measured), ``"exact"`` or a known norm, as for ``tomography``.
+        norm_scale: the block encoding's normalisation of the measured norm, as for ``tomography``.
 
     Returns:
         The shot count (within 1 % above the model's exact threshold).

@@ -22,6 +22,7 @@ import torch
 from torch.optim.sgd import sgd as _sgd
 
 from ..core.ode import all_finite
+from .amp import skip_scaled
 from .capture import loss_value
 
 __all__ = ["sgd_update", "masked_sgd_update", "masked_flat_momentum_update", "masked_multi_tensor_sgd_update",
@@ -385,7 +386,7 @@ def sgd_steps(groups: list, state: dict) -> None:
         sgd_step(group["params"], group, state)
 
 
-def classical_step(closure, groups: list, state: dict, masked: MaskedSGD, rep, k: int):
+def classical_step(closure, groups: list, state: dict, masked: MaskedSGD, rep, k: int, scaled=None):
     """QODE's classical step ``k`` over the parameter groups ``groups`` (each with its own ``lr``,
     ``momentum``, ``weight_decay``, …, as ``torch.optim.SGD`` steps them): SGD's update, masked on the
     device when the loss or a gradient is not finite (no host sync); where the mask cannot reproduce
@@ -399,10 +400,15 @@ def classical_step(closure, groups: list, state: dict, masked: MaskedSGD, rep, k
         masked: the optimizer's :class:`MaskedSGD`.
         rep: this cycle's report.
         k: the step.
+        scaled: ``torch.amp.GradScaler``'s ``(grad_scale, found_inf)`` for this step
+            (:func:`~torch_qode.training.amp.check_scaler`; no closure then): the gradients are unscaled as
+            ``GradScaler.unscale_`` does, and the update skipped when it found an inf, as for SGD.
 
     Returns:
         The closure's loss (``None`` without a closure).
     """
+    if scaled is not None and skip_scaled(scaled, groups, rep, k):
+        return None
     loss = None
     if closure is not None:
         with torch.enable_grad():

@@ -13,7 +13,8 @@ core calls, in the same order on every rank:
 * :meth:`Comm.mean` on the losses a report records (each rank measured its shard).
 
 :class:`LocalComm` (the default) does nothing; :class:`~torch_qode.training.distributed.DistComm` is the
-torch.distributed one (``QODE(process_group=...)``, or automatic under an initialised process group).
+torch.distributed one (``QODE(process_group=...)``, or automatic for a DDP-wrapped ``model=``: the rule of
+:func:`~torch_qode.training.distributed.window_comm`).
 """
 from __future__ import annotations
 

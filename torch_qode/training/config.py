@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 import textwrap
 import typing
 import warnings
@@ -114,6 +115,11 @@ class QODEConfig:
     every rank has the same settings and the recipes' ``qode:`` section are derived from these fields.
     Constructing one checks every field (each message names the argument) and the settings together.
 
+    Attributes:
+        <settings>
+        window_solver: the registry's solver object built from ``solver`` and ``solver_options`` (derived,
+            not a setting).
+
     Raises:
         ValueError: a value outside its range or choices (the message names the argument).
         TypeError: a value of the wrong kind (e.g. ``tomography_kwargs`` not a dict).
@@ -218,7 +224,10 @@ class QODEConfig:
     window_solver: WindowSolver = field(init=False, repr=False, compare=False)
 
     def pruner_options(self) -> dict:
-        """The keywords of :class:`~torch_qode.bridge.pruning.MagnitudePruner` these settings choose."""
+        """The keywords of :class:`~torch_qode.bridge.pruning.MagnitudePruner` these settings choose.
+
+        Returns:
+            ``distribution`` and ``min_density``."""
         return {"distribution": self.pruning, "min_density": self.min_density}
 
     def __post_init__(self):
@@ -269,12 +278,18 @@ class QODEConfig:
         return self.window_solver.kappa_a
 
     def readout_options(self) -> dict:
-        """Keyword arguments of ``tomography`` besides the vector, shots, seed and eps."""
+        """Keyword arguments of ``tomography`` besides the vector, shots, seed and eps.
+
+        Returns:
+            ``norm`` (``"exact"`` when ``shots`` is ``None``), ``sign_method`` and ``tomography_kwargs``."""
         return {"norm": None if self.shots else "exact", "sign_method": DEFAULT_SIGN_METHOD, **self.tomography_kwargs}
 
     def saved(self) -> dict:
         """The settings a saved state depends on (every field marked ``saved``; ``load_state_dict``
-        compares them, and so does the check that every rank has the same settings)."""
+        compares them, and so does the check that every rank has the same settings).
+
+        Returns:
+            Those settings by name (dicts copied)."""
         return {f.name: _copy(getattr(self, f.name)) for f in settings_fields(type(self)) if f.metadata["saved"]}
 
     @classmethod
@@ -345,6 +360,22 @@ def settings_table(indent: str = "        ", schema: type = None) -> str:
         lines += textwrap.wrap(text, 110, initial_indent=indent, subsequent_indent=indent + "    ",
                                break_on_hyphens=False)
     return "\n".join(lines)
+
+
+def with_settings(doc: str, schema: type = None) -> str:
+    """``doc`` with its ``<settings>`` line replaced by :func:`settings_table` at that line's indent: a
+    docstring section (QODE's ``Args:``, QODEConfig's ``Attributes:``) derived from the fields.
+
+    Args:
+        doc: a docstring with a line that holds only ``<settings>`` (indented as the section's entries).
+        schema: the settings class (default :class:`QODEConfig`).
+
+    Returns:
+        ``doc`` with one entry per setting in place of that line."""
+    return re.sub(r"^([ \t]*)<settings>$", lambda m: settings_table(m.group(1), schema), doc, flags=re.M)
+
+
+QODEConfig.__doc__ = with_settings(QODEConfig.__doc__)
 
 
 #: old spellings a saved state (or a config) may carry: each upgraded, with a DeprecationWarning on use
@@ -516,7 +547,8 @@ def check_budget(cfg: QODEConfig, n_S: int) -> None:
         raise ValueError(
             f"carleman_order={cfg.carleman_order} on a support of {n_S:,} weights (upload={cfg.upload!r}, "
             f"sparsity={cfg.sparsity}, carleman_state={cfg.carleman_state!r}: "
-            f"{'factored' if factored else 'dense'}) needs a Carleman state of {'' if factored else 'Δ='}{dim:,} numbers "
+            f"{'factored' if factored else 'dense'}) needs a Carleman state of "
+            f"{'' if factored else 'Δ='}{dim:,} numbers "
             f"(~{4 * 8 * dim / 2**30:.3g} GiB with temporaries), more than the memory allows; lower "
             f"carleman_order or use upload='sparse' with a higher sparsity")
 

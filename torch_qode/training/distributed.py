@@ -21,10 +21,10 @@ from typing import Any, Optional
 import torch
 
 from ..bridge.collective import (any_flag, broadcast_object, broadcast_tensor, gather_objects, group_rank,
-                                 group_size, mean_all_reduce, world_group)
+                                 group_size, hvp_group, mean_all_reduce, world_group)
 from .comm import Comm, LocalComm, as_comm
 
-__all__ = ["DistComm", "window_comm", "agreed", "settings_of", "check_same_settings", "global_losses",
+__all__ = ["DistComm", "window_comm", "bind_comm", "agreed", "settings_of", "check_same_settings", "global_losses",
            "NOT_REPLICATED"]
 
 #: raised (on every rank) when θ0 or the upload gradient differ between ranks
@@ -83,16 +83,64 @@ class DistComm(Comm):
         return (DistComm, ())
 
 
-def window_comm(comm: Optional[Comm], process_group=None) -> Comm:
-    """QODE's comm: ``comm`` when given; else :class:`DistComm` over ``process_group`` (or the default group
-    when torch.distributed is initialised) when it has ≥ 2 ranks; else :class:`LocalComm`."""
+def window_comm(comm: Optional[Comm], process_group=None, model: Optional[torch.nn.Module] = None) -> Comm:
+    """QODE's comm, by the rule the Hessian tools follow (:func:`~torch_qode.bridge.collective.hvp_group`).
+
+    Args:
+        comm: the comm to use as it is (default ``None``: chosen by the rule below).
+        process_group: the group to average over (default: a DDP-wrapped ``model``'s group).
+        model: the module QODE trains; a ``DistributedDataParallel`` one names its process group.
+
+    Returns:
+        ``comm`` when given; else :class:`DistComm` over ``process_group``, or over a DDP-wrapped
+        ``model``'s group, when that group has ≥ 2 ranks; else :class:`LocalComm`.  A plain model with no
+        ``process_group`` stays local even under an initialised process group, so an optimizer built on
+        one rank alone issues no collective.
+
+    Raises:
+        ValueError: ``comm`` and ``process_group`` both given, or ``process_group`` without torch.distributed
+            initialised.
+        TypeError: ``comm`` or ``process_group`` of the wrong type.
+    """
     if comm is not None:
         if process_group is not None:
             raise ValueError("comm= and process_group= were both given: pass one (comm=DistComm(group) is "
                              "process_group=group)")
         return as_comm(comm)
-    group = world_group(process_group)
+    group = hvp_group(model, process_group)
     return LocalComm() if group is None else DistComm(group)
+
+
+def bind_comm(opt, comm: Comm) -> None:
+    """Give a built QODE its window's comm: for a framework that wraps the model in DDP after the optimizer
+    was built (Lightning's strategies: :class:`~torch_qode.QODECallback` binds the strategy's group).
+
+    A :class:`DistComm` runs the settings agreement of ``QODE.__init__`` (:func:`check_same_settings`):
+    call it on every rank of ``comm``'s group, at the same point.
+
+    Args:
+        opt: a :class:`~torch_qode.QODE` outside a quantum window.
+        comm: the new comm (:class:`~torch_qode.training.comm.LocalComm` or :class:`DistComm`).
+
+    Raises:
+        RuntimeError: ``opt`` is inside a quantum window (its products and decisions are under way).
+        ValueError: a :class:`DistComm` with ``hvp="recompute"`` or a dissipation check with its own
+            process group, or settings that differ between ranks.
+        TypeError: ``comm`` is not a Comm.
+    """
+    comm = as_comm(comm)
+    if opt.in_quantum_window:
+        raise RuntimeError("bind_comm: the optimizer is inside a quantum window; bind its comm between windows "
+                           "(before training starts)")
+    if not comm.local and opt.cfg.hvp == "recompute":
+        raise ValueError("bind_comm: hvp='recompute' under torch.distributed is not supported (a replay of a DDP "
+                         "closure would all-reduce inside every product); use hvp='retain' or 'auto'")
+    if not comm.local and getattr(opt.dissipation, "process_group", None) is not None:
+        raise ValueError("bind_comm: QODE averages the check's Hessian-vector products through its own comm; "
+                         "its DissipationCheck must have process_group=None")
+    if isinstance(comm, DistComm):
+        check_same_settings(settings_of(opt), comm)
+    opt.comm = comm
 
 
 def _describe(obj) -> Any:
@@ -149,7 +197,7 @@ def agreed(init):
             init(self, *args, **kwargs)
         except Exception as exc:
             try:
-                comm = window_comm(kwargs.get("comm"), kwargs.get("process_group"))
+                comm = window_comm(kwargs.get("comm"), kwargs.get("process_group"), kwargs.get("model"))
             except Exception:
                 comm = None
             if isinstance(comm, DistComm):

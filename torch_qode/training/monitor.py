@@ -160,7 +160,17 @@ class DissipationMonitor(WindowMonitor):
 
     # ---------------------------------------------------------------------------- recording
     def scheduled(self, step: int) -> bool:
-        """Whether the schedule takes a spectrum at integer ``step``."""
+        """Whether the schedule takes a spectrum at integer ``step``.
+
+        Args:
+            step: a training step.
+
+        Returns:
+            ``True`` when the schedule includes ``step``.
+
+        Raises:
+            TypeError: ``step`` is not an integer.
+        """
         return bool(self._scheduled(require_int(step, "step", "an integer (a training step)")))
 
     def step(self, step: int, force: bool = False, **extra) -> Optional[dict]:
@@ -168,6 +178,20 @@ class DissipationMonitor(WindowMonitor):
 
         ``extra`` keys are added to the record; they may not override the computed ones
         (``step``, ``event``, ``top_eigenvalue``, …, and ``test_acc`` when a ``metric`` is set).
+        While a window holds its upload graph, a due spectrum waits: it is taken at the first call after
+        the window (the record says ``deferred_from``).
+
+        Args:
+            step: the training step (completed steps: the state the spectrum describes).
+            force: take a spectrum even when ``step`` is not scheduled.
+            **extra: more JSON-able values for the record.
+
+        Returns:
+            The record written (:meth:`record`), or ``None`` when no spectrum was taken.
+
+        Raises:
+            TypeError: ``step`` is not an integer.
+            ValueError: an ``extra`` key is one the monitor computes.
         """
         step = require_int(step, "step", "an integer (a training step)")
         reserved = _STEP_KEYS + (("test_acc",) if self.metric is not None else ())
@@ -192,8 +216,8 @@ class DissipationMonitor(WindowMonitor):
                "seconds": float(sum(spec.seconds.values()))}
         if deferred:
             rec["deferred_from"] = deferred
-            rec["deferred_why"] = ("scheduled inside a quantum window that held the upload batch's graph (hvp='retain'): "
-                           "taken at the first step after it, so that two graphs never coexist")
+            rec["deferred_why"] = ("scheduled inside a quantum window that held the upload batch's graph "
+                                   "(hvp='retain'): taken at the first step after it, so that two graphs never coexist")
         if self.metric is not None:
             rec["test_acc"] = self._metric()
         rec.update(extra)
@@ -210,6 +234,16 @@ class DissipationMonitor(WindowMonitor):
 
         The record is serialised first: a value JSON cannot hold raises ``TypeError`` and nothing is
         appended, neither to :attr:`records` nor to the log.
+
+        Args:
+            rec: the record (numpy / torch values become lists and numbers; non-finite floats ``None``).
+
+        Returns:
+            The record as appended (its JSON-able copy).
+
+        Raises:
+            TypeError: ``rec`` is not a dict, or holds a value JSON cannot hold.
+            ValueError: ``rec`` has no ``step``.
         """
         if not isinstance(rec, Mapping):
             raise TypeError(f"rec must be a dict, got {type(rec).__name__}")
@@ -234,7 +268,15 @@ class DissipationMonitor(WindowMonitor):
 
     # ------------------------------------------------------------------------- QODE hooks
     def on_upload(self, step: int, verdict) -> dict:
-        """QODE's upload: the verdict's predicted proxy curve over the coming window."""
+        """QODE's upload: the verdict's predicted proxy curve over the coming window.
+
+        Args:
+            step: the upload's step.
+            verdict: the dissipation check's :class:`~torch_qode.bridge.dissipation.Verdict`.
+
+        Returns:
+            The ``"upload"`` record written.
+        """
         rec = {"step": int(step), "event": "upload", "passed": bool(verdict.passed), "reason": verdict.reason,
                "top_eigenvalue": verdict.top_eigenvalue, "positive_fraction": verdict.positive_fraction,
                "proxy_curve": verdict.proxy, "proxy_T": float(np.asarray(verdict.proxy)[-1])}
@@ -245,15 +287,32 @@ class DissipationMonitor(WindowMonitor):
 
     def on_window_open(self, step: int, carleman: Mapping) -> None:
         """QODE opened a window at ``step``; while one that keeps its upload graph (``carleman["hvp"]``
-        ``"retain"``) is live, scheduled spectra wait for its end (:meth:`step` says so in the record)."""
+        ``"retain"``) is live, scheduled spectra wait for its end (:meth:`step` says so in the record).
+
+        Args:
+            step: the upload's step.
+            carleman: the window's ``CycleReport.carleman`` (its ``"hvp"``).
+        """
         self._holding = int(step) if carleman.get("hvp", "retain") == "retain" else None
 
     def on_window_closed(self, step: int) -> None:
-        """QODE's window ended (read out or aborted): deferred spectra are taken at the next :meth:`step`."""
+        """QODE's window ended (read out or aborted): deferred spectra are taken at the next :meth:`step`.
+
+        Args:
+            step: the step at which it ended.
+        """
         self._holding = None
 
     def on_window_end(self, step: int, report) -> dict:
-        """QODE's window end: mode, drift vs SGD (track_sgd), readout numbers."""
+        """QODE's window end: mode, drift vs SGD (track_sgd), readout numbers.
+
+        Args:
+            step: the step during which the window was read out.
+            report: the cycle's :class:`~torch_qode.training.report.CycleReport`.
+
+        Returns:
+            The ``"window_end"`` record written.
+        """
         self.on_window_closed(step)
         drift = (report.drift or {}).get("relative")
         tomo = report.tomography or {}
@@ -281,6 +340,9 @@ class DissipationMonitor(WindowMonitor):
         passed upload at step ``s`` contributes ``proxy(t)`` at steps ``s + t`` of its window (the
         prediction made from the upload spectrum), and every other step — classical, no linearisation
         error — is exactly 1.
+
+        Returns:
+            One dict per record (and per step for the error proxy), as :func:`plot_training_panels` reads.
         """
         out = []
         windows = {}
@@ -299,7 +361,16 @@ class DissipationMonitor(WindowMonitor):
         return out
 
     def plot(self, path, **kwargs) -> Path:
-        """Fig. 2-style panels (spectra early / every 100 steps, error proxy, accuracy) to ``path``."""
+        """Fig. 2-style panels (spectra early / every 100 steps, error proxy, accuracy) to ``path``.
+
+        Args:
+            path: the image file to write.
+            **kwargs: keyword arguments of :func:`plot_training_panels` (``early_steps``, ``every``,
+                ``title``, ``proxy_note``).
+
+        Returns:
+            The path written.
+        """
         return plot_training_panels(self.panel_records(), path, **kwargs)
 
 

@@ -49,6 +49,7 @@ from ..bridge import flat as _flat
 from ..bridge.dissipation import DissipationCheck
 from ..bridge.pruning import MagnitudePruner
 from . import cycle as _cycle, window as _w
+from .amp import check_scaler
 from .capture import NEEDS_CLOSURE, checked_closure, loss_value
 from .classical import MaskedSGD, classical_step
 from ..bridge.collective import refuse_sharded
@@ -92,14 +93,14 @@ class QODE(Optimizer):
         model: the module the parameters belong to (optional; ``hvp="recompute"`` needs it).  With it,
             the closures QODE evaluates only to measure (``track_sgd``'s shadows, ``restore_expansion``)
             and the recomputed products run with BatchNorm running statistics frozen.
-        comm: the window's communication object (:class:`~torch_qode.training.comm.Comm`; default:
-            :class:`~torch_qode.training.distributed.DistComm` when torch.distributed is initialised with
-            ≥ 2 ranks, else :class:`~torch_qode.training.comm.LocalComm`).
+        comm: the window's communication object (:class:`~torch_qode.training.comm.Comm`; default: by the
+            rule of ``hessian_spectrum``, :func:`~torch_qode.training.distributed.window_comm`: a
+            :class:`~torch_qode.training.distributed.DistComm` over ``process_group``, else over the group of a
+            DDP-wrapped ``model``; else, also under an initialised group, rank-local ``LocalComm``).
         process_group: the torch.distributed group the window averages its Hessian products over and
-            shares its decisions in (default: the default group, when initialised).  QODE expects the
-            gradients DDP-averaged (wrap the model in DistributedDataParallel); it checks at every upload
-            that θ0 and ∇L are the same on every rank.  Settings that differ between ranks are refused
-            here, on every rank.
+            shares its decisions in.  QODE expects the gradients DDP-averaged (pass ``model=`` the DDP
+            wrapper); it checks at every upload that θ0 and ∇L are the same on every rank.  Settings that
+            differ between ranks are refused here, on every rank.
         kappa_a: deprecated spelling of ``solver_options={"kappa_a": ...}`` (a DeprecationWarning).
 <settings>
 
@@ -133,7 +134,7 @@ class QODE(Optimizer):
             raise TypeError("dissipation must be a DissipationCheck (callable hvp, n, lr=, T=) or None")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-        comm = window_comm(comm, process_group)
+        comm = window_comm(comm, process_group, model)
         if not comm.local and cfg.hvp == "recompute":
             raise ValueError("hvp='recompute' under torch.distributed: a replay of a DDP closure would run DDP's "
                              "gradient all-reduce inside every product (not supported yet); use hvp='retain' "
@@ -271,6 +272,7 @@ class QODE(Optimizer):
 
         Raises:
             TypeError: no closure (or not a callable) at a step that needs one, naming that step.
+            RuntimeError: a ``torch.amp.GradScaler`` at the upload or a window step (or with a closure).
         """
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable or None, got {type(closure).__name__}. " + NEEDS_CLOSURE)
@@ -278,6 +280,7 @@ class QODE(Optimizer):
         c = self._k % cfg.cycle
         quantum = cfg.mode != "classical" and (c == cfg.classical_steps or
                                                (c > cfg.classical_steps and self._win is not None))
+        scaled = check_scaler(self, quantum, closure, self._k)     # torch.amp.GradScaler's, or None
         if quantum:
             if closure is None:
                 raise TypeError(_needs_closure(self._k, c == cfg.classical_steps, self._win, cfg.mode))
@@ -290,7 +293,7 @@ class QODE(Optimizer):
         if c == cfg.classical_steps and cfg.mode == "classical":
             rep.mode, rep.reason = "classical", "mode='classical'"
         if c < cfg.classical_steps or cfg.mode == "classical" or (c > cfg.classical_steps and self._win is None):
-            loss = classical_step(closure, self.param_groups, self.state, self._masked, rep, self._k)
+            loss = classical_step(closure, self.param_groups, self.state, self._masked, rep, self._k, scaled)
         else:                                        # the upload, or a step inside the window
             steps = self._context()
             loss, post = (steps.upload if c == cfg.classical_steps else steps.window_step)(closure, rep, self._k)
@@ -536,4 +539,6 @@ def signature(init: Callable, schema: type = QODEConfig) -> inspect.Signature:
 
 
 QODE.__init__.__signature__ = signature(QODE.__init__.__wrapped__)
+#: torch.amp.GradScaler.step sets opt.grad_scale / opt.found_inf and leaves the unscaling to QODE (amp.py)
+QODE._step_supports_amp_scaling = True
 QODE.__doc__ = QODE.__doc__.replace("<settings>", settings_table(indent=" " * 8))

@@ -13,7 +13,31 @@ TIMING_FIELDS = ("seconds",)
 
 @dataclass
 class CycleReport:
-    """What one cycle did (plain data; ``as_dict()`` for logging).  Never prints by itself."""
+    """What one cycle did (plain data; ``as_dict()`` for logging).  Never prints by itself.
+
+    Attributes:
+        cycle: the cycle's index (``start_step // cycle``).
+        start_step: the optimizer step at which the cycle began (its download).
+        mode: ``"quantum"`` or ``"classical"`` once the upload decides (``"pending"`` before).
+        reason: why that mode (the dissipation verdict, ``mode=``, a fault, …).
+        window: ``T``, the steps of the cycle's quantum window.
+        download: the pruning at ``c = 0`` (:func:`download_record`), ``None`` without pruning.
+        support_size: ``|S|``, the weights the window evolves (``None`` before an upload).
+        excluded_params: parameter tensors outside ``S`` (no gradient at the upload).
+        dissipation: the dissipation check's verdict (``Verdict.as_dict()``) and its cost, ``mode="auto"``.
+        carleman: the window's Carleman system and state: n, order, form, dim, degree, explicit, noise, state
+            (``"dense"``/``"factored"``), rank, truncation, order_gap, state_bytes.
+        solver: the window solve's record (the solver and its numbers).
+        tomography: the readout's record (``TomographyResult.as_dict()``, readout, read_norm).
+        resources: the resource ledger (``Resources.as_dict()``); ``"classical"``: the same window's classical
+            cost (FLOPs of T SGD steps, products in HVP units).
+        drift: with ``track_sgd``: ``‖θ_qode − θ_sgd‖``, relative, and the two losses.
+        faults: the cycle's faults as text (``"step k: <text>"``): aborted windows, skipped updates.
+        skipped_steps: steps whose update was skipped for a non-finite loss or gradient.
+        loss_first: the closure's loss at the cycle's first step.
+        loss_last: the closure's loss at its last step.
+        seconds: wall clock (not in :meth:`state` nor in equality).
+    """
 
     cycle: int
     start_step: int
@@ -40,10 +64,19 @@ class CycleReport:
     seconds: float = field(default=0.0, compare=False)   # wall clock (not in state_dict)
 
     def as_dict(self) -> dict:
+        """The report as a plain dict (``dataclasses.asdict``: nested dicts and lists copied).
+
+        Returns:
+            Every field by name.
+        """
         return asdict(self)
 
     def state(self) -> dict:
-        """``as_dict()`` without the wall-clock fields (what ``QODE.state_dict()`` saves)."""
+        """``as_dict()`` without the wall-clock fields (what ``QODE.state_dict()`` saves).
+
+        Returns:
+            Every field by name but those of ``TIMING_FIELDS`` (``seconds``).
+        """
         d = self.as_dict()
         for k in TIMING_FIELDS:
             d.pop(k, None)

@@ -10,8 +10,7 @@ dense versus factored, and a step that fails raises a typed :class:`~.faults.Win
 Every collective goes through the window's :class:`~torch_qode.training.comm.Comm`.
 
 The solver, its options and its cost formula come from the core's registry (``cfg.window_solver``,
-:func:`~torch_qode.core.solvers.make_solver`); the Carleman form from ``FORMS`` through ``carleman``.
-"""
+:func:`~torch_qode.core.solvers.make_solver`); the Carleman form from ``FORMS`` through ``carleman``."""
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +49,32 @@ class Window:
     :class:`~.faults.WindowFault` and the caller aborts (θ0 back in the model).  ``levels`` is the
     Carleman state class (:class:`~torch_qode.core.state.DenseLevels` or ``FactoredLevels``): it
     builds the system, the state and the ledger's system, so nothing here asks which it is.
-    """
+
+    Attributes:
+        theta0: the full flat parameter vector at the upload (θ0).
+        support: ``S``, indices into ``theta0`` of the weights the window evolves (``None``: all).
+        lr: the learning rate η.
+        wd: the weight decay: a float, or one per coordinate (float64, the full flat vector).
+        explicit: whether the Taylor terms are explicit (a resume is then exact bit for bit).
+        tape: ``F0(t)`` of the window's steps (streamed noise).
+        rng: the optimizer's sampler (the tomography's draws).
+        cfg: the settings.
+        comm: the window's collectives.
+        params: the model's parameters (the readout is written back into them).
+        levels: the Carleman state class (``core/state.py``'s ``STATES``).
+        watched: the parameters and buffers whose in-place writes invalidate the products.
+        frozen: ``F0`` of the upload batch with ``noise="frozen"``, else ``None``.
+        t: the window steps taken.
+        state: the Carleman state.
+        expansion: the Taylor expansion at θ0.
+        system: what the state advances through (``levels.system_for``; ``None``: resumed matrix-free, not re-expanded).
+        shadow: the SGD shadow (``track_sgd``), else ``None``.
+        info: the window's Carleman facts (n, order, form, …), copied into ``CycleReport.carleman``.
+        closure_flops: FLOPs of the upload closure (for the ledger), when counted.
+        products: the products taken through the graph, by kind.
+        spare_row: the tape row dropped last: the buffer of the next ``F0`` (scratch).
+        versions: the watched tensors' ``_version`` at the expansion.
+        f0_path: ``Σ_t ‖F0(t)‖`` so far (a device scalar; ``None``: unknown after a resume)."""
 
     theta0: torch.Tensor                 # the full flat parameter vector at the upload
     support: Optional[torch.Tensor]      # S (indices into theta0); None: all weights
@@ -79,7 +103,11 @@ class Window:
     f0_path: Any = 0.0                   # Σ_t ‖F0(t)‖ so far (a device scalar; None: unknown after a resume)
 
     def record(self, t: int, f0: torch.Tensor) -> None:
-        """``F0(t)`` into the tape; a row it drops becomes :attr:`spare_row`."""
+        """``F0(t)`` into the tape; a row it drops becomes :attr:`spare_row`.
+
+        Args:
+            t: the window step.
+            f0: ``F0(t)`` on S (float64)."""
         old = self.tape.rows.get(t - 1) if not self.tape.keep and len(self.tape.rows) == 1 else None
         self.tape.record(t, f0)
         if self.f0_path is not None:             # no host read: summed on the device
@@ -88,6 +116,10 @@ class Window:
             self.spare_row = old
 
     def f0_source(self):
+        """Where the window's ODE reads ``F0(t)``.
+
+        Returns:
+            The tape, or with ``noise="frozen"`` a function ``t -> F0`` of the upload batch."""
         frozen = self.frozen
         return (lambda t: frozen) if frozen is not None else self.tape
 
@@ -96,7 +128,13 @@ class Window:
         different weight decay), in float64, from the flat gradient or from the
         parameters (their ``.grad``; ``None``: zeros).  Parameters on all weights are copied straight
         into a float64 vector (:attr:`spare_row`, the row the tape dropped last, when there is one):
-        the numbers of ``flat_grads`` then ``.to(float64)``, without the flat float32 copy."""
+        the numbers of ``flat_grads`` then ``.to(float64)``, without the flat float32 copy.
+
+        Args:
+            grads: the flat gradient (a tensor), or the parameters (a list).
+
+        Returns:
+            ``F0(t)`` on S, float64."""
         S = self.support
         if isinstance(grads, torch.Tensor):
             f0 = (grads if S is None else grads[S]).to(torch.float64, copy=True)
@@ -120,7 +158,13 @@ class Window:
         return f0.mul_(-self.lr)
 
     def embed(self, values_S: torch.Tensor) -> torch.Tensor:
-        """The full flat parameter vector: θ0 with its support entries replaced by ``values_S``."""
+        """The full flat parameter vector: θ0 with its support entries replaced by ``values_S``.
+
+        Args:
+            values_S: one value per entry of S.
+
+        Returns:
+            A new vector of ``theta0``'s shape and dtype."""
         full = self.theta0.clone()
         if self.support is None:
             full.copy_(values_S.to(full.dtype))
@@ -161,7 +205,10 @@ class Window:
     def build(self, exp: TaylorExpansion) -> None:
         """The window's ODE (Taylor terms of ``exp``, its products counted; F0 from the tape, Eq. I.3)
         and what the state advances through (``levels.system_for``: the Carleman system of Eq. II.102,
-        or the ODE itself for a factored state); the watched tensors' versions are recorded."""
+        or the ODE itself for a factored state); the watched tensors' versions are recorded.
+
+        Args:
+            exp: the Taylor expansion at θ0 (kept as :attr:`expansion`)."""
         ode = counted(exp.ode(F0=self.f0_source(), explicit=self.explicit, dtype=torch.float64), self.products)
         comm = self.comm
         if not comm.local:
@@ -173,7 +220,10 @@ class Window:
 
     def written_in_place(self) -> bool:
         """Whether a watched parameter or buffer was written in place since the expansion (its
-        ``_version`` moved): the upload batch's products are then invalid."""
+        ``_version`` moved): the upload batch's products are then invalid.
+
+        Returns:
+            ``True`` when some watched tensor's ``_version`` moved."""
         return len(self.versions) == len(self.watched) and \
             any(t._version != v for t, v in zip(self.watched, self.versions))
 
@@ -188,8 +238,7 @@ class Window:
         Raises:
             WindowFault: the state became non-finite (here or on another rank), or a product failed
                 because a watched tensor was written in place (``Fault.INPLACE_WRITE``); the window
-                is then as before the step, for the caller to abort.
-        """
+                is then as before the step, for the caller to abort."""
         t = self.t
         if self.frozen is None:
             self.record(t, f0 if f0 is not None else self.f0_from_grads(grads))
@@ -220,8 +269,7 @@ class Window:
             The :class:`~.finish.Readout` (``new``, ``lin``, ``lin1``: full flat vectors).
 
         Raises:
-            WindowFault: a stage failed (on this rank or another); nothing was written back.
-        """
+            WindowFault: a stage failed (on this rank or another); nothing was written back."""
         return _finish.run(self, rep, keep)
 
     @classmethod
@@ -231,7 +279,13 @@ class Window:
         return open_window(graph, params, support, group, buffers, cfg, comm, rng, dissipation, rep, **kw)
 
     def state_dict(self, track_sgd: bool) -> dict:
-        """The live window as plain tensors (``QODE.state_dict()['qode']['window']``)."""
+        """The live window as plain tensors (``QODE.state_dict()['qode']['window']``).
+
+        Args:
+            track_sgd: whether to save the SGD shadow too.
+
+        Returns:
+            ``t``, θ0, S, ``lr``, ``wd``, the tape, the Carleman state, explicit terms; the shadow (track_sgd)."""
         return window_state_dict(self, track_sgd)
 
 
@@ -281,8 +335,7 @@ def check_dissipation(exp: TaylorExpansion, dissipation, lr: float, T: int, comm
         budget: the check's HVPs per window HVP (``QODEConfig.check_budget``; ``None``: unbounded).
 
     Returns:
-        The verdict every rank acts on.
-    """
+        The verdict every rank acts on."""
     bounded = isinstance(dissipation, DissipationCheck) and budget is not None
     kw = {"max_steps": int(budget * T // dissipation.runs)} if bounded else {}
     steps = dissipation.steps_for(kw.get("max_steps")) if isinstance(dissipation, DissipationCheck) \
@@ -314,8 +367,7 @@ def reexpand(win: Window, graph: Optional[torch.Tensor], params: list) -> None:
     """A resumed matrix-free window: F1..Fq re-expanded at θ0 from ``graph`` (this step's batch).
 
     Raises:
-        WindowFault: ``Fault.REEXPANSION_FAILED`` (on this rank or another).
-    """
+        WindowFault: ``Fault.REEXPANSION_FAILED`` (on this rank or another)."""
     why = "KeyError('loss')" if graph is None else None
     exp = None
     if graph is not None:
@@ -374,8 +426,7 @@ def open_window(graph: torch.Tensor, params: list, support, group, buffers: list
 
     Returns:
         ``(Window, "")``, or ``(None, why not)`` (a reason to train classically, not a fault); the
-        parameters' ``.grad`` hold ∇L_0(θ0).
-    """
+        parameters' ``.grad`` hold ∇L_0(θ0)."""
     groups = [group] if isinstance(group, dict) else list(group)
     lr, wd, why = window_rates(groups, params[0].device)
     if lr is None:
@@ -432,8 +483,7 @@ def window_rates(groups: list, device) -> tuple:
         device: the device of the per-coordinate vector.
 
     Returns:
-        ``(lr, wd, why)``.
-    """
+        ``(lr, wd, why)``."""
     lrs = [float(g["lr"]) for g in groups]
     if len(set(lrs)) > 1:
         return None, None, (f"the parameter groups' lr differ ({', '.join(f'{v:g}' for v in lrs)}): a quantum "
@@ -455,8 +505,7 @@ def check_window_groups(groups: list, mode: str) -> None:
         mode: the ``mode`` setting.
 
     Raises:
-        ValueError: the groups' ``lr`` differ and ``mode`` is not ``"classical"``.
-    """
+        ValueError: the groups' ``lr`` differ and ``mode`` is not ``"classical"``."""
     lrs = [float(g["lr"]) for g in groups]
     if mode != "classical" and len(set(lrs)) > 1:
         raise ValueError(f"QODE(mode={mode!r}): the parameter groups' lr differ ({', '.join(f'{v:g}' for v in lrs)}); "
