@@ -22,8 +22,8 @@ Outputs: ``log.jsonl`` (one ``cycle`` record per cycle with the full QODE report
 GPU (paper-sized): ``python -m recipes.train_resnet_cifar100 --config configs/train_resnet_cifar100.yaml
 --data-root /path/to/cifar``.  Distributed: ``--nproc N`` (or ``torchrun --nproc_per_node N -m
 recipes.train_resnet_cifar100 ...``): DDP, a ``DistributedSampler``, ``train.batch_size / N`` samples per
-rank per step, QODE's products averaged over the ranks; rank 0 logs, evaluates and draws.  CPU: ``--config configs/train_resnet_cifar100_cpu.yaml`` (a ResNet-8 on
-scikit-learn digits; ``make demo`` runs it).
+rank per step, QODE's products averaged over the ranks; rank 0 logs, evaluates and draws.  CPU:
+``--config configs/train_resnet_cifar100_cpu.yaml`` (a ResNet-8 on scikit-learn digits; ``make demo`` runs it).
 """
 from __future__ import annotations
 

@@ -127,6 +127,20 @@ class QODECallback(pl.Callback):
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Check the set-up, attach the monitor to the QODE optimizer and, under a DDP strategy, bind the
+        optimizer to the strategy's process group (:func:`~torch_qode.training.distributed.bind_comm`: QODE
+        was built in ``configure_optimizers`` on the unwrapped module, so it started rank-local).
+
+        Warns when ``log_every_n_steps`` does not divide ``cycle`` (the loggers would miss cycles).
+
+        Args:
+            trainer: the running trainer.
+            pl_module: the module being fit.
+
+        Raises:
+            ValueError: not exactly one QODE optimizer, ``accumulate_grad_batches != 1``, the optimizer
+                already has another monitor, or (on every rank) its settings differ between ranks.
+        """
         opt = self.qode(trainer)
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(f"QODECallback: accumulate_grad_batches={trainer.accumulate_grad_batches}: QODE's upload "
@@ -149,6 +163,12 @@ class QODECallback(pl.Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The monitor's step 0 (the state before training) when training starts from scratch.
+
+        Args:
+            trainer: the running trainer.
+            pl_module: the module being fit.
+        """
         if self.monitor is not None and self.qode(trainer).step_count == 0:
             self.monitor.step(0)                  # the state before training, as a plain loop's step(0)
 
@@ -156,6 +176,18 @@ class QODECallback(pl.Callback):
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
+        """Before a batch: restore a resumed window's expansion (after a checkpoint load), record a download
+        with the monitor, and keep a copy of the batch (and the RNG state) when it is the window's upload.
+
+        Args:
+            trainer: the running trainer.
+            pl_module: the module being fit.
+            batch: the batch.
+            batch_idx: its index in the epoch.
+
+        Raises:
+            RuntimeError: the checkpoint's upload is not that of the window the optimizer resumed in.
+        """
         opt = self.qode(trainer)
         if self._pending is not None:
             self._restore(trainer, pl_module, opt)
@@ -171,6 +203,16 @@ class QODECallback(pl.Callback):
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """After a batch that stepped the optimizer: keep the upload while its window is live, step the
+        monitor, and log the cycle's report once a cycle completes.
+
+        Args:
+            trainer: the running trainer.
+            pl_module: the module being fit.
+            outputs: what ``training_step`` returned.
+            batch: the batch.
+            batch_idx: its index in the epoch.
+        """
         opt = self.qode(trainer)
         k = opt.step_count
         before, candidate = self._before if self._before is not None else (None, None)
@@ -204,11 +246,23 @@ class QODECallback(pl.Callback):
     @override
     def state_dict(self) -> dict:
         """The live window's upload (step, batch, batch index, RNG state), or ``None`` between windows;
-        under torch.distributed also every rank's (``"ranks"``: a collective, Lightning asks every rank)."""
+        under torch.distributed also every rank's (``"ranks"``: a collective, Lightning asks every rank).
+
+        Returns:
+            ``{"upload": ..., "ranks": ...}`` (``"ranks"`` is ``None`` in one process).
+        """
         return {"upload": self._upload, "ranks": _gathered(self._upload)}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
+        """Keep a checkpoint's upload (this rank's) to rebuild the window's expansion from at the next batch.
+
+        Args:
+            state_dict: a dict from :meth:`state_dict` (or ``None``).
+
+        Raises:
+            ValueError: the checkpoint was taken inside a window on another number of ranks.
+        """
         state_dict = state_dict or {}
         ranks, up = state_dict.get("ranks"), state_dict.get("upload")
         world, rank = _world()

@@ -168,7 +168,8 @@ def test_ranks_are_bit_identical_and_equal_one_process_on_the_global_batch(singl
         assert abs(d["loss_qode"] - d1["loss_qode"]) <= 1e-9 and abs(d["loss_sgd"] - d1["loss_sgd"]) <= 1e-9
     for name in SCENARIOS:
         rep, rep1 = ranks[0][name]["state"]["qode"]["reports"], single[name]["state"]["qode"]["reports"]
-        assert all(abs(a["loss_last"] - b["loss_last"]) <= 1e-9 for a, b in zip(rep, rep1) if b["loss_last"] == b["loss_last"])
+        assert all(abs(a["loss_last"] - b["loss_last"]) <= 1e-9 for a, b in zip(rep, rep1)
+                   if b["loss_last"] == b["loss_last"])
     nan = ranks[0]["NaN on rank 1's shard inside a window"]
     assert "aborted at t=2" in nan["modes"][0][1] and any("non-finite" in f for f in nan["faults"][0])
     assert nan["modes"][1][0] == "quantum"        # the next cycle's window runs again, on both ranks

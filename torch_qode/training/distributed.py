@@ -42,6 +42,13 @@ class DistComm(Comm):
     ``reduce_hvp``: mean all-reduce (vectors and n×k blocks); ``agree``: rank 0's object;
     ``broadcast``: rank 0's tensor; ``any``: all-reduce MAX of a flag; ``replicated``: rank 0's tensor
     broadcast and compared bit for bit on every rank.
+
+    Args:
+        process_group: the group (default: torch.distributed's default group).
+
+    Raises:
+        ValueError: torch.distributed is not initialised, or the group has fewer than 2 ranks.
+        TypeError: ``process_group`` is not a ``torch.distributed.ProcessGroup``.
     """
 
     local = False
@@ -55,18 +62,58 @@ class DistComm(Comm):
         self.rank, self.size = group_rank(group), group_size(group)
 
     def reduce_hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """The global-batch product: the mean over the ranks (a collective).
+
+        Args:
+            v: this rank's product (a vector or an n×k block).
+
+        Returns:
+            The mean of ``v`` over the group's ranks.
+        """
         return mean_all_reduce(v, self.group)
 
     def agree(self, verdict: Any) -> Any:
+        """One decision for all ranks: rank 0's (a collective).
+
+        Args:
+            verdict: this rank's decision (any picklable object).
+
+        Returns:
+            Rank 0's ``verdict``, on every rank.
+        """
         return broadcast_object(verdict, self.group)
 
     def broadcast(self, value: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tensor on every rank (a collective).
+
+        Args:
+            value: this rank's tensor (same shape and dtype on every rank).
+
+        Returns:
+            Rank 0's ``value``.
+        """
         return broadcast_tensor(value, self.group)
 
     def any(self, flag: bool) -> bool:
+        """Whether any rank's ``flag`` is set (all-reduce MAX, a collective).
+
+        Args:
+            flag: this rank's flag.
+
+        Returns:
+            ``True`` on every rank if ``flag`` is ``True`` on any.
+        """
         return any_flag(flag, self.group)
 
     def replicated(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` is bit-identical on every rank (rank 0's broadcast and compared; two collectives).
+
+        Args:
+            value: this rank's tensor (same shape and dtype on every rank).
+
+        Returns:
+            ``True`` on every rank if every rank's ``value`` equals rank 0's.
+        """
         return not self.any(not torch.equal(self.broadcast(value), value))
 
     def __repr__(self) -> str:

@@ -57,7 +57,7 @@ from .comm import Comm
 from .distributed import agreed, window_comm
 from .config import (MODES, NOISES, SETTINGS, UPLOADS, QODEConfig, check_budget, check_saved_config,
                      check_sgd_settings, check_trainable, make_config, readout_warning, settings_fields,
-                     settings_table)
+                     with_settings)
 from .report import CycleReport, download_record
 from .window_monitor import WindowMonitor, as_window_monitor
 from .window import EXPLICIT_MAX_SUPPORT, KAPPA_MAX_UNKNOWNS  # noqa: F401  (public constants)
@@ -102,7 +102,7 @@ class QODE(Optimizer):
             wrapper); it checks at every upload that θ0 and ∇L are the same on every rank.  Settings that
             differ between ranks are refused here, on every rank.
         kappa_a: deprecated spelling of ``solver_options={"kappa_a": ...}`` (a DeprecationWarning).
-<settings>
+        <settings>
 
     Differences from ``torch.optim.SGD`` a user meets: every parameter must require grad (pass
     ``[p for p in model.parameters() if p.requires_grad]``); the groups are fixed at construction
@@ -319,7 +319,7 @@ class QODE(Optimizer):
         return loss
 
     def _download(self) -> None:
-        """c = 0: prune (the tomographic download) and open the cycle's report (once: a step retried
+        """At c = 0: prune (the tomographic download) and open the cycle's report (once: a step retried
         after its closure raised does not open a second one)."""
         if self._reports and self._reports[-1].start_step == self._k:
             return
@@ -341,13 +341,17 @@ class QODE(Optimizer):
     def restore_expansion(self, closure: Callable[[], torch.Tensor]) -> None:
         """Rebuild a resumed matrix-free window's Taylor terms exactly, from the upload batch.
 
-        A matrix-free window's F1..Fq live in the upload batch's autograd graph, which no state_dict
-        can hold.  After :meth:`load_state_dict` inside such a window, call this with a closure over
-        *the upload step's batch* (the model holds θ0 throughout the window): the expansion is rebuilt
-        from it and training continues bit-for-bit as if never interrupted (pass ``model=`` to QODE so
-        this extra forward leaves BatchNorm running statistics alone).  Without it, the next step
-        re-expands on its own batch and the report says so.
-        """
+        A matrix-free window's F1..Fq live in the upload batch's autograd graph, which no state_dict can hold: after
+        :meth:`load_state_dict` inside such a window, call this and training continues bit-for-bit as if never
+        interrupted.  Without it, the next step re-expands on its own batch and the report says so.
+
+        Args:
+            closure: the loss on *the upload step's batch*, as :meth:`step`'s (the model holds θ0 throughout the
+                window; pass ``model=`` to QODE so this forward leaves BatchNorm running statistics alone).
+
+        Raises:
+            TypeError: ``closure`` is not callable.
+            RuntimeError: no resumed matrix-free window waits for its Taylor terms."""
         if closure is None or not callable(closure):
             raise TypeError("restore_expansion needs a closure over the upload step's batch")
         if self._win is None or self._win.system is not None:
@@ -398,8 +402,7 @@ class QODE(Optimizer):
             prepend: run it before the other user post-hooks (QODE's own still runs first).
 
         Returns:
-            The handle that removes the hook.
-        """
+            The handle that removes the hook."""
         handle = super().register_state_dict_post_hook(hook, prepend=prepend)
         self._register_own_hooks()
         return handle
@@ -413,8 +416,7 @@ class QODE(Optimizer):
             prepend: run it before the other user pre-hooks.
 
         Returns:
-            The handle that removes the hook.
-        """
+            The handle that removes the hook."""
         handle = super().register_load_state_dict_pre_hook(hook, prepend=prepend)
         self._register_own_hooks()
         return handle
@@ -428,8 +430,7 @@ class QODE(Optimizer):
             prepend: run it before the other user post-hooks (QODE's own still runs first).
 
         Returns:
-            The handle that removes the hook.
-        """
+            The handle that removes the hook."""
         handle = super().register_load_state_dict_post_hook(hook, prepend=prepend)
         self._register_own_hooks()
         return handle
@@ -541,4 +542,4 @@ def signature(init: Callable, schema: type = QODEConfig) -> inspect.Signature:
 QODE.__init__.__signature__ = signature(QODE.__init__.__wrapped__)
 #: torch.amp.GradScaler.step sets opt.grad_scale / opt.found_inf and leaves the unscaling to QODE (amp.py)
 QODE._step_supports_amp_scaling = True
-QODE.__doc__ = QODE.__doc__.replace("<settings>", settings_table(indent=" " * 8))
+QODE.__doc__ = with_settings(QODE.__doc__)
