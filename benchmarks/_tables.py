@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import io
 import os
+import time
 import platform
 import subprocess
 import sys
@@ -116,3 +117,13 @@ def recorded(name: str, title: str, *, preformatted: bool = False,
         sys.stdout = real
     text = buf.getvalue().strip("\n")
     write_page(name, title, f"```text\n{text}\n```" if preformatted else text, out_dir=out_dir)
+
+
+def best_of(fn, repeat: int):
+    """``(best wall-clock seconds of repeat calls of fn, its last result)``."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out

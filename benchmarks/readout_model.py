@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import numpy as np
 
-from _tables import table, write_page
+from _tables import best_of, table, write_page
 from torch_qode.core.readout import SIGN_SCHEMES
 from torch_qode.core.readout_model import _g, expected_relative_error, shots_for_error
 from torch_qode.core.tomography import _allocate, _check_split, _pow2_ceil
@@ -49,15 +48,6 @@ def old_shots(v: np.ndarray, target: float = 0.1, sign_method: str = "hadamard")
         mid = int(math.sqrt(lo * hi))
         lo, hi = (lo, mid) if old_error(v, mid, sign_method) <= target else (mid, hi)
     return int(hi)
-
-
-def best_of(fn, repeat: int):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def main() -> None:

@@ -15,11 +15,10 @@ Usage: python benchmarks/tomography.py [--repeat 3] [--seed 0]
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
-from _tables import table, write_page
+from _tables import best_of, table, write_page
 from torch_qode.core.tomography import coupon_collector_expected_draws, coupon_cost, tomography
 
 
@@ -28,15 +27,6 @@ def sparse_normal(n: int, r: int, seed: int) -> np.ndarray:
     v = np.zeros(n)
     v[rng.choice(n, r, replace=False)] = rng.standard_normal(r)
     return v
-
-
-def best_of(fn, repeat: int):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def main() -> None:
