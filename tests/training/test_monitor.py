@@ -407,3 +407,47 @@ def test_an_aborted_window_releases_deferred_spectra():
     assert opt.reports[0].mode == "classical" and "aborted" in opt.reports[0].reason
     assert taken == [5]
     assert mon.records[-1]["deferred_from"] == [3]
+
+
+def test_panel_c_draws_the_drift_parts_and_old_logs_without_them(tmp_path, monkeypatch):
+    """A window end carries ``report.drift["parts"]`` as ``drift_<part>``; the panel records keep them at
+    the window's end step and panel (c) draws one marker series per positive part; a log written before
+    the parts existed (no ``drift_<part>`` keys) draws as before."""
+    import torch_qode.training.monitor as cb
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = probe(5)
+    mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.2, window=4, schedule=[])
+    opt = QODE(model.parameters(), lr=0.2, mode="quantum", cycle=6, classical_steps=2, sparsity=0.5, monitor=mon,
+               track_sgd=True, shots=10**4)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X), y)
+        loss.backward()
+        return loss
+
+    for k in range(6):
+        opt.step(closure)
+    parts = opt.reports[-1].drift["parts"]
+    assert set(parts) == {"support", "linearization", "readout_pruning", "readout_noise"}
+    assert parts["readout_pruning"] > 0 and parts["readout_noise"] > 0   # markers to draw
+    ends = [r for r in mon.records if r["event"] == "window_end"]
+    assert len(ends) == 1 and {k: ends[0]["drift_" + k] for k in parts} == parts
+    drawn = [r for r in mon.panel_records() if "drift" in r]
+    assert len(drawn) == 1 and drawn[0]["step"] == 6
+    assert {k: drawn[0]["drift_" + k] for k in parts} == parts
+    figs = _capture(monkeypatch, cb)
+    assert mon.plot(tmp_path / "parts.png").is_file()
+    lines = {ln.get_label(): ln for ln in figs[-1].axes[2].get_lines()}
+    for k, v in parts.items():
+        label = "part: " + k.replace("_", " ")
+        assert (label in lines) == (v > 0)
+        if v > 0:
+            assert list(lines[label].get_xdata()) == [6] and list(lines[label].get_ydata()) == [v]
+    old = [{k: v for k, v in r.items() if not k.startswith("drift_") or k == "drift_lin"} for r in mon.panel_records()]
+    assert any("drift" in r for r in old)
+    cb.plot_training_panels(old, tmp_path / "old.png")
+    labels = [ln.get_label() for ln in figs[-1].axes[2].get_lines()]
+    assert "drift vs SGD (total)" in labels and not any(lb.startswith("part:") for lb in labels)

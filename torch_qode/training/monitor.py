@@ -43,6 +43,8 @@ __all__ = ["DissipationMonitor", "paper_schedule", "plot_training_panels"]
 #: Keys :meth:`DissipationMonitor.step` computes itself; ``**extra`` may not override them.
 _STEP_KEYS = ("step", "event", "top_eigenvalue", "positive_fraction", "proxy_T", "proxy_curve", "spectrum",
               "seconds", "deferred_from", "deferred_why")
+#: The drift's parts in a window-end record and in panel (c) (``drift_`` + a key of ``report.drift["parts"]``).
+PART_KEYS = ("drift_support", "drift_linearization", "drift_readout_pruning", "drift_readout_noise")
 
 
 def paper_schedule(step: int) -> bool:
@@ -322,6 +324,8 @@ class DissipationMonitor(WindowMonitor):
                "order_gap": (report.carleman or {}).get("order_gap"),
                "loss_qode": (report.drift or {}).get("loss_qode"), "loss_sgd": (report.drift or {}).get("loss_sgd"),
                "tomography_error": tomo.get("relative_error"), "missed_mass": tomo.get("missed_mass")}
+        for part, value in ((report.drift or {}).get("parts") or {}).items():
+            rec["drift_" + part] = value
         if self.metric is not None:
             rec["test_acc"] = self._metric()
         return self.record(rec)
@@ -348,7 +352,8 @@ class DissipationMonitor(WindowMonitor):
         windows = {}
         for r in self.records:
             row = {k: r[k] for k in ("step", "spectrum", "test_acc", "test_acc_sgd", "drift", "drift_lin",
-                                     "drift_lin1", "order_gap", "download", "error_proxy") if r.get(k) is not None}
+                                     "drift_lin1", "order_gap", "download", "error_proxy", *PART_KEYS)
+                   if r.get(k) is not None}
             if r.get("event") == "window_end":
                 row["step"] = r["step"] + 1
             out.append(row)
@@ -449,6 +454,10 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
         Optional, at a window end of Carleman order ≥ 2: the linearisation drift of the order-1 state the
         window carries (what order 1 would have drifted on the same batches) and the embedded estimate
         ``‖u⁽²⁾(T) − u⁽¹⁾(T)‖ / ‖u⁽²⁾(T)‖``; drawn beside ``drift_lin`` (then labelled order 2).
+    ``drift_support`` / ``drift_linearization`` / ``drift_readout_pruning`` / ``drift_readout_noise`` (float)
+        Optional, at a window end (track_sgd): the drift's four parts (``report.drift["parts"]``), each
+        over ``||θ_SGD − θ0||``; drawn as small markers beside ``drift`` (a part that is 0 has no marker on
+        the log axis; logs without them draw as before).
     ``test_acc`` / ``test_acc_sgd`` (float in [0, 1] or percent)
         Test accuracy of the trained model / of the SGD reference.  Panel (d).
     """
@@ -489,10 +498,15 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
         dr = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if dr:
             ax.semilogy(*zip(*dr), marker, color=color, ms=4, label=label, mfc="none" if marker == "s" else None)
+    for key, (color, marker) in zip(PART_KEYS, (("C5", "v"), ("C6", "^"), ("C7", "<"), ("C8", ">"))):
+        dr = [(r["step"], r[key]) for r in records if r.get(key) is not None and r[key] > 0]
+        if dr:
+            ax.semilogy(*zip(*dr), marker, color=color, ms=3, label="part: " + key[len("drift_"):].replace("_", " "))
     ax.axhline(1.0, color="gray", lw=0.6)
     ax.set_title("(c) error proxy (predicted) and drift (measured)")
     ax.set_xlabel("step")
-    has_drift = any(r.get(k) is not None for r in records for k in ("drift", "drift_lin", "drift_lin1", "order_gap"))
+    has_drift = any(r.get(k) is not None for r in records
+                    for k in ("drift", "drift_lin", "drift_lin1", "order_gap", *PART_KEYS))
     if pr or has_drift:
         ax.legend(fontsize=7)
     if proxy_note:
