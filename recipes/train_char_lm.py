@@ -35,7 +35,7 @@ import torch
 
 from recipes import cli, config, loop
 from recipes.train_resnet_cifar100 import (TABLE_COLUMNS, Dissipation, Monitor, Qode, check_sparse_training,
-                                          cycle_row, panel_records)
+                                          cycle_row, panel_records, table_columns)
 
 @dataclass
 class Data:
@@ -73,6 +73,7 @@ class Train:
     steps: int = 1000
     batch_size: int = 64
     baseline: bool = True
+    twin: bool = False          # the classical twin beside them (torch_qode.training.twin): acc_twin, ppl_twin
 
 
 @dataclass
@@ -103,6 +104,8 @@ class Config:
 DEFAULTS = config.defaults(Config)
 
 COLUMNS = TABLE_COLUMNS + ["ppl", "ppl_sgd"]
+#: With ``train.twin``: the classical twin's accuracy after ``acc_sgd`` and its perplexity after ``ppl_sgd``.
+TWIN_COLUMNS = table_columns(1, twin=True) + ["ppl", "ppl_sgd", "ppl_twin"]
 
 
 def _model(cfg: dict, vocab: int):
@@ -225,6 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
         q = dict(cfg["qode"])
         baseline = copy.deepcopy(model) if cfg["train"]["baseline"] else None
+        twin = copy.deepcopy(model) if cfg["train"]["twin"] else None
         monitor = None
         if cfg["monitor"]["enabled"]:
             m = cfg["monitor"]
@@ -239,6 +243,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    monitor=monitor, seed=seed, names=names, model=model, **q)
         opt_sgd = QODE(baseline.parameters(), **{**q, "mode": "classical", "track_sgd": False}) \
             if baseline is not None else None
+        opt_twin = None
+        if twin is not None:
+            from torch_qode.training.twin import Twin
+
+            opt_twin = Twin(twin.parameters(), **q)
 
         def closure_for(net, optimizer, x, y):
             def closure():
@@ -260,21 +269,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             loss = opt.step(closure_for(model, opt, x, y))
             if opt_sgd is not None:
                 opt_sgd.step(closure_for(baseline, opt_sgd, x, y))
+            if opt_twin is not None:
+                opt_twin.step(closure_for(twin, opt_twin, x, y))
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", mode=opt.reports[-1].mode)
             if (k + 1) % q["cycle"] == 0 or k + 1 == cfg["train"]["steps"]:
                 rep = opt.reports[-1]
                 ev = evaluate(model, val_batches)
                 ev_sgd = evaluate(baseline, val_batches) if baseline is not None else {}
-                row = {**cycle_row(rep, ev["acc"], ev_sgd.get("acc")), "ppl": ev["ppl"], "ppl_sgd": ev_sgd.get("ppl"),
-                       "loss": ev["loss"], "loss_sgd": ev_sgd.get("loss"), "step": k + 1}
+                ev_twin = evaluate(twin, val_batches) if twin is not None else {}
+                row = {**cycle_row(rep, ev["acc"], ev_sgd.get("acc"), ev_twin.get("acc")), "ppl": ev["ppl"],
+                       "ppl_sgd": ev_sgd.get("ppl"), "loss": ev["loss"], "loss_sgd": ev_sgd.get("loss"), "step": k + 1}
+                if twin is not None:
+                    row.update(ppl_twin=ev_twin["ppl"], loss_twin=ev_twin["loss"])
                 rows.append(row)
                 run.log.write("cycle", step=k + 1, row=row, report=rep.as_dict(), seconds=time.perf_counter() - t0)
                 if monitor is not None:
                     monitor.record({"step": k + 1, "event": "eval", "test_acc": ev["acc"],
                                     "test_acc_sgd": ev_sgd.get("acc")})
         bar.close()
-        table = loop.format_table(rows, COLUMNS)
+        table = loop.format_table(rows, TWIN_COLUMNS if twin is not None else COLUMNS)
         print(f"\n{n_params:,}-parameter CharTransformer ({cfg['model']['layers']} layers, d_model "
               f"{cfg['model']['d_model']}, context {L}), dense validation perplexity {dense['ppl']:.2f}; "
               f"{cfg['train']['steps']} steps, cycle {q['cycle']}, {q['classical_steps']} classical steps, sparsity "

@@ -71,6 +71,9 @@ class Train:
     steps: int = 1000
     batch_size: int = 2048
     baseline: bool = True
+    # the classical twin (torch_qode.training.twin.Twin) trained beside them: each window gradient descent on
+    # S then the readout's prune, no quantum error; its accuracy in the table's acc_twin column
+    twin: bool = False
     # the closure backwards the batch in this many parts (gradient accumulation; a BatchNorm normalises each
     # part with its own statistics): with qode.hvp=recompute the window's peak is one part's
     micro_batches: int = 1
@@ -105,16 +108,30 @@ DEFAULTS = config.defaults(Config)
 #: ``support/linearization/readout_pruning/readout_noise`` in one column (the JSON log has each).
 TABLE_COLUMNS = ["cycle", "mode", "why", "proxy(T)", "drift", "drift_lin", "parts", "acc", "acc_sgd", "qubits",
                  "gates", "gates/FLOP", "shots"]
+#: Added after ``acc_sgd`` with ``train.twin``: the classical twin's accuracy.
+TWIN_COLUMNS = ["acc_twin"]
 #: Added at Carleman order ≥ 2: the order-1 state's linearisation drift (embedded) and ``order_gap``.
 ORDER2_COLUMNS = ["drift_lin1", "order_gap"]
 
 
-def table_columns(order: int) -> list:
-    """The table's columns at Carleman order ``order`` (order ≥ 2 adds :data:`ORDER2_COLUMNS` after drift_lin)."""
+def table_columns(order: int, twin: bool = False) -> list:
+    """The table's columns.
+
+    Args:
+        order: the Carleman order (≥ 2 adds :data:`ORDER2_COLUMNS` after drift_lin).
+        twin: add :data:`TWIN_COLUMNS` after acc_sgd (``train.twin``).
+
+    Returns:
+        The column names.
+    """
+    cols = list(TABLE_COLUMNS)
+    if twin:
+        i = cols.index("acc_sgd") + 1
+        cols = cols[:i] + TWIN_COLUMNS + cols[i:]
     if order < 2:
-        return list(TABLE_COLUMNS)
-    i = TABLE_COLUMNS.index("drift_lin") + 1
-    return TABLE_COLUMNS[:i] + ORDER2_COLUMNS + TABLE_COLUMNS[i:]
+        return cols
+    i = cols.index("drift_lin") + 1
+    return cols[:i] + ORDER2_COLUMNS + cols[i:]
 
 
 def _short_reason(rep) -> str:
@@ -138,18 +155,31 @@ def parts_cell(parts: Optional[dict]) -> Optional[str]:
     return "/".join(format(parts[k], ".2g") for k in ("support", "linearization", "readout_pruning", "readout_noise"))
 
 
-def cycle_row(rep, acc: float, acc_sgd: Optional[float]) -> dict:
-    """One row of the per-cycle table from a :class:`~torch_qode.training.qode.CycleReport`."""
+def cycle_row(rep, acc: float, acc_sgd: Optional[float], acc_twin: Optional[float] = None) -> dict:
+    """One row of the per-cycle table from a :class:`~torch_qode.training.qode.CycleReport`.
+
+    Args:
+        rep: the cycle's report.
+        acc: QODE's test accuracy.
+        acc_sgd: the SGD baseline's (``None``: none).
+        acc_twin: the classical twin's (``None``: none).
+
+    Returns:
+        The row.
+    """
     dis, res, tomo, drift = rep.dissipation or {}, rep.resources or {}, rep.tomography or {}, rep.drift or {}
     proxy = dis.get("proxy")
-    return {"cycle": rep.cycle, "mode": rep.mode, "why": _short_reason(rep),
-            "proxy(T)": proxy[-1] if proxy else None, "drift": drift.get("relative"),
-            "drift_lin": drift.get("linearization_relative"), "parts": parts_cell(drift.get("parts")),
-            "drift_lin1": drift.get("linearization_order1_relative"),
-            "order_gap": (rep.carleman or {}).get("order_gap"),
-            "acc": acc, "acc_sgd": acc_sgd, "qubits": res.get("qubits"), "gates": res.get("gates_qlsa"),
-            "gates/FLOP": (res.get("classical") or {}).get("gates_per_flop"),
-            "shots": (tomo.get("shots") or {}).get("total")}
+    row = {"cycle": rep.cycle, "mode": rep.mode, "why": _short_reason(rep),
+           "proxy(T)": proxy[-1] if proxy else None, "drift": drift.get("relative"),
+           "drift_lin": drift.get("linearization_relative"), "parts": parts_cell(drift.get("parts")),
+           "drift_lin1": drift.get("linearization_order1_relative"),
+           "order_gap": (rep.carleman or {}).get("order_gap"),
+           "acc": acc, "acc_sgd": acc_sgd, "qubits": res.get("qubits"), "gates": res.get("gates_qlsa"),
+           "gates/FLOP": (res.get("classical") or {}).get("gates_per_flop"),
+           "shots": (tomo.get("shots") or {}).get("total")}
+    if acc_twin is not None:
+        row["acc_twin"] = acc_twin
+    return row
 
 
 def _check(cfg: dict) -> None:
@@ -199,7 +229,8 @@ def check_sparse_training(cfg: dict, net: torch.nn.Module, probe: tuple, loss_fn
     except (TypeError, ValueError) as exc:
         raise config.keyed_error("monitor", exc, ("steps",)) from None
     names = [n for n, _ in net.named_parameters()]
-    for opts in ([q] + ([{**q, "mode": "classical", "track_sgd": False}] if cfg["train"]["baseline"] else [])):
+    classical = cfg["train"]["baseline"] or cfg["train"].get("twin")    # the SGD baseline's and the twin's QODE
+    for opts in ([q] + ([{**q, "mode": "classical", "track_sgd": False}] if classical else [])):
         try:
             QODE(net.parameters(), dissipation=check, seed=cfg["seed"], names=names, model=net, comm=LocalComm(),
                  **opts)
@@ -254,10 +285,12 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
         q = dict(cfg["qode"])
         check = DissipationCheck(seed=cfg["seed"], **cfg["dissipation"])
         baseline = copy.deepcopy(model) if cfg["train"]["baseline"] else None
+        twin = copy.deepcopy(model) if cfg["train"]["twin"] else None
         # under DDP the closures run the wrapped models (gradients averaged); QODE, evaluation and the
         # Hessian tools take the modules themselves (DDP's own forward never runs in a double backward)
         net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
         net_sgd = torch.nn.parallel.DistributedDataParallel(baseline) if ddp and baseline is not None else baseline
+        net_twin = torch.nn.parallel.DistributedDataParallel(twin) if ddp and twin is not None else twin
         monitor = None
         if cfg["monitor"]["enabled"]:
             probe = launch.shard(loop.fixed_batch(data["plain_train"], cfg["monitor"]["probe_batch"], cfg["seed"] + 1,
@@ -277,6 +310,11 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
         if baseline is not None:
             opt_sgd = QODE(baseline.parameters(), **{**q, "mode": "classical", "track_sgd": False, "hvp": "retain"},
                            model=net_sgd)        # the DDP wrapper: a DistComm under --nproc (global-batch losses)
+        opt_twin = None
+        if twin is not None:
+            from torch_qode.training.twin import Twin
+
+            opt_twin = Twin(twin.parameters(), **{**q, "hvp": "retain"}, model=net_twin)
 
         # Carleman order ≥ 2 needs third derivatives, which PyTorch's fused norm layers get wrong:
         # run the QODE model's norms decomposed (same loss, same running-statistics updates).
@@ -314,20 +352,24 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
             if opt_sgd is not None:
                 baseline.train()
                 opt_sgd.step(closure_for(net_sgd, opt_sgd, x, y))
+            if opt_twin is not None:
+                twin.train()
+                opt_twin.step(closure_for(net_twin, opt_twin, x, y))
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", mode=opt.reports[-1].mode)
             if ((k + 1) % q["cycle"] == 0 or k + 1 == cfg["train"]["steps"]) and run.rank0:
                 rep = opt.reports[-1]
                 acc = loop.evaluate(model, test_dl, dev)["acc"]
                 acc_sgd = loop.evaluate(baseline, test_dl, dev)["acc"] if baseline is not None else None
-                row = cycle_row(rep, acc, acc_sgd)
+                acc_twin = loop.evaluate(twin, test_dl, dev)["acc"] if twin is not None else None
+                row = cycle_row(rep, acc, acc_sgd, acc_twin)
                 rows.append(row)
                 run.log.write("cycle", step=k + 1, row=row, report=rep.as_dict(),
                               seconds=time.perf_counter() - t0)
                 if monitor is not None:
                     monitor.record({"step": k + 1, "event": "eval", "test_acc": acc, "test_acc_sgd": acc_sgd})
         bar.close()
-        table = loop.format_table(rows, table_columns(q["carleman_order"]))
+        table = loop.format_table(rows, table_columns(q["carleman_order"], twin is not None))
         if not run.rank0:                        # rank 0 prints, draws and returns the run
             return {"out": str(run.out), "rows": rows, "table": table, "reports": [], "figures": {}}
         print(f"\n{n_params:,}-parameter ResNet-{cfg['model']['depth']} (widen {cfg['model']['widen']}), "

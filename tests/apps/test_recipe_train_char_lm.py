@@ -22,16 +22,19 @@ def _lines(path):
 
 def test_tiny_run_writes_log_table_and_figures(tmp_path, capsys):
     out = tmp_path / "run"
-    res = recipe.main(["--config", CPU, "--out", str(out)] + TINY + ["qode.mode=quantum"])
+    res = recipe.main(["--config", CPU, "--out", str(out)] + TINY + ["qode.mode=quantum", "train.twin=true"])
     rows = res["rows"]
     assert [r["cycle"] for r in rows] == [0, 1] and all(r["mode"] == "quantum" for r in rows)
     for r in rows:
         assert r["drift"] is not None and r["drift_lin"] is not None and r["shots"] == 1_000_000
         assert r["ppl"] > 1 and r["ppl_sgd"] > 1 and 0 <= r["acc"] <= 1
+        assert r["ppl_twin"] > 1 and 0 <= r["acc_twin"] <= 1 and r["ppl_twin"] != r["ppl"]
     for rep in res["reports"]:      # default attention: the upload ran on the math kernel, and says so
         assert rep["carleman"]["kernels"] == KERNELS and not rep["faults"]
     printed = capsys.readouterr().out
     assert "data: the Python standard library's sources" in printed and "ppl_sgd" in printed
+    header = res["table"].splitlines()[0].split()
+    assert header[-3:] == ["ppl", "ppl_sgd", "ppl_twin"] and header[header.index("acc_sgd") + 1] == "acc_twin"
     log = _lines(out / "log.jsonl")
     data = next(x for x in log if x["event"] == "data")
     assert data["name"] == "python-stdlib" and data["train_files"] == 18 and data["val_files"] == 2

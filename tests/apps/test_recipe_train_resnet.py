@@ -21,20 +21,22 @@ def _lines(path):
 
 def test_cpu_config_runs_and_writes_log_table_and_figure(tmp_path, capsys):
     out = tmp_path / "run"
-    res = demo.main([f"--out={out}"] + TINY + ["qode.mode=quantum"])     # the --out=DIR spelling is honoured
+    res = demo.main([f"--out={out}"] + TINY + ["qode.mode=quantum", "train.twin=true"])  # --out=DIR is honoured
     rows = res["rows"]
     assert [r["cycle"] for r in rows] == [0, 1]
     assert all(r["mode"] == "quantum" for r in rows)            # mode=quantum: every window is quantum
     for r in rows:
         assert r["qubits"] > 0 and r["gates"] > 0 and r["shots"] == 100_000
         assert r["drift"] is not None and r["drift_lin"] is not None and 0 <= r["acc"] <= 1
-        assert 0 <= r["acc_sgd"] <= 1
+        assert 0 <= r["acc_sgd"] <= 1 and 0 <= r["acc_twin"] <= 1
     parts = [c["report"]["drift"]["parts"] for c in _lines(out / "log.jsonl") if c["event"] == "cycle"]
     for r, p in zip(rows, parts):                     # the table's cell and the log's numbers agree
         assert [float(x) for x in r["parts"].split("/")] == pytest.approx(
             [p[k] for k in ("support", "linearization", "readout_pruning", "readout_noise")], rel=0.05, abs=1e-12)
     printed = capsys.readouterr().out
     assert "drift_lin" in printed and "acc_sgd" in printed and "quantum" in printed
+    header = next(line.split() for line in printed.splitlines() if line.lstrip().startswith("cycle"))
+    assert header[header.index("acc_sgd") + 1] == "acc_twin"          # train.twin: the twin beside SGD
     log = _lines(out / "log.jsonl")
     cycles = [l for l in log if l["event"] == "cycle"]
     assert len(cycles) == 2 and cycles[0]["report"]["tomography"]["shots"]["total"] == 100_000
@@ -58,7 +60,8 @@ def test_auto_mode_and_cifar100_fixture_through_the_real_loader(tmp_path):
     res = recipe.main(["--config", "configs/train_resnet_cifar100_cpu.yaml", "--out", str(tmp_path / "r"),
                        "--data-root", str(root), "data.name=cifar100", "train.baseline=false",
                        "monitor.enabled=false"] + TINY)
-    assert len(res["rows"]) == 2 and all(r["acc_sgd"] is None for r in res["rows"])
+    assert len(res["rows"]) == 2 and all(r["acc_sgd"] is None and "acc_twin" not in r for r in res["rows"])
+    assert "acc_twin" not in res["table"]                # train.twin is off by default
     data = next(l for l in _lines(tmp_path / "r" / "log.jsonl") if l["event"] == "data")
     assert data["name"] == "cifar100" and data["is_fixture"] is True and data["root"] == str(root)
     for rep in res["reports"]:
