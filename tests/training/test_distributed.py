@@ -64,7 +64,8 @@ def build(kw, world, model=None):
 def outcome(model, opt):
     return {"theta": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
             "modes": [(r.mode, r.reason) for r in opt.reports], "faults": [list(r.faults) for r in opt.reports],
-            "state": opt.state_dict(), "drift": [r.drift for r in opt.reports]}
+            "state": opt.state_dict(), "drift": [r.drift for r in opt.reports],
+            "classical": [(r.resources or {}).get("classical") for r in opt.reports]}
 
 
 def run_scenarios(rank, world):
@@ -170,6 +171,16 @@ def test_ranks_are_bit_identical_and_equal_one_process_on_the_global_batch(singl
         rep, rep1 = ranks[0][name]["state"]["qode"]["reports"], single[name]["state"]["qode"]["reports"]
         assert all(abs(a["loss_last"] - b["loss_last"]) <= 1e-9 for a, b in zip(rep, rep1)
                    if b["loss_last"] == b["loss_last"])
+    priced = 0
+    for name in SCENARIOS:                        # the ledger prices the global batch, as one process does
+        for c0, c1, one in zip(ranks[0][name]["classical"], ranks[1][name]["classical"], single[name]["classical"]):
+            if one is None or one.get("closure_flops") is None:
+                continue
+            priced += 1
+            assert c0 == c1, name
+            assert c0["closure_flops"] == one["closure_flops"] and c0["flops"] == one["flops"], (name, c0, one)
+            assert c0["gates_per_flop"] == pytest.approx(one["gates_per_flop"], rel=1e-9), name
+    assert priced >= 4, priced
     nan = ranks[0]["NaN on rank 1's shard inside a window"]
     assert "aborted at t=2" in nan["modes"][0][1] and any("non-finite" in f for f in nan["faults"][0])
     assert nan["modes"][1][0] == "quantum"        # the next cycle's window runs again, on both ranks

@@ -92,7 +92,8 @@ OTHER = {"mode": {"mode": "classical"}, "cycle": {"cycle": 12}, "classical_steps
          "form": {"form": "continuous"}, "carleman_state": {"carleman_state": "dense"},
          "max_rank": {"max_rank": 4, "carleman_order": 2}, "explicit": {"explicit": True},
          "solver": {"solver": "direct"}, "solver_options": {"solver": "filtered", "solver_options": {"kappa_a": 9.0}},
-         "shots": {"shots": 1000}, "tomography_kwargs": {"tomography_kwargs": {"sign_method": "pairs"}},
+         "shots": {"shots": 1000}, "readout_error": {"readout_error": 0.05}, "max_shots": {"max_shots": 1000},
+         "tomography_kwargs": {"tomography_kwargs": {"sign_method": "pairs"}},
          "readout": {"readout": "weights"},
          "eps": {"eps": 0.05}, "track_sgd": {"track_sgd": True}, "seed": {"seed": 4}}
 

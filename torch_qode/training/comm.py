@@ -59,6 +59,14 @@ class Comm:
         return float(self.reduce_hvp(torch.tensor([float(value)], dtype=torch.float64))[0])
 
 
+    def total(self, value: Optional[int]) -> Optional[int]:
+        """The sum over the ranks of a count each made on its shard (the upload closure's FLOPs: the
+        ledger prices the global batch); ``None`` on every rank stays ``None``."""
+        if value is None:
+            return None
+        return int(round(self.mean(float(value)) * getattr(self, "size", 1)))
+
+
 class LocalComm(Comm):
     """One process: every collective is the identity."""
 
@@ -77,6 +85,9 @@ class LocalComm(Comm):
         return bool(flag)
 
     def mean(self, value: Optional[float]) -> Optional[float]:
+        return value
+
+    def total(self, value: Optional[int]) -> Optional[int]:
         return value
 
     def __repr__(self) -> str:

@@ -10,7 +10,7 @@ import textwrap
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -20,8 +20,8 @@ from ..bridge.taylor import EXPLICIT_BUDGET_BYTES
 from ..bridge.sparsity import DISTRIBUTIONS
 from ..core.carleman import FORMS, default_max_bytes
 from ..core.solvers import SOLVERS, WindowSolver, make_solver
-from ..core.readout_model import expected_relative_error, shots_for_error
 from ..core.tomography import DEFAULT_SIGN_METHOD, tomography
+from .shots import AUTO, READOUT_WARN_ERROR, check_auto, check_shots, readout_warning
 
 __all__ = ["QODEConfig", "make_config", "check_sgd_settings", "check_trainable", "MODES", "UPLOADS", "NOISES",
            "CARLEMAN_STATES", "EXPLICIT_MAX_SUPPORT", "use_explicit", "carleman_state_for", "HVPS", "choose_hvp",
@@ -39,10 +39,6 @@ RETAIN_GRAPH_FACTOR = 9.0
 #: ``explicit=None`` builds explicit Taylor terms up to this support size (cheap to build, exact to
 #: resume); beyond it the terms are Hessian-vector / third-derivative products (matrix-free).
 EXPLICIT_MAX_SUPPORT = 128
-
-#: QODE warns (once) when the tomography error model predicts more than this relative readout error.
-READOUT_WARN_ERROR = 0.1
-
 
 def _choice(allowed):
     """A field check: one of ``allowed`` (a tuple, or a registry read when checked: forms and solvers
@@ -97,6 +93,13 @@ def _optional_positive(none: str):
             raise ValueError(f"{name} must be a finite number > 0 or None ({none}), got {value!r}")
         return float(x)
     return check
+
+
+def _positive(value, name):
+    x = None if value is None else as_real(value)
+    if x is None or not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(x)
 
 
 def setting(default, doc: str, check: Callable, *, section: str, saved: bool = True):
@@ -189,8 +192,16 @@ class QODEConfig:
         None, "the solver's own options, e.g. ``solver=\"filtered\", solver_options={\"kappa_a\": 50}``.",
         _optional_dict, section="solver")
     # --- the readout (Eq. II.123) and the ledger
-    shots: Optional[int] = setting(None, "tomography shot budget per readout (``None``: exact readout).",
-                                   _optional_int(1, "exact readout"), section="readout")
+    shots: Optional[Union[int, str]] = setting(
+        None, "tomography shot budget per readout: an int, ``None`` (exact readout) or ``\"auto\"`` (per window, the "
+        "fewest shots for which the readout model predicts a readout-noise part of ``readout_error`` of the "
+        "window's displacement, predicted at the upload as ``T·F0(0)``; :mod:`torch_qode.training.shots`).",
+        check_shots, section="readout")
+    readout_error: float = setting(
+        0.1, "with ``shots=\"auto\"``: the readout-noise part (relative to the window's displacement) the shots are "
+        "chosen for, > 0.", _positive, section="readout")
+    max_shots: int = setting(10**9, "with ``shots=\"auto\"``: the most shots a readout takes; QODE warns once, "
+                             "naming the shots it would need, when the model needs more.", _int(1), section="readout")
     tomography_kwargs: Optional[dict] = setting(
         None, "extra keyword arguments of :func:`~torch_qode.core.tomography.tomography` (``sign_method``, "
         "``split``, ``norm_scale``, …).", _optional_dict, section="readout")
@@ -254,11 +265,12 @@ class QODEConfig:
             raise ValueError(f"max_rank={self.max_rank} applies to the factored Carleman state only, which these "
                              f"settings do not use: {unused}; leave max_rank=None")
         try:   # reject bad shots / tomography options now, not at the first window's end
-            tomography(np.array([1.0, 0.5, 0.25, 0.125]), self.shots, seed=0, eps=self.eps,
-                       **self.readout_options())
+            tomography(np.array([1.0, 0.5, 0.25, 0.125]), 1000 if self.shots == AUTO else self.shots, seed=0,
+                       eps=self.eps, **self.readout_options())
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"shots={self.shots!r} / tomography_kwargs={self.tomography_kwargs!r} rejected by "
                             f"tomography(): {exc}") from None
+        check_auto(self)
 
     # --------------------------------------------------------------------------- derived values
     @property
@@ -381,7 +393,7 @@ QODEConfig.__doc__ = with_settings(QODEConfig.__doc__)
 #: old spellings a saved state (or a config) may carry: each upgraded, with a DeprecationWarning on use
 #: in a call, silently in a saved state (the state was written by an earlier version, not by the user)
 _SAVED_DEFAULTS = {"carleman_state": "auto", "max_rank": None, "pruning": "global", "min_density": 0.0,
-                   "keep_dense": False, "readout": "weights"}
+                   "keep_dense": False, "readout": "weights", "readout_error": 0.1, "max_shots": 10**9}
 
 
 def upgrade_saved(saved: dict) -> dict:
@@ -560,37 +572,3 @@ def check_saved_config(saved: dict, current: dict) -> None:
     if mismatch:
         raise ValueError("state_dict was saved by a QODE with other settings: " + ", ".join(
             f"{k}={old!r} there vs {new!r} here" for k, (new, old) in mismatch.items()))
-
-
-def readout_warning(cfg: QODEConfig, values: torch.Tensor) -> Optional[str]:
-    """Why ``cfg.shots`` cannot resolve ``values`` (the vector a window reads, as the upload knows it:
-    ``Window.read_estimate()``), naming the shots that give :data:`READOUT_WARN_ERROR`, or ``None``
-    (exact readout, a scheme without an error model, or a predicted error within it).  The core's model:
-    :mod:`torch_qode.core.readout_model` (a relative error: it depends on the vector's shape, not its scale).
-
-    Args:
-        cfg: the settings (``shots``, ``readout``, the tomography options).
-        values: with ``readout="weights"`` θ0 on S; with ``readout="displacement"`` the window's first-order
-            displacement ``T·F0(0)`` on S (``u(T)`` is not known at the upload).
-
-    Returns:
-        The warning's text, or ``None``.
-    """
-    if cfg.shots is None or not bool(values.any()):
-        return None
-    opts = cfg.readout_options()
-    model = {k: opts.get(k) for k in ("sign_method", "split", "norm", "norm_scale")}
-    try:
-        err = expected_relative_error(values, cfg.shots, **model)
-    except NotImplementedError:
-        return None
-    if err <= READOUT_WARN_ERROR:
-        return None
-    need = shots_for_error(values, READOUT_WARN_ERROR, **model)
-    r = int(torch.count_nonzero(values))
-    what = "weights θ0 + u(T)" if cfg.readout == "weights" else "components of u(T) (estimated as T·F0(0))"
-    return (f"QODE: shots={cfg.shots:,} cannot resolve the {r:,} {what} the readout reads (readout="
-            f"{cfg.readout!r}): the tomography error "
-            f"model predicts a relative readout error of {err:.2g} with sign_method={model['sign_method']!r}; "
-            f"about shots={need:,} give {READOUT_WARN_ERROR:.0%} "
-            "(torch_qode.core.readout_model.shots_for_error)")

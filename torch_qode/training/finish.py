@@ -24,6 +24,7 @@ from ..core.tomography import tomography
 from ..core.window import kappa_bound
 from .faults import Fault, WindowFault
 from .report import CycleReport
+from .shots import window_shots
 
 __all__ = ["Readout", "STAGES", "run", "record", "solve", "read_out", "prune", "price", "guard", "chain",
            "write_back", "readout_prune", "top_r", "write_params", "KAPPA_MAX_UNKNOWNS"]
@@ -108,24 +109,24 @@ def read_out(win, out: Readout) -> None:
     target = theta0_S + out.u_T
     moves = cfg.readout == "displacement"
     read = out.u_T if moves else target
-    res, fault = None, None
+    res, fault, shots = None, None, window_shots(win)   # shots="auto": chosen from the upload's prediction
     if not all_finite(target):
         fault = WindowFault(Fault.WEIGHTS_NONFINITE)
     elif not bool(read.any()):
         fault = WindowFault(Fault.DISPLACEMENT_ZERO if moves else Fault.WEIGHTS_ZERO)
     else:
         try:   # every rank samples (same vector, same seed: the samplers stay in step); rank 0's is read
-            res = tomography(read, cfg.shots, seed=win.rng, eps=cfg.eps, **cfg.readout_options())
+            res = tomography(read, shots, seed=win.rng, eps=cfg.eps, **cfg.readout_options())
         except (ValueError, TypeError) as exc:
             fault = WindowFault(Fault.TOMOGRAPHY_FAILED, exc)
     fault = WindowFault.agreed(fault, win.comm, Fault.TOMOGRAPHY_FAILED)
     if fault is not None:
         raise fault
     out.rep.tomography = res.as_dict(arrays=False)
-    out.rep.tomography.update(readout=cfg.readout, read_norm=float(torch.linalg.vector_norm(read)))
+    out.rep.tomography.update(readout=cfg.readout, read_norm=float(torch.linalg.vector_norm(read)), shot_budget=shots)
     estimate = win.comm.broadcast(torch.as_tensor(res.estimate).to(device=target.device, dtype=torch.float64))
     if not bool(estimate.any()):
-        raise WindowFault(Fault.READOUT_ZERO_DISPLACEMENT if moves else Fault.READOUT_ZERO, cfg.shots)
+        raise WindowFault(Fault.READOUT_ZERO_DISPLACEMENT if moves else Fault.READOUT_ZERO, shots)
     out.target, out.read, out.estimate = target, read, (theta0_S + estimate if moves else estimate)
 
 
@@ -149,13 +150,15 @@ def price(win, out: Readout) -> None:
         r = max(1, int(torch.count_nonzero(out.read)))
     else:
         r = out.r if out.r is not None else sys_.n
+    flops = win.comm.total(win.closure_flops)   # the global batch's: every rank counted its shard
     try:
         led = estimate_resources(sys_, cfg.window_length, eps=cfg.eps, r=r, solution=out.sol,
                                  solver=cfg.window_solver)
         rep.resources = led.as_dict()
         rep.resources["readout"] = cfg.readout
+        readout_cost(rep, led)
         rep.resources["classical"] = classical_cost(
-            cfg.window_length, win.closure_flops, hvps=win.products["hvp"], third_order=win.products["third_order"],
+            cfg.window_length, flops, hvps=win.products["hvp"], third_order=win.products["third_order"],
             lanczos_hvps=int((rep.dissipation or {}).get("hvps") or 0),
             gates=cfg.window_solver.gates(s_M=led.s_M, kappa=led.kappa, N_b=led.N_b, eps=led.eps)).as_dict()
     except (ValueError, TypeError, MemoryError) as exc:  # the ledger must never stop training
@@ -167,6 +170,17 @@ def price(win, out: Readout) -> None:
     if st.embedded:
         out.lin1 = win.embed((win.theta0 if S is None else win.theta0[S]).to(torch.float64) + st.level1_order1())
     out.lin = win.embed(out.target)
+
+
+def readout_cost(rep: CycleReport, led) -> None:
+    """The shots the readout took (``rep.tomography["shot_budget"]``: the int given, or the one ``shots="auto"``
+    chose; ``None``: exact) into the ledger as ``readout_shots``, with ``readout_gates``: those shots times
+    the expected gates of one shot (the ledger's ``total_gates`` per support draw and shadow shot: one
+    window solve, post-selection included)."""
+    shots = (rep.tomography or {}).get("shot_budget")
+    per_shot = led.total_gates / (led.tomography_support_draws + led.tomography_shadow_shots)
+    rep.resources["readout_shots"] = shots
+    rep.resources["readout_gates"] = None if shots is None else float(shots) * per_shot
 
 
 def first_order_path(win) -> Optional[float]:

@@ -55,6 +55,7 @@ from .classical import MaskedSGD, classical_step
 from ..bridge.collective import refuse_sharded
 from .comm import Comm
 from .distributed import agreed, window_comm
+from .shots import predicted_displacement
 from .config import (MODES, NOISES, SETTINGS, UPLOADS, QODEConfig, check_budget, check_saved_config,
                      check_sgd_settings, check_trainable, make_config, readout_warning, settings_fields,
                      with_settings)
@@ -299,7 +300,7 @@ class QODE(Optimizer):
             loss, post = (steps.upload if c == cfg.classical_steps else steps.window_step)(closure, rep, self._k)
             if not self._readout_checked and self._win is not None:
                 self._readout_checked = True      # once: the first window's θ0 on S
-                why = readout_warning(self.cfg, self._win.read_estimate())   # the vector the readout reads
+                why = readout_warning(self.cfg, self._win.read_estimate(), predicted_displacement(self._win))
                 if why is not None:
                     warnings.warn(why, stacklevel=4)   # the caller of opt.step (no_grad, step hooks)
         self._closure_checked = self._closure_checked or quantum

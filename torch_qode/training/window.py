@@ -34,6 +34,7 @@ from .finish import KAPPA_MAX_UNKNOWNS, Readout, write_params
 from .products import counted, new_counts
 from .report import CycleReport
 from .shadow import Shadow, start_shadow
+from .shots import predicted_displacement
 
 __all__ = ["Window", "Readout", "open_window", "window_rates", "check_window_groups", "window_state_dict",
            "load_window", "expand", "flop_count", "write_params", "EXPLICIT_MAX_SUPPORT", "KAPPA_MAX_UNKNOWNS"]
@@ -183,12 +184,7 @@ class Window:
         """
         if self.cfg.readout == "weights":
             return self.theta0 if self.support is None else self.theta0[self.support]
-        rows = self.tape.rows
-        f0 = self.frozen if self.frozen is not None else (rows[min(rows)] if rows else None)
-        if f0 is None:
-            n = self.theta0.numel() if self.support is None else self.support.numel()
-            return torch.zeros(n, dtype=torch.float64, device=self.theta0.device)
-        return self.cfg.window_length * f0
+        return predicted_displacement(self)
 
     @property
     def ode(self) -> PolynomialODE:
