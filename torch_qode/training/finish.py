@@ -24,6 +24,7 @@ from ..core.tomography import tomography
 from ..core.window import kappa_bound
 from .faults import Fault, WindowFault
 from .report import CycleReport
+from .readout_prune import readout_prune, top_r
 from .shots import window_shots
 
 __all__ = ["Readout", "STAGES", "run", "record", "solve", "read_out", "prune", "price", "guard", "chain",
@@ -133,7 +134,7 @@ def read_out(win, out: Readout) -> None:
 def prune(win, out: Readout) -> None:
     """A dense upload with pruning keeps the r largest prunable read-out weights (:func:`readout_prune`)."""
     if out.keep is not None:
-        out.r = readout_prune(out.estimate, win, *out.keep, out.rep)
+        out.r = readout_prune(out.estimate, win, out.keep, out.rep)
     out.new = win.embed(out.estimate)
 
 
@@ -229,8 +230,8 @@ def chain(win, out: Readout) -> None:
     S = slice(None) if win.support is None else win.support
     lin_S, twin_S = out.target.clone(), gd[S].clone()
     if out.keep is not None:
-        top_r(lin_S, win, *out.keep)
-        top_r(twin_S, win, *out.keep)
+        top_r(lin_S, win, out.keep)
+        top_r(twin_S, win, out.keep)
     out.lin_r = win.embed(lin_S)
     twin = gd.clone()
     twin[S] = twin_S
@@ -260,43 +261,3 @@ def run(win, rep: CycleReport, keep: Optional[tuple] = None) -> Readout:
     for stage in STAGES:
         stage(win, out)
     return out
-
-
-def readout_prune(estimate: torch.Tensor, win, flags: torch.Tensor, keep: int, rep: CycleReport) -> int:
-    """Keep the ``keep`` largest read-out weights among the *prunable* entries (the paper's "tomography
-    reads the r largest components"; :func:`top_r`); biases and norm scales, never pruned, are read as
-    they are.  In place; the pruned count and mass into ``rep.tomography``; returns r, the components
-    read out."""
-    total = float(estimate.pow(2).sum())
-    r, dropped = top_r(estimate, win, flags, keep)
-    rep.tomography["readout_pruned"] = int(torch.count_nonzero(dropped))
-    rep.tomography["readout_pruned_mass"] = float(dropped.pow(2).sum()) / total if total > 0 else 0.0
-    return r
-
-
-def top_r(values: torch.Tensor, win, flags: torch.Tensor, keep: int) -> tuple:
-    """The readout's prune of ``values`` (a vector on S, in place): its prunable entries outside the
-    ``keep`` largest in magnitude (ties: the lower index) are set to 0; the weights outside S keep θ0, and
-    their non-zeros count against ``keep``.
-
-    Args:
-        values: the weights on S (changed in place).
-        win: the window (its support and θ0).
-        flags: the prunable entries of the full flat vector.
-        keep: how many prunable weights the download keeps.
-
-    Returns:
-        ``(r, dropped)``: the components read out and the values set to 0.
-    """
-    S = win.support
-    if S is not None:   # weights outside S keep θ0: count their non-zeros against r
-        outside = flags.clone()
-        outside[S] = False
-        keep = max(0, keep - int(torch.count_nonzero(win.theta0[outside])))
-        flags = flags[S]
-    idx = torch.nonzero(flags).reshape(-1)
-    order = torch.sort(values[idx].abs(), descending=True, stable=True).indices  # ties: lower index
-    drop = idx[order[keep:]]
-    dropped = values[drop]
-    values[drop] = 0
-    return int(values.numel() - idx.numel() + keep), dropped

@@ -125,11 +125,10 @@ class Twin:
         """The window's end: the readout's keep-r prune (dense upload with pruning); momentum restarts."""
         keep = readout_keep(self._params, self.opt.pruner) if self.cfg.upload == "dense" else None
         if keep is not None:
-            flags, keep = keep
             theta = _flat.flatten([p.detach() for p in self._params]).clone()
             S = self._support
             values = theta if S is None else theta[S]
-            top_r(values, SimpleNamespace(support=S, theta0=theta), flags, keep)   # outside S: θ0
+            top_r(values, SimpleNamespace(support=S, theta0=theta), keep)   # outside S: θ0
             if S is not None:
                 theta[S] = values
             write_params(self._params, theta)

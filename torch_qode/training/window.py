@@ -32,6 +32,7 @@ from .config import EXPLICIT_MAX_SUPPORT, QODEConfig, carleman_state_for, use_ex
 from .faults import Fault, WindowFault
 from .finish import KAPPA_MAX_UNKNOWNS, Readout, write_params
 from .products import counted, new_counts
+from .readout_prune import readout_keep  # noqa: F401  (cycle and twin read it here)
 from .report import CycleReport
 from .shadow import Shadow, start_shadow
 from .shots import predicted_displacement
@@ -259,7 +260,8 @@ class Window:
 
         Args:
             rep: this cycle's report (each stage fills its part).
-            keep: ``(flags, keep)`` of :func:`readout_keep` for a dense upload with pruning, else ``None``.
+            keep: the :class:`~torch_qode.training.readout_prune.ReadoutKeep` of a dense upload with
+                pruning, else ``None``.
 
         Returns:
             The :class:`~.finish.Readout` (``new``, ``lin``, ``lin1``: full flat vectors).
@@ -342,16 +344,6 @@ def check_dissipation(exp: TaylorExpansion, dissipation, lr: float, T: int, comm
     with torch.enable_grad():
         verdict = dissipation(hvp, exp.n, lr=lr, T=T, dtype=dtype, device=device, **kw)
     return comm.agree(verdict)
-
-
-def readout_keep(params: list, pruner) -> Optional[tuple]:
-    """``(flags, keep)`` for :func:`readout_prune`: the prunable entries of the full vector and how
-    many of them the download keeps (``None`` without pruning)."""
-    if pruner is None:
-        return None
-    flags = torch.cat([torch.full((p.numel(),), f, dtype=torch.bool, device=params[0].device)
-                       for p, f in zip(params, pruner.prunable)])
-    return flags, pruner.n_prunable - pruner.n_pruned_target()
 
 
 def flat_grads(params: list) -> torch.Tensor:
