@@ -21,7 +21,7 @@ def _lines(path):
 
 def test_cpu_config_runs_and_writes_log_table_and_figure(tmp_path, capsys):
     out = tmp_path / "run"
-    res = demo.main([f"--out={out}"] + TINY + ["qode.mode=quantum", "train.twin=true"])  # --out=DIR is honoured
+    res = demo.main([f"--out={out}"] + TINY + ["qode.mode=quantum"])     # the --out=DIR spelling is honoured
     rows = res["rows"]
     assert [r["cycle"] for r in rows] == [0, 1]
     assert all(r["mode"] == "quantum" for r in rows)            # mode=quantum: every window is quantum
@@ -58,10 +58,10 @@ def test_auto_mode_and_cifar100_fixture_through_the_real_loader(tmp_path):
     root = tmp_path / "cifar"
     write_cifar100_fixture(root, n_train=96, n_test=40, seed=0)
     res = recipe.main(["--config", "configs/train_resnet_cifar100_cpu.yaml", "--out", str(tmp_path / "r"),
-                       "--data-root", str(root), "data.name=cifar100", "train.baseline=false",
+                       "--data-root", str(root), "data.name=cifar100", "train.baseline=false", "train.twin=false",
                        "monitor.enabled=false"] + TINY)
     assert len(res["rows"]) == 2 and all(r["acc_sgd"] is None and "acc_twin" not in r for r in res["rows"])
-    assert "acc_twin" not in res["table"]                # train.twin is off by default
+    assert "acc_twin" not in res["table"]                # train.twin=false: no twin, no column
     data = next(l for l in _lines(tmp_path / "r" / "log.jsonl") if l["event"] == "data")
     assert data["name"] == "cifar100" and data["is_fixture"] is True and data["root"] == str(root)
     for rep in res["reports"]:

@@ -58,12 +58,12 @@ def test_a_two_rank_run_of_the_fig2_recipe_trains_and_rank_0_alone_writes(tmp_pa
     from tests.apps.test_recipe_train_resnet import TINY
 
     out = tmp_path / "run"
-    argv = ["--out", str(out), "qode.mode=quantum"] + TINY
+    argv = ["--out", str(out), "qode.mode=quantum", "train.twin=true"] + TINY     # the twin under DDP too
     res = launch.spawn(functools.partial(launch.recipe_rank, "recipes.train_resnet_cifar100:main"), 2,
                        (argv, {}), threads=1, timeout=300)
     rows = res[0]["result"]["rows"]
     assert [r["cycle"] for r in rows] == [0, 1] and all(r["mode"] == "quantum" for r in rows)
-    assert all(r["drift"] is not None and 0 <= r["acc"] <= 1 for r in rows)
+    assert all(r["drift"] is not None and 0 <= r["acc"] <= 1 and 0 <= r["acc_twin"] <= 1 for r in rows)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len([e for e in log if e["event"] == "cycle"]) == 2       # one writer: rank 0
     assert res[1]["result"]["rows"] == []                              # the table is rank 0's

@@ -33,7 +33,7 @@ def closure_for(model, opt, x, y):
 
 def kwargs(upload):
     return dict(lr=LR, momentum=MOM, weight_decay=WD, cycle=CYCLE, classical_steps=CLASSICAL, sparsity=SPARSITY,
-                upload=upload, keep_dense=False)
+                upload=upload, keep_dense=False, pruning="global", min_density=0.0)   # the readout: global top-r
 
 
 def reference(model, data, upload):
