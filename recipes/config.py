@@ -65,6 +65,8 @@ def qode_section(**overrides) -> type:
             tp, default = Dict[str, Any], dict(default or {})
         elif typing.get_origin(tp) is typing.Literal:
             tp = str
+        elif typing.get_origin(tp) is typing.Union:     # e.g. shots: int or "auto": QODEConfig checks it
+            tp = Any
         fields.append((f.name, *_field(Optional[tp] if optional else tp, default)))
     if overrides:
         raise TypeError(f"qode_section: {sorted(overrides)} are not QODE settings")
