@@ -241,13 +241,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         names = [n for n, _ in model.named_parameters()]
         opt = QODE(model.parameters(), dissipation=DissipationCheck(seed=seed, **cfg["dissipation"]),
                    monitor=monitor, seed=seed, names=names, model=model, **q)
-        opt_sgd = QODE(baseline.parameters(), **{**q, "mode": "classical", "track_sgd": False}) \
-            if baseline is not None else None
+        # the baselines prune as QODE does (model=: the same keep-dense rule; names: the same report)
+        opt_sgd = QODE(baseline.parameters(), **{**q, "mode": "classical", "track_sgd": False}, names=names,
+                       model=baseline) if baseline is not None else None
         opt_twin = None
         if twin is not None:
             from torch_qode.training.twin import Twin
 
-            opt_twin = Twin(twin.parameters(), **q)
+            opt_twin = Twin(twin.parameters(), **q, names=names, model=twin)
 
         def closure_for(net, optimizer, x, y):
             def closure():
