@@ -9,6 +9,16 @@ import torch
 import torch.nn as nn
 
 
+def ce_closure(model: nn.Module, opt, x, y):
+    """The usual closure: zero the gradients, cross-entropy of ``model(x)`` against ``y``, backward."""
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
 def tiny_mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)

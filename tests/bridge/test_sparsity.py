@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from torch_qode.bridge.pruning import MagnitudePruner
 from torch_qode.bridge.sparsity import DISTRIBUTIONS, floor_counts, keep_counts, keep_dense_rule, name_rule
 from torch_qode import QODE
+from tests._models import ce_closure
 
 SCHEMES = ("global", "uniform", "erk")
 
@@ -188,13 +189,7 @@ def test_qode_with_model_keeps_dense_and_reports_densities():
     assert opt.cfg.pruning == "erk" and opt.cfg.min_density == 0.01
     assert {n for n, f in zip(opt.pruner.names, opt.pruner.prunable) if f} == PRUNED
     x, y = torch.randint(0, 10, (4, 5)), torch.randint(0, 3, (4,))
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    opt.step(closure)
+    opt.step(ce_closure(model, opt, x, y))
     down = opt.reports[0].download
     assert set(down["density"]) == PRUNED and set(down["layers"]) == PRUNED
     assert all(0 < d < 1 for d in down["density"].values())

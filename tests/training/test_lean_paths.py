@@ -14,6 +14,7 @@ from torch_qode.core.carleman import carleman
 from torch_qode.core.state import DenseLevels
 from torch_qode.training import window as _w
 from torch_qode.training.qode import QODE
+from tests._models import ce_closure
 
 
 def _mlp(seed: int, dtype=torch.float32) -> nn.Module:
@@ -27,13 +28,7 @@ def _data(steps: int, dtype=torch.float32):
             for _ in range(steps)]
 
 
-def _closure(model, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
+_closure = ce_closure
 
 
 def _generic(monkeypatch) -> None:

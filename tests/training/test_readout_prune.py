@@ -7,6 +7,7 @@ import torch.nn as nn
 from torch_qode import QODE
 from torch_qode.bridge.sparsity import floor_counts
 from torch_qode.training.readout_prune import ReadoutKeep, top_r
+from tests._models import ce_closure
 
 SHAPES = [(6, 6), (3, 8)]          # two prunable tensors, then 5 non-prunable entries
 
@@ -67,12 +68,7 @@ def _run(**kw):
     torch.manual_seed(1)
     x, y = 1e-3 * torch.randn(32, 6), torch.randint(0, 3, (32,))
     for step in range(6):
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.step(ce_closure(model, opt, x, y))
         if step == 5:
             assert opt.reports[0].mode == "quantum", opt.reports[0].reason
     return [int((p != 0).sum()) for p, f in zip(model.parameters(), opt.pruner.prunable) if f]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from torch_qode.training.qode import QODE
 from torch_qode.training.twin import Twin
+from tests._models import ce_closure
 
 CYCLE, CLASSICAL, LR, WD, MOM, SPARSITY = 6, 2, 0.3, 0.01, 0.9, 0.5
 
@@ -22,13 +23,7 @@ def batches(n):
             for _ in range(n)]
 
 
-def closure_for(model, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
+closure_for = ce_closure
 
 
 def kwargs(upload):
