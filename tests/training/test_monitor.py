@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch_qode.training.monitor import DissipationMonitor, paper_schedule
 from torch_qode.bridge.dissipation import DissipationCheck
 from torch_qode.training.qode import QODE
+from tests._models import ce_closure
 
 
 def bn_model(seed=0):
@@ -421,15 +422,8 @@ def test_panel_c_draws_the_drift_parts_and_old_logs_without_them(tmp_path, monke
     mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.2, window=4, schedule=[])
     opt = QODE(model.parameters(), lr=0.2, mode="quantum", cycle=6, classical_steps=2, sparsity=0.5, monitor=mon,
                track_sgd=True, shots=10**4)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(X), y)
-        loss.backward()
-        return loss
-
     for k in range(6):
-        opt.step(closure)
+        opt.step(ce_closure(model, opt, X, y))
     parts = opt.reports[-1].drift["parts"]
     assert set(parts) == {"support", "linearization", "readout_pruning", "readout_noise"}
     assert parts["readout_pruning"] > 0 and parts["readout_noise"] > 0   # markers to draw
