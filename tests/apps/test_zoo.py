@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch_qode.bridge.dissipation import MIN_STEPS
+from torch_qode.bridge.dissipation import DissipationCheck
 from torch_qode.training.config import QODEConfig
 
 _spec = importlib.util.spec_from_file_location("_zoo", Path(__file__).resolve().parents[2] / "benchmarks" / "zoo.py")
@@ -30,8 +30,8 @@ def _one_thread():
 
 
 def _run(name, **qode):
-    # the drop-in settings with the default dissipation check: bounded by check_budget (1 HVP per window HVP,
-    # at least MIN_STEPS), which keeps ResNet-18's check (11M weights) in seconds
+    # the drop-in settings with the default dissipation check: bounded by check_budget (its predicted
+    # criterion: about check_budget·T/2 HVPs and four gradients), which keeps ResNet-18's check in seconds
     return zoo.run(name, **qode)
 
 
@@ -53,8 +53,8 @@ def test_zoo_model_trains_two_cycles_without_an_emptied_tensor(name):
         assert all(FALLBACK[name] in why for why in r["reasons"]), r["reasons"]
     for m, d in zip(r["modes"], r["drift"]):
         assert (d is not None) == (m == "quantum")     # track_sgd: a quantum window reports its drift
-    # the check's cost within its default bound: max(MIN_STEPS, min(64, check_budget·T)) products (one SLQ run)
-    bound = max(MIN_STEPS, min(64, int(QODEConfig().check_budget * r["window_T"])))
+    # the check's cost within its default bound (the predicted criterion: about check_budget·T/2 products)
+    bound = DissipationCheck().max_hvps(r["window_T"], int(QODEConfig().check_budget * r["window_T"]))
     ran = [h for h in r["check_hvps"] if h is not None]
     assert ran or name in FALLBACK, r["reasons"]
     assert all(0 < h <= bound for h in ran), (ran, bound)

@@ -384,13 +384,13 @@ def test_check_passes_on_a_dissipative_spectrum_with_closed_form_proxy():
     lam = np.full(20, 5.0)
     lam[:5] = 0.001  # flat modes, below the cutoff
     _, hvp = _sym(lam)
-    v = DissipationCheck()(hvp, 20, lr=0.1, T=10)
+    v = DissipationCheck(criterion="proxy")(hvp, 20, lr=0.1, T=10)
     assert isinstance(v, Verdict) and v.passed and v.reason.startswith("passed")
     assert v.proxy.shape == (11,) and v.proxy[0] == 1.0
     assert v.top_eigenvalue == pytest.approx(5.0)
     assert v.positive_fraction == 1.0
     assert v.proxy[-1] == pytest.approx(0.5 ** 10, rel=1e-6)  # Gauss quadrature form: exact here
-    dens = DissipationCheck(form="density")(hvp, 20, lr=0.1, T=10)
+    dens = DissipationCheck(criterion="proxy", form="density")(hvp, 20, lr=0.1, T=10)
     # the paper's smoothed density overestimates: averaging the convex |1 + a|^t over the kernel (Jensen)
     assert 0.5 ** 10 < dens.proxy[-1] < 1.3 * 0.5 ** 10
     assert v.hvps <= 20
@@ -400,17 +400,18 @@ def test_check_passes_on_a_dissipative_spectrum_with_closed_form_proxy():
 def test_check_fails_on_divergent_modes_and_on_few_positive_modes():
     lam = np.concatenate([np.full(15, 5.0), np.full(5, -5.0)])  # a = -0.5 and +0.5
     _, hvp = _sym(lam)
-    v = DissipationCheck()(hvp, 20, lr=0.1, T=20)
+    v = DissipationCheck(criterion="proxy")(hvp, 20, lr=0.1, T=20)
     assert not v.passed and "proxy(T=20)" in v.reason
     assert v.proxy[-1] > 1
-    v_short = DissipationCheck()(hvp, 20, lr=0.1, T=2)  # (3·0.25 + 2.25)/4 = 0.75: still fine after 2 steps
+    # (3·0.25 + 2.25)/4 = 0.75: still fine after 2 steps
+    v_short = DissipationCheck(criterion="proxy")(hvp, 20, lr=0.1, T=2)
     assert v_short.passed
     lam2 = np.concatenate([np.full(5, 5.0), np.full(15, -1.0)])  # divergent directions are the majority
     _, hvp2 = _sym(lam2)
-    v2 = DissipationCheck()(hvp2, 20, lr=0.1, T=5)   # -1.0 stays below the cutoff: proxy fine
+    v2 = DissipationCheck(criterion="proxy")(hvp2, 20, lr=0.1, T=5)   # -1.0 stays below the cutoff: proxy fine
     assert not v2.passed and "positive fraction" in v2.reason and "proxy" not in v2.reason
     assert v2.positive_fraction == pytest.approx(0.25, abs=0.1)  # one Rademacher probe: weights fluctuate
-    assert DissipationCheck(min_positive_fraction=0.2)(hvp2, 20, lr=0.1, T=5).passed
+    assert DissipationCheck(criterion="proxy", min_positive_fraction=0.2)(hvp2, 20, lr=0.1, T=5).passed
 
 
 def test_window_flat_band_in_the_positive_fraction():
@@ -418,24 +419,24 @@ def test_window_flat_band_in_the_positive_fraction():
     lam = np.concatenate([np.full(5, 5.0), np.full(15, -0.02)])
     _, hvp = _sym(lam)
     # η = 0.1, T = 20: |ηλ|·T = 0.04 ≤ 0.1 for the negative modes -> flat -> all the moving mass is positive
-    v = DissipationCheck()(hvp, 20, lr=0.1, T=20)
+    v = DissipationCheck(criterion="proxy")(hvp, 20, lr=0.1, T=20)
     assert v.passed and v.positive_fraction == pytest.approx(1.0)
-    assert not DissipationCheck(flat_growth=0.0)(hvp, 20, lr=0.1, T=20).passed   # relative band only
+    assert not DissipationCheck(criterion="proxy", flat_growth=0.0)(hvp, 20, lr=0.1, T=20).passed   # relative band only
     # T = 200: the same modes grow by (1.002)^200 ≈ 1.5 -> they count, and they are the majority
-    v_long = DissipationCheck()(hvp, 20, lr=0.1, T=200)
+    v_long = DissipationCheck(criterion="proxy")(hvp, 20, lr=0.1, T=200)
     assert not v_long.passed and "positive fraction" in v_long.reason
     assert positive_fraction(lam, flat_below=0.05) == 1.0 and positive_fraction(lam) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="flat_below"):
         positive_fraction(lam, flat_below=-1.0)
     with pytest.raises(ValueError, match="flat_growth"):
-        DissipationCheck(flat_growth=-0.1)
+        DissipationCheck(criterion="proxy", flat_growth=-0.1)
 
 
 def test_check_nothing_beyond_the_cutoff_and_non_finite():
     _, hvp = _sym(np.linspace(0.1, 1.0, 10))
-    v = DissipationCheck()(hvp, 10, lr=0.01, T=50)
+    v = DissipationCheck(criterion="proxy")(hvp, 10, lr=0.01, T=50)
     assert v.passed and np.array_equal(v.proxy, np.ones(51)) and "proxy ≡ 1" in v.reason and v.kept_mass == 0
-    bad = DissipationCheck()(lambda x: x * float("nan"), 10, lr=0.1, T=5)
+    bad = DissipationCheck(criterion="proxy")(lambda x: x * float("nan"), 10, lr=0.1, T=5)
     assert not bad.passed and "non-finite" in bad.reason
     assert bad.proxy.shape == (6,)
 
@@ -446,7 +447,7 @@ def test_check_on_a_model_hvp_is_deterministic_and_side_effect_free():
     model, batch = tiny_cnn(), cnn_batch()
     snap = state_snapshot(model)
     exp = TaylorExpansion.from_model(model, CE, batch, lr=0.5, degree=1)
-    chk = DissipationCheck(steps=16)
+    chk = DissipationCheck(criterion="proxy", steps=16)
     a = chk(exp.hvp, exp.n, lr=0.5, T=10)
     b = chk(exp.hvp, exp.n, lr=0.5, T=10, dtype=torch.float32)
     assert a.as_dict()["proxy"] == pytest.approx(chk(exp.hvp, exp.n, lr=0.5, T=10).as_dict()["proxy"])
@@ -459,12 +460,12 @@ def test_check_bad_arguments():
     for kw in (dict(max_error_proxy=0), dict(min_positive_fraction=1.5), dict(cutoff=-0.1), dict(steps=0),
                dict(runs=0), dict(reorthogonalize="some"), dict(grid=1)):
         with pytest.raises(ValueError):
-            DissipationCheck(**kw)
+            DissipationCheck(criterion="proxy", **kw)
     _, hvp = _sym(np.ones(4))
     with pytest.raises(ValueError, match="T must be"):
-        DissipationCheck()(hvp, 4, lr=0.1, T=-1)
+        DissipationCheck(criterion="proxy")(hvp, 4, lr=0.1, T=-1)
     with pytest.raises(ValueError, match="lr"):
-        DissipationCheck()(hvp, 4, lr=0.0, T=1)
+        DissipationCheck(criterion="proxy")(hvp, 4, lr=0.0, T=1)
 
 
 # ------------------------------------------------------------------------ argument checks, numbers
@@ -497,9 +498,10 @@ def test_spectrum_arguments_are_checked_for_both_backends(backend):
 def test_numpy_scalars_are_numbers():
     eigs = np.array([3.0, 2.0, 0.5, -0.2, 1e-6])
     _, hvp = _sym(eigs)
-    ref = DissipationCheck(cutoff=float(np.float32(0.3)), zero_tol=1e-3, steps=5, seed=1)(hvp, 5, lr=0.5, T=4)
-    chk = DissipationCheck(cutoff=np.float32(0.3), zero_tol=np.float64(1e-3), steps=np.int64(5), seed=np.int32(1),
-                           max_error_proxy=np.float32(1.0), sigma=None)
+    ref = DissipationCheck(criterion="proxy", cutoff=float(np.float32(0.3)), zero_tol=1e-3, steps=5,
+                           seed=1)(hvp, 5, lr=0.5, T=4)
+    chk = DissipationCheck(criterion="proxy", cutoff=np.float32(0.3), zero_tol=np.float64(1e-3), steps=np.int64(5),
+                           seed=np.int32(1), max_error_proxy=np.float32(1.0), sigma=None)
     got = chk(hvp, 5, lr=np.float32(0.5), T=np.int64(4))
     assert np.allclose(got.proxy, ref.proxy, rtol=1e-6) and got.passed == ref.passed
     assert chk.cutoff == pytest.approx(0.3) and type(chk.steps) is int
@@ -511,9 +513,9 @@ def test_numpy_scalars_are_numbers():
     assert d1.sigma == pytest.approx(0.25) and np.allclose(d1.values, d2.values, rtol=1e-6)
     for kw in (dict(cutoff=np.bool_(True)), dict(zero_tol=np.array([0.1])), dict(sigma="0.1")):
         with pytest.raises(ValueError):
-            DissipationCheck(**kw)
+            DissipationCheck(criterion="proxy", **kw)
     with pytest.raises(TypeError, match="seed"):
-        DissipationCheck(seed=None)
+        DissipationCheck(criterion="proxy", seed=None)
     with pytest.raises(ValueError, match="zero_tol"):
         positive_fraction(eigs, np.float32(1.0))
     for tol in (-1.0, float("nan"), "x"):

@@ -51,11 +51,12 @@ def spectra(rank, world):
         monitored = model
     out["local"] = numbers(hessian_spectrum(model, F.cross_entropy, batch, **KW))
     exp = TaylorExpansion.from_model(model, F.cross_entropy, batch, lr=1.0, degree=1)
-    check = DissipationCheck(steps=24, cutoff=0.01, process_group=dist.group.WORLD if world > 1 else None)
+    check = DissipationCheck(criterion="proxy", steps=24, cutoff=0.01,
+                             process_group=dist.group.WORLD if world > 1 else None)
     v = check(exp.hvp, exp.n, lr=0.5, T=10)
     out["verdict"] = (v.passed, v.top_eigenvalue, np.asarray(v.proxy))
     mon = DissipationMonitor(monitored, F.cross_entropy, batch, lr=0.5, window=10, schedule=[0],
-                             check=DissipationCheck(steps=24, cutoff=0.01))
+                             check=DissipationCheck(criterion="proxy", steps=24, cutoff=0.01))
     out["monitor"] = mon.step(0)["top_eigenvalue"]
     return out
 
@@ -88,4 +89,4 @@ def test_a_process_group_needs_torch_distributed():
     with pytest.raises(ValueError, match="process_group"):
         hessian_spectrum(mlp(), F.cross_entropy, probe(), process_group=object())
     with pytest.raises(ValueError, match="process_group"):
-        DissipationCheck(process_group=object())
+        DissipationCheck(criterion="proxy", process_group=object())

@@ -84,8 +84,8 @@ def test_the_check_says_when_its_basis_did_not_fit(monkeypatch):
     from torch_qode.bridge.dissipation import DissipationCheck
 
     H = _clustered()
-    fits = DissipationCheck(steps=20)(lambda v: H @ v, 43, lr=0.01, T=5)
+    fits = DissipationCheck(criterion="proxy", steps=20)(lambda v: H @ v, 43, lr=0.01, T=5)
     assert "without reorthogonalisation" not in fits.reason
     monkeypatch.setattr(lz, "BASIS_BUDGET_BYTES_CPU", 100)
-    over = DissipationCheck(steps=20)(lambda v: H @ v, 43, lr=0.01, T=5)
+    over = DissipationCheck(criterion="proxy", steps=20)(lambda v: H @ v, 43, lr=0.01, T=5)
     assert "without reorthogonalisation" in over.reason and over.density.reorthogonalize is None

@@ -38,11 +38,11 @@ def test_a_bounded_check_runs_budget_times_T_steps_and_an_explicit_one_is_todays
     exp = _expansion(X, Y)
     comm = LocalComm()
     for T, budget, want in ((20, 1.0, 20), (3, 1.0, MIN_STEPS), (200, 1.0, 64), (20, 0.5, 10), (20, None, 64)):
-        v = _w.check_dissipation(exp, DissipationCheck(), 0.05, T, comm, None, budget)
+        v = _w.check_dissipation(exp, DissipationCheck(criterion="proxy"), 0.05, T, comm, None, budget)
         assert v.hvps == want, (T, budget, v.hvps)
-    today = DissipationCheck(steps=64)(exp.hvp, exp.n, lr=0.05, T=20)     # the call before issue 20
-    bounded = _w.check_dissipation(exp, DissipationCheck(steps=64), 0.05, 20, comm, None, 1.0)
-    standalone = DissipationCheck()(exp.hvp, exp.n, lr=0.05, T=20)        # no caller's bound: 64
+    today = DissipationCheck(steps=64, criterion="proxy")(exp.hvp, exp.n, lr=0.05, T=20)   # before issue 20
+    bounded = _w.check_dissipation(exp, DissipationCheck(steps=64, criterion="proxy"), 0.05, 20, comm, None, 1.0)
+    standalone = DissipationCheck(criterion="proxy")(exp.hvp, exp.n, lr=0.05, T=20)    # no caller's bound: 64
     for v in (bounded, standalone):
         assert v.hvps == today.hvps == 64 and v.reason == today.reason and v.passed == today.passed
         np.testing.assert_array_equal(v.proxy, today.proxy)
@@ -53,7 +53,8 @@ def test_qode_reports_the_checks_cost_against_the_window_and_keeps_it_within_bud
     model = _mlp()
     T = 20
     opt = QODE(model.parameters(), lr=0.05, mode="auto", cycle=T + 1, classical_steps=1, sparsity=0.0,
-               shots=None, explicit=False, dissipation=DissipationCheck(max_error_proxy=1e300, min_positive_fraction=0))
+               shots=None, explicit=False, dissipation=DissipationCheck(max_error_proxy=1e300, min_positive_fraction=0,
+                                                                 criterion="proxy"))
     for X, Y in _data(T + 1):
         def closure(X=X, Y=Y):
             opt.zero_grad()
@@ -68,7 +69,7 @@ def test_qode_reports_the_checks_cost_against_the_window_and_keeps_it_within_bud
 
 
 def test_with_recompute_the_checks_products_replay_the_closure_one_micro_batch_at_a_time(monkeypatch):
-    """Every check product re-runs the closure (two micro-batches of 8): 2 forwards of 8 samples per HVP,
+    """Every check product and gradient re-runs the closure (two micro-batches of 8): 2 forwards of 8 samples each,
     never a forward of the whole batch during the check."""
     model = _mlp()
     sizes, during = [], []
@@ -78,7 +79,7 @@ def test_with_recompute_the_checks_products_replay_the_closure_one_micro_batch_a
     def watched(self, hvp, n, **kw):
         start = len(sizes)
         v = call(self, hvp, n, **kw)
-        during.append((sizes[start:], v.hvps))
+        during.append((sizes[start:], v.hvps, v.prediction.grads))
         return v
     monkeypatch.setattr(DissipationCheck, "__call__", watched)
     T = 12
@@ -97,5 +98,7 @@ def test_with_recompute_the_checks_products_replay_the_closure_one_micro_batch_a
         return closure
     for X, Y in _data(2):
         opt.step(closure_for(X, Y))
-    (seen, hvps), = during
-    assert hvps == T and len(seen) == 2 * hvps and set(seen) == {8}
+    (seen, hvps, grads), = during
+    # the predicted criterion: its path, probes and quadrature, and a gradient at each of its two probes
+    assert hvps == DissipationCheck().max_hvps(T, T) - 3 and grads == 2
+    assert len(seen) == 2 * (hvps + grads) and set(seen) == {8}

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from torch_qode.bridge.dissipation import DissipationCheck
 from torch_qode.bridge.engines import GraphEngine
 from torch_qode.core.resources import THIRD_ORDER_HVPS, classical_cost
 from torch_qode.training import window as _w
@@ -100,9 +101,8 @@ def test_product_counts_match_an_instrumented_engine(engine_counts, kw):
     assert c["hvp_equivalents"] == c["hvps"] + c["lanczos_hvps"] + THIRD_ORDER_HVPS * c["third_order"]
     T = BASE["cycle"] - BASE["classical_steps"]
     if kw.get("mode") == "auto":
-        n = IN * HID + HID + HID * OUT + OUT          # Lanczos stops at n when n < its steps
-        steps = max(8, min(64, T))                    # bounded by the window: check_budget = 1 HVP per step
-        assert c["lanczos_hvps"] == rep.dissipation["hvps"] == min(n, steps)
+        # the predicted criterion: the path, two probes, two quadratures (bounded by check_budget·T/2)
+        assert c["lanczos_hvps"] == rep.dissipation["hvps"] == DissipationCheck().max_hvps(T, T)
     else:
         assert c["lanczos_hvps"] == 0
     if kw["carleman_order"] == 1:

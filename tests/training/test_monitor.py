@@ -59,7 +59,7 @@ def test_standalone_monitor_leaves_model_untouched_and_logs_json(tmp_path):
         return float((m(X).argmax(1) == y).double().mean())
 
     mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.5, window=20, schedule=[0, 3],
-                             check=DissipationCheck(steps=40),
+                             check=DissipationCheck(criterion="proxy", steps=40),
                              metric=metric, log_path=log)
     for s in range(5):
         mon.step(s)
@@ -86,7 +86,7 @@ def test_top_eigenvalue_matches_exact_hessian():
 
     lam = torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, theta))
     mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, schedule=[0],
-                             check=DissipationCheck(steps=theta.numel()))
+                             check=DissipationCheck(criterion="proxy", steps=theta.numel()))
     rec = mon.step(0)
     assert rec["top_eigenvalue"] == pytest.approx(float(lam.max()), rel=1e-6)
 
@@ -132,7 +132,7 @@ def test_monitor_numbers_are_the_checks_numbers():
     model = bn_model(4)
     model.eval()
     X, y = probe(6)
-    chk = DissipationCheck(steps=30, seed=3)
+    chk = DissipationCheck(criterion="proxy", steps=30, seed=3)
     mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.3, window=12, schedule=[0], check=chk)
     rec = mon.step(0)
     exp = TaylorExpansion.from_model(model, F.cross_entropy, (X, y), lr=0.3, degree=1)
@@ -182,7 +182,7 @@ def test_metric_in_training_mode_leaves_buffers_grads_and_rng():
         return float((m(Xt).argmax(1) == yt).double().mean())   # train mode: updates the BN buffers
 
     mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, window=3, schedule=[0],
-                             check=DissipationCheck(steps=6), metric=metric)
+                             check=DissipationCheck(criterion="proxy", steps=6), metric=metric)
     grads = [p.grad for p in model.parameters()]
     before = snapshot(model)
     rng = torch.get_rng_state()
@@ -198,7 +198,8 @@ def test_schedule_forms_and_refusals():
 
     model = bn_model()
     X, y = probe()
-    mk = lambda **kw: DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, check=DissipationCheck(steps=4), **kw)
+    mk = lambda **kw: DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1,
+                                         check=DissipationCheck(criterion="proxy", steps=4), **kw)
     for sched in (np.array([1, 3]), torch.tensor([1, 3]), [np.int64(1), 3], range(1, 4, 2), (1, 3)):
         mon = mk(schedule=sched)
         assert [s for s in range(6) if mon.scheduled(s)] == [1, 3]
@@ -222,7 +223,7 @@ def test_numpy_scalars_for_lr_and_window():
     model = bn_model()
     model.eval()
     X, y = probe()
-    kw = dict(schedule=[0], check=DissipationCheck(steps=6))
+    kw = dict(schedule=[0], check=DissipationCheck(criterion="proxy", steps=6))
     a = DissipationMonitor(model, F.cross_entropy, (X, y), lr=np.float32(0.5), window=np.int64(5), **kw).step(0)
     b = DissipationMonitor(model, F.cross_entropy, (X, y), lr=float(np.float32(0.5)), window=5, **kw).step(0)
     assert len(a["proxy_curve"]) == 6 and a["proxy_curve"] == b["proxy_curve"]
@@ -242,8 +243,8 @@ def test_jsonl_log_stays_in_step_with_records(tmp_path):
     model.eval()
     X, y = probe()
     log = tmp_path / "m.jsonl"
-    mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, schedule=[0], check=DissipationCheck(steps=4),
-                             log_path=log)
+    mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, schedule=[0],
+                             check=DissipationCheck(criterion="proxy", steps=4), log_path=log)
     with pytest.raises(TypeError, match="JSON"):
         mon.record({"step": 1, "path": Path("x")})
     with pytest.raises(TypeError, match="JSON"):
@@ -259,7 +260,7 @@ def test_jsonl_log_stays_in_step_with_records(tmp_path):
     lines = [json.loads(l) for l in log.read_text().splitlines()]
     assert lines == mon.records and lines[1]["value"] is None
     with_metric = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.1, schedule=[0],
-                                     check=DissipationCheck(steps=4), metric=lambda m: 1.0)
+                                     check=DissipationCheck(criterion="proxy", steps=4), metric=lambda m: 1.0)
     with pytest.raises(ValueError, match="test_acc"):
         with_metric.step(0, test_acc=0.5)
     with pytest.raises(ValueError, match="log_path"):

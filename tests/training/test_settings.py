@@ -84,7 +84,8 @@ def test_old_spellings_keep_loading():
 
 
 #: a value other than the default for every saved setting (with what it needs to be valid)
-OTHER = {"mode": {"mode": "classical"}, "cycle": {"cycle": 12}, "classical_steps": {"classical_steps": 3},
+OTHER = {"mode": {"mode": "classical"}, "window": {"window": "auto"}, "cycle": {"cycle": 12},
+         "classical_steps": {"classical_steps": 3},
          "sparsity": {"sparsity": 0.5}, "pruning": {"pruning": "global"}, "min_density": {"min_density": 0.05},
          "keep_dense": {"keep_dense": False},
          "upload": {"upload": "sparse"}, "noise": {"noise": "frozen"},

@@ -23,13 +23,14 @@ import torch
 from .._checks import as_int, as_real, check_choice, check_int, check_real, require_int
 from .collective import hvp_group, mean_all_reduce
 from .lanczos import _REORTH, Lanczos, hutchinson_trace, lanczos, top_eigenvalues
+from .prediction import SPECTRUM_STEPS, Prediction, Probe, predict, rounded
 from .spectrum import (Density, Spectrum, _check_sigma, error_proxy, hessian_spectrum, positive_fraction,
                        slq_density, smooth_density)
 
 __all__ = [
     "Lanczos", "lanczos", "Density", "slq_density", "smooth_density", "top_eigenvalues", "hutchinson_trace",
     "Spectrum", "hessian_spectrum", "PyHessianAdapter", "error_proxy", "positive_fraction",  # noqa: F822 (__getattr__)
-    "DissipationCheck", "Verdict",
+    "DissipationCheck", "Verdict", "Probe", "Prediction", "CRITERIA",
 ]
 
 
@@ -46,6 +47,10 @@ def __getattr__(name: str):
 DEFAULT_STEPS = 64
 #: the fewest Lanczos steps a caller's bound leaves (fewer resolve too little of the spectrum's edges)
 MIN_STEPS = 8
+#: the criteria a check decides by: the predicted error (issue 22) or the paper's proxy and positive fraction
+CRITERIA = ("predicted", "proxy")
+#: Lanczos steps of the predicted path: at least, at most (the path is smooth in the spectrum)
+PATH_STEPS = (2, 12)
 
 
 @dataclass
@@ -65,6 +70,11 @@ class Verdict:
         density: The SLQ density (``None`` when the products were non-finite).
         hvps: The number of Hessian-vector products spent.
         seconds: The wall time spent.
+        criterion: ``"predicted"`` or ``"proxy"`` (what ``passed`` was decided on).
+        prediction: The :class:`~.prediction.Prediction` (criterion ``"predicted"``), else ``None``.
+        max_error: The largest predicted relative error that passes (criterion ``"predicted"``).
+        T_chosen: The window length the check chose (``choose_T``), else ``None``.
+        borderline: The predicted error lies within its margin of ``max_error``.
     """
 
     passed: bool
@@ -79,17 +89,60 @@ class Verdict:
     density: Optional[Density] = None
     hvps: int = 0
     seconds: float = 0.0
+    criterion: str = "proxy"
+    prediction: Optional[Prediction] = None
+    max_error: Optional[float] = None
+    T_chosen: Optional[int] = None
+    borderline: bool = False
+
+    @property
+    def pending(self) -> bool:
+        """A provisional pass: the prediction waits for its curvature noise (the window's first new batch,
+        :meth:`DissipationCheck.complete`)."""
+        return self.prediction is not None and self.prediction.pending
+
+    def state_dict(self) -> dict:
+        """The verdict as tensors and plain values (a ``pending`` verdict in a saved window; no density).
+
+        Returns:
+            A dict :meth:`from_state_dict` reads.
+        """
+        return {"passed": self.passed, "reason": self.reason, "top_eigenvalue": self.top_eigenvalue,
+                "positive_fraction": self.positive_fraction, "proxy": torch.as_tensor(np.asarray(self.proxy)),
+                "lr": self.lr, "T": self.T, "cutoff": self.cutoff, "kept_mass": self.kept_mass, "hvps": self.hvps,
+                "seconds": self.seconds, "criterion": self.criterion, "max_error": self.max_error,
+                "T_chosen": self.T_chosen, "borderline": self.borderline,
+                "prediction": None if self.prediction is None else self.prediction.state_dict()}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, device=None) -> "Verdict":
+        """The verdict :meth:`state_dict` saved.
+
+        Args:
+            sd: The saved dict.
+            device: Where the prediction's vectors go.
+
+        Returns:
+            The :class:`Verdict`.
+        """
+        kw = {k: v for k, v in sd.items() if k not in ("proxy", "prediction")}
+        pred = None if sd["prediction"] is None else Prediction.from_state_dict(sd["prediction"], device)
+        return cls(proxy=np.asarray(sd["proxy"].cpu(), dtype=np.float64), prediction=pred, **kw)
 
     def as_dict(self) -> dict:
         """The verdict as plain Python values (for logs and JSON).
 
         Returns:
-            Every field but ``density``; ``proxy`` as a list.
+            Every field but ``density`` and ``prediction`` (whose numbers are merged in); ``proxy`` as a list.
         """
-        return {"passed": self.passed, "reason": self.reason, "top_eigenvalue": self.top_eigenvalue,
-                "positive_fraction": self.positive_fraction, "proxy": np.asarray(self.proxy).tolist(),
-                "lr": self.lr, "T": self.T, "cutoff": self.cutoff, "kept_mass": self.kept_mass,
-                "hvps": self.hvps, "seconds": self.seconds}
+        out = {"passed": self.passed, "reason": self.reason, "top_eigenvalue": self.top_eigenvalue,
+               "positive_fraction": self.positive_fraction, "proxy": np.asarray(self.proxy).tolist(),
+               "lr": self.lr, "T": self.T, "cutoff": self.cutoff, "kept_mass": self.kept_mass,
+               "hvps": self.hvps, "seconds": self.seconds, "criterion": self.criterion}
+        if self.prediction is not None:
+            out.update(self.prediction.as_dict(self.T_chosen), max_error=self.max_error, T_chosen=self.T_chosen,
+                       borderline=self.borderline, pending=self.pending)
+        return out
 
 
 def _beside(x: float, threshold: float, digits: int) -> str:
@@ -104,11 +157,24 @@ def _beside(x: float, threshold: float, digits: int) -> str:
 class DissipationCheck:
     """Decide, at upload time, whether the linearisation error of a quantum window stays controlled.
 
-    Runs an SLQ density of the Hessian on the expansion batch and predicts the error proxy
-    (Eq. III.14) over the window t = 0..T.  Passes iff ``proxy(T) ≤ max_error_proxy`` and
-    ``positive_fraction ≥ min_positive_fraction``.
+    Two criteria (:data:`CRITERIA`):
 
-    Defaults, and why:
+    - ``"predicted"`` (default, issue 22): the window's relative linearisation error
+      ``‖θ_lin − θ_GD,S‖/‖θ_GD,S − θ0‖`` predicted at t = 0..T (:mod:`.prediction`: the predicted path
+      in the Krylov space of the Hessian started at F0, the upload batch's Taylor remainder and the
+      curvature noise between the upload batch and the window's first new batch, each measured at two
+      points of the path).  Passes iff the prediction at T, at two significant digits, is within
+      ``max_error`` (with ``choose_T``: the largest T for which it stays within).  The noise is only
+      known at the window's first new batch: the upload's verdict is then provisional (``pending``)
+      and :meth:`complete` decides.  ``max_error = 0.5`` by default: the linearised window lands
+      within half its own displacement of gradient descent on S.  Measured against the paper's
+      proxy on a grid of windows in ``benchmarks/check_calibration.py``.
+    - ``"proxy"`` (the paper's, Sec. III B): an SLQ density of the Hessian on the expansion batch and
+      the error proxy (Eq. III.14) over the window t = 0..T.  Passes iff ``proxy(T) ≤ max_error_proxy``
+      and ``positive_fraction ≥ min_positive_fraction``.  ``criterion="proxy"`` reproduces the verdicts
+      before issue 22 bit for bit.
+
+    Defaults of the proxy criterion, and why:
 
     - ``max_error_proxy = 1.0`` — ``proxy(0) = 1`` is the level of a classical step (the paper's
       Fig. 2c sits at exactly 1 during the classical steps).  ``proxy(T) ≤ 1`` asks that, by the end
@@ -157,16 +223,19 @@ class DissipationCheck:
         form: ``"quadrature"`` or ``"density"``.
         flat_growth: The window flat band.
         process_group: The torch.distributed group the products are averaged over.
+        criterion: ``"predicted"`` or ``"proxy"``.
+        max_error: The largest predicted relative linearisation error at T that passes (``"predicted"``).
 
     Raises:
-        ValueError: An argument is out of range or an unknown ``form``/``reorthogonalize``.
+        ValueError: An argument is out of range or an unknown ``form``/``reorthogonalize``/``criterion``.
     """
 
     def __init__(self, max_error_proxy: float = 1.0, min_positive_fraction: float = 0.5, cutoff: float = 0.4,
                  steps: Optional[int] = None, runs: int = 1, seed: int = 0, *, grid: int = 256,
                  sigma: Optional[float] = None,
                  reorthogonalize: Optional[str] = "full", zero_tol: float = 1e-3, form: str = "quadrature",
-                 flat_growth: float = 0.1, process_group=None):
+                 flat_growth: float = 0.1, process_group=None, criterion: str = "predicted",
+                 max_error: float = 0.5):
         def num(name, v, lo, hi, lo_open=False):       # the messages the recipes' config errors quote
             x = as_real(v)
             if x is None or not math.isfinite(x) or x > hi or x < lo or (lo_open and x == lo):
@@ -197,6 +266,8 @@ class DissipationCheck:
         self.sigma = _check_sigma(sigma)
         self.process_group = process_group
         self._group = hvp_group(None, process_group)
+        self.criterion = check_choice(criterion, "criterion", CRITERIA)
+        self.max_error = num("max_error", max_error, 0.0, 1e300, lo_open=True)
 
     def evaluate(self, density: Density, lr: float, T: int) -> tuple[np.ndarray, float, float]:
         """The numbers a density gives under this check's settings (``form``, ``cutoff``, the flat bands).
@@ -233,19 +304,77 @@ class DissipationCheck:
             return self.steps
         return max(MIN_STEPS, min(self.steps, int(max_steps)))
 
+    def path_steps(self, T: int, max_steps: Optional[int] = None) -> int:
+        """Lanczos steps of the predicted path (criterion ``"predicted"``).
+
+        Args:
+            T: The window length.
+            max_steps: The caller's bound (as for :meth:`steps_for`); the check then spends at most
+                ``max(⌊max_steps/2⌋, PATH_STEPS[0] + 8)`` HVPs: the path, the model at two probes, two
+                3-step quadratures (:data:`~.prediction.SPECTRUM_STEPS`); and four gradients.
+
+        Returns:
+            ``steps`` when given explicitly, else ``⌊max_steps/2⌋ − 8`` (without a bound ``⌊T/2⌋ − 8``)
+            clamped to :data:`PATH_STEPS`.
+        """
+        if self.fixed_steps:
+            return self.steps
+        budget = (int(T) if max_steps is None else int(max_steps)) // 2
+        return max(PATH_STEPS[0], min(PATH_STEPS[1], budget - 2 - 2 * SPECTRUM_STEPS))
+
+    def max_hvps(self, T: int, max_steps: Optional[int] = None) -> int:
+        """The most Hessian-vector products a call (with :meth:`complete`) spends.
+
+        Args:
+            T: The window length.
+            max_steps: The caller's bound.
+
+        Returns:
+            ``"predicted"``: the path's steps, two probes and two quadratures; ``"proxy"``: ``steps·runs``.
+        """
+        if self.criterion == "predicted":
+            return self.path_steps(T, max_steps) + 2 + 2 * SPECTRUM_STEPS
+        return self.steps_for(max_steps) * self.runs
+
     def __call__(self, hvp: Callable[[torch.Tensor], torch.Tensor], n: int, *, lr: float, T: int,
-                 dtype: torch.dtype = torch.float64, device=None, max_steps: Optional[int] = None) -> Verdict:
+                 dtype: torch.dtype = torch.float64, device=None, max_steps: Optional[int] = None,
+                 probe: Optional[Probe] = None, choose_T: bool = False) -> Verdict:
+        """The verdict for a window of ``T`` steps at step ``lr``.
+
+        Args:
+            hvp: ``v -> (H + wd·I) v`` on S (torch ``(n,)`` or ``(n, k)``).
+            n: ``|S|``.
+            lr: ``η``.
+            T: The window length.
+            dtype: The Lanczos vectors' dtype.
+            device: Their device.
+            max_steps: The caller's bound on the products (:meth:`steps_for`, :meth:`path_steps`).
+            probe: What the upload lends the ``"predicted"`` criterion (:class:`~.prediction.Probe`).
+            choose_T: Choose the window length (``"predicted"``): the largest T within ``max_error``.
+
+        Returns:
+            The :class:`Verdict`.
+
+        Raises:
+            ValueError: A bad ``T``/``lr``, or criterion ``"predicted"`` without a ``probe``.
+        """
         T = check_int(T, "T", 0, hint=" (window length in steps)")
         lr = check_real(lr, "lr", 0.0, low_open=True)
         count = [0]
         group = self._group
-        steps = self.steps_for(max_steps)
 
         def counted(v):
             count[0] += 1
             return hvp(v) if group is None else mean_all_reduce(hvp(v), group)
 
         t0 = time.perf_counter()
+        if self.criterion == "predicted":
+            if probe is None:
+                raise ValueError("probe: DissipationCheck(criterion='predicted') predicts the window's error from "
+                                 "F0 and a gradient oracle: pass probe=Probe(f0=...) (QODE does), or use "
+                                 "criterion='proxy' for the spectrum-only check of the paper")
+            return self._predicted(counted, count, probe, lr, T, max_steps, choose_T, t0)
+        steps = self.steps_for(max_steps)
         nan = float("nan")
         try:
             dens = slq_density(counted, n, steps=steps, runs=self.runs, grid=self.grid, sigma=self.sigma,
@@ -276,7 +405,94 @@ class DissipationCheck:
         return Verdict(passed, reason, top, pos, proxy, float(lr), int(T), self.cutoff, kept_mass, dens, count[0],
                        time.perf_counter() - t0)
 
+    def _predicted(self, counted, count: list, probe: Probe, lr: float, T: int, max_steps, choose_T: bool,
+                   t0: float) -> Verdict:
+        """Criterion ``"predicted"``: the path, the remainder, a provisional or final verdict."""
+        nan = float("nan")
+        try:
+            pred = predict(counted, probe, lr, T, self.path_steps(T, max_steps))
+        except FloatingPointError:
+            return Verdict(False, "failed: the Hessian-vector product returned non-finite values", nan, nan,
+                           np.full(T + 1, np.nan), float(lr), T, self.cutoff, nan, None, count[0],
+                           time.perf_counter() - t0, "predicted", None, self.max_error)
+        nodes, weights = pred.path.nodes, pred.path.weights
+        if nodes.size:
+            proxy = np.atleast_1d(error_proxy((nodes, weights), lr, np.arange(T + 1), self.cutoff))
+            flat = max(self.zero_tol * float(np.abs(nodes).max()), self.flat_growth / (lr * T) if T else 0.0)
+            moving = np.abs(nodes) > flat
+            pos = float(weights[moving & (nodes > 0)].sum() / weights[moving].sum()) if moving.any() else 1.0
+            kept = float(weights[np.abs(lr * nodes) >= self.cutoff].sum())
+            top = float(nodes.max())
+        else:
+            proxy, pos, kept, top = np.ones(T + 1), 1.0, 0.0, 0.0
+        verdict = Verdict(False, "", top, pos, proxy, float(lr), T, self.cutoff, kept, None, count[0], 0.0,
+                          "predicted", pred, self.max_error)
+        self._judge(verdict, choose_T)
+        verdict.seconds = time.perf_counter() - t0
+        return verdict
+
+    def complete(self, verdict: Verdict, next_step: Callable[[torch.Tensor], torch.Tensor], next_f0: torch.Tensor,
+                 hvp: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, choose_T: bool = False) -> Verdict:
+        """Finish a ``pending`` verdict on the window's first new batch: its curvature and gradient noise,
+        then the final decision (and the window length with ``choose_T``).
+
+        Args:
+            verdict: The upload's provisional verdict (changed in place).
+            next_step: ``u -> −η(∇L_1(θ0 + u) + wd·(θ0 + u))`` on that batch (one gradient per probe).
+            next_f0: ``F0(1)`` of that batch.
+            hvp: The upload batch's ``(H + wd)`` products (the noise's spectrum), or ``None``.
+            choose_T: As for :meth:`__call__`.
+
+        Returns:
+            ``verdict``, decided.
+        """
+        t0 = time.perf_counter()
+        pred = verdict.prediction
+        before = pred.hvps
+        if hvp is not None and self._group is not None:
+            inner = hvp
+            hvp = (lambda v: mean_all_reduce(inner(v), self._group))
+        pred.complete(next_step, next_f0, hvp)
+        verdict.hvps += pred.hvps - before
+        self._judge(verdict, choose_T)
+        verdict.seconds += time.perf_counter() - t0
+        return verdict
+
+    def _judge(self, verdict: Verdict, choose_T: bool) -> None:
+        """``passed``, ``T_chosen``, ``borderline`` and ``reason`` of a predicted verdict, at
+        :func:`~.prediction.rounded` precision (round-off does not flip it)."""
+        pred, T, cap = verdict.prediction, verdict.T, self.max_error
+        curve, margin = pred.curve(), pred.margin()
+        least = 2 if pred.nu is not None else 1   # decided at the first new batch: the window has 2 steps by then
+        if pred.pending:       # the noise reshapes the path and adds its own part: the first new batch decides
+            Tc, passed = None, True
+        elif choose_T:
+            Tc = pred.choose_T(cap)
+            passed = Tc >= min(least, T)
+        else:
+            Tc, passed = None, rounded(float(curve[-1])) <= cap
+        at = Tc if (Tc is not None and passed) else T
+        err, band = float(curve[at]), float(margin[at])
+        verdict.passed, verdict.T_chosen = bool(passed), (Tc if choose_T else None)
+        verdict.borderline = abs(err - cap) <= band
+        parts = pred.parts(at)
+        noise = (f"noise {parts['noise']:.2g}" if pred.nu is not None
+                 else "noise at the first window batch" if pred.pending else "noise not measured")
+        rem = f"remainder {parts['remainder']:.2g}" if pred.remainder_measured else "remainder not measured"
+        shown = band if band > 1e-6 * max(err, cap) else 0.0      # round-off, not a margin
+        what = (f"predicted error {err:.2g} ± {shown:.1g} at T={at} ({rem}, {noise})"
+                + (f", T chosen {Tc} of {T}" if Tc is not None and passed else ""))
+        if passed:
+            verdict.reason = (("provisional: " if pred.pending else "passed: ") + what + f" <= max_error = {cap:g}"
+                              + (" [borderline: within its margin]" if verdict.borderline else ""))
+        else:
+            verdict.reason = (f"failed: {what} > max_error = {cap:g}" if not choose_T else
+                              f"failed: predicted error {float(curve[min(least, T)]):.2g} > max_error = {cap:g} "
+                              f"already at T={min(least, T)} ({rem}, {noise})")
+            if verdict.borderline:
+                verdict.reason += " [borderline: within its margin]"
+
     def __repr__(self) -> str:
         return (f"DissipationCheck(max_error_proxy={self.max_error_proxy}, min_positive_fraction="
                 f"{self.min_positive_fraction}, cutoff={self.cutoff}, steps={self.steps}, runs={self.runs}, "
-                f"seed={self.seed}, form={self.form!r})")
+                f"seed={self.seed}, form={self.form!r}, criterion={self.criterion!r}, max_error={self.max_error})")

@@ -136,6 +136,11 @@ class QODEConfig:
     classical_steps: int = setting(
         10, "plain SGD steps after each download (``0 ≤ classical_steps < cycle``); the window has "
         "``T = cycle − classical_steps`` steps.", _int(0), section="cycle")
+    window: Literal["fixed", "auto"] = setting(
+        "fixed", "``\"fixed\"``: every window runs ``T = cycle − classical_steps`` steps; ``\"auto\"`` "
+        "(``mode=\"auto\"`` with the check's ``\"predicted\"`` criterion): each window runs the largest T up "
+        "to that for which the predicted linearisation error stays within the check's ``max_error`` (the rest "
+        "of the cycle trains classically; ``CycleReport.window``).", _literal, section="cycle")
     sparsity: float = setting(0.9, "pruning ratio in ``[0, 1)`` at each download (0 disables pruning).",
                               _unit_interval, section="cycle")
     pruning: str = setting(
@@ -393,7 +398,8 @@ QODEConfig.__doc__ = with_settings(QODEConfig.__doc__)
 #: old spellings a saved state (or a config) may carry: each upgraded, with a DeprecationWarning on use
 #: in a call, silently in a saved state (the state was written by an earlier version, not by the user)
 _SAVED_DEFAULTS = {"carleman_state": "auto", "max_rank": None, "pruning": "global", "min_density": 0.0,
-                   "keep_dense": False, "readout": "weights", "readout_error": 0.1, "max_shots": 10**9}
+                   "keep_dense": False, "readout": "weights", "readout_error": 0.1, "max_shots": 10**9,
+                   "window": "fixed"}
 
 
 def upgrade_saved(saved: dict) -> dict:

@@ -22,6 +22,7 @@ import torch
 from ..bridge import flat as _flat
 from ..bridge.kernels import KERNELS, double_backward_kernels, missing_double_backward
 from ..bridge.norms import fused_norm_nodes
+from . import check as _check
 from . import window as _w
 from .capture import Products, Replay, capture_backward, measuring, own_grads, rng_state, saving, upload_graph
 from .classical import all_finite_sync, finite_with, momentum_buffers, reset_momentum, sgd_steps
@@ -159,7 +160,7 @@ def _open(q: QuantumSteps, s: Step, loss, cap: dict, support, hvp: Products, rng
             return go_classical(q, s, "no parameter received a gradient at upload", loss, update=True)
     win, why = _w.Window.open(graph, params, support, q.groups, momentum_buffers(params, q.state), q.cfg,
                               q.comm, q.rng, q.dissipation, rep, monitor=q.monitor.on_upload, k=s.k,
-                              watched=q.watched())
+                              watched=q.watched(), grad_at=functools.partial(grads_at, params, s.closure, q.model))
     del graph
     if win is None:
         return go_classical(q, s, why, loss, update=True)
@@ -281,8 +282,49 @@ def window_step(q: QuantumSteps, s: Step) -> Any:
             abort(q, s, WindowFault(Fault.REEXPANSION_FAILED, why))
             return loss
         s.fault(WindowFault(Fault.RESUMED))
+    if w.verdict is not None and not decide(q, s):
+        return loss
     advance(q, s, params, f0, deferred)
     return loss
+
+
+def decide(q: QuantumSteps, s: Step) -> bool:
+    """The window's first new batch decides a provisional verdict (:func:`~.check.complete`: the
+    curvature and gradient noise against the upload batch's).  Refused, the window ends before this
+    step advances it: the model still holds θ0, this step trains as SGD from θ0 with its gradients
+    (the upload batch's step is spent), and the report says why.  Passed, the window runs to the T
+    it chose (``window="auto"``).
+
+    Returns:
+        Whether the window goes on."""
+    w, rep = q.win, s.rep
+    verdict, w.verdict = w.verdict, None
+    S = slice(None) if w.support is None else w.support
+    g = _w.flat_grads(q.params)[S].to(torch.float64)
+    if not q.comm.local:
+        g = q.comm.reduce_hvp(g)
+    wd = w.wd[S] if isinstance(w.wd, torch.Tensor) else w.wd
+    f1 = -w.lr * (g + wd * w.theta0[S].to(torch.float64))
+    step = _check.step_at(functools.partial(grads_at, q.params, s.closure, q.model), q.params, w.theta0,
+                          w.support, w.lr, w.wd, q.comm)
+    explicit = w.explicit and w.system is not None       # its F1 is already the global batch's
+    verdict = _check.complete(q.dissipation, verdict, step, f1, _check.upload_hvp(w), q.comm,
+                              q.cfg.window == "auto", reduce=not explicit)
+    if rep.dissipation is not None:
+        rep.dissipation.update(verdict.as_dict())
+    if not verdict.passed:
+        w.release()
+        q.win = None
+        rep.mode = "classical"
+        rep.reason = (f"dissipation check at the window's first new batch {verdict.reason}; the window ends at "
+                      "θ0 (the upload step is spent) and this step trains as SGD")
+        q.monitor.on_window_closed(s.k)
+        go_classical(q, s, rep.reason, None, update=True)
+        return False
+    rep.reason = f"dissipation check {verdict.reason}"
+    if verdict.T_chosen:
+        w.T = rep.window = int(verdict.T_chosen)
+    return True
 
 
 def advance(q: QuantumSteps, s: Step, grads, f0: Optional[torch.Tensor] = None, deferred: bool = False) -> None:
@@ -306,7 +348,7 @@ def advance(q: QuantumSteps, s: Step, grads, f0: Optional[torch.Tensor] = None, 
         raise                                    # the error propagates: a bug is not swallowed
     if shadow is not None:
         shadow_update(w.shadow, *shadow, q.groups, w.lr, w.wd, w.support)
-    if w.t == q.cfg.window_length:
+    if w.t == w.T:
         finish(q, s)
 
 

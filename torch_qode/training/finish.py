@@ -74,7 +74,7 @@ def solve(win, out: Readout) -> None:
     Raises:
         WindowFault: ``Fault.SOLVE_FAILED`` (the other ranks see it at :func:`read_out`'s agreement).
     """
-    cfg, sys_, T = win.cfg, out.system, win.cfg.window_length
+    cfg, sys_, T = win.cfg, out.system, win.T
     solver = cfg.window_solver
     info = {"method": cfg.solver, "kappa": None, "kappa_bound": kappa_bound(T), "fidelity": 1.0}
     try:
@@ -153,13 +153,13 @@ def price(win, out: Readout) -> None:
         r = out.r if out.r is not None else sys_.n
     flops = win.comm.total(win.closure_flops)   # the global batch's: every rank counted its shard
     try:
-        led = estimate_resources(sys_, cfg.window_length, eps=cfg.eps, r=r, solution=out.sol,
+        led = estimate_resources(sys_, win.T, eps=cfg.eps, r=r, solution=out.sol,
                                  solver=cfg.window_solver)
         rep.resources = led.as_dict()
         rep.resources["readout"] = cfg.readout
         readout_cost(rep, led)
         rep.resources["classical"] = classical_cost(
-            cfg.window_length, flops, hvps=win.products["hvp"], third_order=win.products["third_order"],
+            win.T, flops, hvps=win.products["hvp"], third_order=win.products["third_order"],
             lanczos_hvps=int((rep.dissipation or {}).get("hvps") or 0),
             gates=cfg.window_solver.gates(s_M=led.s_M, kappa=led.kappa, N_b=led.N_b, eps=led.eps)).as_dict()
     except (ValueError, TypeError, MemoryError) as exc:  # the ledger must never stop training
@@ -167,6 +167,9 @@ def price(win, out: Readout) -> None:
     if rep.dissipation is not None and win.products["hvp"]:   # the check's cost against the window's own HVPs
         rep.dissipation["window_hvps"] = int(win.products["hvp"])
         rep.dissipation["cost_ratio"] = int(rep.dissipation.get("hvps") or 0) / rep.dissipation["window_hvps"]
+        # products and gradients alike (the window takes a gradient per step, the predicted check four)
+        rep.dissipation["work_ratio"] = ((int(rep.dissipation.get("hvps") or 0) + int(rep.dissipation.get("check_grads")
+                                          or 0)) / (rep.dissipation["window_hvps"] + win.T))
     st, S = win.state, win.support
     if st.embedded:
         out.lin1 = win.embed((win.theta0 if S is None else win.theta0[S]).to(torch.float64) + st.level1_order1())
@@ -189,7 +192,7 @@ def first_order_path(win) -> Optional[float]:
     its T gradient steps at θ0, the scale of ``u(T)`` when ``‖I + F1‖ ≤ 1`` (``None``: unknown, a window
     resumed from a state saved before issue 20)."""
     if win.frozen is not None:
-        return win.cfg.window_length * float(torch.linalg.vector_norm(win.frozen))
+        return win.T * float(torch.linalg.vector_norm(win.frozen))
     return None if win.f0_path is None else float(win.f0_path)
 
 

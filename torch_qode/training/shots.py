@@ -97,7 +97,7 @@ def predicted_displacement(win) -> torch.Tensor:
     if f0 is None:
         n = win.theta0.numel() if win.support is None else win.support.numel()
         return torch.zeros(n, dtype=torch.float64, device=win.theta0.device)
-    return win.cfg.window_length * f0
+    return (win.T or win.cfg.window_length) * f0
 
 
 def auto_shots(cfg, theta0_S: torch.Tensor, displacement: torch.Tensor) -> tuple:

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from ..bridge import flat as _flat
-from ..bridge.dissipation import DissipationCheck
+from ..bridge.dissipation import Verdict
 from ..bridge.taylor import TaylorExpansion, UnsupportedGraphError
 from ..core.ode import MatrixFreeTerm, NonFiniteError, PolynomialODE
 from ..core.state import STATES, CarlemanState, DenseLevels, state_from_dict
 from . import finish as _finish
+from .check import check_dissipation, upload_probe  # noqa: F401  (check_dissipation: its home before issue 22)
 from .capture import NoiseTape, Replay
 from .comm import Comm
 from .config import EXPLICIT_MAX_SUPPORT, QODEConfig, carleman_state_for, use_explicit
@@ -76,7 +77,9 @@ class Window:
         products: the products taken through the graph, by kind.
         spare_row: the tape row dropped last: the buffer of the next ``F0`` (scratch).
         versions: the watched tensors' ``_version`` at the expansion.
-        f0_path: ``Σ_t ‖F0(t)‖`` so far (a device scalar; ``None``: unknown after a resume)."""
+        f0_path: ``Σ_t ‖F0(t)‖`` so far (a device scalar; ``None``: unknown after a resume).
+        T: the window's length (``cfg.window_length``, or the one the check chose with ``window="auto"``).
+        verdict: the dissipation check's provisional verdict, decided at the first new batch (else ``None``)."""
 
     theta0: torch.Tensor                 # the full flat parameter vector at the upload
     support: Optional[torch.Tensor]      # S (indices into theta0); None: all weights
@@ -103,6 +106,8 @@ class Window:
     spare_row: Optional[torch.Tensor] = None   # the tape row dropped last: the next F0's buffer (scratch)
     versions: list = field(default_factory=list)        # the watched tensors' ``_version`` at the expansion
     f0_path: Any = 0.0                   # Σ_t ‖F0(t)‖ so far (a device scalar; None: unknown after a resume)
+    T: int = 0                           # the window's length (set at the upload)
+    verdict: Any = None                  # a pending verdict (criterion "predicted"), decided at t = 1
 
     def record(self, t: int, f0: torch.Tensor) -> None:
         """``F0(t)`` into the tape; a row it drops becomes :attr:`spare_row`.
@@ -314,38 +319,6 @@ def support_without(params: list, unused: list, support: Optional[torch.Tensor])
     return torch.nonzero(keep).reshape(-1) if support is None else support[keep[support]]
 
 
-def check_dissipation(exp: TaylorExpansion, dissipation, lr: float, T: int, comm: Comm, device,
-                      budget: Optional[float] = None):
-    """The dissipation check (Eq. III.12–III.15) on the upload batch's Hessian; one verdict for all ranks.
-
-    Its products are the window's own (``exp.hvp``: the retained graph, or with ``hvp="recompute"`` a
-    replay of the closure per product, one micro-batch's graph at a time), through ``comm``.  A
-    :class:`~torch_qode.bridge.dissipation.DissipationCheck` without explicit ``steps`` is bounded by
-    ``budget`` HVPs per HVP of the window (T at order 1): ``max_steps = ⌊budget·T/runs⌋``.
-
-    Args:
-        exp: the window's expansion at θ0.
-        dissipation: the check (a ``DissipationCheck`` or a callable ``(hvp, n, lr=, T=, dtype=, device=)``).
-        lr: the step η.
-        T: the window length.
-        comm: the window's collectives.
-        device: where the Lanczos basis lives.
-        budget: the check's HVPs per window HVP (``QODEConfig.check_budget``; ``None``: unbounded).
-
-    Returns:
-        The verdict every rank acts on."""
-    bounded = isinstance(dissipation, DissipationCheck) and budget is not None
-    kw = {"max_steps": int(budget * T // dissipation.runs)} if bounded else {}
-    steps = dissipation.steps_for(kw.get("max_steps")) if isinstance(dissipation, DissipationCheck) \
-        else getattr(dissipation, "steps", 64)
-    # the Lanczos basis holds steps·n numbers: float64 unless that passes 1 GiB (then float32)
-    dtype = torch.float64 if 8 * steps * exp.n <= 2**30 else torch.float32
-    hvp = exp.hvp if comm.local else (lambda V: comm.reduce_hvp(exp.hvp(V)))
-    with torch.enable_grad():
-        verdict = dissipation(hvp, exp.n, lr=lr, T=T, dtype=dtype, device=device, **kw)
-    return comm.agree(verdict)
-
-
 def flat_grads(params: list) -> torch.Tensor:
     """The parameters' ``.grad`` as one flat vector (zeros where ``None``)."""
     return _flat.flatten([p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params])
@@ -378,7 +351,7 @@ def start_window(exp: TaylorExpansion, support, theta0: torch.Tensor, grads_flat
     # an explicit window keeps all of F0(0..T-1): the window system is rebuilt at the end
     win = Window(theta0=theta0, support=support, lr=exp.lr, wd=wd, explicit=explicit, tape=NoiseTape(keep=explicit),
                  rng=rng, cfg=cfg, comm=comm, params=params, levels=STATES[carleman_state_for(cfg, explicit)],
-                 watched=watched)
+                 watched=watched, T=cfg.window_length)
     if cfg.noise == "frozen":   # the upload step's .grad, as "stream" uses each step's (clipping included)
         win.frozen = win.f0_from_grads(grads_flat)
     win.build(exp)
@@ -391,7 +364,7 @@ def start_window(exp: TaylorExpansion, support, theta0: torch.Tensor, grads_flat
 
 def open_window(graph: torch.Tensor, params: list, support, group, buffers: list, cfg: QODEConfig,
                 comm: Comm, rng: np.random.Generator, dissipation, rep: CycleReport, *, monitor=None,
-                k: int = 0, watched: tuple = ()) -> tuple:
+                k: int = 0, watched: tuple = (), grad_at=None) -> tuple:
     """The upload (DESIGN.md steps 3–5): expand the loss ``graph`` at θ0 on S, run the dissipation
     check (``mode="auto"``, Eq. III.12–III.15), build the window.
 
@@ -411,6 +384,8 @@ def open_window(graph: torch.Tensor, params: list, support, group, buffers: list
         k: the step.
         watched: tensors whose in-place writes invalidate the window's products (the parameters and
             the model's buffers).
+        grad_at: the upload batch's gradients at other weights (:func:`~.shadow.grads_at` on the
+            closure), for the check's ``"predicted"`` criterion; ``None``: its remainder is not measured.
 
     Returns:
         ``(Window, "")``, or ``(None, why not)`` (a reason to train classically, not a fault); the
@@ -432,9 +407,12 @@ def open_window(graph: torch.Tensor, params: list, support, group, buffers: list
             exp.release()
         return None, why or "Taylor expansion failed on another rank"
     rep.support_size = exp.n
+    theta0 = _flat.flatten([p.detach() for p in params]).clone()
+    verdict = None
     if cfg.mode == "auto":
+        probe = upload_probe(exp, grad_at, params, theta0, support, lr, wd, comm, cfg.degree)
         verdict = check_dissipation(exp, dissipation, lr, cfg.window_length, comm, params[0].device,
-                                    cfg.check_budget)
+                                    cfg.check_budget, probe, cfg.window == "auto")
         rep.dissipation = verdict.as_dict()
         # its cost against the window it guards: T HVPs at order 1 until the window's own are counted (price)
         rep.dissipation.update(window_hvps=cfg.window_length,
@@ -447,13 +425,16 @@ def open_window(graph: torch.Tensor, params: list, support, group, buffers: list
         rep.reason = f"dissipation check {verdict.reason}"
     else:
         rep.reason = "mode='quantum'"
-    theta0 = _flat.flatten([p.detach() for p in params]).clone()
     try:
         win = start_window(exp, support, theta0, flat_grads(params), wd, cfg, comm, rng, params,
                            watched or tuple(params))
     except (ValueError, MemoryError) as exc:   # e.g. terms too large for this support: refuse the window
         exp.release()
         return None, f"Carleman system not built: {exc}"
+    if verdict is not None:
+        win.verdict = verdict if getattr(verdict, "pending", False) else None
+        if getattr(verdict, "T_chosen", None):
+            win.T = rep.window = int(verdict.T_chosen)
     rep.carleman = dict(win.info)
     if cfg.track_sgd:
         win.shadow = start_shadow(params, buffers, max(float(g["momentum"]) for g in groups), support, theta0)
@@ -544,7 +525,8 @@ def window_state_dict(win: Window, track_sgd: bool) -> dict:
           "terms": ([win.ode.terms[k].dense().clone() for k in range(1, win.ode.degree + 1)]
                     if win.explicit else None),
           "closure_flops": win.closure_flops, "products": dict(win.products),
-          "f0_path": None if win.f0_path is None else float(win.f0_path)}
+          "f0_path": None if win.f0_path is None else float(win.f0_path), "T": win.T,
+          "verdict": None if win.verdict is None else win.verdict.state_dict()}
     st = win.state.state_dict()
     if st.get("kind") == DenseLevels.kind and "v" not in st:
         sd["y"] = st["y"]                    # the format of earlier versions (order 1)
@@ -570,7 +552,9 @@ def load_window(sd: dict, cfg: QODEConfig, comm: Comm, rng: np.random.Generator,
                  explicit=bool(sd["explicit"]), tape=tape, rng=rng, t=int(sd["t"]),
                  frozen=None if sd["frozen"] is None else sd["frozen"].to(device),
                  closure_flops=sd.get("closure_flops"), products=dict(sd.get("products", new_counts())),
-                 f0_path=sd.get("f0_path"))          # None (saved before issue 20): the guard checks finiteness only
+                 f0_path=sd.get("f0_path"),          # None (saved before issue 20): the guard checks finiteness only
+                 T=int(sd.get("T", cfg.window_length)),
+                 verdict=None if sd.get("verdict") is None else Verdict.from_state_dict(sd["verdict"], device))
     if "carleman_state" in sd:
         win.state = state_from_dict(sd["carleman_state"], device=device)
         win.levels = type(win.state)
