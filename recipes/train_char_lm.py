@@ -248,7 +248,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if twin is not None:
             from torch_qode.training.twin import Twin
 
-            opt_twin = Twin(twin.parameters(), **q, names=names, model=twin)
+            opt_twin = Twin(twin.parameters(), **q, names=names, model=twin,
+                            length=lambda: opt.reports[-1].window if opt.reports else None)   # QODE's T
 
         def closure_for(net, optimizer, x, y):
             def closure():

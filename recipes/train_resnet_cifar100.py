@@ -42,6 +42,8 @@ from recipes import classification, cli, config, launch, loop, memory
 class Dissipation:
     """The ``dissipation`` section (``DissipationCheck``'s arguments)."""
 
+    criterion: str = "predicted"
+    max_error: float = 0.5
     max_error_proxy: float = 1.0
     min_positive_fraction: float = 0.5
     cutoff: float = 0.4
@@ -106,8 +108,8 @@ DEFAULTS = config.defaults(Config)
 #: gate count (the ``gates`` column) over the FLOPs of the same window run classically (T SGD steps).
 #: ``parts``: the drift's four parts over ``‖θ_SGD − θ0‖`` (``report.drift["parts"]``), written
 #: ``support/linearization/readout_pruning/readout_noise`` in one column (the JSON log has each).
-TABLE_COLUMNS = ["cycle", "mode", "why", "proxy(T)", "drift", "drift_lin", "parts", "acc", "acc_sgd", "qubits",
-                 "gates", "gates/FLOP", "shots"]
+TABLE_COLUMNS = ["cycle", "mode", "why", "T", "proxy(T)", "pred_lin", "drift", "drift_lin", "parts", "acc", "acc_sgd",
+                 "qubits", "gates", "gates/FLOP", "shots"]
 #: Added after ``acc_sgd`` with ``train.twin``: the classical twin's accuracy.
 TWIN_COLUMNS = ["acc_twin"]
 #: Added at Carleman order ≥ 2: the order-1 state's linearisation drift (embedded) and ``order_gap``.
@@ -138,6 +140,10 @@ def _short_reason(rep) -> str:
     r = rep.reason or ""
     if rep.mode == "quantum":
         return "check passed" if "passed" in r else r.split(":")[0]
+    if "first new batch" in r and "predicted error" in r:
+        return "pred > max (t=1)"
+    if "predicted error" in r:
+        return "pred > max"
     if "proxy" in r and "positive fraction" in r:
         return "proxy & pos. fraction"
     if "proxy" in r:
@@ -168,9 +174,11 @@ def cycle_row(rep, acc: float, acc_sgd: Optional[float], acc_twin: Optional[floa
         The row.
     """
     dis, res, tomo, drift = rep.dissipation or {}, rep.resources or {}, rep.tomography or {}, rep.drift or {}
-    proxy = dis.get("proxy")
-    row = {"cycle": rep.cycle, "mode": rep.mode, "why": _short_reason(rep),
-           "proxy(T)": proxy[-1] if proxy else None, "drift": drift.get("relative"),
+    proxy, pred = dis.get("proxy"), dis.get("predicted_error")
+    T = rep.window
+    row = {"cycle": rep.cycle, "mode": rep.mode, "why": _short_reason(rep), "T": T,
+           "proxy(T)": proxy[-1] if proxy and dis.get("criterion") == "proxy" else None,
+           "pred_lin": pred[min(T, len(pred) - 1)] if pred else None, "drift": drift.get("relative"),
            "drift_lin": drift.get("linearization_relative"), "parts": parts_cell(drift.get("parts")),
            "drift_lin1": drift.get("linearization_order1_relative"),
            "order_gap": (rep.carleman or {}).get("order_gap"),
@@ -314,7 +322,8 @@ def main(argv: Optional[Sequence[str]] = None, *, name: str = "train_resnet_cifa
         if twin is not None:
             from torch_qode.training.twin import Twin
 
-            opt_twin = Twin(twin.parameters(), **{**q, "hvp": "retain"}, model=net_twin)
+            opt_twin = Twin(twin.parameters(), **{**q, "hvp": "retain"}, model=net_twin,
+                            length=lambda: opt.reports[-1].window if opt.reports else None)   # QODE's T
 
         # Carleman order ≥ 2 needs third derivatives, which PyTorch's fused norm layers get wrong:
         # run the QODE model's norms decomposed (same loss, same running-statistics updates).

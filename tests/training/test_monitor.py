@@ -98,7 +98,7 @@ def test_attached_to_qode_records_uploads_windows_and_plots(tmp_path):
     mon = DissipationMonitor(model, F.cross_entropy, (X, y), lr=0.2, window=4, schedule=[0, 6],
                              log_path=tmp_path / "m.jsonl")
     opt = QODE(model.parameters(), lr=0.2, mode="auto", cycle=6, classical_steps=2, sparsity=0.0, monitor=mon,
-               track_sgd=True)
+               track_sgd=True, dissipation=DissipationCheck(criterion="proxy"))    # the paper's Fig. 2c panel
 
     def closure():
         opt.zero_grad()
@@ -294,6 +294,22 @@ def test_panel_records_put_drift_where_its_proxy_and_accuracy_are(tmp_path):
     proxy = {r["step"]: r["error_proxy"] for r in recs if "error_proxy" in r}
     assert proxy[6] == curve[-1] and proxy[2] == 1.0 and proxy[0] == proxy[1] == 1.0
     assert [r["step"] for r in recs if r.get("download")] == [0]
+    assert mon.plot(tmp_path / "f.png").is_file()
+
+
+def test_panel_records_draw_the_predicted_curve_of_the_window_that_ran(tmp_path):
+    """Criterion "predicted": no paper proxy line; the window's predicted error at the steps it ran (ending
+    where its drift is drawn) and its prediction at T beside the measured linearisation drift."""
+    model = bn_model()
+    mon = DissipationMonitor(model, F.cross_entropy, probe(), lr=0.1, window=4, schedule=[])
+    mon.record({"step": 2, "event": "upload", "passed": True, "proxy_curve": [1.0] * 5, "proxy_T": 1.0,
+                "criterion": "predicted"})
+    mon.record({"step": 5, "event": "window_end", "mode": "quantum", "drift": 0.3, "drift_lin": 0.1,
+                "pred_lin": 0.12, "pred_curve": [0.0, 0.0, 0.05, 0.09, 0.12]})
+    recs = mon.panel_records()
+    assert not [r for r in recs if "error_proxy" in r]
+    assert [(r["step"], r["pred_curve"]) for r in recs if "pred_curve" in r] == [(4, 0.05), (5, 0.09), (6, 0.12)]
+    assert [(r["step"], r["pred_lin"], r["drift_lin"]) for r in recs if "drift" in r] == [(6, 0.12, 0.1)]
     assert mon.plot(tmp_path / "f.png").is_file()
 
 

@@ -97,3 +97,31 @@ def test_dense_twin_prunes_to_r_at_the_window_end():
     weights = [p for p, f in zip(model.parameters(), twin.opt.pruner.prunable) if f]
     n = sum(p.numel() for p in weights)
     assert sum(int((p != 0).sum()) for p in weights) == n - round(SPARSITY * n)
+
+
+def test_a_twin_follows_the_window_length_qode_chose():
+    """``length=`` (QODE's T, ``window="auto"``): the twin's window ends after T steps with the readout's prune,
+    and the rest of the cycle is classical SGD with momentum; the full T is the twin without the hook."""
+    data = batches(CYCLE)
+    runs = {}
+    for name, length in (("plain", None), ("full", lambda: CYCLE - CLASSICAL), ("short", lambda: 2)):
+        model = mlp()
+        twin = Twin(model.parameters(), length=length, **kwargs("dense"))
+        for x, y in data[:CLASSICAL + 2]:
+            twin.step(closure_for(model, twin, x, y))
+        runs[name] = (twin, model, [p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(runs["plain"][2], runs["full"][2]))
+    twin, model, after_window = runs["short"]
+    assert twin.window_length() == 2 and not twin._gd                  # closed: the readout's prune ran
+    weights = [p for p, f in zip(after_window, twin.opt.pruner.prunable) if f]
+    n = sum(p.numel() for p in weights)
+    assert sum(int((p != 0).sum()) for p in weights) == n - round(SPARSITY * n)
+    ref_model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        for p, v in zip(ref_model.parameters(), after_window):
+            p.copy_(v)
+    sgd = torch.optim.SGD(ref_model.parameters(), lr=LR, momentum=MOM, weight_decay=WD)
+    x, y = data[CLASSICAL + 2]
+    twin.step(closure_for(model, twin, x, y))
+    sgd.step(closure_for(ref_model, sgd, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref_model.parameters()))   # SGD, momentum anew

@@ -213,7 +213,7 @@ class DissipationCheck:
         max_error_proxy: The largest ``proxy(T)`` that passes.
         min_positive_fraction: The smallest positive fraction that passes.
         cutoff: The cutoff ``c`` of Eq. III.14.
-        steps: Lanczos steps per SLQ run (``None``: 64, or fewer when the caller bounds them).
+        steps: Lanczos steps per SLQ run of the proxy criterion (``None``: 64, or fewer when the caller bounds them).
         runs: SLQ runs.
         seed: Seed of the random start vectors.
         grid: Points of the smoothed density.
@@ -304,23 +304,25 @@ class DissipationCheck:
             return self.steps
         return max(MIN_STEPS, min(self.steps, int(max_steps)))
 
-    def path_steps(self, T: int, max_steps: Optional[int] = None) -> int:
-        """Lanczos steps of the predicted path (criterion ``"predicted"``).
+    def plan(self, T: int, max_steps: Optional[int] = None) -> tuple:
+        """Lanczos steps of the predicted path and of each source's quadrature (criterion ``"predicted"``).
+
+        The budget is ``b = ⌊max_steps/2⌋`` HVPs (without a bound ``⌊T/2⌋``; QODE's ``max_steps`` is
+        ``check_budget·T``: half an order-1 window's products).  Two go to the probes, ``2q`` to the two
+        quadratures (q = 3 from b ≥ 12, 2 from 8, 1 from 6, else 0: F0's own, from the path, for free),
+        the rest to the path, clamped to :data:`PATH_STEPS` (``steps`` is the proxy's SLQ length: the path
+        is smooth in the spectrum and needs few).
 
         Args:
             T: The window length.
-            max_steps: The caller's bound (as for :meth:`steps_for`); the check then spends at most
-                ``max(⌊max_steps/2⌋, PATH_STEPS[0] + 8)`` HVPs: the path, the model at two probes, two
-                3-step quadratures (:data:`~.prediction.SPECTRUM_STEPS`); and four gradients.
+            max_steps: The caller's bound (as for :meth:`steps_for`).
 
         Returns:
-            ``steps`` when given explicitly, else ``⌊max_steps/2⌋ − 8`` (without a bound ``⌊T/2⌋ − 8``)
-            clamped to :data:`PATH_STEPS`.
+            ``(path_steps, quadrature_steps)``.
         """
-        if self.fixed_steps:
-            return self.steps
         budget = (int(T) if max_steps is None else int(max_steps)) // 2
-        return max(PATH_STEPS[0], min(PATH_STEPS[1], budget - 2 - 2 * SPECTRUM_STEPS))
+        q = next((k for k, least in ((SPECTRUM_STEPS, 12), (2, 8), (1, 6)) if budget >= least), 0)
+        return max(PATH_STEPS[0], min(PATH_STEPS[1], budget - 2 - 2 * q)), q
 
     def max_hvps(self, T: int, max_steps: Optional[int] = None) -> int:
         """The most Hessian-vector products a call (with :meth:`complete`) spends.
@@ -330,10 +332,12 @@ class DissipationCheck:
             max_steps: The caller's bound.
 
         Returns:
-            ``"predicted"``: the path's steps, two probes and two quadratures; ``"proxy"``: ``steps·runs``.
+            ``"predicted"``: the path's steps, two probes and two quadratures (:meth:`plan`); ``"proxy"``:
+            ``steps·runs``.
         """
         if self.criterion == "predicted":
-            return self.path_steps(T, max_steps) + 2 + 2 * SPECTRUM_STEPS
+            path, q = self.plan(T, max_steps)
+            return path + 2 + 2 * q
         return self.steps_for(max_steps) * self.runs
 
     def __call__(self, hvp: Callable[[torch.Tensor], torch.Tensor], n: int, *, lr: float, T: int,
@@ -348,7 +352,7 @@ class DissipationCheck:
             T: The window length.
             dtype: The Lanczos vectors' dtype.
             device: Their device.
-            max_steps: The caller's bound on the products (:meth:`steps_for`, :meth:`path_steps`).
+            max_steps: The caller's bound on the products (:meth:`steps_for`, :meth:`plan`).
             probe: What the upload lends the ``"predicted"`` criterion (:class:`~.prediction.Probe`).
             choose_T: Choose the window length (``"predicted"``): the largest T within ``max_error``.
 
@@ -410,7 +414,7 @@ class DissipationCheck:
         """Criterion ``"predicted"``: the path, the remainder, a provisional or final verdict."""
         nan = float("nan")
         try:
-            pred = predict(counted, probe, lr, T, self.path_steps(T, max_steps))
+            pred = predict(counted, probe, lr, T, *self.plan(T, max_steps))
         except FloatingPointError:
             return Verdict(False, "failed: the Hessian-vector product returned non-finite values", nan, nan,
                            np.full(T + 1, np.nan), float(lr), T, self.cutoff, nan, None, count[0],
@@ -482,6 +486,11 @@ class DissipationCheck:
         shown = band if band > 1e-6 * max(err, cap) else 0.0      # round-off, not a margin
         what = (f"predicted error {err:.2g} ± {shown:.1g} at T={at} ({rem}, {noise})"
                 + (f", T chosen {Tc} of {T}" if Tc is not None and passed else ""))
+        if not math.isfinite(err):
+            verdict.passed, verdict.T_chosen = False, None
+            verdict.reason = (f"failed: the predicted error at T={at} is not finite ({rem}, {noise}): the "
+                              "gradients on the predicted path or its propagation overflowed")
+            return
         if passed:
             verdict.reason = (("provisional: " if pred.pending else "passed: ") + what + f" <= max_error = {cap:g}"
                               + (" [borderline: within its margin]" if verdict.borderline else ""))

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-#: Lanczos steps of the quadrature that carries a source through ``I + F1`` (:func:`error_curve`)
+#: Lanczos steps of the quadrature that carries a source through ``I + F1`` (:func:`error_curve`), at most
 SPECTRUM_STEPS = 3
 
 __all__ = ["Probe", "KrylovPath", "krylov_path", "error_curve", "power_law", "Prediction", "predict", "rounded"]
@@ -227,6 +227,7 @@ class Prediction:
         remainder_spectrum: ``(nodes, weights)`` of the Hessian seen by the remainder's direction.
         noise_spectrum: The same for the noise's direction (after :meth:`complete`).
         f0: ``F0(0)``, kept until :meth:`complete`.
+        spectrum_steps: Lanczos steps of each source's quadrature (0: F0's, the path's own, for both).
         gradient_noise: ``(‖m̂‖², σ²)``: the mean step's squared norm and the gradient noise per step
             (after :meth:`complete`; :meth:`norms`).
     """
@@ -247,6 +248,7 @@ class Prediction:
     noise_spectrum: Optional[tuple] = None
     f0: Optional[torch.Tensor] = None
     gradient_noise: Optional[tuple] = None
+    spectrum_steps: int = SPECTRUM_STEPS
 
     @property
     def remainder_measured(self) -> bool:
@@ -332,7 +334,7 @@ class Prediction:
             self.gradient_noise = (float(torch.linalg.vector_norm((self.f0 + f1) / 2)) ** 2,
                                    float(torch.linalg.vector_norm(f1 - self.f0)) ** 2 / 2)
         if hvp is not None and first is not None:
-            self.noise_spectrum, k = _spectrum(hvp, first)
+            self.noise_spectrum, k = _spectrum(hvp, first, self.spectrum_steps, self.path)
             self.hvps += k
         self.points, self.deltas, self.f0 = [], [], None      # nothing outlives the measurement
 
@@ -361,7 +363,7 @@ class Prediction:
                 "rho": list(self.rho), "nu": None if self.nu is None else list(self.nu), "grads": self.grads,
                 "hvps": self.hvps, "third_order": self.third_order, "remainder_spectrum": spec(self.remainder_spectrum),
                 "noise_spectrum": spec(self.noise_spectrum), "f0": None if self.f0 is None else self.f0.clone(),
-                "gradient_noise": self.gradient_noise}
+                "gradient_noise": self.gradient_noise, "spectrum_steps": self.spectrum_steps}
 
     @classmethod
     def from_state_dict(cls, sd: dict, device=None) -> "Prediction":
@@ -379,7 +381,8 @@ class Prediction:
                    [mv(u) for u in sd["points"]], [mv(d) for d in sd["deltas"]], list(sd["rho"]),
                    None if sd["nu"] is None else list(sd["nu"]), int(sd["grads"]), int(sd["hvps"]),
                    int(sd["third_order"]), spec(sd["remainder_spectrum"]), spec(sd["noise_spectrum"]), mv(sd["f0"]),
-                   None if sd["gradient_noise"] is None else tuple(sd["gradient_noise"]))
+                   None if sd["gradient_noise"] is None else tuple(sd["gradient_noise"]),
+                   int(sd["spectrum_steps"]))
 
     def as_dict(self, at: Optional[int] = None) -> dict:
         """The prediction as plain values (for the report; its parts at ``at``, default T)."""
@@ -390,7 +393,8 @@ class Prediction:
                 "check_grads": self.grads, "check_third_order": self.third_order}
 
 
-def predict(hvp: Callable[[torch.Tensor], torch.Tensor], probe: Probe, lr: float, T: int, steps: int) -> Prediction:
+def predict(hvp: Callable[[torch.Tensor], torch.Tensor], probe: Probe, lr: float, T: int, steps: int,
+            spectrum_steps: int = SPECTRUM_STEPS) -> Prediction:
     """The upload's part of the prediction: the path (``steps`` Lanczos products) and, when the probe
     has a ``step``, the remainder at ``u(T)`` and ``u(T)/2`` (two gradients, two products of the model,
     :data:`SPECTRUM_STEPS` for its direction).
@@ -401,12 +405,14 @@ def predict(hvp: Callable[[torch.Tensor], torch.Tensor], probe: Probe, lr: float
         lr: ``η``.
         T: The window length.
         steps: Lanczos steps for the path.
+        spectrum_steps: Lanczos steps of each source's quadrature (0: F0's, from the path).
 
     Returns:
         The :class:`Prediction` (pending its noise when ``T ≥ 2`` and the remainder was measured).
     """
     path = krylov_path(hvp, probe.f0, lr, T, steps)
-    pred = Prediction(float(lr), int(T), int(probe.degree), path, radius=float(path.norms[-1]), hvps=path.hvps)
+    pred = Prediction(float(lr), int(T), int(probe.degree), path, radius=float(path.norms[-1]), hvps=path.hvps,
+                      spectrum_steps=int(spectrum_steps))
     if probe.step is None or T == 0 or pred.radius == 0.0:
         return pred
     f0 = probe.f0.to(torch.float64)
@@ -424,14 +430,16 @@ def predict(hvp: Callable[[torch.Tensor], torch.Tensor], probe: Probe, lr: float
         pred.rho.append(float(torch.linalg.vector_norm(xi)))
         pred.grads += 1
         pred.hvps += 1
-    pred.remainder_spectrum, k = _spectrum(hvp, first)
+    pred.remainder_spectrum, k = _spectrum(hvp, first, pred.spectrum_steps, path)
     pred.hvps += k
     pred.f0 = f0
     return pred
 
 
-def _spectrum(hvp: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor) -> tuple:
-    """``((nodes, weights), products)``: the Gauss quadrature of the Hessian as ``v`` sees it
-    (:data:`SPECTRUM_STEPS` Lanczos steps; ``None`` for a zero vector)."""
-    path = krylov_path(hvp, v, 0.0, 0, SPECTRUM_STEPS)
-    return ((path.nodes, path.weights) if path.hvps else None), path.hvps
+def _spectrum(hvp: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, steps: int, path: KrylovPath) -> tuple:
+    """``((nodes, weights), products)``: the Gauss quadrature of the Hessian as ``v`` sees it (``steps``
+    Lanczos steps; ``None`` for a zero vector), or with ``steps = 0`` F0's (``path``'s), for free."""
+    if steps <= 0:
+        return ((path.nodes, path.weights) if path.nodes.size else None), 0
+    quad = krylov_path(hvp, v, 0.0, 0, steps)
+    return ((quad.nodes, quad.weights) if quad.hvps else None), quad.hvps

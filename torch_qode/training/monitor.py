@@ -281,7 +281,8 @@ class DissipationMonitor(WindowMonitor):
         """
         rec = {"step": int(step), "event": "upload", "passed": bool(verdict.passed), "reason": verdict.reason,
                "top_eigenvalue": verdict.top_eigenvalue, "positive_fraction": verdict.positive_fraction,
-               "proxy_curve": verdict.proxy, "proxy_T": float(np.asarray(verdict.proxy)[-1])}
+               "proxy_curve": verdict.proxy, "proxy_T": float(np.asarray(verdict.proxy)[-1]),
+               "criterion": getattr(verdict, "criterion", "proxy")}
         dens = getattr(verdict, "density", None)
         if dens is not None:
             rec["spectrum"] = {"grid": dens.grid, "density": dens.values}
@@ -318,7 +319,10 @@ class DissipationMonitor(WindowMonitor):
         self.on_window_closed(step)
         drift = (report.drift or {}).get("relative")
         tomo = report.tomography or {}
+        pred = (report.dissipation or {}).get("predicted_error")
+        T = min(report.window, len(pred) - 1) if pred else None
         rec = {"step": int(step), "event": "window_end", "mode": report.mode, "drift": drift,
+               "pred_lin": pred[T] if pred else None, "pred_curve": list(pred[:T + 1]) if pred else None,
                "drift_lin": (report.drift or {}).get("linearization_relative"),
                "drift_lin1": (report.drift or {}).get("linearization_order1_relative"),
                "order_gap": (report.carleman or {}).get("order_gap"),
@@ -340,10 +344,11 @@ class DissipationMonitor(WindowMonitor):
         step ``k`` (QODE's step counter) describes the state after it, ``k + 1`` — where ``proxy(T)``
         of its window and an accuracy measured after that step are drawn too.
 
-        When QODE reported uploads, every step gets an error proxy as in the paper's Fig. 2c: a
-        passed upload at step ``s`` contributes ``proxy(t)`` at steps ``s + t`` of its window (the
-        prediction made from the upload spectrum), and every other step — classical, no linearisation
-        error — is exactly 1.
+        When QODE reported uploads checked by the paper's criterion, every step gets an error proxy as in
+        the paper's Fig. 2c: a passed upload at step ``s`` contributes ``proxy(t)`` at steps ``s + t`` of
+        its window (the prediction made from the upload spectrum), and every other step — classical, no
+        linearisation error — is exactly 1.  A window checked by the predicted criterion contributes its
+        predicted linearisation error ``pred_curve`` at the steps of the window it ran.
 
         Returns:
             One dict per record (and per step for the error proxy), as :func:`plot_training_panels` reads.
@@ -351,16 +356,19 @@ class DissipationMonitor(WindowMonitor):
         out = []
         windows = {}
         for r in self.records:
-            row = {k: r[k] for k in ("step", "spectrum", "test_acc", "test_acc_sgd", "drift", "drift_lin",
+            row = {k: r[k] for k in ("step", "spectrum", "test_acc", "test_acc_sgd", "drift", "drift_lin", "pred_lin",
                                      "drift_lin1", "order_gap", "download", "error_proxy", *PART_KEYS)
                    if r.get(k) is not None}
             if r.get("event") == "window_end":
                 row["step"] = r["step"] + 1
+                curve = r.get("pred_curve") or []
+                out += [{"step": row["step"] - (len(curve) - 1) + t, "pred_curve": v}
+                        for t, v in enumerate(curve) if t > 0 and v > 0]
             out.append(row)
-            if r.get("event") == "upload" and r.get("passed"):
+            if r.get("event") == "upload" and r.get("passed") and r.get("criterion", "proxy") == "proxy":
                 for t, p in enumerate(r["proxy_curve"]):
                     windows[r["step"] + t] = p
-        if any(r.get("event") == "upload" for r in self.records):
+        if any(r.get("event") == "upload" and r.get("criterion", "proxy") == "proxy" for r in self.records):
             last = max(r["step"] for r in out)
             out += [{"step": k, "error_proxy": windows.get(k, 1.0)} for k in range(last + 1)]
         return out
@@ -380,6 +388,17 @@ class DissipationMonitor(WindowMonitor):
 
 
 # ------------------------------------------------------------------------ Fig. 2 training panels
+def _runs(points: list) -> list:
+    """``(step, value)`` pairs split where the steps are not consecutive (one line per window)."""
+    out: list = []
+    for s, v in points:
+        if out and s == out[-1][-1][0] + 1:
+            out[-1].append((s, v))
+        else:
+            out.append([(s, v)])
+    return out
+
+
 def _spectrum_of(rec: Mapping):
     spec = rec.get("spectrum")
     if spec is None:
@@ -450,6 +469,12 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
     ``drift`` / ``drift_lin`` (float)
         Optional measured ``||θ_QODE − θ_SGD|| / ||θ_SGD − θ0||`` at a window end (track_sgd), total and
         its linearisation part (before the readout); drawn as markers beside the proxy.
+    ``pred_curve`` (float)
+        Optional, per step of a window the predicted criterion checked: its predicted linearisation error
+        after that many window steps; drawn as a dashed line.
+    ``pred_lin`` (float)
+        Optional, at a window end: the linearisation error the dissipation check predicted for it
+        (criterion ``"predicted"``); drawn beside ``drift_lin``.
     ``drift_lin1`` / ``order_gap`` (float)
         Optional, at a window end of Carleman order ≥ 2: the linearisation drift of the order-1 state the
         window carries (what order 1 would have drifted on the same batches) and the embedded estimate
@@ -489,10 +514,14 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
     pr = [(r["step"], r["error_proxy"]) for r in records if r.get("error_proxy") is not None]
     if pr:
         ax.semilogy(*zip(*[(s, v) for s, v in pr]), "-", color="C0", lw=1.2, label="error proxy")
+    pc = sorted((r["step"], r["pred_curve"]) for r in records if r.get("pred_curve") is not None)
+    for i, seg in enumerate(_runs(pc)):
+        ax.semilogy(*zip(*seg), "--", color="C2", lw=1.0, label="linearisation error, predicted" if i == 0 else None)
     order2 = any(r.get("drift_lin1") is not None or r.get("order_gap") is not None for r in records)
     for key, label, color, marker in (
             ("drift", "drift vs SGD (total)", "C1", "o"),
             ("drift_lin", "drift: linearisation" + (", order 2" if order2 else ""), "C2", "o"),
+            ("pred_lin", "linearisation, predicted at upload", "C2", "+"),
             ("drift_lin1", "drift: linearisation, order 1 (embedded)", "C3", "s"),
             ("order_gap", "order_gap (estimate of order 1's error)", "C4", "x")):
         dr = [(r["step"], r[key]) for r in records if r.get(key) is not None]
@@ -503,10 +532,10 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
         if dr:
             ax.semilogy(*zip(*dr), marker, color=color, ms=3, label="part: " + key[len("drift_"):].replace("_", " "))
     ax.axhline(1.0, color="gray", lw=0.6)
-    ax.set_title("(c) error proxy (predicted) and drift (measured)")
+    ax.set_title("(c) predicted error (check) and drift (measured)")
     ax.set_xlabel("step")
     has_drift = any(r.get(k) is not None for r in records
-                    for k in ("drift", "drift_lin", "drift_lin1", "order_gap", *PART_KEYS))
+                    for k in ("drift", "drift_lin", "pred_lin", "pred_curve", "drift_lin1", "order_gap", *PART_KEYS))
     if pr or has_drift:
         ax.legend(fontsize=7)
     if proxy_note:

@@ -3,12 +3,14 @@ algorithm it emulates (DESIGN.md, "What a window gets wrong, measured apart").
 
 At each position ``c = k mod cycle`` the twin does what QODE does, except that the window
 (``c ≥ classical_steps``) is exact gradient descent on S — no momentum, the window's lr and weight
-decay, ``T = cycle − classical_steps`` steps, S all weights for a dense upload and the pruner's support
-(pruned at the upload, as QODE's sparse upload prunes) for a sparse one — followed at the window's end
-by the readout's keep-r prune (:func:`~torch_qode.training.finish.top_r`, dense upload with pruning), with
-no linearisation and no shot noise; momentum restarts after the window, as after QODE's.  Every window
-is run this way, whatever QODE's dissipation check decides: the twin is the schedule the quantum
-algorithm emulates, so QODE − twin is what the quantum errors cost and twin − SGD what the schedule costs.
+decay, ``T = cycle − classical_steps`` steps (or the T the QODE run's window took, ``length=``; the rest of
+the cycle then trains classically, as QODE's does with ``window="auto"``), S all weights for a dense
+upload and the pruner's support (pruned at the upload, as QODE's sparse upload prunes) for a sparse one
+— followed at the window's end by the readout's keep-r prune (:func:`~torch_qode.training.finish.top_r`,
+dense upload with pruning), with no linearisation and no shot noise; momentum restarts after the window,
+as after QODE's.  Every window is run this way, whatever QODE's dissipation check decides: the twin is
+the schedule the quantum algorithm emulates, so QODE − twin is what the quantum errors cost and twin −
+SGD what the schedule costs.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ class Twin:
 
     Args:
         params: the parameters (or parameter groups) to train.
+        length: ``() -> T`` of the QODE run's current window (e.g. ``lambda: opt.reports[-1].window``, read
+            at each window step; ``None`` or returning ``None``: ``cycle − classical_steps``).
         **kwargs: QODE's arguments, as given to the QODE run it twins (``mode`` and ``track_sgd`` are
             overridden: ``"classical"``, ``False``).
 
@@ -40,8 +44,9 @@ class Twin:
         TypeError: QODE refuses the arguments.
     """
 
-    def __init__(self, params, **kwargs):
+    def __init__(self, params, length: Optional[Callable[[], Optional[int]]] = None, **kwargs):
         self.opt = QODE(params, **{**kwargs, "mode": "classical", "track_sgd": False})
+        self._length = length
         self.cfg = self.opt.cfg
         self._params = [p for g in self.opt.param_groups for p in g["params"]]
         self._mask: Optional[list] = None        # per parameter: True on S (None: dense, every weight)
@@ -86,9 +91,19 @@ class Twin:
         finally:
             for g, m in zip(self.opt.param_groups, saved):
                 g["momentum"] = m
-        if c == cfg.cycle - 1:
+        if c == cfg.classical_steps + self.window_length() - 1:
             self._close()
         return loss
+
+    def window_length(self) -> int:
+        """The current window's T: the ``length=`` callable's, else ``cycle − classical_steps``.
+
+        Returns:
+            T, at least 1 and at most ``cycle − classical_steps``.
+        """
+        T = self._length() if self._length is not None else None
+        full = self.cfg.window_length
+        return full if T is None else max(1, min(int(T), full))
 
     def _open(self) -> None:
         """The upload: S (a sparse upload prunes first, as QODE's does), or no window (``lr`` differ)."""
