@@ -12,8 +12,9 @@ closure QODE needs (training_step, zero_grad, backward), and a manual ``training
 * **a** :class:`~torch_qode.DissipationMonitor` **driven by Lightning's hooks**: attached to the
   optimizer (upload verdicts, window ends), a probe spectrum ``monitor.step(k)`` after every step
   ``k`` on its schedule (and before the first), a download record at every pruning step;
-* **each completed cycle logged** with ``pl_module.log`` (``qode/quantum``, ``qode/proxy_T``,
-  ``qode/drift``, ``qode/drift_lin``, the drift's parts ``qode/drift_support``,
+* **each completed cycle logged** with ``pl_module.log`` (``qode/quantum``, ``qode/window`` (the T the
+  window ran), ``qode/pred_lin`` (the check's predicted linearisation error at that T; ``qode/proxy_T``
+  under the paper's criterion), ``qode/drift``, ``qode/drift_lin``, the drift's parts ``qode/drift_support``,
   ``qode/drift_linearization``, ``qode/drift_readout_pruning``, ``qode/drift_readout_noise``,
   ``qode/loss``, ``qode/support_size``, ``qode/cycle``), so any
   Lightning logger sees them; the loggers write them when ``log_every_n_steps`` divides ``cycle``.
@@ -230,10 +231,12 @@ class QODECallback(pl.Callback):
 
     def _log_cycle(self, pl_module: "pl.LightningModule", rep) -> None:
         """The completed cycle's report through ``pl_module.log`` (absent numbers are left out)."""
-        drift = rep.drift or {}
-        proxy = (rep.dissipation or {}).get("proxy")
+        drift, dis = rep.drift or {}, rep.dissipation or {}
+        proxy, pred = dis.get("proxy"), dis.get("predicted_error")
         metrics = {"qode/cycle": rep.cycle, "qode/quantum": float(rep.mode == "quantum"),
-                   "qode/proxy_T": None if not proxy else proxy[-1], "qode/drift": drift.get("relative"),
+                   "qode/proxy_T": None if not proxy or dis.get("criterion") == "predicted" else proxy[-1],
+                   "qode/pred_lin": None if not pred else pred[min(rep.window, len(pred) - 1)],
+                   "qode/window": rep.window, "qode/drift": drift.get("relative"),
                    "qode/drift_lin": drift.get("linearization_relative"), "qode/loss": rep.loss_last,
                    "qode/support_size": rep.support_size}
         for part, value in (drift.get("parts") or {}).items():   # the drift's four parts (issue 21)
