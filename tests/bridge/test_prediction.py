@@ -97,7 +97,7 @@ def test_a_cubic_loss_remainder_is_its_closed_form_and_the_order_2_term_removes_
     f0 = -lr * grad(th0)
     step = (lambda u: -lr * grad(th0 + u))
     pred = predict(lambda v: H0 @ v, Probe(f0=f0, step=step), lr, T, 8)
-    uT = pred.path.at(T)
+    uT = pred.points[0]                                       # u(T), kept until the first new batch
     assert pred.rho[0] == pytest.approx(lr * c / 2 * float((uT ** 2).norm()), rel=1e-9)
     assert pred.rho[0] / pred.rho[1] == pytest.approx(4.0, rel=1e-9)
     pred.complete(step, f0, hvp=lambda v: H0 @ v)                 # full batch: the same batch again
@@ -120,7 +120,7 @@ def test_the_noise_part_measures_the_curvature_between_two_batches():
     step0 = (lambda u: -lr * (A @ u - b))
     step1 = (lambda u: -lr * ((A + E) @ u - b))
     pred = predict(lambda v: A @ v, Probe(f0=step0(0 * b), step=step0), lr, T, 6)
-    pts = [pred.path.at(T), pred.path.at(T) / 2]
+    pts = [u.clone() for u in pred.points]                     # u(T) and u(T)/2
     pred.complete(step1, step1(0 * b), hvp=lambda v: A @ v)
     for nu, u in zip(pred.nu, pts):
         assert nu == pytest.approx(lr * float((E @ u).norm()), rel=1e-9)
@@ -222,3 +222,15 @@ def test_a_zero_gradient_predicts_nothing_and_decides_at_the_upload():
     pred = predict(lambda v: v, Probe(f0=torch.zeros(4, dtype=DT), step=lambda u: 0 * u), 0.1, 5, 3)
     assert not pred.pending and pred.path.hvps == 0 and float(np.max(pred.curve())) == 0.0
     assert isinstance(pred, Prediction)
+
+
+def test_a_float32_basis_predicts_what_the_float64_one_does():
+    """A large model's path keeps its Lanczos vectors in float32 (the check's dtype above 1 GiB of basis)."""
+    H0, grad, th0 = _cubic()
+    lr, T = 0.3, 10
+    step = (lambda u: -lr * grad(th0 + u))
+    preds = [predict(lambda v: H0.to(v.dtype) @ v, Probe(f0=step(0 * th0), step=step), lr, T, 8, dtype=dt)
+             for dt in (torch.float64, torch.float32)]
+    assert preds[1].points[0].dtype == torch.float32 and preds[1].path.basis is None     # freed after the probes
+    np.testing.assert_allclose(preds[1].path.norms, preds[0].path.norms, rtol=1e-4)
+    np.testing.assert_allclose(preds[1].rho, preds[0].rho, rtol=1e-3)

@@ -377,7 +377,7 @@ class DissipationCheck:
                 raise ValueError("probe: DissipationCheck(criterion='predicted') predicts the window's error from "
                                  "F0 and a gradient oracle: pass probe=Probe(f0=...) (QODE does), or use "
                                  "criterion='proxy' for the spectrum-only check of the paper")
-            return self._predicted(counted, count, probe, lr, T, max_steps, choose_T, t0)
+            return self._predicted(counted, count, probe, lr, T, max_steps, choose_T, t0, dtype)
         steps = self.steps_for(max_steps)
         nan = float("nan")
         try:
@@ -410,11 +410,11 @@ class DissipationCheck:
                        time.perf_counter() - t0)
 
     def _predicted(self, counted, count: list, probe: Probe, lr: float, T: int, max_steps, choose_T: bool,
-                   t0: float) -> Verdict:
+                   t0: float, dtype: torch.dtype) -> Verdict:
         """Criterion ``"predicted"``: the path, the remainder, a provisional or final verdict."""
         nan = float("nan")
         try:
-            pred = predict(counted, probe, lr, T, *self.plan(T, max_steps))
+            pred = predict(counted, probe, lr, T, *self.plan(T, max_steps), dtype=dtype)
         except FloatingPointError:
             return Verdict(False, "failed: the Hessian-vector product returned non-finite values", nan, nan,
                            np.full(T + 1, np.nan), float(lr), T, self.cutoff, nan, None, count[0],

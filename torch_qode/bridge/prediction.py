@@ -66,7 +66,8 @@ class KrylovPath:
     Attributes:
         norms: ``‖u(t)‖`` for t = 0..T.
         coeffs: ``(m, T+1)``: ``u(t) = Q coeffs[:, t]``.
-        basis: ``(n, m)`` orthonormal Lanczos vectors ``Q``.
+        basis: ``(n, m)`` orthonormal Lanczos vectors ``Q`` (``None`` once :func:`predict` has its probe
+            points: nothing after the upload reads it).
         nodes: Ritz values of ``A`` (its eigenvalues as ``F0`` sees them).
         weights: Their Gauss weights (``F0``'s spectral measure, summing to 1).
         hvps: Products of ``A`` taken.
@@ -74,18 +75,19 @@ class KrylovPath:
 
     norms: np.ndarray
     coeffs: np.ndarray
-    basis: torch.Tensor
+    basis: Optional[torch.Tensor]
     nodes: np.ndarray
     weights: np.ndarray
     hvps: int
 
     def at(self, t: int) -> torch.Tensor:
         """``u(t)``, a vector on S (float64)."""
-        return self.basis @ torch.as_tensor(self.coeffs[:, t], dtype=self.basis.dtype, device=self.basis.device)
+        c = torch.as_tensor(self.coeffs[:, t], dtype=self.basis.dtype, device=self.basis.device)
+        return (self.basis @ c).to(torch.float64)
 
 
 def krylov_path(hvp: Callable[[torch.Tensor], torch.Tensor], f0: torch.Tensor, lr: float, T: int,
-                steps: int) -> KrylovPath:
+                steps: int, dtype: torch.dtype = torch.float64) -> KrylovPath:
     """The frozen-F0 path over t = 0..T in the Krylov space ``K_m(A, F0)`` (full reorthogonalisation).
 
     ``(I − ηA)^s F0`` lies in ``K_{s+1}``: the path is exact while ``t ≤ m`` and, beyond, as accurate as
@@ -98,6 +100,8 @@ def krylov_path(hvp: Callable[[torch.Tensor], torch.Tensor], f0: torch.Tensor, l
         lr: ``η``.
         T: The window length.
         steps: Lanczos steps ``m`` (at most ``n``; fewer when the space closes).
+        dtype: The Lanczos vectors' dtype (float32 halves the basis of a large model; α, β and the
+            path's coefficients are float64 either way).
 
     Returns:
         The :class:`KrylovPath`.
@@ -105,8 +109,8 @@ def krylov_path(hvp: Callable[[torch.Tensor], torch.Tensor], f0: torch.Tensor, l
     Raises:
         FloatingPointError: A product was not finite.
     """
-    v = f0.to(torch.float64)
-    beta0 = float(torch.linalg.vector_norm(v))
+    v = f0.to(dtype)
+    beta0 = float(torch.linalg.vector_norm(f0.to(torch.float64)))
     n = v.numel()
     if beta0 == 0.0 or not math.isfinite(beta0):
         basis = v.new_zeros(n, 0)
@@ -114,10 +118,10 @@ def krylov_path(hvp: Callable[[torch.Tensor], torch.Tensor], f0: torch.Tensor, l
     Q = [v / beta0]
     alphas, betas = [], []
     for j in range(min(int(steps), n)):
-        w = hvp(Q[j]).to(torch.float64).reshape(-1)
+        w = hvp(Q[j]).to(dtype).reshape(-1)
         if not bool(torch.isfinite(w).all()):
             raise FloatingPointError("hvp produced non-finite values on the predicted path")
-        alphas.append(float(torch.dot(w, Q[j])))
+        alphas.append(float(torch.dot(w.double(), Q[j].double())))
         B = torch.stack(Q, 1)
         for _ in range(2):                       # full reorthogonalisation, twice (DGKS)
             w = w - B @ (B.T @ w)
@@ -323,16 +327,14 @@ class Prediction:
             hvp: ``v -> (H + wd·I) v`` on the upload batch, or ``None`` (the noise is not propagated).
         """
         f1 = next_f0.to(torch.float64)
-        nu, first = [], None
-        for u, d0 in zip(self.points, self.deltas):
-            diff = next_step(u).to(torch.float64) - f1 - d0
-            first = diff if first is None else first
-            nu.append(float(torch.linalg.vector_norm(diff)))
-            self.grads += 1
-        self.nu = nu
+        diffs = [next_step(u).to(torch.float64) - f1 - d0.to(torch.float64) for u, d0 in zip(self.points, self.deltas)]
+        first = diffs[0] if diffs else None       # nothing changes before every gradient was taken
+        self.grads += len(diffs)
+        self.nu = [float(torch.linalg.vector_norm(d)) for d in diffs]
         if self.f0 is not None:
-            self.gradient_noise = (float(torch.linalg.vector_norm((self.f0 + f1) / 2)) ** 2,
-                                   float(torch.linalg.vector_norm(f1 - self.f0)) ** 2 / 2)
+            f0 = self.f0.to(torch.float64)
+            self.gradient_noise = (float(torch.linalg.vector_norm((f0 + f1) / 2)) ** 2,
+                                   float(torch.linalg.vector_norm(f1 - f0)) ** 2 / 2)
         if hvp is not None and first is not None:
             self.noise_spectrum, k = _spectrum(hvp, first, self.spectrum_steps, self.path)
             self.hvps += k
@@ -394,7 +396,7 @@ class Prediction:
 
 
 def predict(hvp: Callable[[torch.Tensor], torch.Tensor], probe: Probe, lr: float, T: int, steps: int,
-            spectrum_steps: int = SPECTRUM_STEPS) -> Prediction:
+            spectrum_steps: int = SPECTRUM_STEPS, dtype: torch.dtype = torch.float64) -> Prediction:
     """The upload's part of the prediction: the path (``steps`` Lanczos products) and, when the probe
     has a ``step``, the remainder at ``u(T)`` and ``u(T)/2`` (two gradients, two products of the model,
     :data:`SPECTRUM_STEPS` for its direction).
@@ -406,11 +408,12 @@ def predict(hvp: Callable[[torch.Tensor], torch.Tensor], probe: Probe, lr: float
         T: The window length.
         steps: Lanczos steps for the path.
         spectrum_steps: Lanczos steps of each source's quadrature (0: F0's, from the path).
+        dtype: The Lanczos vectors' dtype (:func:`krylov_path`).
 
     Returns:
         The :class:`Prediction` (pending its noise when ``T ≥ 2`` and the remainder was measured).
     """
-    path = krylov_path(hvp, probe.f0, lr, T, steps)
+    path = krylov_path(hvp, probe.f0, lr, T, steps, dtype)
     pred = Prediction(float(lr), int(T), int(probe.degree), path, radius=float(path.norms[-1]), hvps=path.hvps,
                       spectrum_steps=int(spectrum_steps))
     if probe.step is None or T == 0 or pred.radius == 0.0:
@@ -425,14 +428,15 @@ def predict(hvp: Callable[[torch.Tensor], torch.Tensor], probe: Probe, lr: float
             xi -= probe.higher(u).to(torch.float64)
             pred.third_order += 1
         first = xi if first is None else first
-        pred.points.append(u)
-        pred.deltas.append(delta)
+        pred.points.append(u.to(dtype))        # kept until the first new batch: float32 for a large model
+        pred.deltas.append(delta.to(dtype))
         pred.rho.append(float(torch.linalg.vector_norm(xi)))
         pred.grads += 1
         pred.hvps += 1
     pred.remainder_spectrum, k = _spectrum(hvp, first, pred.spectrum_steps, path)
     pred.hvps += k
-    pred.f0 = f0
+    pred.f0 = f0.to(dtype)
+    path.basis = None                          # m vectors of n: freed before the window builds its system
     return pred
 
 

@@ -4,8 +4,9 @@ The check (:class:`~torch_qode.bridge.dissipation.DissipationCheck`) runs on the
 products (``exp.hvp``, through the window's comm).  Its ``"predicted"`` criterion (issue 22) also
 needs gradients at other weights: :func:`upload_probe` lends it the upload batch's (the closure
 re-evaluated at ``θ0 + u``, a measuring call that leaves the model, its ``.grad`` and its buffers as
-they were), and :func:`next_batch` the first new batch's, where :func:`complete` finishes a
-provisional verdict: the window then runs (to the T it chose, with ``window="auto"``) or is refused.
+they were), and :func:`step_at` the first new batch's, where :func:`complete` finishes a provisional
+verdict: the window then runs (to the T it chose, with ``window="auto"``) or is refused.  Under DDP the
+gradients are the global batch's already (the model's own all-reduce), as the window's F0 is.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ..bridge.dissipation import DissipationCheck, Probe, Verdict
 from ..bridge.taylor import TaylorExpansion
 from .comm import Comm
 
-__all__ = ["check_dissipation", "upload_probe", "step_at", "complete", "upload_hvp"]
+__all__ = ["check_dissipation", "gd_step", "upload_probe", "step_at", "complete", "upload_hvp"]
 
 GradAt = Callable[[list], list]   # tensors held by the model -> its parameters' gradients (shadow.grads_at)
 
@@ -59,10 +60,27 @@ def check_dissipation(exp: TaylorExpansion, dissipation, lr: float, T: int, comm
     return comm.agree(verdict)
 
 
-def step_at(grad_at: GradAt, params: list, theta0: torch.Tensor, support, lr: float, wd,
-            comm: Comm) -> Callable[[torch.Tensor], torch.Tensor]:
+def gd_step(grads: torch.Tensor, theta: torch.Tensor, support, lr: float, wd) -> torch.Tensor:
+    """Gradient descent's step ``−η(∇L + wd·θ)`` on S, in float64 (the window's ``F0`` at θ0).
+
+    Args:
+        grads: the flat gradient ``∇L`` (all weights).
+        theta: the flat weights it was taken at.
+        support: S, or ``None`` (all weights).
+        lr: η.
+        wd: the weight decay (a float, or per coordinate over the full flat vector).
+
+    Returns:
+        The step on S."""
+    S = slice(None) if support is None else support
+    wd_S = wd[S] if isinstance(wd, torch.Tensor) else float(wd)
+    return -lr * (grads[S].to(torch.float64) + wd_S * theta[S].to(torch.float64))
+
+
+def step_at(grad_at: GradAt, params: list, theta0: torch.Tensor, support, lr: float,
+            wd) -> Callable[[torch.Tensor], torch.Tensor]:
     """``u -> −η(∇L(θ0 + u) + wd·(θ0 + u))`` on S: gradient descent's step at ``θ0 + u`` on the batch
-    ``grad_at`` evaluates (one measuring closure call per point; the gradient averaged through ``comm``).
+    ``grad_at`` evaluates (one measuring closure call per point, :func:`gd_step`).
 
     Args:
         grad_at: the batch's gradients at the weights the model is given (:func:`~.shadow.grads_at`).
@@ -71,36 +89,32 @@ def step_at(grad_at: GradAt, params: list, theta0: torch.Tensor, support, lr: fl
         support: S, or ``None`` (all weights).
         lr: η.
         wd: the weight decay (a float, or per coordinate over the full flat vector).
-        comm: the window's collectives.
 
     Returns:
         The step function (float64 vectors on S)."""
     S = slice(None) if support is None else support
-    th0 = theta0.to(torch.float64)
-    wd_S = wd[S] if isinstance(wd, torch.Tensor) else float(wd)
 
     def step(u: torch.Tensor) -> torch.Tensor:
-        full = th0.clone()
+        full = theta0.to(torch.float64, copy=True)
         full[S] += u.to(full)
         grads = grad_at(_flat.unflatten(full.to(theta0.dtype), params))
         flat = _flat.flatten([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
-        g = flat[S].to(torch.float64)
-        if not comm.local:
-            g = comm.reduce_hvp(g)
-        return -lr * (g + wd_S * full[S])
+        return gd_step(flat, full, support, lr, wd)
     return step
 
 
-def upload_probe(exp: TaylorExpansion, grad_at: Optional[GradAt], params: list, theta0: torch.Tensor, support,
-                 lr: float, wd, comm: Comm, degree: int) -> Probe:
-    """What the upload lends the ``"predicted"`` criterion: ``F0(0)`` (from the parameters' ``.grad``, which
-    hold ``∇L_0(θ0)``), gradient descent's step at other
-    weights on the upload batch (``grad_at``; ``None``: the remainder is not measured), and at degree
-    ≥ 2 the window's terms beyond F1, ``Σ_{k≥2} F_k u^⊗k`` (the expansion's ODE).
+def upload_probe(exp: TaylorExpansion, grad_at: Optional[GradAt], grads: torch.Tensor, params: list,
+                 theta0: torch.Tensor, support, lr: float, wd, comm: Comm, degree: int) -> Probe:
+    """What the upload lends the ``"predicted"`` criterion: ``F0(0)`` (the window's, from the parameters'
+    gradient ``grads``: the global batch's under DDP, where the expansion's own is this rank's),
+    gradient descent's step at other weights on the upload batch (``grad_at``; ``None``: the remainder
+    is not measured), and at degree ≥ 2 the window's terms beyond F1, ``Σ_{k≥2} F_k u^⊗k`` (the
+    expansion's ODE, averaged through ``comm``).
 
     Args:
         exp: the expansion at θ0.
         grad_at: the upload batch's gradients at other weights, or ``None``.
+        grads: the flat gradient at θ0 (the parameters' ``.grad``).
         params: the parameters.
         theta0: the full flat θ0.
         support: S, or ``None``.
@@ -111,12 +125,7 @@ def upload_probe(exp: TaylorExpansion, grad_at: Optional[GradAt], params: list, 
 
     Returns:
         The :class:`~torch_qode.bridge.dissipation.Probe`."""
-    S = slice(None) if support is None else support
-    grads = _flat.flatten([torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params])
-    wd_S = wd[S] if isinstance(wd, torch.Tensor) else float(wd)
-    # the window's F0(0), from the parameters' .grad (the global batch's under DDP; the expansion's own
-    # gradient is this rank's)
-    f0 = -lr * (grads[S].to(torch.float64) + wd_S * theta0[S].to(torch.float64))
+    f0 = gd_step(grads, theta0, support, lr, wd)
     higher = None
     if degree >= 2:
         terms = exp.ode(F0=torch.zeros_like(f0), explicit=False).terms[2:]
@@ -124,7 +133,7 @@ def upload_probe(exp: TaylorExpansion, grad_at: Optional[GradAt], params: list, 
         def higher(u):
             out = sum(t.power(u) for t in terms if t is not None)
             return out if comm.local else comm.reduce_hvp(out)
-    step = None if grad_at is None else step_at(grad_at, params, theta0, support, lr, wd, comm)
+    step = None if grad_at is None else step_at(grad_at, params, theta0, support, lr, wd)
     return Probe(f0=f0, step=step, higher=higher, degree=degree)
 
 

@@ -298,18 +298,13 @@ def decide(q: QuantumSteps, s: Step) -> bool:
     Returns:
         Whether the window goes on."""
     w, rep = q.win, s.rep
-    verdict, w.verdict = w.verdict, None
-    S = slice(None) if w.support is None else w.support
-    g = _w.flat_grads(q.params)[S].to(torch.float64)
-    if not q.comm.local:
-        g = q.comm.reduce_hvp(g)
-    wd = w.wd[S] if isinstance(w.wd, torch.Tensor) else w.wd
-    f1 = -w.lr * (g + wd * w.theta0[S].to(torch.float64))
+    f1 = _check.gd_step(_w.flat_grads(q.params), w.theta0, w.support, w.lr, w.wd)   # F0(1), as the window's
     step = _check.step_at(functools.partial(grads_at, q.params, s.closure, q.model), q.params, w.theta0,
-                          w.support, w.lr, w.wd, q.comm)
+                          w.support, w.lr, w.wd)
     explicit = w.explicit and w.system is not None       # its F1 is already the global batch's
-    verdict = _check.complete(q.dissipation, verdict, step, f1, _check.upload_hvp(w), q.comm,
+    verdict = _check.complete(q.dissipation, w.verdict, step, f1, _check.upload_hvp(w), q.comm,
                               q.cfg.window == "auto", reduce=not explicit)
+    w.verdict = None                                     # decided (a closure that raised left it pending)
     if rep.dissipation is not None:
         rep.dissipation.update(verdict.as_dict())
     if not verdict.passed:

@@ -410,7 +410,7 @@ def open_window(graph: torch.Tensor, params: list, support, group, buffers: list
     theta0 = _flat.flatten([p.detach() for p in params]).clone()
     verdict = None
     if cfg.mode == "auto":
-        probe = upload_probe(exp, grad_at, params, theta0, support, lr, wd, comm, cfg.degree)
+        probe = upload_probe(exp, grad_at, flat_grads(params), params, theta0, support, lr, wd, comm, cfg.degree)
         verdict = check_dissipation(exp, dissipation, lr, cfg.window_length, comm, params[0].device,
                                     cfg.check_budget, probe, cfg.window == "auto")
         rep.dissipation = verdict.as_dict()
