@@ -2,6 +2,7 @@
 window's first new batch, ``window="auto"``, the paper's criterion on request, the cost bound."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -104,3 +105,15 @@ def test_the_default_check_is_the_predicted_one_with_max_error_one_half():
     opt = QODE(tiny_mlp().parameters())
     assert opt.dissipation.criterion == "predicted" and opt.dissipation.max_error == 0.5
     assert opt.cfg.window == "fixed"
+
+
+def test_window_auto_without_a_predicting_check_is_refused_by_name():
+    params = tiny_mlp().parameters
+    for kw, match in ((dict(dissipation=DissipationCheck(criterion="proxy")), "criterion='predicted'"),
+                      (dict(dissipation=lambda hvp, n, **kw: None), "criterion='predicted'")):
+        with pytest.raises(ValueError, match=match):
+            QODE(params(), window="auto", **kw)
+    QODE(params(), window="auto", mode="classical")          # a baseline with the same settings: nothing to choose
+    QODE(params(), window="auto", mode="quantum")            # no check: every window keeps the full T
+    with pytest.raises(TypeError, match="dissipation"):
+        QODE(params(), dissipation="proxy")

@@ -477,13 +477,13 @@ class DissipationCheck:
             Tc, passed = None, rounded(float(curve[-1])) <= cap
         at = Tc if (Tc is not None and passed) else T
         err, band = float(curve[at]), float(margin[at])
+        shown = band if band > 1e-6 * max(err, cap) else 0.0      # round-off, not a margin
         verdict.passed, verdict.T_chosen = bool(passed), (Tc if choose_T else None)
-        verdict.borderline = abs(err - cap) <= band
+        verdict.borderline = abs(err - cap) <= shown
         parts = pred.parts(at)
         noise = (f"noise {parts['noise']:.2g}" if pred.nu is not None
-                 else "noise at the first window batch" if pred.pending else "noise not measured")
+                 else "noise at the first new batch" if pred.pending else "noise not measured")
         rem = f"remainder {parts['remainder']:.2g}" if pred.remainder_measured else "remainder not measured"
-        shown = band if band > 1e-6 * max(err, cap) else 0.0      # round-off, not a margin
         what = (f"predicted error {err:.2g} ± {shown:.1g} at T={at} ({rem}, {noise})"
                 + (f", T chosen {Tc} of {T}" if Tc is not None and passed else ""))
         if not math.isfinite(err):

@@ -19,9 +19,32 @@ from ..bridge.dissipation import DissipationCheck, Probe, Verdict
 from ..bridge.taylor import TaylorExpansion
 from .comm import Comm
 
-__all__ = ["check_dissipation", "gd_step", "upload_probe", "step_at", "complete", "upload_hvp"]
+__all__ = ["refuse_settings", "check_dissipation", "gd_step", "upload_probe", "step_at", "complete", "upload_hvp"]
 
 GradAt = Callable[[list], list]   # tensors held by the model -> its parameters' gradients (shadow.grads_at)
+
+
+def refuse_settings(dissipation, window: str, mode: str) -> None:
+    """QODE's ``dissipation`` argument, and a ``window="auto"`` that has something to choose T with.
+
+    Args:
+        dissipation: the check (``None``: the default ``DissipationCheck``).
+        window: the ``window`` setting.
+        mode: the ``mode`` setting.
+
+    Raises:
+        TypeError: ``dissipation`` is not callable.
+        ValueError: ``window="auto"`` with ``mode="auto"`` and a check that does not predict the error (the
+            paper's criterion, or another callable).  (``mode="quantum"`` runs no check: its windows keep
+            ``T = cycle − classical_steps``, as the ``window`` setting says.)"""
+    if dissipation is not None and not callable(dissipation):
+        raise TypeError("dissipation must be a DissipationCheck (callable hvp, n, lr=, T=) or None")
+    if window != "auto" or mode != "auto":
+        return
+    if dissipation is not None and getattr(dissipation, "criterion", None) != "predicted":
+        raise ValueError("window='auto' needs a dissipation check that predicts the window's error: "
+                         "DissipationCheck(criterion='predicted') (the default), not "
+                         f"{getattr(dissipation, 'criterion', type(dissipation).__name__)!r}")
 
 
 def check_dissipation(exp: TaylorExpansion, dissipation, lr: float, T: int, comm: Comm, device,

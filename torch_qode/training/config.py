@@ -140,7 +140,8 @@ class QODEConfig:
         "fixed", "``\"fixed\"``: every window runs ``T = cycle − classical_steps`` steps; ``\"auto\"`` "
         "(``mode=\"auto\"`` with the check's ``\"predicted\"`` criterion): each window runs the largest T up "
         "to that for which the predicted linearisation error stays within the check's ``max_error`` (the rest "
-        "of the cycle trains classically; ``CycleReport.window``).", _literal, section="cycle")
+        "of the cycle trains classically; ``CycleReport.window``); with ``mode=\"quantum\"`` no check runs and "
+        "every window keeps the full T.", _literal, section="cycle")
     sparsity: float = setting(0.9, "pruning ratio in ``[0, 1)`` at each download (0 disables pruning).",
                               _unit_interval, section="cycle")
     pruning: str = setting(
@@ -230,10 +231,11 @@ class QODEConfig:
         "``‖u(T)‖ ≤ Σ_t ‖F0(t)‖``; ``None`` checks finiteness only.  Not part of a saved state.",
         _optional_positive("finiteness only"), section="measure", saved=False)
     check_budget: Optional[float] = setting(
-        1.0, "the dissipation check's Hessian-vector products per product of the window it guards (T at "
-        "order 1): its Lanczos steps are ``max(8, min(steps, ⌊check_budget·T/runs⌋))`` unless the "
-        "``DissipationCheck`` was given ``steps=`` explicitly; ``None``: the check's own steps (64).  Not "
-        "part of a saved state.", _optional_positive("the check's own steps"), section="measure", saved=False)
+        1.0, "bounds the dissipation check by the window it guards (T products at order 1): the predicted "
+        "criterion spends about ``check_budget·T/2`` Hessian-vector products (``DissipationCheck.plan``), the "
+        "paper's ``max(8, min(steps, ⌊check_budget·T/runs⌋))`` Lanczos steps unless given ``steps=``; "
+        "``None``: unbounded (the proxy's own 64 steps).  Not part of a saved state.",
+        _optional_positive("the check's own steps"), section="measure", saved=False)
     seed: int = setting(0, "seeds the tomography sampler and the default dissipation check.", _int(0),
                         section="measure")
     #: the registry's solver object built from ``solver`` and ``solver_options`` (derived, not a setting)

@@ -521,7 +521,7 @@ def plot_training_panels(records: Sequence[Mapping], path, *, early_steps: int =
     for key, label, color, marker in (
             ("drift", "drift vs SGD (total)", "C1", "o"),
             ("drift_lin", "drift: linearisation" + (", order 2" if order2 else ""), "C2", "o"),
-            ("pred_lin", "linearisation, predicted at upload", "C2", "+"),
+            ("pred_lin", "linearisation, predicted at T", "C2", "+"),
             ("drift_lin1", "drift: linearisation, order 1 (embedded)", "C3", "s"),
             ("order_gap", "order_gap (estimate of order 1's error)", "C4", "x")):
         dr = [(r["step"], r[key]) for r in records if r.get(key) is not None]

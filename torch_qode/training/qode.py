@@ -51,6 +51,7 @@ from ..bridge.pruning import MagnitudePruner
 from . import cycle as _cycle, window as _w
 from .amp import check_scaler
 from .capture import NEEDS_CLOSURE, checked_closure, loss_value
+from .check import refuse_settings
 from .classical import MaskedSGD, classical_step
 from ..bridge.collective import refuse_sharded
 from .comm import Comm
@@ -131,8 +132,7 @@ class QODE(Optimizer):
             raise ValueError("hvp='recompute' needs model=: each product replays the upload closure, and the "
                              "replays must leave BatchNorm running statistics alone; pass QODE(..., model=model) "
                              "or hvp='retain'")
-        if dissipation is not None and not callable(dissipation):
-            raise TypeError("dissipation must be a DissipationCheck (callable hvp, n, lr=, T=) or None")
+        refuse_settings(dissipation, cfg.window, cfg.mode)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         comm = window_comm(comm, process_group, model)
