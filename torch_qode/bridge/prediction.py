@@ -66,7 +66,7 @@ class KrylovPath:
     Attributes:
         norms: ``‖u(t)‖`` for t = 0..T.
         coeffs: ``(m, T+1)``: ``u(t) = Q coeffs[:, t]``.
-        basis: ``(n, m)`` orthonormal Lanczos vectors ``Q`` (``None`` once :func:`predict` has its probe
+        basis: the ``m`` orthonormal Lanczos vectors ``Q`` (``None`` once :func:`predict` has its probe
             points: nothing after the upload reads it).
         nodes: Ritz values of ``A`` (its eigenvalues as ``F0`` sees them).
         weights: Their Gauss weights (``F0``'s spectral measure, summing to 1).
@@ -75,15 +75,17 @@ class KrylovPath:
 
     norms: np.ndarray
     coeffs: np.ndarray
-    basis: Optional[torch.Tensor]
+    basis: Optional[list]
     nodes: np.ndarray
     weights: np.ndarray
     hvps: int
 
     def at(self, t: int) -> torch.Tensor:
         """``u(t)``, a vector on S (float64)."""
-        c = torch.as_tensor(self.coeffs[:, t], dtype=self.basis.dtype, device=self.basis.device)
-        return (self.basis @ c).to(torch.float64)
+        out = torch.zeros(self.basis[0].shape, dtype=torch.float64, device=self.basis[0].device)
+        for q, c in zip(self.basis, self.coeffs[:, t]):
+            out.add_(q, alpha=float(c))
+        return out
 
 
 def krylov_path(hvp: Callable[[torch.Tensor], torch.Tensor], f0: torch.Tensor, lr: float, T: int,
@@ -113,18 +115,17 @@ def krylov_path(hvp: Callable[[torch.Tensor], torch.Tensor], f0: torch.Tensor, l
     beta0 = float(torch.linalg.vector_norm(f0.to(torch.float64)))
     n = v.numel()
     if beta0 == 0.0 or not math.isfinite(beta0):
-        basis = v.new_zeros(n, 0)
-        return KrylovPath(np.zeros(T + 1), np.zeros((0, T + 1)), basis, np.zeros(0), np.zeros(0), 0)
+        return KrylovPath(np.zeros(T + 1), np.zeros((0, T + 1)), [], np.zeros(0), np.zeros(0), 0)
     Q = [v / beta0]
     alphas, betas = [], []
     for j in range(min(int(steps), n)):
-        w = hvp(Q[j]).to(dtype).reshape(-1)
+        w = hvp(Q[j]).to(dtype, copy=True).reshape(-1)
         if not bool(torch.isfinite(w).all()):
             raise FloatingPointError("hvp produced non-finite values on the predicted path")
         alphas.append(float(torch.dot(w.double(), Q[j].double())))
-        B = torch.stack(Q, 1)
-        for _ in range(2):                       # full reorthogonalisation, twice (DGKS)
-            w = w - B @ (B.T @ w)
+        for _ in range(2):                       # full reorthogonalisation, twice (DGKS), in place
+            for q in Q:
+                w.sub_(q, alpha=float(torch.dot(q, w)))
         beta = float(torch.linalg.vector_norm(w))
         if j == min(int(steps), n) - 1 or beta <= 1e-12 * max(abs(a) for a in alphas + [1e-300]):
             break
@@ -139,7 +140,7 @@ def krylov_path(hvp: Callable[[torch.Tensor], torch.Tensor], f0: torch.Tensor, l
         geo = np.where(np.abs(lr * lam)[:, None] > 1e-12, (1.0 - a[:, None] ** t) / (lr * lam)[:, None],
                        t[None, :].astype(float))   # Σ_{s<t} a^s
     coeffs = beta0 * (W @ (W[0][:, None] * geo))
-    return KrylovPath(np.linalg.norm(coeffs, axis=0), coeffs, torch.stack(Q[:m], 1), lam, W[0] ** 2, m)
+    return KrylovPath(np.linalg.norm(coeffs, axis=0), coeffs, Q[:m], lam, W[0] ** 2, m)
 
 
 def _propagated(y: np.ndarray, a: np.ndarray, power: int = 1) -> np.ndarray:
@@ -375,9 +376,8 @@ class Prediction:
 
         spec = (lambda sp: None if sp is None else (arr(sp[0]), arr(sp[1])))
         P = sd["path"]
-        n = sd["points"][0].numel() if sd["points"] else 0
-        path = KrylovPath(arr(P["norms"]), np.zeros((0, len(P["norms"]))), torch.zeros(n, 0, dtype=torch.float64),
-                          arr(P["nodes"]), arr(P["weights"]), int(P["hvps"]))
+        path = KrylovPath(arr(P["norms"]), np.zeros((0, len(P["norms"]))), None, arr(P["nodes"]), arr(P["weights"]),
+                          int(P["hvps"]))
         mv = (lambda t: None if t is None else t.to(device))
         return cls(float(sd["lr"]), int(sd["T"]), int(sd["degree"]), path, float(sd["radius"]),
                    [mv(u) for u in sd["points"]], [mv(d) for d in sd["deltas"]], list(sd["rho"]),
