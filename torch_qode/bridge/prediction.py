@@ -286,13 +286,17 @@ class Prediction:
         s2 = max(mean2 - sigma2 / 2, 0.0) * (w[:, None] * pt ** 2).sum(0) + sigma2 * (w[:, None] * walk).sum(0)
         return np.sqrt(s2)
 
-    def _curve(self, fitted: bool) -> np.ndarray:
+    def _sources(self, fitted: bool) -> tuple:
+        """``(s, D, N)``: the predicted displacement and the two sources' magnitudes along it (their powers
+        fitted through both probes, or the nominal ``N+1`` and 1)."""
         s, r1 = self.norms(), self.radius
-        if not self.rho:
-            return np.zeros_like(s)
         second = (lambda v: v[1] if fitted and len(v) > 1 else None)
-        D = power_law(s, r1, self.rho[0], second(self.rho), self.degree + 1.0)
+        D = power_law(s, r1, self.rho[0], second(self.rho), self.degree + 1.0) if self.rho else np.zeros_like(s)
         N = power_law(s, r1, self.nu[0], second(self.nu), 1.0) if self.nu else np.zeros_like(s)
+        return s, D, N
+
+    def _curve(self, fitted: bool) -> np.ndarray:
+        s, D, N = self._sources(fitted)
         return error_curve(s, D, N, self.lr, self.remainder_spectrum, self.noise_spectrum)
 
     def curve(self) -> np.ndarray:
@@ -306,12 +310,7 @@ class Prediction:
     def parts(self, at: Optional[int] = None) -> dict:
         """The two sources at ``at`` (default T), each alone: ``{"remainder": …, "noise": …}`` (relative)."""
         at = self.T if at is None else int(at)
-        s, r1 = self.norms(), self.radius
-        if not self.rho:
-            return {"remainder": 0.0, "noise": 0.0}
-        two = (lambda v: v[1] if len(v) > 1 else None)
-        D = power_law(s, r1, self.rho[0], two(self.rho), self.degree + 1.0)
-        N = power_law(s, r1, self.nu[0], two(self.nu), 1.0) if self.nu else np.zeros_like(s)
+        s, D, N = self._sources(True)
         zero = np.zeros_like(s)
         return {"remainder": float(error_curve(s, D, zero, self.lr, self.remainder_spectrum)[at]),
                 "noise": float(error_curve(s, zero, N, self.lr, None, self.noise_spectrum)[at])}
